@@ -1,0 +1,23 @@
+"""Test set-up shared by tests/ and the doctests in sparsejax/.
+
+Four host CPU devices let the pmap and sharding tests run on any machine;
+the flag must be set before jax is first imported.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+
+import sparsejax  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace):
+  doctest_namespace.update(jax=jax, jnp=jnp, optax=optax, sparsejax=sparsejax)
+  doctest_namespace.update({name: getattr(sparsejax, name) for name in sparsejax.__all__})

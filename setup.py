@@ -1,0 +1,25 @@
+"""sparsejax: pure functional pruning and sparse training for JAX and Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="sparsejax",
+    version="0.1.0",
+    description="Pure functional mask transforms for pruning and sparse training in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["sparsejax", "sparsejax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "chex",
+        "absl-py",
+        "ml-collections",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest"]},
+)

@@ -1,0 +1,51 @@
+"""sparsejax: pure functional pruning and sparse training for JAX."""
+
+from sparsejax.allocation import erk_densities
+from sparsejax.gradual import GradualMagnitudePruning
+from sparsejax.gradual import PruningState
+from sparsejax.gradual import find_pruning_state
+from sparsejax.gradual import masked_params
+from sparsejax.masks import SparsityReport
+from sparsejax.masks import apply_masks
+from sparsejax.masks import pack_masks
+from sparsejax.masks import sparsity_report
+from sparsejax.masks import unpack_masks
+from sparsejax.pruning import compute_masks
+from sparsejax.pruning import magnitude_masks
+from sparsejax.pruning import random_masks
+from sparsejax.schedules import ConstantSchedule
+from sparsejax.schedules import OneShotSchedule
+from sparsejax.schedules import PolynomialSchedule
+from sparsejax.scores import magnitude_score
+from sparsejax.scores import random_score
+from sparsejax.selection import nm_mask
+from sparsejax.selection import topk_mask
+from sparsejax.selection import topk_masks
+from sparsejax.trees import default_filter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConstantSchedule",
+    "GradualMagnitudePruning",
+    "OneShotSchedule",
+    "PolynomialSchedule",
+    "PruningState",
+    "SparsityReport",
+    "apply_masks",
+    "compute_masks",
+    "default_filter",
+    "erk_densities",
+    "find_pruning_state",
+    "magnitude_masks",
+    "magnitude_score",
+    "masked_params",
+    "nm_mask",
+    "pack_masks",
+    "random_masks",
+    "random_score",
+    "sparsity_report",
+    "topk_mask",
+    "topk_masks",
+    "unpack_masks",
+]

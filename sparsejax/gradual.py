@@ -1,0 +1,151 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) as an optax wrapper.
+
+`GradualMagnitudePruning(schedule).wrap(tx)` returns an optax transformation
+whose state carries the masks and a step counter. On the schedule's update
+steps the masks are recomputed from the current weights inside the (jitted)
+update; on every step gradients of pruned weights are masked before `tx`
+sees them, and the returned updates drive pruned weights to exactly zero:
+`optax.apply_updates(params, updates)` leaves them 0.0 after every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import allocation as allocation_lib
+from sparsejax import masks as masks_lib
+from sparsejax import pruning
+from sparsejax import scores as scores_lib
+from sparsejax import selection
+from sparsejax import trees
+
+PyTree = Any
+
+
+class PruningState(NamedTuple):
+  """State of a pruning wrapper.
+
+  Attributes:
+    count: int32 scalar, number of updates applied so far (the step).
+    masks: bool arrays shaped like the pruned params; None for leaves that
+      are not pruned.
+    inner_state: the wrapped optimizer's state.
+  """
+
+  count: jax.Array
+  masks: PyTree
+  inner_state: optax.OptState
+
+
+def find_pruning_state(opt_state: optax.OptState) -> PruningState:
+  """Returns the first `PruningState` inside an optimizer state (e.g. a chain).
+
+  Raises:
+    ValueError: if the state holds none.
+  """
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruningState))
+           if isinstance(s, PruningState)]
+  if not found:
+    raise ValueError("no PruningState in this optimizer state: was the optimizer "
+                     "built with GradualMagnitudePruning(...).wrap(tx)?")
+  return found[0]
+
+
+def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
+  """Params with the optimizer state's masks applied, for the forward pass.
+
+  After the first update the wrapper keeps pruned weights at exactly zero, so
+  this only matters for params that did not come out of the wrapper (restored
+  from elsewhere, or edited by hand), but it is cheap and always safe.
+  """
+  return masks_lib.apply_masks(params, find_pruning_state(opt_state).masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradualMagnitudePruning:
+  """Gradual magnitude pruning of any optax optimizer.
+
+  Each prunable leaf follows `schedule` toward its own target: the schedule's
+  final sparsity split across leaves by `allocation` (for 'global', one
+  threshold across all prunable leaves at the scheduled sparsity).
+
+  Example:
+    >>> schedule = PolynomialSchedule(0.0, 0.9, begin_step=0, end_step=1000,
+    ...                               update_frequency=100)
+    >>> tx = GradualMagnitudePruning(schedule).wrap(optax.adam(1e-3))
+    >>> # opt_state = tx.init(params)
+    >>> # updates, opt_state = tx.update(grads, opt_state, params)
+
+  Attributes:
+    schedule: a schedule from `sparsejax.schedules`.
+    allocation: 'uniform', 'erk', 'global' or {path_regex: sparsity}.
+    leaf_filter: (path, leaf) -> bool; default prunes arrays with ndim >= 2.
+    score: 'magnitude' (default) or another score name or function.
+    key: PRNG key for random scores (unused by magnitude).
+  """
+
+  schedule: Any
+  allocation: allocation_lib.Allocation = "uniform"
+  leaf_filter: trees.LeafFilter | None = None
+  score: Any = "magnitude"
+  key: jax.Array | None = None
+
+  def __post_init__(self):
+    allocation_lib.validate_allocation(self.allocation)
+    scores_lib.get_score_fn(self.score)
+
+  def masks_at(self, params: PyTree, step) -> PyTree:
+    """The masks the schedule asks for at `step` (traced step allowed)."""
+    leaves = trees.named_leaves(params)
+    chosen = pruning.prunable_leaves(params, self.leaf_filter)
+    score_fn = scores_lib.get_score_fn(self.score)
+    key = None if self.key is None else jax.random.fold_in(self.key, step)
+    scores = [score_fn(leaves[i].value, None if key is None else jax.random.fold_in(key, i))
+              for i in chosen]
+    targets = allocation_lib.allocate(
+        self.allocation, self.schedule.final_sparsity,
+        [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
+    if targets is None:
+      masks = selection.topk_masks(scores, self.schedule(step))
+    else:
+      masks = [selection.topk_mask(s, self.schedule.with_final(t)(step))
+               for s, t in zip(scores, targets)]
+    return pruning.assemble_masks(params, chosen, masks)
+
+  def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Wraps `inner` so that its updates prune along the schedule."""
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+      chosen = set(pruning.prunable_leaves(params, self.leaf_filter))
+      flat = [jnp.ones(jnp.shape(p), bool) if i in chosen else None
+              for i, p in enumerate(jax.tree.leaves(params))]
+      masks = jax.tree.unflatten(jax.tree.structure(params), flat)
+      return PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+      if params is None:
+        raise ValueError("GradualMagnitudePruning needs params: call "
+                         "tx.update(grads, opt_state, params).")
+      masks = jax.lax.cond(self.schedule.is_update_step(state.count),
+                           lambda: self.masks_at(params, state.count),
+                           lambda: state.masks)
+      zero_pruned = lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype))
+      grads = trees.map_with_masks(zero_pruned, updates, masks)
+      inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+      # -p on pruned entries: p + (-p) is exactly 0.0 in IEEE arithmetic.
+      to_zero = lambda u, p, m: u if m is None else jnp.where(m, u, -p.astype(u.dtype))
+      flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+      new_updates = jax.tree.unflatten(
+          jax.tree.structure(inner_updates),
+          [to_zero(u, p, m) for u, p, m in zip(jax.tree.leaves(inner_updates),
+                                               jax.tree.leaves(params), flat_m)])
+      count = optax.safe_int32_increment(state.count)
+      return new_updates, PruningState(count, masks, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,100 @@
+"""One-shot pruning of a params pytree: score -> allocate -> select.
+
+Every method in sparsejax produces its masks through `compute_masks`; they
+differ in the score, the allocation and when it is called.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+from sparsejax import allocation as allocation_lib
+from sparsejax import scores as scores_lib
+from sparsejax import selection
+from sparsejax import trees
+
+PyTree = Any
+
+
+def prunable_leaves(params: PyTree, leaf_filter: trees.LeafFilter | None = None) -> list[int]:
+  """Indices (in jax.tree leaf order) of the leaves that `leaf_filter` prunes."""
+  leaf_filter = leaf_filter or trees.default_filter
+  return [i for i, leaf in enumerate(trees.named_leaves(params)) if leaf_filter(leaf.path, leaf.value)]
+
+
+def select_masks(scores: Sequence[jax.Array], sparsities: Sequence | None, sparsity=None) -> list[jax.Array]:
+  """Top-k masks per leaf (`sparsities`), or one global top-k (`sparsities` None)."""
+  if sparsities is None:
+    return selection.topk_masks(scores, sparsity)
+  return [selection.topk_mask(s, sp) for s, sp in zip(scores, sparsities)]
+
+
+def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn = "magnitude",
+                  allocation: allocation_lib.Allocation = "uniform",
+                  leaf_filter: trees.LeafFilter | None = None,
+                  key: jax.Array | None = None) -> PyTree:
+  """Masks for `params` at the given total sparsity.
+
+  Args:
+    params: any params pytree (Flax Linen dict, NNX State, plain dict).
+    sparsity: fraction of the prunable weights to prune, in [0, 1]; may be
+      traced (inside jit).
+    score: 'magnitude', 'random' or a function (param, key) -> scores.
+    allocation: 'uniform', 'erk', 'global' or {path_regex: sparsity}.
+    leaf_filter: (path, leaf) -> bool choosing prunable leaves; default:
+      arrays with ndim >= 2.
+    key: PRNG key, required by random scores; folded with each leaf's index.
+
+  Returns:
+    A masks pytree: bool arrays for pruned leaves, None elsewhere.
+
+  Raises:
+    ValueError: for a sparsity outside [0, 1], NaN scores (naming the leaf),
+      an unknown score or allocation, or a custom regex matching no leaf.
+  """
+  score_fn = scores_lib.get_score_fn(score)
+  selection.check_sparsity(sparsity)
+  allocation_lib.validate_allocation(allocation)
+  leaves = trees.named_leaves(params)
+  chosen = prunable_leaves(params, leaf_filter)
+  scores = []
+  for i in chosen:
+    leaf_key = None if key is None else jax.random.fold_in(key, i)
+    s = score_fn(leaves[i].value, leaf_key)
+    selection.check_no_nan(s, leaves[i].path)
+    scores.append(s)
+  sparsities = allocation_lib.allocate(
+      allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
+  return assemble_masks(params, chosen, select_masks(scores, sparsities, sparsity))
+
+
+def assemble_masks(params: PyTree, chosen: Sequence[int], masks: Sequence[jax.Array]) -> PyTree:
+  """A masks tree shaped like `params`: `masks[j]` at leaf `chosen[j]`, else None."""
+  flat = [None] * len(jax.tree.leaves(params))
+  for i, m in zip(chosen, masks):
+    flat[i] = m
+  return jax.tree.unflatten(jax.tree.structure(params), flat)
+
+
+def magnitude_masks(params: PyTree, sparsity, allocation: allocation_lib.Allocation = "uniform",
+                    leaf_filter: trees.LeafFilter | None = None) -> PyTree:
+  """Magnitude pruning masks: keep the largest |w| of each prunable leaf.
+
+  >>> masks = magnitude_masks({'w': jnp.array([[1., -4.], [3., 2.]])}, 0.5)
+  >>> masks['w'].tolist()
+  [[False, True], [True, False]]
+
+  See `compute_masks` for the arguments.
+  """
+  return compute_masks(params, sparsity, score="magnitude", allocation=allocation,
+                       leaf_filter=leaf_filter)
+
+
+def random_masks(params: PyTree, sparsity, key: jax.Array,
+                 allocation: allocation_lib.Allocation = "uniform",
+                 leaf_filter: trees.LeafFilter | None = None) -> PyTree:
+  """Random pruning masks with the same per-leaf counts as magnitude pruning."""
+  return compute_masks(params, sparsity, score="random", allocation=allocation,
+                       leaf_filter=leaf_filter, key=key)

@@ -1,0 +1,237 @@
+"""Selection: which entries a mask keeps, given scores.
+
+`topk_mask` keeps exactly k = round((1 - sparsity) * size) entries, the
+largest scores, ties going to the lower flat index. It never sorts: scores are
+mapped to unsigned integer keys whose order is the float order, the k-th
+largest key is found by bisection over its 32 bits (one counting pass per bit),
+and ties at that key are split by a bisection over the flat index, run only
+when ties straddle the cut. Each pass is a compare and a count, so the whole
+select costs a few dozen cheap reductions instead of an O(n log n) sort.
+
+`nm_mask` keeps the n largest of every m consecutive entries along an axis.
+
+NaN scores raise an error when the scores are concrete; inside `jit` (where
+values cannot be checked) a NaN ranks below every number, so it is pruned
+first.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SIGN_BIT = np.uint32(0x80000000)
+_NAN_KEY = np.uint32(1)  # below -inf (0x007fffff); 0 is never a real key
+_COUNT_ROW = 32  # entries summed in uint8 before widening: cheap on every backend
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def sortable_keys(scores: jax.Array) -> jax.Array:
+  """Maps scores to uint32 keys with the same order as the float values.
+
+  -0.0 and +0.0 get the same key; NaN gets key 1, below every number.
+  """
+  x = jnp.asarray(scores)
+  if x.dtype != jnp.float32:
+    x = x.astype(jnp.float32)  # exact for bf16/f16 and integers below 2**24
+  x = jnp.where(x == 0, jnp.float32(0), x)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  keys = jnp.where(bits >= _SIGN_BIT, ~bits, bits | _SIGN_BIT)
+  return jnp.where(jnp.isnan(x), _NAN_KEY, keys)
+
+
+def count_true(pred: jax.Array) -> jax.Array:
+  """Counts True entries as int32.
+
+  Rows of 32 are summed in uint8 first: this keeps the count fused with the
+  comparison that produces `pred` (XLA:CPU otherwise materialises an int32
+  copy of the whole array), which makes a counting pass ~10x cheaper there.
+  """
+  flat = pred.reshape(-1)
+  size = flat.shape[0]
+  main = size - size % _COUNT_ROW
+  total = jnp.zeros((), jnp.int32)
+  if main:
+    rows = flat[:main].reshape(-1, _COUNT_ROW).astype(jnp.uint8)
+    total += rows.sum(axis=1, dtype=jnp.uint8).astype(jnp.int32).sum()
+  if size - main:
+    total += flat[main:].astype(jnp.int32).sum()
+  return total
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> None:
+  """Raises ValueError if a concrete sparsity is outside [0, 1] or NaN."""
+  if isinstance(sparsity, numbers.Real) or (
+      _is_concrete(sparsity) and np.ndim(sparsity) == 0
+  ):
+    value = float(sparsity)
+    if not 0.0 <= value <= 1.0:  # also False for NaN
+      raise ValueError(f"{name} must be in [0, 1], got {value}.")
+
+
+def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
+  """Raises ValueError naming `name` if concrete `scores` contain NaN."""
+  if _is_concrete(scores) and jnp.issubdtype(jnp.asarray(scores).dtype, jnp.floating):
+    if bool(jnp.isnan(scores).any()):
+      raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
+
+
+def keep_count(size: int, sparsity) -> jax.Array | int:
+  """Returns round((1 - sparsity) * size), exact for Python numbers.
+
+  A traced sparsity is computed in float32 (may be off by one above 2**24
+  entries, where float32 cannot count every weight).
+  """
+  if isinstance(sparsity, numbers.Real):
+    return int(round((1.0 - float(sparsity)) * size))
+  s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+  return jnp.round((1.0 - s) * size).astype(jnp.int32)
+
+
+def _kth_largest_key(keys: Sequence[jax.Array], k) -> jax.Array:
+  """The largest key T with count(keys >= T) >= k (k >= 1): the k-th largest."""
+
+  def body(i, prefix):
+    candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    count = sum(count_true(key >= candidate) for key in keys)
+    return jnp.where(count >= k, candidate, prefix)
+
+  return jax.lax.fori_loop(0, 32, body, jnp.uint32(0))
+
+
+def _flat_indices(keys: Sequence[jax.Array]) -> list[jax.Array]:
+  out, offset = [], 0
+  for key in keys:
+    out.append(offset + jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape))
+    offset += key.size
+  return out
+
+
+def _tie_cutoff(keys, threshold, need) -> jax.Array:
+  """Smallest flat index I with count(key == T and index < I) >= need."""
+  indices = _flat_indices(keys)
+  total = sum(key.size for key in keys)
+  steps = max(1, int(np.ceil(np.log2(total + 1))))
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    count = sum(
+        count_true((key == threshold) & (index < mid))
+        for key, index in zip(keys, indices)
+    )
+    enough = count >= need
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(total)))
+  return lo
+
+
+def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
+  """Top-k over several arrays at once, as if they were concatenated.
+
+  Keeps exactly round((1 - sparsity) * total_size) entries with one threshold
+  across all arrays (global magnitude pruning); ties go to the lower position
+  in the concatenation order.
+
+  Args:
+    scores: arrays of scores (any float or integer dtype, any shapes).
+    sparsity: fraction pruned, in [0, 1]; may be a traced scalar.
+
+  Returns:
+    A list of boolean masks, one per input, same shapes.
+  """
+  check_sparsity(sparsity)
+  scores = list(scores)
+  for i, s in enumerate(scores):
+    check_no_nan(s, f"scores[{i}]")
+  total = sum(int(np.size(s)) for s in scores)
+  if total == 0:
+    return [jnp.zeros(np.shape(s), bool) for s in scores]
+  k = keep_count(total, sparsity)
+  keys = [sortable_keys(s) for s in scores]
+  k_at_least_one = jnp.maximum(k, 1)
+  threshold = _kth_largest_key(keys, k_at_least_one)
+  n_at_or_above = sum(count_true(key >= threshold) for key in keys)
+  cutoff = jax.lax.cond(
+      n_at_or_above == k_at_least_one,
+      lambda: jnp.int32(total),
+      lambda: _tie_cutoff(keys, threshold, k_at_least_one - sum(
+          count_true(key > threshold) for key in keys)),
+  )
+  masks = []
+  for key, index in zip(keys, _flat_indices(keys)):
+    keep = (key > threshold) | ((key == threshold) & (index < cutoff))
+    masks.append(keep & (k > 0))
+  return masks
+
+
+def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
+  """Boolean mask keeping the round((1 - sparsity) * size) largest scores.
+
+  Exactly that many entries are kept; ties go to the lower flat index. Works
+  under jit, vmap, pmap and sharding; `sparsity` may be traced.
+
+  >>> topk_mask(jnp.array([3., 1., 2., 2.]), 0.5).tolist()
+  [True, False, True, False]
+
+  Args:
+    scores: array of scores, any shape.
+    sparsity: fraction of entries to drop, in [0, 1].
+
+  Returns:
+    A bool array with the shape of `scores`.
+
+  Raises:
+    ValueError: if a concrete sparsity is outside [0, 1] or scores hold NaN.
+  """
+  return topk_masks([scores], sparsity)[0]
+
+
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
+  """Boolean N:M mask: in every m consecutive entries along `axis`, keep n.
+
+  The n largest scores of each group are kept, ties going to the lower index.
+  For a Flax Dense kernel (in, out) the default axis -2 groups along the
+  input (reduction) dimension; for a Conv kernel (H, W, Cin, Cout) along Cin.
+
+  >>> nm_mask(jnp.array([[1.], [4.], [3.], [2.]]), n=2, m=4).ravel().tolist()
+  [False, True, True, False]
+
+  Raises:
+    ValueError: if not 0 <= n <= m, m < 1, the axis is out of range, its
+      length is not divisible by m, or concrete scores hold NaN.
+  """
+  for name, value in (("n", n), ("m", m)):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+      raise ValueError(f"{name} must be a Python int, got {value!r}.")
+  if m < 1 or not 0 <= n <= m:
+    raise ValueError(f"N:M needs 0 <= N <= M and M >= 1, got N={n}, M={m}.")
+  scores = jnp.asarray(scores)
+  if not -scores.ndim <= axis < scores.ndim:
+    raise ValueError(f"axis {axis} is out of range for scores of shape {scores.shape}.")
+  axis %= scores.ndim
+  length = scores.shape[axis]
+  if length % m:
+    raise ValueError(
+        f"axis {axis} of shape {scores.shape} has length {length}, not divisible by M={m}."
+    )
+  check_no_nan(scores)
+  keys = sortable_keys(scores)
+  grouped = keys.reshape(scores.shape[:axis] + (length // m, m) + scores.shape[axis + 1:])
+  member = axis + 1  # position of the within-group axis
+  mine = jnp.expand_dims(grouped, member + 1)   # i along `member`
+  other = jnp.expand_dims(grouped, member)      # j along `member + 1`
+  i = jax.lax.broadcasted_iota(jnp.int32, (m, m), 0).reshape((m, m) + (1,) * (grouped.ndim - member - 1))
+  j = jax.lax.broadcasted_iota(jnp.int32, (m, m), 1).reshape(i.shape)
+  beats = (other > mine) | ((other == mine) & (j < i))
+  rank_dtype = jnp.uint8 if m <= 255 else jnp.int32
+  rank = beats.astype(rank_dtype).sum(axis=member + 1, dtype=rank_dtype)
+  return (rank < n).reshape(scores.shape)

@@ -1,0 +1,70 @@
+"""Independent numpy references the tests compare sparsejax against.
+
+They use full sorts (np.lexsort) and plain loops on purpose: slow, obvious,
+and sharing no code with the library.
+"""
+
+import numpy as np
+
+
+def topk_mask(scores, sparsity):
+  """Keeps round((1-s)*n) largest scores; ties to the lower flat index."""
+  flat = np.asarray(scores, np.float64).ravel()
+  k = int(round((1.0 - sparsity) * flat.size))
+  order = np.lexsort((np.arange(flat.size), -flat))
+  mask = np.zeros(flat.size, bool)
+  mask[order[:k]] = True
+  return mask.reshape(np.shape(scores))
+
+
+def global_topk_masks(scores_list, sparsity):
+  """Top-k over the concatenation of several arrays, split back per array."""
+  flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores_list])
+  mask = topk_mask(flat, sparsity)
+  out, offset = [], 0
+  for s in scores_list:
+    size = np.size(s)
+    out.append(mask[offset:offset + size].reshape(np.shape(s)))
+    offset += size
+  return out
+
+
+def nm_mask(scores, n, m, axis):
+  """Loops over every group of m along `axis`, keeping its n largest."""
+  x = np.moveaxis(np.asarray(scores, np.float64), axis, -1)
+  mask = np.zeros(x.shape, bool)
+  for index in np.ndindex(x.shape[:-1]):
+    row = x[index]
+    for start in range(0, row.size, m):
+      group = row[start:start + m]
+      order = np.lexsort((np.arange(m), -group))
+      mask[index + (start + order[:n],)] = True
+  return np.moveaxis(mask, -1, axis)
+
+
+def erk_densities(sparsity, shapes):
+  """ERK densities by bisection on the scale eps (not the library's fixpoint).
+
+  Solves sum_l n_l * min(1, eps * raw_l) = (1 - s) * sum_l n_l for eps.
+  """
+  sizes = np.array([np.prod(s) for s in shapes], np.float64)
+  raw = np.array([np.sum(s) / np.prod(s) for s in shapes], np.float64)
+  target = (1.0 - sparsity) * sizes.sum()
+  lo, hi = 0.0, 1.0 / raw.min()
+  for _ in range(200):
+    eps = (lo + hi) / 2
+    if (sizes * np.minimum(1.0, eps * raw)).sum() < target:
+      lo = eps
+    else:
+      hi = eps
+  return np.minimum(1.0, hi * raw)
+
+
+def polynomial_sparsity(t, s_i, s_f, t0, t1, freq, power=3.0):
+  """Zhu & Gupta: s_f + (s_i - s_f)(1 - (t' - t0)/(t1 - t0))^p at the last update t'."""
+  if t < t0:
+    return s_i
+  if t >= t1:
+    return s_f
+  t_last = t0 + ((t - t0) // freq) * freq
+  return s_f + (s_i - s_f) * (1.0 - (t_last - t0) / (t1 - t0)) ** power

@@ -1,0 +1,133 @@
+"""Top-k and N:M selection against the numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparsejax
+from tests import reference
+
+
+def _scores(kind, shape, seed=0):
+  rng = np.random.default_rng(seed)
+  if kind == "normal":
+    return rng.normal(size=shape).astype(np.float32)
+  if kind == "integer":
+    return rng.integers(-3, 4, size=shape).astype(np.float32)
+  if kind == "all_equal":
+    return np.full(shape, 0.5, np.float32)
+  if kind == "signed_zeros":
+    return rng.choice(np.array([-0.0, 0.0, 1.0, -1.0], np.float32), size=shape)
+  raise ValueError(kind)
+
+
+KINDS = ["normal", "integer", "all_equal", "signed_zeros"]
+SHAPES = [(1,), (7,), (33, 5), (64, 48), (3, 3, 8, 16)]
+SPARSITIES = [0.0, 0.1, 0.5, 0.9, 0.999, 1.0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_topk_mask_matches_numpy_reference(kind, shape, sparsity):
+  scores = _scores(kind, shape)
+  mask = np.asarray(sparsejax.topk_mask(scores, sparsity))
+  np.testing.assert_array_equal(mask, reference.topk_mask(scores, sparsity))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sparsity", [0.25, 0.7, 0.95])
+def test_topk_mask_under_jit_with_traced_sparsity_matches_reference(kind, sparsity):
+  scores = _scores(kind, (40, 25), seed=1)
+  mask = np.asarray(jax.jit(sparsejax.topk_mask)(scores, sparsity))
+  # A traced sparsity is float32: the reference gets the same float32 value.
+  np.testing.assert_array_equal(mask, reference.topk_mask(scores, float(np.float32(sparsity))))
+
+
+@pytest.mark.parametrize("size", [1, 31, 32, 33, 1000, 4099])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.999, 1.0])
+def test_topk_mask_keeps_exact_count_with_ties(size, sparsity):
+  scores = np.zeros(size, np.float32)  # every entry ties
+  mask = np.asarray(sparsejax.topk_mask(scores, sparsity))
+  k = int(round((1 - sparsity) * size))
+  assert mask.sum() == k
+  np.testing.assert_array_equal(np.flatnonzero(mask), np.arange(k))  # lower index wins
+
+
+def test_topk_mask_hand_worked_example():
+  scores = jnp.array([[0.5, -2.0, 3.0], [3.0, 0.1, 0.5]])
+  # keep 3 of 6: both 3.0s, then the first 0.5 (flat index 0 beats 5).
+  expected = [[True, False, True], [True, False, False]]
+  assert sparsejax.topk_mask(scores, 0.5).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32])
+def test_topk_mask_accepts_other_dtypes(dtype):
+  scores = np.random.default_rng(2).integers(-50, 50, size=(30, 10))
+  mask = np.asarray(sparsejax.topk_mask(jnp.asarray(scores, dtype), 0.6))
+  np.testing.assert_array_equal(mask, reference.topk_mask(scores, 0.6))
+
+
+def test_topk_mask_handles_infinities():
+  scores = np.array([np.inf, -np.inf, 0.0, 1.0, -np.inf, np.inf], np.float32)
+  np.testing.assert_array_equal(np.asarray(sparsejax.topk_mask(scores, 0.5)),
+                                reference.topk_mask(scores, 0.5))
+
+
+@pytest.mark.parametrize("kind", ["normal", "integer", "all_equal"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_global_topk_masks_match_reference_over_concatenation(kind, sparsity):
+  scores = [_scores(kind, (20, 10), 3), _scores(kind, (7,), 4), _scores(kind, (5, 3, 2), 5)]
+  masks = sparsejax.topk_masks(scores, sparsity)
+  for got, want in zip(masks, reference.global_topk_masks(scores, sparsity)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.5, float("nan")])
+def test_topk_mask_rejects_sparsity_outside_unit_interval(sparsity):
+  with pytest.raises(ValueError, match="sparsity must be in"):
+    sparsejax.topk_mask(jnp.ones(4), sparsity)
+
+
+def test_topk_mask_rejects_nan_scores():
+  with pytest.raises(ValueError, match="NaN"):
+    sparsejax.topk_mask(jnp.array([1.0, jnp.nan]), 0.5)
+
+
+def test_topk_mask_under_jit_ranks_nan_lowest():
+  mask = jax.jit(sparsejax.topk_mask)(jnp.array([jnp.nan, -jnp.inf, 2.0, jnp.nan]), 0.5)
+  assert mask.tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("kind", ["normal", "integer", "all_equal"])
+@pytest.mark.parametrize("n,m", [(0, 4), (1, 4), (2, 4), (4, 4), (1, 2), (3, 8), (2, 16)])
+@pytest.mark.parametrize("shape,axis", [((16, 6), -2), ((16, 6), 0), ((5, 32), -1),
+                                        ((3, 3, 16, 4), -2), ((2, 16, 3), 1)])
+def test_nm_mask_matches_numpy_reference(kind, n, m, shape, axis):
+  scores = _scores(kind, shape, seed=n * 10 + m)
+  got = np.asarray(sparsejax.nm_mask(scores, n, m, axis=axis))
+  np.testing.assert_array_equal(got, reference.nm_mask(scores, n, m, axis))
+
+
+def test_nm_mask_keeps_n_per_group_under_jit():
+  scores = _scores("normal", (64, 8))
+  mask = np.asarray(jax.jit(lambda s: sparsejax.nm_mask(s, 2, 4))(scores))
+  np.testing.assert_array_equal(mask.reshape(16, 4, 8).sum(axis=1), np.full((16, 8), 2))
+
+
+@pytest.mark.parametrize("n,m,match", [(5, 4, "N <= M"), (-1, 4, "N <= M"), (1, 0, "M >= 1"),
+                                       (1.0, 4, "Python int")])
+def test_nm_mask_rejects_bad_n_and_m(n, m, match):
+  with pytest.raises(ValueError, match=match):
+    sparsejax.nm_mask(jnp.ones((8, 2)), n, m)
+
+
+def test_nm_mask_rejects_axis_not_divisible_by_m():
+  with pytest.raises(ValueError, match="length 6, not divisible by M=4"):
+    sparsejax.nm_mask(jnp.ones((6, 3)), 2, 4)
+
+
+def test_nm_mask_rejects_nan_scores():
+  with pytest.raises(ValueError, match="NaN"):
+    sparsejax.nm_mask(jnp.array([[1.0], [jnp.nan]]), 1, 2)
