@@ -99,7 +99,7 @@ def _kth_largest_key(keys: Sequence[jax.Array], k) -> jax.Array:
   """The largest key T with count(keys >= T) >= k (k >= 1): the k-th largest."""
 
   def body(i, prefix):
-    candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    candidate = prefix | (jnp.uint32(1) << jnp.asarray(31 - i, jnp.uint32))
     count = sum(count_true(key >= candidate) for key in keys)
     return jnp.where(count >= k, candidate, prefix)
 

@@ -1,0 +1,192 @@
+"""Benchmark: a gradual-magnitude-pruning training step vs the dense step.
+
+A ~2M-parameter Flax Linen MLP, batch of random data, softmax cross entropy,
+optax.adam(1e-3). Each variant is one jitted step (value_and_grad + update +
+apply_updates) with params and opt_state donated:
+
+  dense    : optax.adam
+  gmp      : GradualMagnitudePruning(PolynomialSchedule(0 -> 0.9, every 10 steps))
+             .wrap(adam); blocks of --block steps (a multiple of 10) so the
+             average includes the mask recomputes
+  between  : GradualMagnitudePruning(OneShotSchedule(0.9, step=0)).wrap(adam),
+             timed after its one mask update: steps between mask updates
+
+Blocks of the variants are interleaved per round (order rotated); reported:
+median and min ms/step, and the median of the per-round ratios to dense.
+With --diagnose it also times, in the same run, the mask recompute alone
+(jit(masks_at)) and the gmp step with masks recomputed on every step.
+
+  python benchmarks/step.py
+  python benchmarks/step.py --rounds 60 --block 10 --diagnose
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparsejax
+
+
+class MLP(nn.Module):
+  hidden: tuple[int, ...] = (1536, 512)
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(self.classes)(x)
+
+
+def make_step(model, tx):
+  def loss_fn(params, x, y):
+    logits = model.apply(params, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+class Runner:
+  """One variant: its own params / opt_state, advanced by blocks of steps."""
+
+  def __init__(self, name, model, tx, params):
+    self.name = name
+    self.step = make_step(model, tx)
+    self.params = jax.tree.map(jnp.copy, params)
+    self.opt_state = tx.init(self.params)
+    self.steps_done = 0
+
+  def run(self, n, x, y) -> float:
+    t0 = time.perf_counter()
+    params, opt_state = self.params, self.opt_state
+    for _ in range(n):
+      params, opt_state, loss = self.step(params, opt_state, x, y)
+    jax.block_until_ready((params, opt_state, loss))
+    dt = time.perf_counter() - t0
+    self.params, self.opt_state = params, opt_state
+    self.steps_done += n
+    return dt
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--hidden", type=int, nargs="+", default=[1536, 512])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--block", type=int, default=10,
+                      help="steps per timed block, a multiple of 10 (default 10)")
+  parser.add_argument("--rounds", type=int, default=40,
+                      help="interleaved timed blocks per variant (default 40)")
+  parser.add_argument("--warmup", type=int, default=20,
+                      help="untimed steps per variant after compiling (default 20)")
+  parser.add_argument("--diagnose", action="store_true",
+                      help="also time masks_at alone and a recompute-every-step gmp")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  if args.block % 10:
+    parser.error("--block must be a multiple of 10 (the gmp update frequency)")
+  if args.warmup % 10:
+    parser.error("--warmup must be a multiple of 10 (keeps gmp blocks aligned)")
+
+  key_init, key_x, key_y = jax.random.split(jax.random.key(args.seed), 3)
+  model = MLP(tuple(args.hidden))
+  x = jax.random.normal(key_x, (args.batch, 784), jnp.float32)
+  y = jax.random.randint(key_y, (args.batch,), 0, 10)
+  params = model.init(key_init, x)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  n_prunable = sum(p.size for p in jax.tree.leaves(params) if p.ndim >= 2)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; MLP 784 -> "
+        f"{' -> '.join(map(str, args.hidden))} -> 10: {n_params:,} params "
+        f"({n_prunable:,} prunable); batch {args.batch}; adam(1e-3)")
+
+  gmp = sparsejax.GradualMagnitudePruning(sparsejax.PolynomialSchedule(
+      0.0, 0.9, begin_step=0, end_step=10**6, update_frequency=10))
+  oneshot = sparsejax.GradualMagnitudePruning(sparsejax.OneShotSchedule(0.9, step=0))
+  runners = [
+      Runner("dense", model, optax.adam(1e-3), params),
+      Runner("gmp (update every 10)", model, gmp.wrap(optax.adam(1e-3)), params),
+      Runner("between updates", model, oneshot.wrap(optax.adam(1e-3)), params),
+  ]
+  if args.diagnose:
+    every = sparsejax.GradualMagnitudePruning(sparsejax.PolynomialSchedule(
+        0.0, 0.9, begin_step=0, end_step=10**6, update_frequency=1))
+    runners.append(Runner("gmp (update every step)", model, every.wrap(optax.adam(1e-3)), params))
+
+  # Compile + warm up; the first one-shot step computes its masks (step 0).
+  for r in runners:
+    r.run(args.warmup, x, y)
+
+  # Interleaved rounds, order rotated each round. The noise on this kind of
+  # machine comes in phases of seconds (steps ~2x slower for a while), so
+  # besides per-variant medians we report the median of per-round ratios
+  # (paired: both blocks of a round ran in the same phase, most of the time).
+  times = {r.name: [] for r in runners}
+  ratios = {r.name: [] for r in runners}
+  for i in range(args.rounds):
+    k = i % len(runners)
+    round_t = {}
+    for r in runners[k:] + runners[:k]:
+      round_t[r.name] = r.run(args.block, x, y) / args.block
+    for name, t in round_t.items():
+      times[name].append(t)
+      ratios[name].append(t / round_t["dense"])
+  med = {name: statistics.median(ts) for name, ts in times.items()}
+  best = {name: min(ts) for name, ts in times.items()}
+  ratio = {name: statistics.median(rs) for name, rs in ratios.items()}
+
+  # Sanity: the pruned runs really are sparse (only prunable kernels count).
+  def kernel_sparsity(p):
+    ks = [l for l in jax.tree.leaves(p) if l.ndim >= 2]
+    return float(sum(jnp.sum(k == 0) for k in ks)) / sum(k.size for k in ks)
+
+  mask_s = None
+  if args.diagnose:
+    masks_at = jax.jit(lambda p, s: gmp.masks_at(p, s))
+    p0 = runners[0].params
+    step_arg = jnp.int32(500_000)  # mid-schedule: sparsity ~0.79
+    jax.block_until_ready(masks_at(p0, step_arg))
+    jax.block_until_ready(masks_at(p0, step_arg))
+    ts = []
+    for _ in range(max(5, args.rounds)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(masks_at(p0, step_arg))
+      ts.append(time.perf_counter() - t0)
+    mask_s = statistics.median(ts)
+
+  dense = med["dense"]
+  print(f"\nms/step over {args.rounds} interleaved blocks of {args.block} steps; "
+        f"'/ dense' = median of per-round ratios")
+  print(f"{'variant':<26} {'median':>9} {'min':>9} {'/ dense':>8} {'min/min':>8} "
+        f"{'kernel sparsity':>16}")
+  print("-" * 81)
+  for r in runners:
+    print(f"{r.name:<26} {med[r.name] * 1e3:9.3f} {best[r.name] * 1e3:9.3f} "
+          f"{ratio[r.name]:8.3f} {best[r.name] / best['dense']:8.3f} "
+          f"{kernel_sparsity(r.params):16.3f}")
+  if mask_s is not None:
+    recompute = (ratio["gmp (update every step)"] - ratio["between updates"]) * dense
+    print(f"\njit(masks_at) alone (all kernels, mid-schedule): {mask_s * 1e3:.3f} ms "
+          f"= {mask_s / dense:.2f} dense steps")
+    print(f"recompute cost inside the step (every-step - between): {recompute * 1e3:.3f} ms; "
+          f"/10 = {recompute / 10 * 1e3:.3f} ms/step = {recompute / 10 / dense:.3f} dense steps")
+    print(f"per-step masking overhead (between - dense): "
+          f"{(ratio['between updates'] - 1) * dense * 1e3:.3f} ms = {ratio['between updates'] - 1:.3f} dense steps")
+  print()
+  print(f"between-updates step / dense step = {ratio['between updates']:.2f} (target <= 1.05)")
+  print(f"gmp step / dense step = {ratio['gmp (update every 10)']:.2f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,130 @@
+"""Benchmark: sparsejax top-k / N:M masks vs a sort-based top-k and one elementwise pass.
+
+All functions are jitted, compiled and warmed up first; then they are run in
+interleaved rounds (one call of each per round) and the median per function is
+reported. Ratios are against baselines measured in the same run.
+
+  python benchmarks/topk.py                      # 2**20 and 2**24 weights
+  python benchmarks/topk.py --sizes 20 --repeats 9 --sort-repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparsejax
+
+SPARSITY = 0.9
+
+
+def _time(fn, *args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def make_fns(k: int):
+  @jax.jit
+  def topk(w):
+    return sparsejax.topk_mask(jnp.abs(w), SPARSITY)
+
+  @jax.jit
+  def sort_based(w):
+    idx = jnp.argsort(-jnp.abs(w).ravel())
+    return jnp.zeros(w.size, bool).at[idx[:k]].set(True).reshape(w.shape)
+
+  @jax.jit
+  def elementwise(w):
+    return w * (w > 0)
+
+  @jax.jit
+  def nm(w):
+    return sparsejax.nm_mask(jnp.abs(w), 2, 4)
+
+  return {"sparsejax top-k": topk, "sort-based": sort_based,
+          "elementwise": elementwise, "nm 2:4": nm}
+
+
+def bench_size(log2n: int, repeats: int, sort_repeats: int, seed: int) -> dict[str, float]:
+  n = 2 ** log2n
+  k = int(round((1.0 - SPARSITY) * n))
+  w = jax.random.normal(jax.random.key(seed), (n // 1024, 1024), jnp.float32)
+  jax.block_until_ready(w)
+  fns = make_fns(k)
+
+  # Compile + warm up (once each; the sort is slow, so its warm-up is the compile run).
+  for name, fn in fns.items():
+    jax.block_until_ready(fn(w))
+    if name != "sort-based":
+      jax.block_until_ready(fn(w))
+
+  # Correctness check outside timing: same kept count (and, with continuous
+  # random weights and no ties, the same mask).
+  m_topk = np.asarray(fns["sparsejax top-k"](w))
+  m_sort = np.asarray(fns["sort-based"](w))
+  c_topk, c_sort = int(m_topk.sum()), int(m_sort.sum())
+  same = bool((m_topk == m_sort).all())
+  print(f"  check n=2**{log2n}: kept top-k={c_topk}, sort={c_sort}, expected k={k}, "
+        f"identical masks={same}")
+  if c_topk != c_sort or c_topk != k:
+    raise SystemExit(f"count mismatch at n=2**{log2n}: {c_topk} vs {c_sort} (k={k})")
+  m_nm = np.asarray(fns["nm 2:4"](w))
+  if int(m_nm.sum()) != n // 2:
+    raise SystemExit(f"nm 2:4 kept {int(m_nm.sum())}, expected {n // 2}")
+  del m_topk, m_sort, m_nm
+
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for r in range(repeats):  # interleaved rounds
+    for name, fn in fns.items():
+      if name == "sort-based" and r >= sort_repeats:
+        continue
+      times[name].append(_time(fn, w))
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", type=int, nargs="+", default=[20, 24],
+                      help="log2 of the number of weights (default: 20 24)")
+  parser.add_argument("--repeats", type=int, default=7,
+                      help="interleaved rounds for the fast functions (default 7)")
+  parser.add_argument("--sort-repeats", type=int, default=2,
+                      help="rounds that also time the sort-based top-k (default 2)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  sort_repeats = max(1, min(args.sort_repeats, args.repeats))
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, sparsity {SPARSITY}, "
+        f"median of {args.repeats} rounds ({sort_repeats} for the sort)")
+  results = {}
+  for log2n in args.sizes:
+    results[log2n] = bench_size(log2n, args.repeats, sort_repeats, args.seed)
+
+  names = ["elementwise", "sparsejax top-k", "nm 2:4", "sort-based"]
+  print()
+  header = f"{'n':>8} " + " ".join(f"{nm_:>16}" for nm_ in names)
+  print(header + f" {'sort/topk':>10} {'topk/elem':>10} {'nm/elem':>8}")
+  print("-" * (len(header) + 31))
+  for log2n, t in results.items():
+    row = f"{'2**' + str(log2n):>8} " + " ".join(f"{t[nm_] * 1e3:13.2f} ms" for nm_ in names)
+    row += (f" {t['sort-based'] / t['sparsejax top-k']:10.1f}"
+            f" {t['sparsejax top-k'] / t['elementwise']:10.2f}"
+            f" {t['nm 2:4'] / t['elementwise']:8.2f}")
+    print(row)
+  print()
+  big = max(results)
+  t = results[big]
+  print(f"at n=2**{big}: sort/topk = {t['sort-based'] / t['sparsejax top-k']:.1f} (target >= 30), "
+        f"topk/elementwise = {t['sparsejax top-k'] / t['elementwise']:.2f} (target <= 10), "
+        f"nm/elementwise = {t['nm 2:4'] / t['elementwise']:.2f} (target <= 3)")
+
+
+if __name__ == "__main__":
+  main()

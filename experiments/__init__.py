@@ -1,0 +1,1 @@
+"""Experiment binaries for sparsejax (absl apps); not part of the library."""

@@ -1,0 +1,116 @@
+"""The same pruning training step gives the same masks and weights eagerly,
+under jit, under pmap and under jit with a data-parallel NamedSharding over
+4 CPU devices (XLA_FLAGS set in conftest.py)."""
+
+import functools
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import sparsejax
+from tests import models
+
+DEVICES = 4
+# Masks recomputed at steps 0 and 2 (global threshold), fixed afterwards.
+TX = sparsejax.GradualMagnitudePruning(
+    sparsejax.PolynomialSchedule(0.0, 0.7, begin_step=0, end_step=4, update_frequency=2),
+    allocation="global").wrap(optax.adam(1e-2))
+STEPS = 5
+
+
+def _grads(params, x, y):
+  def loss(p):
+    logits = models.LinenMLP().apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return jax.grad(loss)(params)
+
+
+def _step(params, opt_state, x, y, axis_name=None):
+  grads = _grads(params, x, y)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = TX.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _run(step_fn, params, opt_state, x, y):
+  for _ in range(STEPS):
+    params, opt_state = step_fn(params, opt_state, x, y)
+  return params, opt_state.masks
+
+
+@pytest.fixture(scope="module")
+def start():
+  if jax.device_count() < DEVICES:
+    pytest.skip(f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+  params = models.linen_params(seed=3)
+  x, y = models.batch(seed=4, size=64)
+  return params, TX.init(params), x, y
+
+
+@pytest.fixture(scope="module")
+def jitted(start):
+  return _run(jax.jit(_step), *start)
+
+
+def _assert_same(result, expected):
+  params, masks = result
+  chex.assert_trees_all_equal(masks, expected[1])
+  chex.assert_trees_all_close(params, expected[0], rtol=1e-5, atol=1e-6)
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda v: v is None)):
+    if m is not None:
+      assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+
+
+def test_masks_reach_target_after_jitted_steps(jitted):
+  report = sparsejax.sparsity_report(jitted[1])
+  assert report.kept == round(0.3 * report.size)
+
+
+def test_eager_step_matches_jit(start, jitted):
+  with jax.disable_jit():
+    _assert_same(_run(_step, *start), jitted)
+
+
+def test_pmap_step_matches_jit(start, jitted):
+  params, opt_state, x, y = start
+  replicate = lambda tree: jax.tree.map(lambda a: np.stack([np.asarray(a)] * DEVICES), tree)
+  shard = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
+  step = jax.pmap(functools.partial(_step, axis_name="data"), axis_name="data")
+  params, opt_state = replicate(params), replicate(opt_state)
+  for _ in range(STEPS):
+    params, opt_state = step(params, opt_state, shard(x), shard(y))
+  first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  _assert_same((first(params), first(opt_state.masks)), jitted)
+
+
+def test_sharded_jit_step_matches_jit(start, jitted):
+  params, opt_state, x, y = start
+  mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  by_batch = NamedSharding(mesh, PartitionSpec("data"))
+  params, opt_state = jax.device_put((params, opt_state), replicated)
+  x, y = jax.device_put((x, y), by_batch)
+  step = jax.jit(_step, out_shardings=(replicated, replicated))
+  result = _run(step, params, opt_state, x, y)
+  assert result[0]["Dense_0"]["kernel"].sharding.is_fully_replicated
+  _assert_same(result, jitted)
+
+
+def test_topk_mask_on_a_sharded_array_matches_unsharded():
+  scores = jax.random.normal(jax.random.key(0), (64, 48))
+  mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+  sharded = jax.device_put(scores, NamedSharding(mesh, PartitionSpec("data")))
+  select = jax.jit(lambda s: sparsejax.topk_mask(s, 0.8))
+  np.testing.assert_array_equal(np.asarray(select(sharded)), np.asarray(select(scores)))
+
+
+def test_topk_mask_under_vmap_matches_per_row():
+  scores = jax.random.normal(jax.random.key(1), (5, 100))
+  batched = jax.vmap(lambda s: sparsejax.topk_mask(s, 0.9))(scores)
+  for row, mask in zip(scores, batched):
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(sparsejax.topk_mask(row, 0.9)))
