@@ -55,19 +55,22 @@ def erk_densities(sparsity, shapes: Sequence[tuple[int, ...]]):
   >>> [round(float(d), 4) for d in erk_densities(0.5, [(4, 4), (100, 100)])]
   [1.0, 0.4992]
   """
-  xp = np if isinstance(sparsity, numbers.Real) else jnp
-  sizes = xp.asarray([math.prod(s) for s in shapes], dtype=xp.float32)
-  raw = xp.asarray([sum(s) / math.prod(s) for s in shapes], dtype=xp.float32)
-  budget = (1.0 - xp.asarray(sparsity, xp.float32)) * sizes.sum()
+  static = isinstance(sparsity, numbers.Real)
+  xp, dtype = (np, np.float64) if static else (jnp, jnp.float32)
+  # A leaf within rounding of density 1 is dense: at sparsity 0 every leaf
+  # must keep every weight, even where float32 gives 0.99999994.
+  tolerance = 1e-12 if static else 1e-6
+  sizes = xp.asarray([math.prod(s) for s in shapes], dtype=dtype)
+  raw = xp.asarray([sum(s) / math.prod(s) if math.prod(s) else 0.0 for s in shapes], dtype=dtype)
+  budget = (1.0 - xp.asarray(sparsity, dtype)) * sizes.sum()
   dense = xp.zeros(len(shapes), dtype=bool)
-  scale = xp.asarray(0.0, xp.float32)
-  # Each round makes dense every leaf that exceeds density 1; the scale only
+  # Each round makes dense every leaf that reaches density 1; the scale only
   # grows as leaves are removed, so at most len(shapes) rounds are needed.
   for _ in range(len(shapes)):
     free = xp.where(dense, 0.0, sizes * raw).sum()
     left = budget - xp.where(dense, sizes, 0.0).sum()
     scale = xp.where(free > 0, left / xp.where(free > 0, free, 1.0), 0.0)
-    dense = dense | (scale * raw > 1.0)
+    dense = dense | (scale * raw >= 1.0 - tolerance)
   return xp.clip(xp.where(dense, 1.0, scale * raw), 0.0, 1.0)
 
 

@@ -59,12 +59,12 @@ def unpack_masks(packed: PyTree, params: PyTree) -> PyTree:
       continue
     size = int(np.size(p.value))
     expected = (size + 7) // 8
-    if np.shape(k.value) != (expected,):
+    if np.shape(k.value) != (expected,) or np.asarray(k.value).dtype != np.uint8:
       raise ValueError(
-          f"packed mask '{k.path}' has shape {np.shape(k.value)}, but the parameter "
-          f"of shape {np.shape(p.value)} needs ({expected},) bytes."
+          f"packed mask '{k.path}' is {np.asarray(k.value).dtype}{list(np.shape(k.value))}, but "
+          f"the parameter of shape {np.shape(p.value)} needs uint8[{expected}] (1 bit per weight)."
       )
-    bits = jnp.unpackbits(jnp.asarray(k.value, jnp.uint8), count=size)
+    bits = jnp.unpackbits(jnp.asarray(k.value), count=size)
     out.append(bits.astype(bool).reshape(np.shape(p.value)))
   return jax.tree.unflatten(jax.tree.structure(params), out)
 

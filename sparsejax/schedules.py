@@ -10,6 +10,7 @@ each follow the schedule's shape.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,9 @@ import jax.numpy as jnp
 from sparsejax import selection
 
 
-def _check_step(value, name: str) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-    raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+def _check_step(value, name: str, minimum: int = 0) -> None:
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,7 @@ class PolynomialSchedule:
     if self.end_step <= self.begin_step:
       raise ValueError(
           f"end_step ({self.end_step}) must be after begin_step ({self.begin_step}).")
-    if not isinstance(self.update_frequency, int) or self.update_frequency < 1:
-      raise ValueError(f"update_frequency must be an int >= 1, got {self.update_frequency!r}.")
+    _check_step(self.update_frequency, "update_frequency", minimum=1)
     if not self.power > 0:
       raise ValueError(f"power must be > 0, got {self.power!r}.")
 
@@ -124,6 +124,7 @@ class PolynomialSchedule:
     progress = last_update.astype(jnp.float32) / (self.end_step - self.begin_step)
     s_i, s_f = jnp.float32(self.initial_sparsity), jnp.asarray(self.final_sparsity, jnp.float32)
     value = s_f + (s_i - s_f) * (1.0 - progress) ** self.power
+    value = jnp.where(last_update == 0, s_i, value)  # exactly s_i until the first ramp step
     return jnp.where(step >= self.end_step, s_f, value)
 
   def is_update_step(self, step) -> jax.Array:

@@ -136,3 +136,15 @@ def test_allocate_rejects_custom_sparsity_outside_unit_interval(value):
 def test_allocate_rejects_total_sparsity_outside_unit_interval(name):
   with pytest.raises(ValueError, match="sparsity must be in"):
     allocation.allocate(name, 1.5, PATHS, SHAPES)
+
+
+def test_erk_at_zero_sparsity_keeps_every_weight_of_large_leaves():
+  shapes = [(512, 5000), (5000, 11008), (11008, 100)]
+  sparsities = allocation.allocate("erk", 0.0, ["a", "b", "c"], shapes)
+  assert sparsities == [0.0, 0.0, 0.0]
+
+
+def test_erk_ignores_zero_size_leaves():
+  densities = allocation.erk_densities(0.5, [(0, 10), (4, 4), (100, 100)])
+  np.testing.assert_allclose(densities[1:], reference.erk_densities(0.5, [(4, 4), (100, 100)]),
+                             rtol=1e-9)

@@ -106,8 +106,16 @@ def test_unpack_masks_rejects_wrong_packed_length_naming_the_leaf(extra_bytes):
   packed = sparsejax.pack_masks(masks)
   packed["c"] = jnp.zeros((3 + extra_bytes,), jnp.uint8)
   with pytest.raises(ValueError, match=re.escape(
-      f"packed mask 'c' has shape ({3 + extra_bytes},), but the parameter of shape (2, 3, 4) "
-      "needs (3,) bytes")):
+      f"packed mask 'c' is uint8[{3 + extra_bytes}], but the parameter of shape (2, 3, 4) "
+      "needs uint8[3]")):
+    sparsejax.unpack_masks(packed, params)
+
+
+def test_unpack_masks_rejects_packed_leaf_that_is_not_bytes():
+  params, masks = _pack_case()
+  packed = sparsejax.pack_masks(masks)
+  packed["c"] = jnp.zeros((3,), jnp.int32)
+  with pytest.raises(ValueError, match=re.escape("packed mask 'c' is int32[3]")):
     sparsejax.unpack_masks(packed, params)
 
 
