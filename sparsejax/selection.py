@@ -95,15 +95,23 @@ def keep_count(size: int, sparsity) -> jax.Array | int:
   return jnp.round((1.0 - s) * size).astype(jnp.int32)
 
 
-def _kth_largest_key(keys: Sequence[jax.Array], k) -> jax.Array:
-  """The largest key T with count(keys >= T) >= k (k >= 1): the k-th largest."""
+def _kth_largest_key(keys: Sequence[jax.Array], k) -> tuple[jax.Array, jax.Array]:
+  """The k-th largest key T (k >= 1) and count(keys >= T).
 
-  def body(i, prefix):
+  T is the largest value with count(keys >= T) >= k, built bit by bit from
+  the most significant one: a bit is set when enough keys are still at or
+  above the candidate.
+  """
+
+  def body(i, carry):
+    prefix, at_or_above = carry
     candidate = prefix | (jnp.uint32(1) << jnp.asarray(31 - i, jnp.uint32))
     count = sum(count_true(key >= candidate) for key in keys)
-    return jnp.where(count >= k, candidate, prefix)
+    take = count >= k
+    return jnp.where(take, candidate, prefix), jnp.where(take, count, at_or_above)
 
-  return jax.lax.fori_loop(0, 32, body, jnp.uint32(0))
+  total = jnp.int32(sum(key.size for key in keys))
+  return jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), total))
 
 
 def _flat_indices(keys: Sequence[jax.Array]) -> list[jax.Array]:
@@ -158,8 +166,7 @@ def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
   k = keep_count(total, sparsity)
   keys = [sortable_keys(s) for s in scores]
   k_at_least_one = jnp.maximum(k, 1)
-  threshold = _kth_largest_key(keys, k_at_least_one)
-  n_at_or_above = sum(count_true(key >= threshold) for key in keys)
+  threshold, n_at_or_above = _kth_largest_key(keys, k_at_least_one)
   cutoff = jax.lax.cond(
       n_at_or_above == k_at_least_one,
       lambda: jnp.int32(total),
