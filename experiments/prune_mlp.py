@@ -15,6 +15,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,7 @@ def train(tx, train_set, test_set, seed: int, label: str):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # keep jax's backend probing out of the output
   train_set, test_set = load_digits(_SEED.value)
   print(f"digits: {len(train_set[0])} train / {len(test_set[0])} test images (8x8, bundled with scikit-learn)")
   _, _, dense_accuracy = train(optax.adam(_LR.value), train_set, test_set, _SEED.value, "dense")
