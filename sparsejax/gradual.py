@@ -6,6 +6,11 @@ steps the masks are recomputed from the current weights inside the (jitted)
 update; on every step gradients of pruned weights are masked before `tx`
 sees them, and the returned updates drive pruned weights to exactly zero:
 `optax.apply_updates(params, updates)` leaves them 0.0 after every step.
+
+The wrapper must produce the final updates: wrap the whole optimizer
+(`wrap(optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1)))`), do
+not chain transforms after it, since anything that rescales its updates
+also rescales the -w that zeroes pruned weights.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from sparsejax import allocation as allocation_lib
 from sparsejax import masks as masks_lib
 from sparsejax import pruning
 from sparsejax import scores as scores_lib
-from sparsejax import selection
 from sparsejax import trees
 
 PyTree = Any
@@ -63,7 +67,11 @@ def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   this only matters for params that did not come out of the wrapper (restored
   from elsewhere, or edited by hand), but it is cheap and always safe.
   """
-  return masks_lib.apply_masks(params, find_pruning_state(opt_state).masks)
+  masks = jax.tree.map(  # inside optax.multi_transform, other leaves are MaskedNode
+      lambda m: None if isinstance(m, optax.MaskedNode) else m,
+      find_pruning_state(opt_state).masks,
+      is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
+  return masks_lib.apply_masks(params, masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,32 +105,30 @@ class GradualMagnitudePruning:
 
   def __post_init__(self):
     allocation_lib.validate_allocation(self.allocation)
-    scores_lib.get_score_fn(self.score)
+    if scores_lib.get_score_fn(self.score) is scores_lib.random_score and self.key is None:
+      raise ValueError("score='random' needs key=jax.random.key(seed).")
 
-  def masks_at(self, params: PyTree, step) -> PyTree:
-    """The masks the schedule asks for at `step` (traced step allowed)."""
-    leaves = trees.named_leaves(params)
-    chosen = pruning.prunable_leaves(params, self.leaf_filter)
-    score_fn = scores_lib.get_score_fn(self.score)
-    key = None if self.key is None else jax.random.fold_in(self.key, step)
-    scores = [score_fn(leaves[i].value, None if key is None else jax.random.fold_in(key, i))
-              for i in chosen]
-    targets = allocation_lib.allocate(
-        self.allocation, self.schedule.final_sparsity,
-        [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
-    if targets is None:
-      masks = selection.topk_masks(scores, self.schedule(step))
-    else:
-      masks = [selection.topk_mask(s, self.schedule.with_final(t)(step))
-               for s, t in zip(scores, targets)]
-    return pruning.assemble_masks(params, chosen, masks)
+  def masks_at(self, params: PyTree, step, previous_masks: PyTree | None = None) -> PyTree:
+    """The masks the schedule asks for at `step` (traced step allowed).
+
+    Entries pruned by `previous_masks` stay pruned while sparsity grows.
+    """
+    return pruning.compute_masks(
+        params, self.schedule.final_sparsity, score=self.score, allocation=self.allocation,
+        leaf_filter=self.leaf_filter, key=self.key, previous_masks=previous_masks,
+        ramp=lambda target: self.schedule.with_final(target)(step))
 
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Wraps `inner` so that its updates prune along the schedule."""
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-      chosen = set(pruning.prunable_leaves(params, self.leaf_filter))
+      leaves = trees.named_leaves(params)
+      chosen = pruning.prunable_leaves(params, self.leaf_filter)
+      allocation_lib.allocate(  # fail at init, not at the first update, on a bad map
+          self.allocation, self.schedule.final_sparsity, [leaves[i].path for i in chosen],
+          [leaves[i].value.shape for i in chosen])
+      chosen = set(chosen)
       flat = [jnp.ones(jnp.shape(p), bool) if i in chosen else None
               for i, p in enumerate(jax.tree.leaves(params))]
       masks = jax.tree.unflatten(jax.tree.structure(params), flat)
@@ -133,7 +139,7 @@ class GradualMagnitudePruning:
         raise ValueError("GradualMagnitudePruning needs params: call "
                          "tx.update(grads, opt_state, params).")
       masks = jax.lax.cond(self.schedule.is_update_step(state.count),
-                           lambda: self.masks_at(params, state.count),
+                           lambda: self.masks_at(params, state.count, state.masks),
                            lambda: state.masks)
       zero_pruned = lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype))
       grads = trees.map_with_masks(zero_pruned, updates, masks)

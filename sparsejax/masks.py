@@ -59,9 +59,10 @@ def unpack_masks(packed: PyTree, params: PyTree) -> PyTree:
       continue
     size = int(np.size(p.value))
     expected = (size + 7) // 8
-    if np.shape(k.value) != (expected,) or np.asarray(k.value).dtype != np.uint8:
+    dtype = jnp.result_type(k.value)
+    if np.shape(k.value) != (expected,) or dtype != jnp.uint8:
       raise ValueError(
-          f"packed mask '{k.path}' is {np.asarray(k.value).dtype}{list(np.shape(k.value))}, but "
+          f"packed mask '{k.path}' is {dtype}{list(np.shape(k.value))}, but "
           f"the parameter of shape {np.shape(p.value)} needs uint8[{expected}] (1 bit per weight)."
       )
     bits = jnp.unpackbits(jnp.asarray(k.value), count=size)

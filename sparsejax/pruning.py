@@ -6,9 +6,10 @@ differ in the score, the allocation and when it is called.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import scores as scores_lib
@@ -24,18 +25,13 @@ def prunable_leaves(params: PyTree, leaf_filter: trees.LeafFilter | None = None)
   return [i for i, leaf in enumerate(trees.named_leaves(params)) if leaf_filter(leaf.path, leaf.value)]
 
 
-def select_masks(scores: Sequence[jax.Array], sparsities: Sequence | None, sparsity=None) -> list[jax.Array]:
-  """Top-k masks per leaf (`sparsities`), or one global top-k (`sparsities` None)."""
-  if sparsities is None:
-    return selection.topk_masks(scores, sparsity)
-  return [selection.topk_mask(s, sp) for s, sp in zip(scores, sparsities)]
-
-
 def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn = "magnitude",
                   allocation: allocation_lib.Allocation = "uniform",
                   leaf_filter: trees.LeafFilter | None = None,
-                  key: jax.Array | None = None) -> PyTree:
-  """Masks for `params` at the given total sparsity.
+                  key: jax.Array | None = None,
+                  previous_masks: PyTree | None = None,
+                  ramp: Callable[[Any], Any] | None = None) -> PyTree:
+  """Masks for `params` at the given total sparsity: score -> allocate -> select.
 
   Args:
     params: any params pytree (Flax Linen dict, NNX State, plain dict).
@@ -46,6 +42,11 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
     leaf_filter: (path, leaf) -> bool choosing prunable leaves; default:
       arrays with ndim >= 2.
     key: PRNG key, required by random scores; folded with each leaf's index.
+    previous_masks: masks from an earlier call; entries they pruned score
+      below every other entry, so a growing sparsity never revives a weight.
+    ramp: maps each leaf's allocated sparsity (for 'global', the total) to
+      the sparsity used now, e.g. `lambda s: schedule.with_final(s)(step)`;
+      default: use the allocation as is.
 
   Returns:
     A masks pytree: bool arrays for pruned leaves, None elsewhere.
@@ -57,17 +58,34 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   score_fn = scores_lib.get_score_fn(score)
   selection.check_sparsity(sparsity)
   allocation_lib.validate_allocation(allocation)
+  ramp = ramp or (lambda s: s)
   leaves = trees.named_leaves(params)
   chosen = prunable_leaves(params, leaf_filter)
+  previous = None
+  if previous_masks is not None:
+    trees.check_same_structure(params, previous_masks, "previous_masks")
+    previous = jax.tree.leaves(previous_masks, is_leaf=lambda x: x is None)
   scores = []
   for i in chosen:
     leaf_key = None if key is None else jax.random.fold_in(key, i)
     s = score_fn(leaves[i].value, leaf_key)
     selection.check_no_nan(s, leaves[i].path)
+    if previous is not None and previous[i] is not None:
+      s = jnp.where(previous[i], s, _lowest(s.dtype))
     scores.append(s)
-  sparsities = allocation_lib.allocate(
+  targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
-  return assemble_masks(params, chosen, select_masks(scores, sparsities, sparsity))
+  if targets is None:
+    masks = selection.topk_masks(scores, ramp(sparsity))
+  else:
+    masks = [selection.topk_mask(s, ramp(t)) for s, t in zip(scores, targets)]
+  return assemble_masks(params, chosen, masks)
+
+
+def _lowest(dtype) -> Any:
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.array(-jnp.inf, dtype)
+  return jnp.array(jnp.iinfo(dtype).min, dtype)
 
 
 def assemble_masks(params: PyTree, chosen: Sequence[int], masks: Sequence[jax.Array]) -> PyTree:

@@ -2,7 +2,7 @@
 
 `topk_mask` keeps exactly k = round((1 - sparsity) * size) entries, the
 largest scores, ties going to the lower flat index. It never sorts: scores are
-mapped to unsigned integer keys whose order is the float order, the k-th
+mapped to unsigned integer keys whose order is the scores' order, the k-th
 largest key is found by bisection over its 32 bits (one counting pass per bit),
 and ties at that key are split by a bisection over the flat index, run only
 when ties straddle the cut. Each pass is a compare and a count, so the whole
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SIGN_BIT = np.uint32(0x80000000)
-_NAN_KEY = np.uint32(1)  # below -inf (0x007fffff); 0 is never a real key
+_NAN_KEY = 1  # below the key of -inf; only NaNs get it
 _COUNT_ROW = 32  # entries summed in uint8 before widening: cheap on every backend
+_MAX_ENTRIES = 2**31 - 1  # counts and flat indices are int32
 
 
 def _is_concrete(x) -> bool:
@@ -34,17 +34,28 @@ def _is_concrete(x) -> bool:
 
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
-  """Maps scores to uint32 keys with the same order as the float values.
+  """Maps scores to unsigned integer keys with the same order as the values.
 
-  -0.0 and +0.0 get the same key; NaN gets key 1, below every number.
+  Floats of up to 32 bits (and bool, and integers of up to 16 bits) become
+  uint32 keys through float32; int32/uint32 keep all their bits; 64-bit
+  dtypes (with jax_enable_x64) get uint64 keys. -0.0 and +0.0 share a key;
+  NaN gets key 1, below every number.
   """
   x = jnp.asarray(scores)
-  if x.dtype != jnp.float32:
-    x = x.astype(jnp.float32)  # exact for bf16/f16 and integers below 2**24
-  x = jnp.where(x == 0, jnp.float32(0), x)
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  keys = jnp.where(bits >= _SIGN_BIT, ~bits, bits | _SIGN_BIT)
-  return jnp.where(jnp.isnan(x), _NAN_KEY, keys)
+  dtype = x.dtype
+  wide = dtype.itemsize == 8
+  key_type = jnp.uint64 if wide else jnp.uint32
+  sign = np.array(1 << (8 * jnp.dtype(key_type).itemsize - 1), key_type)
+  if jnp.issubdtype(dtype, jnp.signedinteger) and dtype.itemsize >= 4:
+    return jax.lax.bitcast_convert_type(x, key_type) ^ sign
+  if jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize >= 4:
+    return x.astype(key_type)
+  if not wide and dtype != jnp.float32:
+    x = x.astype(jnp.float32)  # exact for bf16, f16, bool and small integers
+  x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
+  bits = jax.lax.bitcast_convert_type(x, key_type)
+  keys = jnp.where(bits >= sign, ~bits, bits | sign)
+  return jnp.where(jnp.isnan(x), np.array(_NAN_KEY, key_type), keys)
 
 
 def count_true(pred: jax.Array) -> jax.Array:
@@ -60,14 +71,17 @@ def count_true(pred: jax.Array) -> jax.Array:
   total = jnp.zeros((), jnp.int32)
   if main:
     rows = flat[:main].reshape(-1, _COUNT_ROW).astype(jnp.uint8)
-    total += rows.sum(axis=1, dtype=jnp.uint8).astype(jnp.int32).sum()
+    total += rows.sum(axis=1, dtype=jnp.uint8).astype(jnp.int32).sum(dtype=jnp.int32)
   if size - main:
-    total += flat[main:].astype(jnp.int32).sum()
+    total += flat[main:].astype(jnp.int32).sum(dtype=jnp.int32)
   return total
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> None:
-  """Raises ValueError if a concrete sparsity is outside [0, 1] or NaN."""
+  """Raises ValueError if a sparsity is not a scalar, or (when concrete) is
+  outside [0, 1] or NaN."""
+  if np.ndim(sparsity) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(sparsity)}.")
   if isinstance(sparsity, numbers.Real) or (
       _is_concrete(sparsity) and np.ndim(sparsity) == 0
   ):
@@ -86,12 +100,18 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
 def keep_count(size: int, sparsity) -> jax.Array | int:
   """Returns round((1 - sparsity) * size), exact for Python numbers.
 
-  A traced sparsity is computed in float32 (may be off by one above 2**24
-  entries, where float32 cannot count every weight).
+  A traced sparsity is a float32 (float64 under jax_enable_x64): k is
+  computed in that precision, from that value. float32 cannot hold every
+  count above 2**24, so there k may differ from the exact value by about
+  size * 2**-24 (a few entries for a leaf of 100M weights).
+
+  >>> keep_count(10, 0.85), int(keep_count(10, jnp.float32(0.85)))
+  (2, 1)
   """
   if isinstance(sparsity, numbers.Real):
     return int(round((1.0 - float(sparsity)) * size))
-  s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+  dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+  s = jnp.clip(jnp.asarray(sparsity, dtype), 0.0, 1.0)
   return jnp.round((1.0 - s) * size).astype(jnp.int32)
 
 
@@ -103,15 +123,18 @@ def _kth_largest_key(keys: Sequence[jax.Array], k) -> tuple[jax.Array, jax.Array
   above the candidate.
   """
 
+  key_type = keys[0].dtype
+  bits = 8 * key_type.itemsize
+
   def body(i, carry):
     prefix, at_or_above = carry
-    candidate = prefix | (jnp.uint32(1) << jnp.asarray(31 - i, jnp.uint32))
+    candidate = prefix | (jnp.ones((), key_type) << jnp.asarray(bits - 1 - i, key_type))
     count = sum(count_true(key >= candidate) for key in keys)
     take = count >= k
     return jnp.where(take, candidate, prefix), jnp.where(take, count, at_or_above)
 
   total = jnp.int32(sum(key.size for key in keys))
-  return jax.lax.fori_loop(0, 32, body, (jnp.uint32(0), total))
+  return jax.lax.fori_loop(0, bits, body, (jnp.zeros((), key_type), total))
 
 
 def _flat_indices(keys: Sequence[jax.Array]) -> list[jax.Array]:
@@ -157,14 +180,17 @@ def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
     A list of boolean masks, one per input, same shapes.
   """
   check_sparsity(sparsity)
-  scores = list(scores)
+  scores = [jnp.asarray(s) for s in scores]
   for i, s in enumerate(scores):
     check_no_nan(s, f"scores[{i}]")
-  total = sum(int(np.size(s)) for s in scores)
+  total = sum(s.size for s in scores)
   if total == 0:
-    return [jnp.zeros(np.shape(s), bool) for s in scores]
+    return [jnp.zeros(s.shape, bool) for s in scores]
+  if total > _MAX_ENTRIES:
+    raise ValueError(f"top-k over {total} entries: at most {_MAX_ENTRIES} are supported.")
   k = keep_count(total, sparsity)
-  keys = [sortable_keys(s) for s in scores]
+  common = jnp.result_type(*scores)  # one key order across arrays
+  keys = [sortable_keys(s.astype(common)) for s in scores]
   k_at_least_one = jnp.maximum(k, 1)
   threshold, n_at_or_above = _kth_largest_key(keys, k_at_least_one)
   cutoff = jax.lax.cond(

@@ -2,9 +2,9 @@
 and structure checks shared by every mask transform.
 
 Paths are what users write in custom sparsity maps and what reports print,
-so Flax Linen dicts (`{'params': {'Dense_0': {'kernel': ...}}}`) and Flax NNX
-states (whose leaves sit under a `.value` attribute) both give names such as
-`Dense_0/kernel`.
+so a Flax Linen params dict (`{'Dense_0': {'kernel': ...}}`) and a Flax NNX
+state (whose leaves sit under a `.value` attribute) both give names such as
+`Dense_0/kernel` (a full Linen variables dict gives `params/Dense_0/kernel`).
 """
 
 from __future__ import annotations

@@ -8,10 +8,19 @@ import numpy as np
 
 
 def topk_mask(scores, sparsity):
-  """Keeps round((1-s)*n) largest scores; ties to the lower flat index."""
-  flat = np.asarray(scores, np.float64).ravel()
-  k = int(round((1.0 - sparsity) * flat.size))
-  order = np.lexsort((np.arange(flat.size), -flat))
+  """Keeps round((1-s)*n) largest scores; ties to the lower flat index.
+
+  Integer scores are ranked as Python ints (exact at any width).
+  """
+  values = np.asarray(scores)
+  k = int(round((1.0 - sparsity) * values.size))
+  if np.issubdtype(values.dtype, np.integer):
+    order = sorted(range(values.size), key=lambda i: (-int(values.ravel()[i]), i))
+  else:
+    flat = values.astype(np.float64).ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))
+  order = np.asarray(order, dtype=np.int64)
+  flat = values.ravel()
   mask = np.zeros(flat.size, bool)
   mask[order[:k]] = True
   return mask.reshape(np.shape(scores))

@@ -64,37 +64,106 @@ def test_gradual_pruning_follows_polynomial_schedule_and_keeps_pruned_weights_ze
 
 
 def test_pruned_gradients_are_masked_before_the_inner_optimizer():
-  # sgd(1): inner updates are -grads; pruned entries must get -p instead.
-  tx = sparsejax.GradualMagnitudePruning(sparsejax.OneShotSchedule(0.5, step=0)).wrap(optax.sgd(1.0))
+  # Adam's first moment sees only the gradients it is given: with masks set
+  # at step 0, mu must stay exactly 0 on pruned entries and equal
+  # (1 - b1) * g on kept ones after the first step.
+  tx = sparsejax.GradualMagnitudePruning(sparsejax.OneShotSchedule(0.5, step=0)).wrap(
+      optax.adam(1e-2, b1=0.9))
   params = models.linen_params()
   x, y = models.batch()
   grads = jax.grad(_loss)(params, x, y)
   updates, state = tx.update(grads, tx.init(params), params)
-  for leaf_p, leaf_g, leaf_u in zip(*(sparsejax.trees.named_leaves(t) for t in (params, grads, updates))):
-    p, g, u = (np.asarray(v.value) for v in (leaf_p, leaf_g, leaf_u))
-    if leaf_p.path in KERNELS:
-      keep = reference.topk_mask(np.abs(p), 0.5)
-      np.testing.assert_array_equal(u, np.where(keep, -g, -p))
-    else:
-      np.testing.assert_array_equal(u, -g)
-  # A later step is not an update step: the masks stay, gradients stay masked.
-  updates2, _ = tx.update(grads, state, optax.apply_updates(params, updates))
-  for path, u in _kernels(updates2).items():
+  mu = _kernels(state.inner_state[0].mu)
+  for path, g in _kernels(grads).items():
     keep = reference.topk_mask(np.abs(_kernels(params)[path]), 0.5)
-    assert np.all(u[~keep] == 0.0)
+    np.testing.assert_allclose(mu[path], np.where(keep, 0.1 * g, 0.0), rtol=1e-6)
+    assert np.all(mu[path][~keep] == 0.0)
+    assert np.all(_kernels(updates)[path][~keep] == -_kernels(params)[path][~keep])
 
 
-def test_global_allocation_keeps_exact_total_at_the_end():
+def test_global_gradual_masks_match_reference_at_every_update_step():
   schedule = sparsejax.PolynomialSchedule(0.0, 0.8, begin_step=0, end_step=20, update_frequency=5)
   tx = sparsejax.GradualMagnitudePruning(schedule, allocation="global").wrap(optax.adam(1e-2))
   params = models.linen_params()
   opt_state = tx.init(params)
   step = _make_step(tx)
   x, y = models.batch()
-  for _ in range(21):
+  for t in range(21):
+    before = [np.abs(w) for w in _kernels(params).values()]  # jax.tree leaf order
     params, opt_state = step(params, opt_state, x, y)
+    if t % 5 == 0:
+      s_t = float(np.float32(reference.polynomial_sparsity(t, 0.0, 0.8, 0, 20, 5)))
+      masks = list(_kernels(opt_state.masks).values())
+      for got, want in zip(masks, reference.global_topk_masks(before, s_t)):
+        np.testing.assert_array_equal(got, want)
   report = sparsejax.sparsity_report(opt_state.masks)
   assert report.kept == round(0.2 * report.size)
+
+
+def test_custom_allocation_ramps_each_matched_leaf_to_its_own_target():
+  schedule = sparsejax.PolynomialSchedule(0.0, 0.8, begin_step=0, end_step=10, update_frequency=5)
+  pruner = sparsejax.GradualMagnitudePruning(schedule, allocation={"Dense_2": 0.5})
+  tx = pruner.wrap(optax.sgd(0.1))
+  params = models.linen_params()
+  opt_state = tx.init(params)
+  step = _make_step(tx)
+  x, y = models.batch()
+  for t in range(11):
+    params, opt_state = step(params, opt_state, x, y)
+    if t == 5:  # half way: s = target * (1 - (1 - 0.5)**3)
+      report = sparsejax.sparsity_report(opt_state.masks)
+      assert report.leaves["Dense_2/kernel"].kept == round((1 - 0.5 * 0.875) * 64)
+      assert report.leaves["Dense_0/kernel"].kept == round((1 - 0.8 * 0.875) * 640)
+  report = sparsejax.sparsity_report(opt_state.masks)
+  assert report.leaves["Dense_2/kernel"].kept == 32
+  assert report.leaves["Dense_1/kernel"].kept == round(0.2 * 512)
+
+
+def test_random_score_masks_are_nested_and_match_the_zeroed_weights():
+  schedule = sparsejax.PolynomialSchedule(0.0, 0.9, begin_step=0, end_step=12, update_frequency=2)
+  tx = sparsejax.GradualMagnitudePruning(schedule, score="random", key=jax.random.key(7)).wrap(
+      optax.sgd(0.1))
+  params = models.linen_params()
+  opt_state = tx.init(params)
+  step = _make_step(tx)
+  x, y = models.batch()
+  previous = None
+  for _ in range(14):
+    params, opt_state = step(params, opt_state, x, y)
+    masks = _kernels(opt_state.masks)
+    for path, w in _kernels(params).items():
+      np.testing.assert_array_equal(w != 0, masks[path])  # what the masks say is what is zero
+      if previous is not None:
+        assert not np.any(masks[path] & ~previous[path])  # never revived
+    previous = masks
+
+
+def test_wrapping_a_chain_with_weight_decay_keeps_pruned_weights_zero():
+  inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1))
+  tx = sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.6)).wrap(inner)
+  params = models.linen_params()
+  opt_state = tx.init(params)
+  step = _make_step(tx)
+  x, y = models.batch()
+  for _ in range(3):
+    params, opt_state = step(params, opt_state, x, y)
+  for path, w in _kernels(params).items():
+    assert np.count_nonzero(w) == round(0.4 * w.size), path
+
+
+def test_masked_params_inside_multi_transform():
+  pruner = sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.5))
+  labels = lambda params: jax.tree.map(lambda w: "prune" if w.ndim >= 2 else "dense", params)
+  tx = optax.multi_transform({"prune": pruner.wrap(optax.sgd(0.1)), "dense": optax.adam(1e-3)}, labels)
+  params = models.linen_params()
+  x, y = models.batch()
+  updates, state = tx.update(jax.grad(_loss)(params, x, y), tx.init(params), params)
+  masked = sparsejax.masked_params(params, state)
+  for path, w in _kernels(masked).items():
+    np.testing.assert_array_equal(w != 0, reference.topk_mask(np.abs(_kernels(params)[path]), 0.5))
+  assert np.count_nonzero(masked["Dense_0"]["bias"]) == np.count_nonzero(params["Dense_0"]["bias"])
+  pruned = optax.apply_updates(params, updates)
+  assert all(np.count_nonzero(w) == w.size // 2 for w in _kernels(pruned).values())
 
 
 def test_erk_allocation_ramps_each_leaf_to_its_erk_target():
@@ -156,3 +225,8 @@ def test_missing_params_and_missing_state_give_clear_errors():
     sparsejax.masked_params(params, optax.sgd(0.1).init(params))
   with pytest.raises(ValueError, match="unknown allocation"):
     sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.5), allocation="erk2")
+  with pytest.raises(ValueError, match="needs key"):
+    sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.5), score="random")
+  typo = sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.5), allocation={"Dense_9": 0.1})
+  with pytest.raises(ValueError, match=r"\['Dense_9'\] match no prunable leaf"):
+    typo.wrap(optax.sgd(0.1)).init(params)

@@ -161,3 +161,12 @@ def test_sparsity_report_str_lists_every_leaf_and_the_overall_line():
   assert lines[1].split() == ["encoder/layer_0/kernel", "4", "1", "0.7500"]
   assert lines[2].split() == ["head", "2", "1", "0.5000"]
   assert lines[3].split() == ["overall", "6", "2", f"{4 / 6:.4f}"]
+
+
+def test_unpack_masks_runs_under_jit():
+  params, masks = _pack_case()
+  packed = sparsejax.pack_masks(masks)
+  unpacked = jax.jit(sparsejax.unpack_masks)(packed, params)
+  for name in masks:
+    if masks[name] is not None:
+      np.testing.assert_array_equal(np.asarray(unpacked[name]), np.asarray(masks[name]))

@@ -1,5 +1,9 @@
 """Top-k and N:M selection against the numpy references."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +135,42 @@ def test_nm_mask_rejects_axis_not_divisible_by_m():
 def test_nm_mask_rejects_nan_scores():
   with pytest.raises(ValueError, match="NaN"):
     sparsejax.nm_mask(jnp.array([[1.0], [jnp.nan]]), 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32])
+def test_topk_mask_ranks_32_bit_integers_beyond_float32_precision(dtype):
+  low = 0 if dtype == np.uint32 else -2**31
+  scores = np.array([2**24, 2**24 + 1, 2**31 - 2, 2**31 - 1, low, 7], dtype)
+  for sparsity in (0.5, 2 / 3, 5 / 6):
+    got = np.asarray(sparsejax.topk_mask(scores, sparsity))
+    np.testing.assert_array_equal(got, reference.topk_mask(scores, sparsity))
+  np.testing.assert_array_equal(
+      np.asarray(sparsejax.nm_mask(scores[:4].reshape(4, 1), 1, 2)).ravel(), [False, True, False, True])
+
+
+def test_topk_mask_with_x64_enabled_ranks_float64_and_int64_exactly():
+  # jax_enable_x64 is process-wide: check it in a fresh interpreter.
+  script = """
+import jax, jax.numpy as jnp, numpy as np, sparsejax
+from tests import reference
+assert jax.config.read("jax_enable_x64")
+cases = [np.random.default_rng(0).normal(size=(40, 30)),
+         np.array([1e-50, 0.0, 1 + 1e-12, 1.0, -1e-300, 1e-300]),
+         np.array([2**40 + 1, 2**40, -2**62, 3, 2**62], np.int64)]
+for scores in cases:
+  for sparsity in (0.0, 0.5, 0.9, 1.0):
+    want = reference.topk_mask(scores, sparsity)
+    for fn in (sparsejax.topk_mask, jax.jit(sparsejax.topk_mask)):
+      np.testing.assert_array_equal(np.asarray(fn(jnp.asarray(scores), sparsity)), want)
+print("ok")
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_ENABLE_X64="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_topk_mask_rejects_non_scalar_sparsity():
+  with pytest.raises(ValueError, match="must be a scalar"):
+    sparsejax.topk_mask(jnp.ones(4), jnp.array([0.5]))
