@@ -75,10 +75,8 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
     scores.append(s)
   targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
-  if targets is None:
-    masks = selection.topk_masks(scores, ramp(sparsity))
-  else:
-    masks = [selection.topk_mask(s, ramp(t)) for s, t in zip(scores, targets)]
+  current = ramp(sparsity) if targets is None else [ramp(t) for t in targets]
+  masks = selection.topk_masks(scores, current)
   return assemble_masks(params, chosen, masks)
 
 

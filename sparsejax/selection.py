@@ -98,112 +98,190 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
 
 
 def keep_count(size: int, sparsity) -> jax.Array | int:
-  """Returns round((1 - sparsity) * size), exact for Python numbers.
+  """Returns round((1 - sparsity) * size), rounding half to even.
 
-  A traced sparsity is a float32 (float64 under jax_enable_x64): k is
-  computed in that precision, from that value. float32 cannot hold every
-  count above 2**24, so there k may differ from the exact value by about
-  size * 2**-24 (a few entries for a leaf of 100M weights).
+  A Python number gives a Python int (Python's own arithmetic). A traced
+  float32 sparsity gives the exact value for that float32 number, computed
+  with integer arithmetic (float32 itself cannot count past 2**24); a traced
+  float64 one (under jax_enable_x64) is computed in float64.
 
-  >>> keep_count(10, 0.85), int(keep_count(10, jnp.float32(0.85)))
+  >>> keep_count(10, 0.85), int(keep_count(10, jnp.float32(0.85)))  # 0.85 vs 0.8500000238
   (2, 1)
   """
   if isinstance(sparsity, numbers.Real):
     return int(round((1.0 - float(sparsity)) * size))
-  dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
-  s = jnp.clip(jnp.asarray(sparsity, dtype), 0.0, 1.0)
-  return jnp.round((1.0 - s) * size).astype(jnp.int32)
+  s = jnp.asarray(sparsity)
+  if s.dtype == jnp.float64:
+    return jnp.round((1.0 - jnp.clip(s, 0.0, 1.0)) * size).astype(jnp.int32)
+  return _exact_keep_count(size, jnp.clip(s.astype(jnp.float32), 0.0, 1.0))
 
 
-def _kth_largest_key(keys: Sequence[jax.Array], k) -> tuple[jax.Array, jax.Array]:
-  """The k-th largest key T (k >= 1) and count(keys >= T).
+def _exact_keep_count(size: int, s: jax.Array) -> jax.Array:
+  """round_half_even((1 - s) * size) for a float32 s in [0, 1], exactly.
 
-  T is the largest value with count(keys >= T) >= k, built bit by bit from
-  the most significant one: a bit is set when enough keys are still at or
-  above the candidate.
+  s = M * 2**-F with M < 2**24, so (1 - s) * size = size - P / 2**F with
+  P = M * size < 2**55, held as two uint32 words (hi, lo). With q = P >> F
+  and the remainder r, the result is size - q when r < 2**(F-1), size - q - 1
+  when r > 2**(F-1), and the even of the two on a tie.
   """
+  u32 = jnp.uint32
+  bits = jax.lax.bitcast_convert_type(s, u32)
+  exponent = (bits >> 23) & u32(0xFF)
+  mantissa = jnp.where(exponent == 0, bits & u32(0x7FFFFF), (bits & u32(0x7FFFFF)) | u32(0x800000))
+  shift = jnp.where(exponent == 0, 149, 150 - exponent.astype(jnp.int32))  # F, in [23, 149]
+  m1, m0 = mantissa >> 16, mantissa & u32(0xFFFF)
+  n1, n0 = u32(size >> 16), u32(size & 0xFFFF)
+  low_product = m0 * n0
+  middle = m1 * n0 + m0 * n1  # < 2**32
+  lo = low_product + (middle << 16)
+  hi = m1 * n1 + (middle >> 16) + (lo < low_product).astype(u32)
 
-  key_type = keys[0].dtype
-  bits = 8 * key_type.itemsize
+  def shr(x, n):  # logical shift by a traced amount; 0 when n >= 32
+    return jnp.where(n >= 32, u32(0), x >> jnp.clip(n, 0, 31).astype(u32))
 
-  def body(i, carry):
+  def shl(x, n):
+    return jnp.where(n >= 32, u32(0), x << jnp.clip(n, 0, 31).astype(u32))
+
+  def low_bits(x, n):  # x mod 2**n
+    return jnp.where(n >= 32, x, x & (shl(u32(1), n) - u32(1)))
+
+  # q = P >> F (q <= size < 2**31, so one word); r = P mod 2**F as (r_hi, r_lo).
+  q = jnp.where(shift >= 32, shr(hi, shift - 32), shl(hi, 32 - shift) | shr(lo, shift))
+  r_hi = jnp.where(shift >= 32, low_bits(hi, shift - 32), u32(0))
+  r_lo = jnp.where(shift >= 32, lo, low_bits(lo, shift))
+  # half = 2**(F-1) as (h_hi, h_lo).
+  h_hi = jnp.where(shift >= 33, shl(u32(1), shift - 33), u32(0))
+  h_lo = jnp.where(shift >= 33, u32(0), shl(u32(1), shift - 1))
+  above = (r_hi > h_hi) | ((r_hi == h_hi) & (r_lo > h_lo))
+  tie = (r_hi == h_hi) & (r_lo == h_lo)
+  big = shift >= 56  # P < 2**55 <= half: r < 1/2 and q = 0
+  q = jnp.where(big, u32(0), q).astype(jnp.int32)
+  down = jnp.where(big, False, above | (tie & ((size - q) % 2 == 1)))
+  return jnp.int32(size) - q - down.astype(jnp.int32)
+
+
+def _segment_sums(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segments: int) -> jax.Array:
+  return jnp.stack([sum((c for c, s in zip(per_leaf, segment_of) if s == j), jnp.int32(0))
+                    for j in range(segments)])
+
+
+def _select(keys: Sequence[jax.Array], segment_of: Sequence[int], k: jax.Array) -> list[jax.Array]:
+  """Top-k masks of several key arrays grouped in segments, in one pass each.
+
+  Each segment (a set of arrays, in order) keeps its k[j] largest keys with
+  one threshold, ties going to the lower position in the segment's
+  concatenation. Every segment advances together through the same loops,
+  so a model with hundreds of leaves costs as many loop steps as one leaf.
+  """
+  segments = len(k)
+  key_type = jnp.uint64 if any(key.dtype == jnp.uint64 for key in keys) else jnp.uint32
+  keys = [key.astype(key_type) for key in keys]
+  bits = 8 * jnp.dtype(key_type).itemsize
+  sizes = [sum(key.size for key, s in zip(keys, segment_of) if s == j) for j in range(segments)]
+  k_min1 = jnp.maximum(k, 1)
+
+  def threshold_step(i, carry):
     prefix, at_or_above = carry
     candidate = prefix | (jnp.ones((), key_type) << jnp.asarray(bits - 1 - i, key_type))
-    count = sum(count_true(key >= candidate) for key in keys)
-    take = count >= k
-    return jnp.where(take, candidate, prefix), jnp.where(take, count, at_or_above)
+    counts = _segment_sums([count_true(key >= candidate[s]) for key, s in zip(keys, segment_of)],
+                           segment_of, segments)
+    take = counts >= k_min1
+    return jnp.where(take, candidate, prefix), jnp.where(take, counts, at_or_above)
 
-  total = jnp.int32(sum(key.size for key in keys))
-  return jax.lax.fori_loop(0, bits, body, (jnp.zeros((), key_type), total))
+  # The k-th largest key T of each segment: the largest value with
+  # count(keys >= T) >= k, built bit by bit from the most significant one.
+  threshold, at_or_above = jax.lax.fori_loop(
+      0, bits, threshold_step,
+      (jnp.zeros(segments, key_type), jnp.asarray(sizes, jnp.int32)))
 
+  def positions():  # each entry's position in its segment; built where used so it stays fused
+    out, offsets = [], [0] * segments
+    for key, s in zip(keys, segment_of):
+      out.append(offsets[s] + jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape))
+      offsets[s] += key.size
+    return out
 
-def _flat_indices(keys: Sequence[jax.Array]) -> list[jax.Array]:
-  out, offset = [], 0
-  for key in keys:
-    out.append(offset + jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape))
-    offset += key.size
-  return out
+  def tie_cutoffs():
+    # Ties at T straddle the cut: keep the first `need` of them by position,
+    # finding the cutoff position by bisection.
+    above = _segment_sums([count_true(key > threshold[s]) for key, s in zip(keys, segment_of)],
+                          segment_of, segments)
+    need = k_min1 - above
+    indices = positions()
 
+    def cutoff_step(_, bounds):
+      lo, hi = bounds
+      mid = lo + (hi - lo) // 2
+      counts = _segment_sums(
+          [count_true((key == threshold[s]) & (index < mid[s]))
+           for key, index, s in zip(keys, indices, segment_of)], segment_of, segments)
+      enough = counts >= need
+      return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-def _tie_cutoff(keys, threshold, need) -> jax.Array:
-  """Smallest flat index I with count(key == T and index < I) >= need."""
-  indices = _flat_indices(keys)
-  total = sum(key.size for key in keys)
-  steps = max(1, int(np.ceil(np.log2(total + 1))))
+    steps = max(1, int(np.ceil(np.log2(max(sizes) + 1))))
+    lo, _ = jax.lax.fori_loop(0, steps, cutoff_step,
+                              (jnp.zeros(segments, jnp.int32), jnp.asarray(sizes, jnp.int32)))
+    return jnp.where(at_or_above == k_min1, jnp.asarray(sizes, jnp.int32), lo)
 
-  def body(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    count = sum(
-        count_true((key == threshold) & (index < mid))
-        for key, index in zip(keys, indices)
-    )
-    enough = count >= need
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-  lo, _ = jax.lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.int32(total)))
-  return lo
+  cutoff = jax.lax.cond(jnp.all(at_or_above == k_min1),
+                        lambda: jnp.asarray(sizes, jnp.int32), tie_cutoffs)
+  return [((key > threshold[s]) | ((key == threshold[s]) & (index < cutoff[s]))) & (k[s] > 0)
+          for key, index, s in zip(keys, positions(), segment_of)]
 
 
 def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
-  """Top-k over several arrays at once, as if they were concatenated.
+  """Top-k masks of several arrays, with one shared or one per-array sparsity.
 
-  Keeps exactly round((1 - sparsity) * total_size) entries with one threshold
-  across all arrays (global magnitude pruning); ties go to the lower position
-  in the concatenation order.
+  - `sparsity` a scalar: one threshold across all arrays, as if they were
+    concatenated (global magnitude pruning); exactly
+    round((1 - sparsity) * total_size) entries are kept, ties going to the
+    lower position in the concatenation.
+  - `sparsity` a list or tuple (one per array): each array keeps its own
+    round((1 - s_i) * size_i) entries (layerwise pruning), all arrays
+    selected together in one loop.
+
+  >>> [m.tolist() for m in topk_masks([jnp.array([1., 5.]), jnp.array([4., 2.])], 0.5)]
+  [[False, True], [True, False]]
+  >>> [m.tolist() for m in topk_masks([jnp.array([1., 5.]), jnp.array([4., 2.])], [0.5, 0.0])]
+  [[False, True], [True, True]]
 
   Args:
-    scores: arrays of scores (any float or integer dtype, any shapes).
-    sparsity: fraction pruned, in [0, 1]; may be a traced scalar.
+    scores: arrays of scores (any float, integer or bool dtype, any shapes).
+    sparsity: fraction pruned in [0, 1], or a sequence of them; traced
+      values are allowed.
 
   Returns:
     A list of boolean masks, one per input, same shapes.
+
+  Raises:
+    ValueError: for a concrete sparsity outside [0, 1], NaN in concrete
+      scores, a sparsity list of the wrong length, or more than 2**31 - 1
+      entries in one selection.
   """
-  check_sparsity(sparsity)
   scores = [jnp.asarray(s) for s in scores]
+  per_array = isinstance(sparsity, (list, tuple))
+  sparsities = list(sparsity) if per_array else [sparsity]
+  if per_array and len(sparsities) != len(scores):
+    raise ValueError(f"{len(sparsities)} sparsities for {len(scores)} score arrays.")
+  for i, value in enumerate(sparsities):
+    check_sparsity(value, f"sparsity[{i}]" if per_array else "sparsity")
   for i, s in enumerate(scores):
     check_no_nan(s, f"scores[{i}]")
-  total = sum(s.size for s in scores)
-  if total == 0:
+  if per_array:
+    segment_of = list(range(len(scores)))
+    sizes = [s.size for s in scores]
+    keys = [sortable_keys(s) for s in scores]
+  else:
+    segment_of = [0] * len(scores)
+    sizes = [sum(s.size for s in scores)]
+    common = jnp.result_type(*scores) if scores else jnp.float32  # one order across arrays
+    keys = [sortable_keys(s.astype(common)) for s in scores]
+  if max(sizes, default=0) > _MAX_ENTRIES:
+    raise ValueError(f"top-k over {max(sizes)} entries: at most {_MAX_ENTRIES} are supported.")
+  if sum(sizes) == 0:
     return [jnp.zeros(s.shape, bool) for s in scores]
-  if total > _MAX_ENTRIES:
-    raise ValueError(f"top-k over {total} entries: at most {_MAX_ENTRIES} are supported.")
-  k = keep_count(total, sparsity)
-  common = jnp.result_type(*scores)  # one key order across arrays
-  keys = [sortable_keys(s.astype(common)) for s in scores]
-  k_at_least_one = jnp.maximum(k, 1)
-  threshold, n_at_or_above = _kth_largest_key(keys, k_at_least_one)
-  cutoff = jax.lax.cond(
-      n_at_or_above == k_at_least_one,
-      lambda: jnp.int32(total),
-      lambda: _tie_cutoff(keys, threshold, k_at_least_one - sum(
-          count_true(key > threshold) for key in keys)),
-  )
-  masks = []
-  for key, index in zip(keys, _flat_indices(keys)):
-    keep = (key > threshold) | ((key == threshold) & (index < cutoff))
-    masks.append(keep & (k > 0))
-  return masks
+  k = jnp.stack([jnp.asarray(keep_count(n, value), jnp.int32) for n, value in zip(sizes, sparsities)])
+  return _select(keys, segment_of, k)
 
 
 def topk_mask(scores: jax.Array, sparsity) -> jax.Array:

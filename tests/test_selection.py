@@ -1,5 +1,6 @@
 """Top-k and N:M selection against the numpy references."""
 
+import fractions
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import sparsejax
+from sparsejax import selection
 from tests import reference
 
 
@@ -174,3 +176,39 @@ print("ok")
 def test_topk_mask_rejects_non_scalar_sparsity():
   with pytest.raises(ValueError, match="must be a scalar"):
     sparsejax.topk_mask(jnp.ones(4), jnp.array([0.5]))
+
+
+SIZES_BEYOND_FLOAT32 = [1, 6, 7, 10, 2**24 - 1, 2**24 + 1, 37_711_283, 205_852_672, 2**31 - 1]
+TRACED_SPARSITIES = [0.0, 1.0, 0.5, 0.75, 0.85, 0.9, 0.2, 0.3, 1e-45, 2**-30, 0.999999, 0.123456]
+
+
+@pytest.mark.parametrize("size", SIZES_BEYOND_FLOAT32)
+def test_keep_count_of_traced_float32_sparsity_is_exact(size):
+  values = np.array(TRACED_SPARSITIES, np.float32)
+  got = np.asarray(jax.jit(jax.vmap(lambda s: selection.keep_count(size, s)))(values))
+  # Exact rational arithmetic; Python's round() halves to even like the library.
+  want = [round((1 - fractions.Fraction(float(s))) * size) for s in values]
+  np.testing.assert_array_equal(got, want)
+
+
+def test_jitted_topk_mask_on_a_leaf_beyond_2_pow_24_keeps_the_exact_count():
+  size = 2**24 + 5
+  scores = jax.random.normal(jax.random.key(0), (size,))
+  sparsity = np.float32(0.3)
+  kept = int(jax.jit(lambda s, p: sparsejax.topk_mask(s, p).sum())(scores, sparsity))
+  assert kept == round((1 - fractions.Fraction(float(sparsity))) * size)
+
+
+@pytest.mark.parametrize("kind", ["normal", "all_equal"])
+def test_topk_masks_with_per_array_sparsities_match_per_array_reference(kind):
+  scores = [_scores(kind, (20, 10), 3), _scores(kind, (7,), 4), _scores(kind, (0, 3), 5),
+            _scores(kind, (5, 3, 2), 6)]
+  sparsities = [0.5, 0.0, 0.7, 1.0]
+  for fn in (sparsejax.topk_masks, jax.jit(sparsejax.topk_masks)):
+    for got, s, sp in zip(fn(scores, sparsities), scores, sparsities):
+      np.testing.assert_array_equal(np.asarray(got), reference.topk_mask(s, float(np.float32(sp))))
+
+
+def test_topk_masks_rejects_sparsity_list_of_wrong_length():
+  with pytest.raises(ValueError, match="2 sparsities for 3 score arrays"):
+    sparsejax.topk_masks([jnp.ones(2)] * 3, [0.5, 0.5])
