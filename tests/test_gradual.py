@@ -29,6 +29,25 @@ def _make_step(tx):
   return step
 
 
+def _train(tx, steps):
+  """Yields (t, params before step t, params after it, opt_state after it)."""
+  params = models.linen_params()
+  opt_state = tx.init(params)
+  step = _make_step(tx)
+  x, y = models.batch()
+  for t in range(steps):
+    new_params, opt_state = step(params, opt_state, x, y)
+    yield t, params, new_params, opt_state
+    params = new_params
+
+
+def _final(tx, steps):
+  """(params, opt_state) after `steps` steps."""
+  for _, _, params, opt_state in _train(tx, steps):
+    pass
+  return params, opt_state
+
+
 def _kernels(params):
   return {leaf.path: np.asarray(leaf.value)
           for leaf in sparsejax.trees.named_leaves(params) if leaf.path in KERNELS}
@@ -37,13 +56,8 @@ def _kernels(params):
 def test_gradual_pruning_follows_polynomial_schedule_and_keeps_pruned_weights_zero():
   schedule = sparsejax.PolynomialSchedule(0.0, 0.9, begin_step=5, end_step=45, update_frequency=10)
   tx = sparsejax.GradualMagnitudePruning(schedule).wrap(optax.adam(1e-2))
-  params = models.linen_params()
-  opt_state = tx.init(params)
-  step = _make_step(tx)
-  x, y = models.batch()
-  for t in range(60):
-    before = _kernels(params)
-    params, opt_state = step(params, opt_state, x, y)
+  for t, before, params, opt_state in _train(tx, 60):
+    before = _kernels(before)
     s_t = reference.polynomial_sparsity(t, 0.0, 0.9, 5, 45, 10)
     masks = {l.path: np.asarray(l.value) for l in sparsejax.trees.named_leaves(opt_state.masks)}
     after = _kernels(params)
@@ -84,13 +98,8 @@ def test_pruned_gradients_are_masked_before_the_inner_optimizer():
 def test_global_gradual_masks_match_reference_at_every_update_step():
   schedule = sparsejax.PolynomialSchedule(0.0, 0.8, begin_step=0, end_step=20, update_frequency=5)
   tx = sparsejax.GradualMagnitudePruning(schedule, allocation="global").wrap(optax.adam(1e-2))
-  params = models.linen_params()
-  opt_state = tx.init(params)
-  step = _make_step(tx)
-  x, y = models.batch()
-  for t in range(21):
-    before = [np.abs(w) for w in _kernels(params).values()]  # jax.tree leaf order
-    params, opt_state = step(params, opt_state, x, y)
+  for t, before, params, opt_state in _train(tx, 21):
+    before = [np.abs(w) for w in _kernels(before).values()]  # jax.tree leaf order
     if t % 5 == 0:
       s_t = float(np.float32(reference.polynomial_sparsity(t, 0.0, 0.8, 0, 20, 5)))
       masks = list(_kernels(opt_state.masks).values())
@@ -104,12 +113,7 @@ def test_custom_allocation_ramps_each_matched_leaf_to_its_own_target():
   schedule = sparsejax.PolynomialSchedule(0.0, 0.8, begin_step=0, end_step=10, update_frequency=5)
   pruner = sparsejax.GradualMagnitudePruning(schedule, allocation={"Dense_2": 0.5})
   tx = pruner.wrap(optax.sgd(0.1))
-  params = models.linen_params()
-  opt_state = tx.init(params)
-  step = _make_step(tx)
-  x, y = models.batch()
-  for t in range(11):
-    params, opt_state = step(params, opt_state, x, y)
+  for t, _, params, opt_state in _train(tx, 11):
     if t == 5:  # half way: s = target * (1 - (1 - 0.5)**3)
       report = sparsejax.sparsity_report(opt_state.masks)
       assert report.leaves["Dense_2/kernel"].kept == round((1 - 0.5 * 0.875) * 64)
@@ -123,13 +127,8 @@ def test_random_score_masks_are_nested_and_match_the_zeroed_weights():
   schedule = sparsejax.PolynomialSchedule(0.0, 0.9, begin_step=0, end_step=12, update_frequency=2)
   tx = sparsejax.GradualMagnitudePruning(schedule, score="random", key=jax.random.key(7)).wrap(
       optax.sgd(0.1))
-  params = models.linen_params()
-  opt_state = tx.init(params)
-  step = _make_step(tx)
-  x, y = models.batch()
   previous = None
-  for _ in range(14):
-    params, opt_state = step(params, opt_state, x, y)
+  for _, _, params, opt_state in _train(tx, 14):
     masks = _kernels(opt_state.masks)
     for path, w in _kernels(params).items():
       np.testing.assert_array_equal(w != 0, masks[path])  # what the masks say is what is zero
@@ -141,12 +140,7 @@ def test_random_score_masks_are_nested_and_match_the_zeroed_weights():
 def test_wrapping_a_chain_with_weight_decay_keeps_pruned_weights_zero():
   inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1))
   tx = sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.6)).wrap(inner)
-  params = models.linen_params()
-  opt_state = tx.init(params)
-  step = _make_step(tx)
-  x, y = models.batch()
-  for _ in range(3):
-    params, opt_state = step(params, opt_state, x, y)
+  params, _ = _final(tx, 3)
   for path, w in _kernels(params).items():
     assert np.count_nonzero(w) == round(0.4 * w.size), path
 
@@ -169,12 +163,7 @@ def test_masked_params_inside_multi_transform():
 def test_erk_allocation_ramps_each_leaf_to_its_erk_target():
   schedule = sparsejax.PolynomialSchedule(0.0, 0.8, begin_step=0, end_step=10, update_frequency=5)
   tx = sparsejax.GradualMagnitudePruning(schedule, allocation="erk").wrap(optax.sgd(0.1))
-  params = models.linen_params()
-  opt_state = tx.init(params)
-  step = _make_step(tx)
-  x, y = models.batch()
-  for _ in range(11):
-    params, opt_state = step(params, opt_state, x, y)
+  _, opt_state = _final(tx, 11)
   shapes = [(20, 32), (32, 16), (16, 4)]
   densities = reference.erk_densities(0.8, shapes)
   report = sparsejax.sparsity_report(opt_state.masks)
