@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import scores as scores_lib
@@ -42,7 +41,7 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
     leaf_filter: (path, leaf) -> bool choosing prunable leaves; default:
       arrays with ndim >= 2.
     key: PRNG key, required by random scores; folded with each leaf's index.
-    previous_masks: masks from an earlier call; entries they pruned score
+    previous_masks: masks from an earlier call; entries they pruned rank
       below every other entry, so a growing sparsity never revives a weight.
     ramp: maps each leaf's allocated sparsity (for 'global', the total) to
       the sparsity used now, e.g. `lambda s: schedule.with_final(s)(step)`;
@@ -68,22 +67,14 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   scores = []
   for i in chosen:
     leaf_key = None if key is None else jax.random.fold_in(key, i)
-    s = score_fn(leaves[i].value, leaf_key)
-    selection.check_no_nan(s, leaves[i].path)
-    if previous is not None and previous[i] is not None:
-      s = jnp.where(previous[i], s, _lowest(s.dtype))
-    scores.append(s)
+    scores.append(score_fn(leaves[i].value, leaf_key))
+    selection.check_no_nan(scores[-1], leaves[i].path)
   targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
   current = ramp(sparsity) if targets is None else [ramp(t) for t in targets]
-  masks = selection.topk_masks(scores, current)
+  masks = selection.topk_masks(scores, current,
+                               candidates=None if previous is None else [previous[i] for i in chosen])
   return assemble_masks(params, chosen, masks)
-
-
-def _lowest(dtype) -> Any:
-  if jnp.issubdtype(dtype, jnp.floating):
-    return jnp.array(-jnp.inf, dtype)
-  return jnp.array(jnp.iinfo(dtype).min, dtype)
 
 
 def assemble_masks(params: PyTree, chosen: Sequence[int], masks: Sequence[jax.Array]) -> PyTree:

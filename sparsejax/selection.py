@@ -52,10 +52,20 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
     return x.astype(key_type)
   if not wide and dtype != jnp.float32:
     x = x.astype(jnp.float32)  # exact for bf16, f16, bool and small integers
-  x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
   bits = jax.lax.bitcast_convert_type(x, key_type)
+  # -0.0 -> +0.0, tested on the bits: `x == 0` would also match subnormals,
+  # which XLA:CPU flushes to zero in comparisons.
+  bits = jnp.where((bits & ~sign) == 0, np.array(0, key_type), bits)
   keys = jnp.where(bits >= sign, ~bits, bits | sign)
   return jnp.where(jnp.isnan(x), np.array(_NAN_KEY, key_type), keys)
+
+
+def _key_family(dtype) -> str:
+  """Scores whose keys can be compared with each other share a family."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize >= 4:
+    return f"{'u' if jnp.issubdtype(dtype, jnp.unsignedinteger) else ''}int{8 * dtype.itemsize}"
+  return "float64" if dtype.itemsize == 8 else "float32"
 
 
 def count_true(pred: jax.Array) -> jax.Array:
@@ -91,29 +101,45 @@ def check_sparsity(sparsity, name: str = "sparsity") -> None:
 
 
 def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
-  """Raises ValueError naming `name` if concrete `scores` contain NaN."""
-  if _is_concrete(scores) and jnp.issubdtype(jnp.asarray(scores).dtype, jnp.floating):
-    if bool(jnp.isnan(scores).any()):
-      raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
+  """Raises ValueError naming `name` if concrete `scores` contain NaN.
+
+  Inside a trace (jit, vmap, ...) values are unknown and nothing is checked.
+  """
+  if not jnp.issubdtype(jnp.result_type(scores), jnp.floating):
+    return
+  has_nan = jnp.isnan(scores).any()
+  if not isinstance(has_nan, jax.core.Tracer) and bool(has_nan):
+    raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
 
 
 def keep_count(size: int, sparsity) -> jax.Array | int:
   """Returns round((1 - sparsity) * size), rounding half to even.
 
-  A Python number gives a Python int (Python's own arithmetic). A traced
-  float32 sparsity gives the exact value for that float32 number, computed
-  with integer arithmetic (float32 itself cannot count past 2**24); a traced
-  float64 one (under jax_enable_x64) is computed in float64.
+  A Python float gives a Python int by Python's float arithmetic (so 0.15
+  behaves as the decimal 0.15 usually does). A float32 sparsity, numpy or
+  jax, concrete or traced, gives the exact value for that float32 number,
+  computed with integer arithmetic (float32 itself cannot count past 2**24);
+  a traced float64 one (under jax_enable_x64) is computed in float64. A
+  traced NaN (it cannot be checked) prunes nothing.
 
   >>> keep_count(10, 0.85), int(keep_count(10, jnp.float32(0.85)))  # 0.85 vs 0.8500000238
   (2, 1)
   """
-  if isinstance(sparsity, numbers.Real):
+  if _is_python_number(sparsity):
     return int(round((1.0 - float(sparsity)) * size))
   s = jnp.asarray(sparsity)
+  s = jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0)  # a traced NaN prunes nothing
   if s.dtype == jnp.float64:
-    return jnp.round((1.0 - jnp.clip(s, 0.0, 1.0)) * size).astype(jnp.int32)
-  return _exact_keep_count(size, jnp.clip(s.astype(jnp.float32), 0.0, 1.0))
+    return jnp.round((1.0 - s) * size).astype(jnp.int32)
+  return _exact_keep_count(size, s.astype(jnp.float32))
+
+
+def _is_python_number(x) -> bool:
+  """Python and numpy 64-bit numbers take Python's arithmetic; float32 values
+  (numpy or jax, concrete or traced) take the exact float32 path."""
+  if isinstance(x, np.generic):
+    return not (jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize <= 4)
+  return isinstance(x, numbers.Real)
 
 
 def _exact_keep_count(size: int, s: jax.Array) -> jax.Array:
@@ -221,15 +247,17 @@ def _select(keys: Sequence[jax.Array], segment_of: Sequence[int], k: jax.Array) 
     steps = max(1, int(np.ceil(np.log2(max(sizes) + 1))))
     lo, _ = jax.lax.fori_loop(0, steps, cutoff_step,
                               (jnp.zeros(segments, jnp.int32), jnp.asarray(sizes, jnp.int32)))
-    return jnp.where(at_or_above == k_min1, jnp.asarray(sizes, jnp.int32), lo)
+    return jnp.where(settled, jnp.asarray(sizes, jnp.int32), lo)
 
-  cutoff = jax.lax.cond(jnp.all(at_or_above == k_min1),
+  settled = (at_or_above == k_min1) | (k == 0)  # no ties straddle the cut
+  cutoff = jax.lax.cond(jnp.all(settled),
                         lambda: jnp.asarray(sizes, jnp.int32), tie_cutoffs)
   return [((key > threshold[s]) | ((key == threshold[s]) & (index < cutoff[s]))) & (k[s] > 0)
           for key, index, s in zip(keys, positions(), segment_of)]
 
 
-def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
+def topk_masks(scores: Sequence[jax.Array], sparsity,
+               candidates: Sequence[jax.Array | None] | None = None) -> list[jax.Array]:
   """Top-k masks of several arrays, with one shared or one per-array sparsity.
 
   - `sparsity` a scalar: one threshold across all arrays, as if they were
@@ -247,16 +275,22 @@ def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
 
   Args:
     scores: arrays of scores (any float, integer or bool dtype, any shapes).
+      A global selection needs scores that compare: all floats (and bool and
+      small integers, ranked as float32), or all of one 32/64-bit integer
+      dtype.
     sparsity: fraction pruned in [0, 1], or a sequence of them; traced
       values are allowed.
+    candidates: optional bool arrays (or None) like `scores`: entries where
+      a candidate array is False rank below every other entry, whatever
+      their score (used to never revive weights pruned earlier).
 
   Returns:
     A list of boolean masks, one per input, same shapes.
 
   Raises:
     ValueError: for a concrete sparsity outside [0, 1], NaN in concrete
-      scores, a sparsity list of the wrong length, or more than 2**31 - 1
-      entries in one selection.
+      scores, a sparsity list of the wrong length, scores that do not compare
+      in a global selection, or more than 2**31 - 1 entries in one selection.
   """
   scores = [jnp.asarray(s) for s in scores]
   per_array = isinstance(sparsity, (list, tuple))
@@ -270,12 +304,23 @@ def topk_masks(scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
   if per_array:
     segment_of = list(range(len(scores)))
     sizes = [s.size for s in scores]
-    keys = [sortable_keys(s) for s in scores]
   else:
+    families = sorted({_key_family(s.dtype) for s in scores})
+    if len(families) > 1:
+      raise ValueError(
+          f"a global top-k compares scores across arrays, but {families} scores do not "
+          f"compare exactly (dtypes {sorted({str(s.dtype) for s in scores})}): cast them to one.")
     segment_of = [0] * len(scores)
     sizes = [sum(s.size for s in scores)]
-    common = jnp.result_type(*scores) if scores else jnp.float32  # one order across arrays
-    keys = [sortable_keys(s.astype(common)) for s in scores]
+  keys = [sortable_keys(s) for s in scores]
+  if candidates is not None:
+    if len(candidates) != len(scores):
+      raise ValueError(f"{len(candidates)} candidate arrays for {len(scores)} score arrays.")
+    # Key 0 is below every live key; no float has it and an integer minimum
+    # is merged with the value above it.
+    keys = [key if c is None else jnp.where(c, jnp.maximum(key, np.array(1, key.dtype)),
+                                            np.array(0, key.dtype))
+            for key, c in zip(keys, candidates)]
   if max(sizes, default=0) > _MAX_ENTRIES:
     raise ValueError(f"top-k over {max(sizes)} entries: at most {_MAX_ENTRIES} are supported.")
   if sum(sizes) == 0:

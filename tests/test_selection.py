@@ -212,3 +212,58 @@ def test_topk_masks_with_per_array_sparsities_match_per_array_reference(kind):
 def test_topk_masks_rejects_sparsity_list_of_wrong_length():
   with pytest.raises(ValueError, match="2 sparsities for 3 score arrays"):
     sparsejax.topk_masks([jnp.ones(2)] * 3, [0.5, 0.5])
+
+
+def test_topk_mask_ranks_subnormals_by_value_not_as_zero():
+  # XLA:CPU flushes subnormals to zero in comparisons; keys must not.
+  scores = np.array([-1e-45, 1e-45, 0.0, -1e-40, 1e-40, -0.0], np.float32)
+  for sparsity in (0.5, 2 / 3, 5 / 6):
+    np.testing.assert_array_equal(np.asarray(sparsejax.topk_mask(scores, sparsity)),
+                                  reference.topk_mask(scores, sparsity))
+
+
+def test_topk_mask_of_a_closed_over_array_works_inside_jit():
+  scores = jnp.array([1.0, 3.0, 2.0, 0.0])
+  assert jax.jit(lambda: sparsejax.topk_mask(scores, 0.5))().tolist() == [False, True, True, False]
+  assert jax.jit(lambda: sparsejax.nm_mask(scores.reshape(4, 1), 2, 4))().ravel().tolist() == [
+      False, True, True, False]
+
+
+def test_traced_nan_sparsity_prunes_nothing():
+  assert int(jax.jit(sparsejax.topk_mask)(jnp.arange(1000.0), jnp.nan).sum()) == 1000
+
+
+def test_numpy_float32_sparsity_counts_like_jax_float32():
+  size, sparsity = 2_147_483_643, np.float32(0.3)  # exactly 5033165 / 2**24
+  exact = round((1 - fractions.Fraction(float(sparsity))) * size)
+  assert int(selection.keep_count(size, sparsity)) == exact
+  assert int(jax.jit(lambda s: selection.keep_count(size, s))(sparsity)) == exact
+
+
+@pytest.mark.parametrize("dtypes", [(np.uint32, np.int32), (np.int32, np.float32),
+                                    (np.int32, jnp.bfloat16)])
+def test_global_topk_masks_reject_scores_that_do_not_compare(dtypes):
+  scores = [jnp.ones(3, dtypes[0]), jnp.ones(2, dtypes[1])]
+  with pytest.raises(ValueError, match="do not compare exactly"):
+    sparsejax.topk_masks(scores, 0.5)
+
+
+def test_global_topk_masks_compare_bf16_with_float32():
+  scores = [np.array([1.0, 2.5], np.float32), np.array([2.0, 0.5], np.float32)]
+  got = sparsejax.topk_masks([jnp.asarray(scores[0], jnp.bfloat16), scores[1]], 0.5)
+  for g, want in zip(got, reference.global_topk_masks(scores, 0.5)):
+    np.testing.assert_array_equal(np.asarray(g), want)
+
+
+@pytest.mark.parametrize("values,dtype", [([5.0, -np.inf, -np.inf, 3.0], np.float32),
+                                          ([5, -2**31, -2**31, 3], np.int32),
+                                          ([True, False, True, True], bool)])
+def test_non_candidates_rank_below_every_candidate(values, dtype):
+  scores = np.array(values, dtype)
+  candidates = np.array([False, True, True, True])
+  got = np.asarray(sparsejax.topk_masks([scores], 0.5, candidates=[candidates])[0])
+  # Reference: rank candidates first (by score, then index), then the rest.
+  order = sorted(range(4), key=lambda i: (not candidates[i], -float(scores[i]), i))
+  want = np.zeros(4, bool)
+  want[order[:2]] = True
+  np.testing.assert_array_equal(got, want)
