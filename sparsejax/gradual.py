@@ -128,10 +128,8 @@ class GradualMagnitudePruning:
       allocation_lib.allocate(  # fail at init, not at the first update, on a bad map
           self.allocation, self.schedule.final_sparsity, [leaves[i].path for i in chosen],
           [leaves[i].value.shape for i in chosen])
-      chosen = set(chosen)
-      flat = [jnp.ones(jnp.shape(p), bool) if i in chosen else None
-              for i, p in enumerate(jax.tree.leaves(params))]
-      masks = jax.tree.unflatten(jax.tree.structure(params), flat)
+      dense = [jnp.ones(jnp.shape(leaves[i].value), bool) for i in chosen]
+      masks = pruning.assemble_masks(params, chosen, dense)
       return PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
