@@ -22,7 +22,7 @@ from typing import Mapping, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import selection
+from sparsejax import counts
 
 Allocation = Union[str, Mapping[str, float]]
 ALLOCATIONS = ("uniform", "erk", "global")
@@ -44,7 +44,7 @@ def validate_allocation(allocation: Allocation) -> None:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"custom allocation regex {pattern!r} does not compile: {e}") from e
-    selection.check_sparsity(value, f"sparsity for {pattern!r}")
+    counts.check_sparsity(value, f"sparsity for {pattern!r}")
 
 
 def erk_densities(sparsity, shapes: Sequence[tuple[int, ...]]):
@@ -114,7 +114,7 @@ def allocate(allocation: Allocation, sparsity, paths: Sequence[str],
       custom regex that matches no prunable leaf.
   """
   validate_allocation(allocation)
-  selection.check_sparsity(sparsity)
+  counts.check_sparsity(sparsity)
   if allocation == "global":
     return None
   if allocation == "uniform":

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from sparsejax import allocation as allocation_lib
+from sparsejax import counts
 from sparsejax import scores as scores_lib
 from sparsejax import selection
 from sparsejax import trees
@@ -55,7 +56,7 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
       an unknown score or allocation, or a custom regex matching no leaf.
   """
   score_fn = scores_lib.get_score_fn(score)
-  selection.check_sparsity(sparsity)
+  counts.check_sparsity(sparsity)
   allocation_lib.validate_allocation(allocation)
   ramp = ramp or (lambda s: s)
   leaves = trees.named_leaves(params)

@@ -15,7 +15,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from sparsejax import selection
+from sparsejax import counts
 
 
 def _check_step(value, name: str, minimum: int = 0) -> None:
@@ -34,7 +34,7 @@ class ConstantSchedule:
   sparsity: float
 
   def __post_init__(self):
-    selection.check_sparsity(self.sparsity)
+    counts.check_sparsity(self.sparsity)
 
   @property
   def final_sparsity(self) -> float:
@@ -62,7 +62,7 @@ class OneShotSchedule:
   step: int
 
   def __post_init__(self):
-    selection.check_sparsity(self.sparsity)
+    counts.check_sparsity(self.sparsity)
     _check_step(self.step, "step")
 
   @property
@@ -102,8 +102,8 @@ class PolynomialSchedule:
   power: float = 3.0
 
   def __post_init__(self):
-    selection.check_sparsity(self.initial_sparsity, "initial_sparsity")
-    selection.check_sparsity(self.final_sparsity, "final_sparsity")
+    counts.check_sparsity(self.initial_sparsity, "initial_sparsity")
+    counts.check_sparsity(self.final_sparsity, "final_sparsity")
     _check_step(self.begin_step, "begin_step")
     _check_step(self.end_step, "end_step")
     if self.end_step <= self.begin_step:

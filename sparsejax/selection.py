@@ -24,80 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_NAN_KEY = 1  # below the key of -inf; only NaNs get it
-_COUNT_ROW = 32  # entries summed in uint8 before widening: cheap on every backend
+from sparsejax.counts import check_sparsity
+from sparsejax.counts import keep_count
+from sparsejax.keys import count_true
+from sparsejax.keys import key_family
+from sparsejax.keys import sortable_keys
+
 _MAX_ENTRIES = 2**31 - 1  # counts and flat indices are int32
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def sortable_keys(scores: jax.Array) -> jax.Array:
-  """Maps scores to unsigned integer keys with the same order as the values.
-
-  Floats of up to 32 bits (and bool, and integers of up to 16 bits) become
-  uint32 keys through float32; int32/uint32 keep all their bits; 64-bit
-  dtypes (with jax_enable_x64) get uint64 keys. -0.0 and +0.0 share a key;
-  NaN gets key 1, below every number.
-  """
-  x = jnp.asarray(scores)
-  dtype = x.dtype
-  wide = dtype.itemsize == 8
-  key_type = jnp.uint64 if wide else jnp.uint32
-  sign = np.array(1 << (8 * jnp.dtype(key_type).itemsize - 1), key_type)
-  if jnp.issubdtype(dtype, jnp.signedinteger) and dtype.itemsize >= 4:
-    return jax.lax.bitcast_convert_type(x, key_type) ^ sign
-  if jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize >= 4:
-    return x.astype(key_type)
-  if not wide and dtype != jnp.float32:
-    x = x.astype(jnp.float32)  # exact for bf16, f16, bool and small integers
-  bits = jax.lax.bitcast_convert_type(x, key_type)
-  # -0.0 -> +0.0, tested on the bits: `x == 0` would also match subnormals,
-  # which XLA:CPU flushes to zero in comparisons.
-  bits = jnp.where((bits & ~sign) == 0, np.array(0, key_type), bits)
-  keys = jnp.where(bits >= sign, ~bits, bits | sign)
-  return jnp.where(jnp.isnan(x), np.array(_NAN_KEY, key_type), keys)
-
-
-def _key_family(dtype) -> str:
-  """Scores whose keys can be compared with each other share a family."""
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize >= 4:
-    return f"{'u' if jnp.issubdtype(dtype, jnp.unsignedinteger) else ''}int{8 * dtype.itemsize}"
-  return "float64" if dtype.itemsize == 8 else "float32"
-
-
-def count_true(pred: jax.Array) -> jax.Array:
-  """Counts True entries as int32.
-
-  Rows of 32 are summed in uint8 first: this keeps the count fused with the
-  comparison that produces `pred` (XLA:CPU otherwise materialises an int32
-  copy of the whole array), which makes a counting pass ~10x cheaper there.
-  """
-  flat = pred.reshape(-1)
-  size = flat.shape[0]
-  main = size - size % _COUNT_ROW
-  total = jnp.zeros((), jnp.int32)
-  if main:
-    rows = flat[:main].reshape(-1, _COUNT_ROW).astype(jnp.uint8)
-    total += rows.sum(axis=1, dtype=jnp.uint8).astype(jnp.int32).sum(dtype=jnp.int32)
-  if size - main:
-    total += flat[main:].astype(jnp.int32).sum(dtype=jnp.int32)
-  return total
-
-
-def check_sparsity(sparsity, name: str = "sparsity") -> None:
-  """Raises ValueError if a sparsity is not a scalar, or (when concrete) is
-  outside [0, 1] or NaN."""
-  if np.ndim(sparsity) != 0:
-    raise ValueError(f"{name} must be a scalar, got shape {np.shape(sparsity)}.")
-  if isinstance(sparsity, numbers.Real) or (
-      _is_concrete(sparsity) and np.ndim(sparsity) == 0
-  ):
-    value = float(sparsity)
-    if not 0.0 <= value <= 1.0:  # also False for NaN
-      raise ValueError(f"{name} must be in [0, 1], got {value}.")
 
 
 def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
@@ -110,80 +43,6 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
   has_nan = jnp.isnan(scores).any()
   if not isinstance(has_nan, jax.core.Tracer) and bool(has_nan):
     raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
-
-
-def keep_count(size: int, sparsity) -> jax.Array | int:
-  """Returns round((1 - sparsity) * size), rounding half to even.
-
-  A Python float gives a Python int by Python's float arithmetic (so 0.15
-  behaves as the decimal 0.15 usually does). A float32 sparsity, numpy or
-  jax, concrete or traced, gives the exact value for that float32 number,
-  computed with integer arithmetic (float32 itself cannot count past 2**24);
-  a traced float64 one (under jax_enable_x64) is computed in float64. A
-  traced NaN (it cannot be checked) prunes nothing.
-
-  >>> keep_count(10, 0.85), int(keep_count(10, jnp.float32(0.85)))  # 0.85 vs 0.8500000238
-  (2, 1)
-  """
-  if _is_python_number(sparsity):
-    return int(round((1.0 - float(sparsity)) * size))
-  s = jnp.asarray(sparsity)
-  s = jnp.clip(jnp.where(jnp.isnan(s), 0.0, s), 0.0, 1.0)  # a traced NaN prunes nothing
-  if s.dtype == jnp.float64:
-    return jnp.round((1.0 - s) * size).astype(jnp.int32)
-  return _exact_keep_count(size, s.astype(jnp.float32))
-
-
-def _is_python_number(x) -> bool:
-  """Python and numpy 64-bit numbers take Python's arithmetic; float32 values
-  (numpy or jax, concrete or traced) take the exact float32 path."""
-  if isinstance(x, np.generic):
-    return not (jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize <= 4)
-  return isinstance(x, numbers.Real)
-
-
-def _exact_keep_count(size: int, s: jax.Array) -> jax.Array:
-  """round_half_even((1 - s) * size) for a float32 s in [0, 1], exactly.
-
-  s = M * 2**-F with M < 2**24, so (1 - s) * size = size - P / 2**F with
-  P = M * size < 2**55, held as two uint32 words (hi, lo). With q = P >> F
-  and the remainder r, the result is size - q when r < 2**(F-1), size - q - 1
-  when r > 2**(F-1), and the even of the two on a tie.
-  """
-  u32 = jnp.uint32
-  bits = jax.lax.bitcast_convert_type(s, u32)
-  exponent = (bits >> 23) & u32(0xFF)
-  mantissa = jnp.where(exponent == 0, bits & u32(0x7FFFFF), (bits & u32(0x7FFFFF)) | u32(0x800000))
-  shift = jnp.where(exponent == 0, 149, 150 - exponent.astype(jnp.int32))  # F, in [23, 149]
-  m1, m0 = mantissa >> 16, mantissa & u32(0xFFFF)
-  n1, n0 = u32(size >> 16), u32(size & 0xFFFF)
-  low_product = m0 * n0
-  middle = m1 * n0 + m0 * n1  # < 2**32
-  lo = low_product + (middle << 16)
-  hi = m1 * n1 + (middle >> 16) + (lo < low_product).astype(u32)
-
-  def shr(x, n):  # logical shift by a traced amount; 0 when n >= 32
-    return jnp.where(n >= 32, u32(0), x >> jnp.clip(n, 0, 31).astype(u32))
-
-  def shl(x, n):
-    return jnp.where(n >= 32, u32(0), x << jnp.clip(n, 0, 31).astype(u32))
-
-  def low_bits(x, n):  # x mod 2**n
-    return jnp.where(n >= 32, x, x & (shl(u32(1), n) - u32(1)))
-
-  # q = P >> F (q <= size < 2**31, so one word); r = P mod 2**F as (r_hi, r_lo).
-  q = jnp.where(shift >= 32, shr(hi, shift - 32), shl(hi, 32 - shift) | shr(lo, shift))
-  r_hi = jnp.where(shift >= 32, low_bits(hi, shift - 32), u32(0))
-  r_lo = jnp.where(shift >= 32, lo, low_bits(lo, shift))
-  # half = 2**(F-1) as (h_hi, h_lo).
-  h_hi = jnp.where(shift >= 33, shl(u32(1), shift - 33), u32(0))
-  h_lo = jnp.where(shift >= 33, u32(0), shl(u32(1), shift - 1))
-  above = (r_hi > h_hi) | ((r_hi == h_hi) & (r_lo > h_lo))
-  tie = (r_hi == h_hi) & (r_lo == h_lo)
-  big = shift >= 56  # P < 2**55 <= half: r < 1/2 and q = 0
-  q = jnp.where(big, u32(0), q).astype(jnp.int32)
-  down = jnp.where(big, False, above | (tie & ((size - q) % 2 == 1)))
-  return jnp.int32(size) - q - down.astype(jnp.int32)
 
 
 def _segment_sums(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segments: int) -> jax.Array:
@@ -305,7 +164,7 @@ def topk_masks(scores: Sequence[jax.Array], sparsity,
     segment_of = list(range(len(scores)))
     sizes = [s.size for s in scores]
   else:
-    families = sorted({_key_family(s.dtype) for s in scores})
+    families = sorted({key_family(s.dtype) for s in scores})
     if len(families) > 1:
       raise ValueError(
           f"a global top-k compares scores across arrays, but {families} scores do not "

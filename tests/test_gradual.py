@@ -2,7 +2,6 @@
 polynomial formula and a numpy top-k of the weights it saw."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

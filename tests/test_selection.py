@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import sparsejax
-from sparsejax import selection
+from sparsejax import counts
 from tests import reference
 
 
@@ -185,7 +185,7 @@ TRACED_SPARSITIES = [0.0, 1.0, 0.5, 0.75, 0.85, 0.9, 0.2, 0.3, 1e-45, 2**-30, 0.
 @pytest.mark.parametrize("size", SIZES_BEYOND_FLOAT32)
 def test_keep_count_of_traced_float32_sparsity_is_exact(size):
   values = np.array(TRACED_SPARSITIES, np.float32)
-  got = np.asarray(jax.jit(jax.vmap(lambda s: selection.keep_count(size, s)))(values))
+  got = np.asarray(jax.jit(jax.vmap(lambda s: counts.keep_count(size, s)))(values))
   # Exact rational arithmetic; Python's round() halves to even like the library.
   want = [round((1 - fractions.Fraction(float(s))) * size) for s in values]
   np.testing.assert_array_equal(got, want)
@@ -236,8 +236,8 @@ def test_traced_nan_sparsity_prunes_nothing():
 def test_numpy_float32_sparsity_counts_like_jax_float32():
   size, sparsity = 2_147_483_643, np.float32(0.3)  # exactly 5033165 / 2**24
   exact = round((1 - fractions.Fraction(float(sparsity))) * size)
-  assert int(selection.keep_count(size, sparsity)) == exact
-  assert int(jax.jit(lambda s: selection.keep_count(size, s))(sparsity)) == exact
+  assert int(counts.keep_count(size, sparsity)) == exact
+  assert int(jax.jit(lambda s: counts.keep_count(size, s))(sparsity)) == exact
 
 
 @pytest.mark.parametrize("dtypes", [(np.uint32, np.int32), (np.int32, np.float32),
