@@ -16,11 +16,15 @@ setuptools.setup(
         "optax",
         "orbax-checkpoint",
         "tensorflow-datasets",
+        "array-record",  # TFDS random-access files: datasets load without TensorFlow
+        "importlib-resources",  # TFDS needs it to prepare a locally defined dataset
         "chex",
         "absl-py",
         "ml-collections",
         "numpy",
         "scikit-learn",  # bundled digits: the offline default dataset
+        "tensorboard",  # its event writer needs no TensorFlow
+        "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -1,0 +1,117 @@
+"""From a config to the optimizer: base optax optimizer plus pruning method.
+
+Methods, chosen by `config.pruning.method`:
+  dense:    no pruning.
+  one_shot: magnitude pruning to `sparsity` once, at
+            start_fraction * num_steps, then fine-tuning with the mask fixed.
+  gradual:  Zhu & Gupta polynomial schedule from `initial_sparsity` at
+            start_fraction to `sparsity` at end_fraction of training, masks
+            recomputed every `update_every` steps.
+All pruning methods go through `sparsejax.GradualMagnitudePruning`, so the
+pruned weights are exactly zero in the params after every step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import ml_collections
+import optax
+
+import sparsejax
+
+METHODS = ("dense", "one_shot", "gradual")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _choice(value: str, choices, key: str) -> str:
+  if value not in choices:
+    raise ValueError(f"config.{key}={value!r} is not one of {list(choices)}.")
+  return value
+
+
+def _compile(pattern: str, key: str):
+  try:
+    return re.compile(pattern) if pattern else None
+  except re.error as e:
+    raise ValueError(f"config.{key}={pattern!r} is not a valid regex: {e}") from e
+
+
+def leaf_filter(pruning: ml_collections.ConfigDict) -> Callable[[str, object], bool]:
+  """Prunable leaves: ndim >= 2, path matching `include`, not `exclude`."""
+  include = _compile(pruning.include, "pruning.include")
+  exclude = _compile(pruning.exclude, "pruning.exclude")
+
+  def keep(path: str, leaf) -> bool:
+    if not sparsejax.default_filter(path, leaf):
+      return False
+    if include is not None and not include.search(path):
+      return False
+    return exclude is None or not exclude.search(path)
+
+  return keep
+
+
+def step_at(fraction: float, num_steps: int, key: str) -> int:
+  """round(fraction * num_steps), with fraction checked to lie in [0, 1]."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"config.{key}={fraction!r} must be a fraction of training in [0, 1].")
+  return int(round(fraction * num_steps))
+
+
+def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
+  """The sparsity schedule of `pruning.method`, or None for 'dense'."""
+  method = _choice(pruning.method, METHODS, "pruning.method")
+  if method == "dense":
+    return None
+  for key in ("sparsity", "initial_sparsity"):
+    if not 0.0 <= pruning[key] < 1.0:
+      raise ValueError(f"config.pruning.{key}={pruning[key]!r} must be in [0, 1).")
+  start = step_at(pruning.start_fraction, num_steps, "pruning.start_fraction")
+  if method == "one_shot":
+    return sparsejax.OneShotSchedule(pruning.sparsity, step=start)
+  end = step_at(pruning.end_fraction, num_steps, "pruning.end_fraction")
+  if end <= start:
+    raise ValueError(
+        f"Gradual pruning needs end step > start step; config.pruning.start_fraction="
+        f"{pruning.start_fraction} and end_fraction={pruning.end_fraction} of {num_steps} "
+        f"steps give {start} and {end}.")
+  return sparsejax.PolynomialSchedule(
+      initial_sparsity=pruning.initial_sparsity, final_sparsity=pruning.sparsity,
+      begin_step=start, end_step=end, update_frequency=pruning.update_every,
+      power=pruning.power)
+
+
+def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  kind = _choice(config.lr_schedule, LR_SCHEDULES, "lr_schedule")
+  if kind == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  warmup = min(config.warmup_steps, num_steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, warmup_steps=warmup, decay_steps=num_steps)
+
+
+def base_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  kind = _choice(config.optimizer, OPTIMIZERS, "optimizer")
+  lr = learning_rate(config, num_steps)
+  if kind == "adam":
+    return optax.adam(lr)
+  if kind == "adamw":
+    return optax.adamw(lr, weight_decay=config.weight_decay)
+  tx = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.momentum > 0)
+  if config.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  return tx
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """The full optimizer: base optimizer, wrapped for pruning unless dense."""
+  tx = base_optimizer(config, num_steps)
+  schedule = pruning_schedule(config.pruning, num_steps)
+  if schedule is None:
+    return tx
+  pruner = sparsejax.GradualMagnitudePruning(
+      schedule, allocation=config.pruning.allocation, leaf_filter=leaf_filter(config.pruning))
+  return pruner.wrap(tx)

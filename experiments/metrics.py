@@ -1,0 +1,59 @@
+"""Metrics to the workdir: JSON lines and TensorBoard scalars.
+
+`metrics.jsonl` holds one JSON object per line, {"step": t, "split": ...,
+name: value, ...}, readable with pandas.read_json(lines=True). TensorBoard
+event files (tags "<split>/<name>") are written with TensorBoard's own
+writer, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.summary.writer import event_file_writer
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricWriter:
+  """Appends scalar metrics to `workdir/metrics.jsonl` and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+    self._events = event_file_writer.EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    """Records `scalars` of `split` ('train', 'test', ...) at `step`."""
+    scalars = {name: float(value) for name, value in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+    values = [summary_pb2.Summary.Value(tag=f"{split}/{name}", simple_value=value)
+              for name, value in scalars.items()]
+    self._events.add_event(event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    self._events.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    self._events.close()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
+  """The records of `workdir/metrics.jsonl`, optionally of one split."""
+  with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if split is None or r["split"] == split]

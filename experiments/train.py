@@ -1,0 +1,121 @@
+"""Trains and prunes a model with a config file; writes everything to --workdir.
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=runs/default
+  python -m experiments.train --config=experiments/configs/default.py --workdir=runs/d95 \
+      --config.pruning.sparsity=0.95 --config.pruning.allocation=global
+
+Any config key can be overridden as --config.<key>=<value>; a key the config
+does not have is an error. For a pruning method the binary first trains the
+dense baseline (same config, method 'dense') in <workdir>/dense_baseline,
+unless --config.dense_baseline=False. The workdir gets config.json,
+metrics.jsonl, tensorboard/, final.json (metrics, per-layer sparsity) and
+curves.png; the last line printed compares dense and pruned test accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+import tensorflow_datasets as tfds
+
+from experiments import plots
+from experiments import trainer
+from experiments import workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. experiments/configs/default.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and results.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a run already in --workdir (only the files a run writes).")
+
+BASELINE_DIR = "dense_baseline"
+
+
+def final_line(summary: dict, baseline: dict | None, config: ml_collections.ConfigDict) -> str:
+  """The one-line result: dense and pruned test accuracy, achieved sparsity."""
+  parts = []
+  if baseline is not None:
+    parts.append(f"dense test accuracy {baseline['test']['accuracy']:.4f}")
+  if summary["method"] == "dense":
+    parts.append(f"dense test accuracy {summary['test']['accuracy']:.4f}")
+  else:
+    parts.append(f"pruned test accuracy {summary['test']['accuracy']:.4f}")
+  method = summary["method"]
+  if method != "dense":
+    method += f", {config.pruning.allocation}"
+  parts.append(f"sparsity {summary['sparsity']:.4f} ({method})")
+  return " | ".join(parts)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
+        devices=None) -> dict:
+  """Trains the dense baseline (if asked) and `config`; returns the final summary.
+
+  A workdir that already holds this config's finished run is not retrained:
+  its saved summary is returned. Data and config are checked before anything
+  is written, so a run that cannot start leaves the workdir as it was.
+  """
+  if workdir_lib.check(workdir, config, overwrite) is workdir_lib.Status.FINISHED:
+    print(f"{workdir} already holds this finished run; reporting its saved results.")
+    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+  pruned = trainer.Trainer(config, devices)
+  dense = None
+  if config.pruning.method != "dense" and config.dense_baseline:
+    dense_config = ml_collections.ConfigDict(config.to_dict())
+    dense_config.pruning.method = "dense"
+    dense_config.dense_baseline = False
+    dense = trainer.Trainer(dense_config, devices, data=pruned.data)
+  workdir_lib.start(workdir, config, overwrite)
+  baseline = None
+  if dense is not None:
+    baseline_dir = os.path.join(workdir, BASELINE_DIR)
+    workdir_lib.start(baseline_dir, dense.config)
+    baseline = dense.fit(baseline_dir, label="dense").summary
+    workdir_lib.save_json(baseline_dir, workdir_lib.FINAL_FILE, baseline)
+  summary = pruned.fit(workdir, label=config.pruning.method).summary
+  if baseline is not None:
+    summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
+  plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
+  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # written last: marks the run done
+  return summary
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown --config key."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # raised by ml_collections for unknown keys
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    detail = str(e.args[0] if e.args else e).replace("\n", "; ")
+    sys.exit(f"error: unknown config key among {overrides}: {detail}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
+  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the progress
+  tfds.disable_progress_bar()
+  config = _CONFIG.value
+  print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} device(s); "
+        f"workdir {_WORKDIR.value}")
+  try:
+    summary = run(config, _WORKDIR.value, _OVERWRITE.value)
+  except workdir_lib.WorkdirError as e:
+    sys.exit(f"error: {e}")
+  baseline = summary.get("dense_baseline")
+  print(final_line(summary, baseline, config))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

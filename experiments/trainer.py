@@ -1,0 +1,266 @@
+"""The training loop: a jitted, data-parallel step, eval each epoch, metrics.
+
+Data parallelism uses one `jax.sharding.Mesh` over the chosen devices with a
+'data' axis: the batch is sharded along it and the train state replicated.
+`jit` sees the global batch, so BatchNorm statistics and the loss are those
+of the whole batch, and a run gives the same numbers on 1 or 4 devices.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import sparsejax
+from experiments import input_pipeline
+from experiments import methods
+from experiments import metrics as metrics_lib
+from experiments import models
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes (a pytree).
+
+  Attributes:
+    step: int32 scalar, number of steps taken.
+    params: model parameters; pruned weights are exactly zero.
+    batch_stats: BatchNorm running statistics ({} for models without).
+    opt_state: optimizer state; holds a `sparsejax.PruningState` (masks) for
+      pruning methods.
+    rng: uint32 (2,) raw PRNG key data for dropout, folded with the step.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+class Run(NamedTuple):
+  """What `train_and_evaluate` returns: final state and summary."""
+  state: TrainState
+  summary: dict
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis 'data' over `devices` (default: all local devices)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def check_batch_size(batch_size: int, num_devices: int) -> None:
+  if batch_size % num_devices:
+    raise ValueError(
+        f"config.batch_size={batch_size} is not divisible by the {num_devices} devices "
+        f"the batch is sharded over; use a multiple of {num_devices}.")
+
+
+def _variables(state_params, batch_stats) -> dict:
+  variables = {"params": state_params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return variables
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+               seed: int) -> TrainState:
+  """Initial state from `seed`: params, BatchNorm stats, optimizer, dropout key."""
+  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + image_shape), train=False))(init_key)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=dropout_key)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+  """(state, images, labels) -> (state, {'loss', 'accuracy'}), not yet jitted."""
+
+  def train_step(state: TrainState, images, labels):
+    dropout = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          _variables(params, state.batch_stats), images, train=True,
+          mutable=["batch_stats"], rngs={"dropout": dropout})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    new_state = state._replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state)
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """(state, images, labels, weights) -> summed loss, correct and count."""
+
+  def eval_step(state: TrainState, images, labels, weights):
+    logits = model.apply(_variables(state.params, state.batch_stats), images, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
+            "count": jnp.sum(weights)}
+
+  return eval_step
+
+
+class Trainer:
+  """The jitted steps of one config on one mesh, and the data they read."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               devices: Sequence[jax.Device] | None = None,
+               data: dict[str, input_pipeline.Split] | None = None):
+    """Validates `config`, loads its data (unless given) and builds the steps."""
+    self.config = config
+    self.mesh = data_mesh(devices)
+    num_devices = self.mesh.devices.size
+    check_batch_size(config.batch_size, num_devices)
+    if data is None:
+      data = input_pipeline.load(config.dataset, config.data_dir or None,
+                                 image_size=config.image_size, channels=config.channels)
+    self.data = data
+    train = self.data["train"]
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(len(train.labels), config.batch_size)
+    self.num_steps = (config.num_train_steps if config.num_train_steps > 0
+                      else config.num_epochs * self.steps_per_epoch)
+    model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    self.model = models.create_model(config.model.name, train.num_classes, **model_kwargs)
+    self.tx = methods.make_optimizer(config, self.num_steps)
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self.train_step = jax.jit(make_train_step(self.model, self.tx),
+                              in_shardings=(self.replicated, self.sharded, self.sharded),
+                              out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.eval_step = jax.jit(make_eval_step(self.model),
+                             in_shardings=(self.replicated,) + (self.sharded,) * 3,
+                             out_shardings=self.replicated)
+    self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
+
+  def initial_state(self) -> TrainState:
+    state = init_state(self.model, self.tx, self.data["train"].images.shape[1:], self.config.seed)
+    return jax.device_put(state, self.replicated)
+
+  def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
+    """The sharded training batch of `step`."""
+    train = self.data["train"]
+    idx = input_pipeline.batch_indices(len(train.labels), self.config.batch_size, self.config.seed, step)
+    return (jax.device_put(train.images[idx], self.sharded),
+            jax.device_put(train.labels[idx], self.sharded))
+
+  def evaluate(self, state: TrainState, split: str = "test") -> dict[str, float]:
+    """Mean loss and accuracy over the whole split."""
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in input_pipeline.eval_batches(self.data[split], self.eval_batch_size):
+      out = self.eval_step(state, *(jax.device_put(b, self.sharded) for b in batch))
+      for name in totals:
+        totals[name] += float(out[name])
+    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+
+
+  def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "") -> Run:
+    """Trains from the initial state; evaluates every epoch; returns state and summary.
+
+    Writes metrics.jsonl and TensorBoard events to `workdir`. The summary
+    holds final train/test metrics, the achieved sparsity and its per-layer
+    split.
+    """
+    config = self.config
+    state = self.initial_state()
+    num_steps, per_epoch = self.num_steps, self.steps_per_epoch
+    prefix = f"[{label}] " if label else ""
+    log(f"{prefix}{config.model.name} on {config.dataset}: {len(self.data['train'].labels)} train / "
+        f"{len(self.data['test'].labels)} test images of shape "
+        f"{self.data['train'].images.shape[1:]}, {num_steps} steps ({per_epoch} per epoch), "
+        f"method {config.pruning.method}, {self.mesh.devices.size} device(s)")
+    start = time.perf_counter()
+    window, window_start, window_steps = [], time.perf_counter(), 0
+    test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
+    train_means = {}
+    with metrics_lib.MetricWriter(workdir) as writer:
+      for step in range(int(state.step), num_steps):
+        state, step_metrics = self.train_step(state, *self.batch(step))
+        window.append(step_metrics)
+        window_steps += 1
+        done = step + 1
+        if done % per_epoch == 0 or done == num_steps:
+          test = self.evaluate(state)
+          best = max(best, test["accuracy"])
+          writer.write(done, "test", test)
+        if done % config.log_every == 0 or done == num_steps:
+          train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+          rate = window_steps / (time.perf_counter() - window_start)
+          sparsity = sparsity_of(state)
+          writer.write(done, "train", {**train_means, "sparsity": sparsity, "steps_per_second": rate})
+          writer.flush()
+          log(f"{prefix}step {done:6d}/{num_steps} | loss {train_means['loss']:.4f} | "
+              f"train acc {train_means['accuracy']:.4f} | test acc {test['accuracy']:.4f} | "
+              f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
+          window, window_start, window_steps = [], time.perf_counter(), 0
+    summary = {
+        "method": config.pruning.method,
+        "steps": num_steps,
+        "devices": int(self.mesh.devices.size),
+        "wall_time_s": time.perf_counter() - start,
+        "train": train_means,
+        "test": test,
+        "best_test_accuracy": best,
+        "target_sparsity": 0.0 if config.pruning.method == "dense" else config.pruning.sparsity,
+        "sparsity": sparsity_of(state),
+        "layers": layer_sparsity(state),
+    }
+    return Run(state, summary)
+
+
+def masks_of(state: TrainState):
+  """The pruning masks in the optimizer state, or None for dense training."""
+  try:
+    return sparsejax.find_pruning_state(state.opt_state).masks
+  except ValueError:
+    return None
+
+
+def sparsity_of(state: TrainState) -> float:
+  masks = masks_of(state)
+  return 0.0 if masks is None else sparsejax.sparsity_report(masks).sparsity
+
+
+def layer_sparsity(state: TrainState) -> dict[str, dict]:
+  """Per pruned leaf (all kernels when dense): size, kept, mask sparsity, zero fraction."""
+  masks = masks_of(state)
+  zeros = sparsejax.sparsity_report(state.params).leaves
+  if masks is None:
+    chosen = {path: None for path, leaf in zeros.items() if path.endswith("kernel")}
+  else:
+    chosen = sparsejax.sparsity_report(masks).leaves
+  out = {}
+  for path, mask_leaf in chosen.items():
+    weights = zeros[path]
+    out[path] = {"size": weights.size,
+                 "kept": mask_leaf.kept if mask_leaf else weights.size,
+                 "sparsity": mask_leaf.sparsity if mask_leaf else 0.0,
+                 "zero_fraction": weights.sparsity}
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Sequence[jax.Device] | None = None,
+                       log: Callable[[str], None] = print, label: str = "") -> Run:
+  """Trains `config` in `workdir`; evaluates every epoch; returns state and summary.
+
+  Writes metrics.jsonl and TensorBoard events to `workdir`. The summary holds
+  final train/test metrics, the achieved sparsity and its per-layer split.
+  """
+  return Trainer(config, devices).fit(workdir, log, label)

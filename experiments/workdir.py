@@ -1,0 +1,118 @@
+"""A workdir holds one run: its config, metrics and results.
+
+`check` decides what may happen to an existing workdir: a fresh or empty
+one is used; one holding a finished run of the same config is reported, not
+retrained; anything else is refused unless the caller asks to overwrite, so
+nothing saved is lost silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+FINAL_FILE = "final.json"
+# Everything a run writes; --overwrite removes these and nothing else.
+RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "tensorboard", "curves.png",
+             "dense_baseline")
+
+
+class Status(enum.Enum):
+  NEW = "new"            # nothing of a run here: train
+  FINISHED = "finished"  # same config, final results present: nothing to do
+
+
+class WorkdirError(RuntimeError):
+  """The workdir holds a run that this invocation must not touch."""
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON types (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+  """'key: old -> new' for every key whose value differs."""
+  old, new = _flat(old), _flat(new)
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+def save_json(workdir: str, name: str, value) -> None:
+  """Writes `value` as JSON, atomically (a reader never sees half a file)."""
+  path = os.path.join(workdir, name)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def load_json(workdir: str, name: str):
+  with open(os.path.join(workdir, name), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> Status:
+  """What a run of `config` may do with `workdir`; reads only.
+
+  Returns:
+    Status.FINISHED when the workdir already holds this config's final
+    results (and `overwrite` is False), else Status.NEW: training may start.
+
+  Raises:
+    WorkdirError: the workdir holds a run of a different config, or an
+      unfinished run, and `overwrite` is False.
+  """
+  present = _present(workdir)
+  if not present or overwrite:
+    return Status.NEW
+  if CONFIG_FILE not in present:
+    raise WorkdirError(
+        f"Workdir {workdir} holds run files {present} but no {CONFIG_FILE}; refusing to "
+        "write over them. Pass --overwrite to replace them, or use another --workdir.")
+  diff = config_diff(load_json(workdir, CONFIG_FILE), config_dict(config))
+  if diff:
+    raise WorkdirError(
+        f"Workdir {workdir} holds a run with a different config:\n  " + "\n  ".join(diff) +
+        "\nPass --overwrite to replace that run, or use another --workdir.")
+  if FINAL_FILE in present:
+    return Status.FINISHED
+  raise WorkdirError(
+      f"Workdir {workdir} holds an unfinished run of this config. This binary cannot "
+      "resume it (it writes no checkpoints yet); pass --overwrite to start it again.")
+
+
+def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> None:
+  """Claims `workdir` for a new run of `config`: writes config.json.
+
+  With `overwrite`, first removes the files an earlier run wrote (RUN_FILES)
+  and nothing else.
+
+  Raises:
+    WorkdirError: as `check`, or when the workdir holds this finished run.
+  """
+  if check(workdir, config, overwrite) is Status.FINISHED:
+    raise WorkdirError(f"Workdir {workdir} already holds this finished run.")
+  os.makedirs(workdir, exist_ok=True)
+  for name in _present(workdir):
+    path = os.path.join(workdir, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  save_json(workdir, CONFIG_FILE, config_dict(config))
+
+
+def _present(workdir: str) -> list[str]:
+  return [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]

@@ -1,0 +1,115 @@
+"""What the binary may do with an existing workdir; nothing saved is lost silently."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from experiments import train
+from experiments import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _snapshot(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+@pytest.fixture
+def finished_run(tiny_config, tmp_path):
+  tiny_config.num_train_steps = 12
+  tiny_config.dense_baseline = False
+  workdir = str(tmp_path / "run")
+  summary = train.run(tiny_config, workdir)
+  return tiny_config, workdir, summary
+
+
+def test_different_config_is_refused_and_nothing_changes(finished_run):
+  config, workdir, _ = finished_run
+  before = _snapshot(workdir)
+  config.pruning.sparsity = 0.7
+  config.seed = 3
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    train.run(config, workdir)
+  assert "pruning.sparsity: 0.8 -> 0.7" in str(e.value) and "seed: 0 -> 3" in str(e.value)
+  assert "--overwrite" in str(e.value)
+  assert _snapshot(workdir) == before
+
+
+def test_finished_run_of_same_config_is_reported_not_retrained(finished_run):
+  config, workdir, summary = finished_run
+  before = _snapshot(workdir)
+  assert train.run(config, workdir) == summary
+  assert _snapshot(workdir) == before
+
+
+def test_unfinished_run_is_refused(finished_run):
+  config, workdir, _ = finished_run
+  os.remove(os.path.join(workdir, "final.json"))
+  before = _snapshot(workdir)
+  with pytest.raises(workdir_lib.WorkdirError, match="unfinished run of this config"):
+    train.run(config, workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_overwrite_replaces_run_files_only(finished_run):
+  config, workdir, _ = finished_run
+  with open(os.path.join(workdir, "notes.txt"), "w") as f:
+    f.write("mine")
+  config.pruning.sparsity = 0.5
+  summary = train.run(config, workdir, overwrite=True)
+  assert abs(summary["sparsity"] - 0.5) < 0.005
+  assert len(workdir_lib.load_json(workdir, "final.json")["layers"]) == 3
+  with open(os.path.join(workdir, "notes.txt")) as f:
+    assert f.read() == "mine"
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:  # old metrics gone, not appended to
+    assert len([line for line in f if '"train"' in line]) == 2
+
+
+def test_run_that_cannot_start_leaves_workdir_untouched(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  tiny_config.dataset = "cifar10"
+  tiny_config.data_dir = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError):
+    train.run(tiny_config, str(workdir))
+  assert not workdir.exists() or not os.listdir(workdir)
+
+
+def _cli(*args):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_unknown_config_key_is_a_one_line_error(tmp_path):
+  out = _cli("--config=experiments/configs/default.py", f"--workdir={tmp_path}",
+             "--config.pruning.sparsty=0.5")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: unknown config key among ['--config.pruning.sparsty']: 'sparsty'; "
+      'Did you mean "sparsity" instead of "sparsty"?')
+  assert not os.listdir(tmp_path)
+
+
+def test_cli_runs_default_config_and_prints_final_line(digits_dir, tmp_path):
+  out = _cli("--config=experiments/configs/default.py", f"--workdir={tmp_path}",
+             f"--config.data_dir={digits_dir}", "--config.num_epochs=6", "--config.log_every=22",
+             "--config.pruning.update_every=5")
+  assert out.returncode == 0, out.stderr
+  last = out.stdout.strip().splitlines()[-1]
+  match = re.fullmatch(r"dense test accuracy ([\d.]+) \| pruned test accuracy ([\d.]+) "
+                       r"\| sparsity ([\d.]+) \(gradual, uniform\)", last)
+  assert match, out.stdout
+  dense, pruned, sparsity = map(float, match.groups())
+  assert sparsity == 0.9  # 50200 prunable weights, each kernel's count divisible by 10
+  assert dense > 0.8 and pruned > 0.5  # chance is 0.1
+  assert "[gradual] step     66/66" in out.stdout
