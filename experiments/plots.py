@@ -18,12 +18,12 @@ def plot_curves(workdir: str, baseline_dir: str | None = None, filename: str = "
   runs = [("pruned", workdir)] + ([("dense baseline", baseline_dir)] if baseline_dir else [])
   for name, directory in runs:
     test = metrics_lib.read_metrics(directory, "test")
-    acc_ax.plot([r["step"] for r in test], [r["accuracy"] for r in test], label=name)
-    train = metrics_lib.read_metrics(directory, "train")
-    sparsity_ax.plot([r["step"] for r in train], [r["sparsity"] for r in train], label=name)
+    steps = [r["step"] for r in test]
+    acc_ax.plot(steps, [r["accuracy"] for r in test], label=name)
+    sparsity_ax.plot(steps, [r["sparsity"] for r in test], label=name)
   acc_ax.set(xlabel="step", ylabel="test accuracy", title="test accuracy (every epoch)")
   sparsity_ax.set(xlabel="step", ylabel="sparsity of pruned leaves", ylim=(-0.02, 1.02),
-                  title="sparsity")
+                  title="sparsity (every epoch)")
   for ax in (acc_ax, sparsity_ax):
     ax.grid(alpha=0.3)
     ax.legend()

@@ -198,7 +198,7 @@ class Trainer:
         if done % per_epoch == 0 or done == num_steps:
           test = self.evaluate(state)
           best = max(best, test["accuracy"])
-          writer.write(done, "test", test)
+          writer.write(done, "test", {**test, "sparsity": sparsity_of(state)})
         if done % config.log_every == 0 or done == num_steps:
           train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
           rate = window_steps / (time.perf_counter() - window_start)

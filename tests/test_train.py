@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import sparsejax
+from tests import reference
 from experiments import metrics as metrics_lib
 from experiments import train
 from experiments import trainer
@@ -38,6 +39,11 @@ def test_binary_writes_metrics_final_json_and_curves_and_reaches_target(tiny_con
   test_records = metrics_lib.read_metrics(workdir, "test")
   assert [r["step"] for r in test_records] == [11, 22, 33, 40]  # every epoch and at the end
   assert test_records[-1]["accuracy"] == final["test"]["accuracy"]
+  # Pruning steps are fractions of the 40 steps: 0.1 -> step 4, 0.5 -> step 20, every 5.
+  # After `step` steps the last mask update ran at step - 1.
+  for record in test_records:
+    expected = reference.polynomial_sparsity(record["step"] - 1, 0.0, 0.8, 4, 20, 5)
+    assert abs(record["sparsity"] - expected) < 2e-3, record  # per-leaf rounding of counts
 
   events = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
   events.Reload()
@@ -84,6 +90,7 @@ def _losses(config, devices, steps):
 def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
   assert jax.device_count() >= 4
   tiny_config.model = model
+  tiny_config.pruning.start_fraction = 0.0  # 40 steps: sparsity ramps from step 0 to 20
   if model["name"] == "resnet20":
     tiny_config.channels = 3
   one, state_one = _losses(tiny_config, jax.devices()[:1], steps=8)
@@ -93,6 +100,14 @@ def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
   chex.assert_trees_all_close(state_four.params, state_one.params, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(state_four.batch_stats, state_one.batch_stats, rtol=1e-4, atol=1e-5)
   assert len(state_four.params[next(iter(state_four.params))]["kernel"].sharding.device_set) == 4
+  # Pruned (masks updated at steps 0 and 5) on kernels only; BatchNorm scales,
+  # biases and running statistics stay dense.
+  masks = sparsejax.find_pruning_state(state_four.opt_state).masks
+  pruned = sparsejax.sparsity_report(masks).leaves
+  assert pruned and all(path.endswith("kernel") for path in pruned)
+  kernels = sparsejax.sparsity_report(state_four.params).leaves
+  assert all(kernels[path].kept == leaf.kept for path, leaf in pruned.items())
+  assert sparsejax.sparsity_report(masks).sparsity > 0.1
 
 
 def test_batch_size_not_divisible_by_devices_is_an_error(tiny_config):
