@@ -25,6 +25,7 @@ setuptools.setup(
         "scikit-learn",  # bundled digits: the offline default dataset
         "tensorboard",  # its event writer needs no TensorFlow
         "matplotlib",
+        "pillow",  # TFDS decodes PNG-encoded Image features with it (no TensorFlow)
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -46,30 +46,44 @@ def _not_found_message(name: str, data_dir: str | None) -> str:
       f"Dataset {name!r} is not prepared in {where}, and this binary does not "
       "download data. On a machine with internet run\n"
       f"  tfds build {name} --data_dir=DIR --file_format=array_record\n"
-      "then copy DIR here and pass --config.data_dir=DIR. Data prepared as "
-      f"TFRecord can be converted with `tfds convert_format`. The offline "
-      f"dataset bundled with this project is {digits.NAME!r}.")
+      "then copy DIR here and pass --config.data_dir=DIR. The offline dataset "
+      f"bundled with this project is {digits.NAME!r}.")
 
 
 def data_source(name: str, split: str, data_dir: str | None = None):
   """A random-access TFDS data source; prepares bundled datasets on first use.
 
   Raises:
-    DatasetNotFoundError: `name` is not prepared in `data_dir` (the message
-      says how to provide it).
+    DatasetNotFoundError: `name` is unknown or not prepared in `data_dir`, or
+      has no split `split` (the message says how to provide it).
   """
   if name in BUNDLED:
     builder = BUNDLED[name](data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
-    return builder.as_data_source(split=split)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise DatasetNotFoundError(
+          f"Unknown dataset {name!r}: neither a TFDS dataset nor one of the bundled "
+          f"datasets {sorted(BUNDLED)}.") from e
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetNotFoundError(
-        f"Unknown dataset {name!r}: neither a TFDS dataset nor one of the bundled "
-        f"datasets {sorted(BUNDLED)}.") from e
-  except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as e:
-    raise DatasetNotFoundError(_not_found_message(name, data_dir) + f"\n(TFDS said: {e})") from e
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False) \
+        if name not in BUNDLED else builder.as_data_source(split=split)
+  except Exception as e:  # TFDS raises several types; explain the ones we can
+    if not builder.is_prepared():
+      raise DatasetNotFoundError(_not_found_message(name, data_dir)) from e
+    splits = sorted(builder.info.splits)
+    if split not in splits:
+      raise DatasetNotFoundError(
+          f"Dataset {name!r} has no split {split!r}; it has {splits}. "
+          "Set config.train_split / config.eval_split.") from e
+    if isinstance(e, NotImplementedError):  # prepared, but not as ArrayRecord
+      raise DatasetNotFoundError(
+          f"Dataset {name!r} in {builder.data_path} is not in ArrayRecord format, which "
+          "random access (and this pipeline) needs. Convert it with `tfds convert_format "
+          f"--dataset_dir={builder.data_path} --out_file_format=array_record`.") from e
+    raise
 
 
 def _decode(source) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +114,9 @@ def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
   raise ValueError(f"Cannot turn {have}-channel images into {channels} channels.")
 
 
-def load(name: str, data_dir: str | None = None, image_size: int = 0,
-         channels: int = 0) -> dict[str, Split]:
-  """Loads the train and test splits of `name`, preprocessed for a model.
+def load(name: str, data_dir: str | None = None, image_size: int = 0, channels: int = 0,
+         train_split: str = "train", eval_split: str = "test") -> dict[str, Split]:
+  """Loads a training and an evaluation split of `name`, preprocessed for a model.
 
   Args:
     name: TFDS name ('mnist', 'cifar10', ...) or 'sklearn_digits'.
@@ -110,26 +124,28 @@ def load(name: str, data_dir: str | None = None, image_size: int = 0,
     image_size: resize (bilinear) to image_size x image_size; 0 keeps the
       native size.
     channels: repeat grayscale to this many channels; 0 keeps them.
+    train_split: TFDS split to train on ('train', 'train[:90%]', ...).
+    eval_split: TFDS split to evaluate on ('test', 'validation', ...).
 
   Returns:
-    {'train': Split, 'test': Split}, images scaled to [0, 1] then
-    standardised per channel with statistics of the train split.
+    {'train': Split, 'eval': Split}, images scaled to [0, 1] then
+    standardised per channel with statistics of the training split.
   """
   num_classes = None
   raw = {}
-  for split in ("train", "test"):
+  for role, split in (("train", train_split), ("eval", eval_split)):
     source = data_source(name, split, data_dir)
-    raw[split] = _decode(source)
+    raw[role] = _decode(source)
     if num_classes is None:
-      num_classes = _num_classes(source, raw[split][1])
+      num_classes = _num_classes(source, raw[role][1])
   out = {}
-  for split, (images, labels) in raw.items():
+  for role, (images, labels) in raw.items():
     x = _to_channels(_resize(images.astype(np.float32) / 255.0, image_size), channels)
-    out[split] = (x, labels)
+    out[role] = (x, labels)
   mean = out["train"][0].mean(axis=(0, 1, 2))
   std = out["train"][0].std(axis=(0, 1, 2)) + 1e-6
-  return {split: Split(((x - mean) / std).astype(np.float32), y, num_classes)
-          for split, (x, y) in out.items()}
+  return {role: Split(((x - mean) / std).astype(np.float32), y, num_classes)
+          for role, (x, y) in out.items()}
 
 
 def _num_classes(source, labels: np.ndarray) -> int:

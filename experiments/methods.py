@@ -20,23 +20,21 @@ import ml_collections
 import optax
 
 import sparsejax
+from experiments.config_checks import ConfigError
+from experiments.config_checks import at_least
+from experiments.config_checks import choice
 
 METHODS = ("dense", "one_shot", "gradual")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-
-
-def _choice(value: str, choices, key: str) -> str:
-  if value not in choices:
-    raise ValueError(f"config.{key}={value!r} is not one of {list(choices)}.")
-  return value
+ALLOCATIONS = ("uniform", "erk", "global")
 
 
 def _compile(pattern: str, key: str):
   try:
     return re.compile(pattern) if pattern else None
   except re.error as e:
-    raise ValueError(f"config.{key}={pattern!r} is not a valid regex: {e}") from e
+    raise ConfigError(f"config.{key}={pattern!r} is not a valid regex: {e}") from e
 
 
 def leaf_filter(pruning: ml_collections.ConfigDict) -> Callable[[str, object], bool]:
@@ -55,26 +53,44 @@ def leaf_filter(pruning: ml_collections.ConfigDict) -> Callable[[str, object], b
 
 
 def step_at(fraction: float, num_steps: int, key: str) -> int:
-  """round(fraction * num_steps), with fraction checked to lie in [0, 1]."""
+  """round(fraction * num_steps): a step that training reaches (< num_steps)."""
   if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"config.{key}={fraction!r} must be a fraction of training in [0, 1].")
-  return int(round(fraction * num_steps))
+    raise ConfigError(f"config.{key}={fraction!r} must be a fraction of training in [0, 1].")
+  step = int(round(fraction * num_steps))
+  if step >= num_steps:
+    raise ConfigError(
+        f"config.{key}={fraction!r} of {num_steps} steps gives step {step}, but the last "
+        f"training step is {num_steps - 1}: a mask update there would never run.")
+  return step
+
+
+def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
+  for key in ("sparsity", "initial_sparsity"):
+    if not 0.0 <= pruning[key] < 1.0:
+      raise ConfigError(f"config.pruning.{key}={pruning[key]!r} must be in [0, 1).")
+  choice(pruning.allocation, ALLOCATIONS, "pruning.allocation")
+  if pruning.method == "gradual":
+    at_least(pruning.update_every, 1, "pruning.update_every")
+    if not pruning.power > 0:
+      raise ConfigError(f"config.pruning.power={pruning.power!r} must be > 0.")
+    if pruning.initial_sparsity > pruning.sparsity:
+      raise ConfigError(
+          f"config.pruning.initial_sparsity={pruning.initial_sparsity} exceeds "
+          f"config.pruning.sparsity={pruning.sparsity}: masks only shrink.")
 
 
 def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
   """The sparsity schedule of `pruning.method`, or None for 'dense'."""
-  method = _choice(pruning.method, METHODS, "pruning.method")
+  method = choice(pruning.method, METHODS, "pruning.method")
   if method == "dense":
     return None
-  for key in ("sparsity", "initial_sparsity"):
-    if not 0.0 <= pruning[key] < 1.0:
-      raise ValueError(f"config.pruning.{key}={pruning[key]!r} must be in [0, 1).")
+  _check_pruning(pruning)
   start = step_at(pruning.start_fraction, num_steps, "pruning.start_fraction")
   if method == "one_shot":
     return sparsejax.OneShotSchedule(pruning.sparsity, step=start)
   end = step_at(pruning.end_fraction, num_steps, "pruning.end_fraction")
   if end <= start:
-    raise ValueError(
+    raise ConfigError(
         f"Gradual pruning needs end step > start step; config.pruning.start_fraction="
         f"{pruning.start_fraction} and end_fraction={pruning.end_fraction} of {num_steps} "
         f"steps give {start} and {end}.")
@@ -85,29 +101,46 @@ def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
 
 
 def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  kind = _choice(config.lr_schedule, LR_SCHEDULES, "lr_schedule")
+  kind = choice(config.lr_schedule, LR_SCHEDULES, "lr_schedule")
+  warmup = at_least(config.warmup_steps, 0, "warmup_steps")
   if kind == "constant":
+    if warmup:
+      raise ConfigError("config.warmup_steps > 0 needs config.lr_schedule='cosine'.")
     return optax.constant_schedule(config.learning_rate)
-  warmup = min(config.warmup_steps, num_steps - 1)
+  if warmup >= num_steps:
+    raise ConfigError(f"config.warmup_steps={warmup} must be below the {num_steps} steps.")
   return optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, warmup_steps=warmup, decay_steps=num_steps)
 
 
 def base_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  kind = _choice(config.optimizer, OPTIMIZERS, "optimizer")
+  """adam, adamw (decoupled weight decay) or sgd (momentum, nesterov, L2 decay)."""
+  kind = choice(config.optimizer, OPTIMIZERS, "optimizer")
+  if kind != "sgd" and (config.momentum or config.nesterov):
+    raise ConfigError(f"config.momentum / config.nesterov apply to sgd only, not {kind!r}.")
+  if kind == "adam" and config.weight_decay:
+    raise ConfigError("config.weight_decay with optimizer 'adam' would be ignored; "
+                      "use config.optimizer='adamw'.")
+  if config.nesterov and not config.momentum:
+    raise ConfigError("config.nesterov=True needs config.momentum > 0.")
   lr = learning_rate(config, num_steps)
   if kind == "adam":
     return optax.adam(lr)
   if kind == "adamw":
     return optax.adamw(lr, weight_decay=config.weight_decay)
-  tx = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.momentum > 0)
+  tx = optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)
   if config.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
   return tx
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """The full optimizer: base optimizer, wrapped for pruning unless dense."""
+  """The full optimizer: base optimizer, wrapped for pruning unless dense.
+
+  Raises:
+    ConfigError: a value, or a combination of values, that cannot work; the
+      message names the config key.
+  """
   tx = base_optimizer(config, num_steps)
   schedule = pruning_schedule(config.pruning, num_steps)
   if schedule is None:

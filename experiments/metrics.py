@@ -21,11 +21,16 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricWriter:
-  """Appends scalar metrics to `workdir/metrics.jsonl` and TensorBoard."""
+  """Writes scalar metrics to a new `workdir/metrics.jsonl` and to TensorBoard."""
 
   def __init__(self, workdir: str):
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+    path = os.path.join(workdir, METRICS_FILE)
+    try:  # never mix two runs in one file
+      self._jsonl = open(path, "x", encoding="utf-8")
+    except FileExistsError as e:
+      raise FileExistsError(f"{path} exists: {workdir} already holds a run's metrics. Use a "
+                            "fresh workdir (or experiments.train's --overwrite).") from e
     self._events = event_file_writer.EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:

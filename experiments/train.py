@@ -15,6 +15,7 @@ curves.png; the last line printed compares dense and pruned test accuracy.
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 
 from absl import app
@@ -25,6 +26,8 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
+from experiments import config_checks
+from experiments import input_pipeline
 from experiments import plots
 from experiments import trainer
 from experiments import workdir as workdir_lib
@@ -87,16 +90,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   return summary
 
 
+def _unknown_overrides(argv: list[str]) -> list[str]:
+  """The --config.<key> overrides of `argv` naming a key the config file lacks."""
+  config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_file is None:
+    return []
+  config = runpy.run_path(config_file)["get_config"]()
+  unknown = []
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    node, path = config, arg[len("--config."):].split("=", 1)[0].split(".")
+    for part in path:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        unknown.append("--config." + ".".join(path))
+        break
+      node = node[part]
+  return unknown
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error for an unknown --config key."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # raised by ml_collections for unknown keys
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  except (AttributeError, KeyError) as e:  # how ml_collections reports unknown keys
+    unknown = _unknown_overrides(argv)
+    if not unknown:
+      raise  # not an override: a real error, keep its traceback
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     detail = str(e.args[0] if e.args else e).replace("\n", "; ")
-    sys.exit(f"error: unknown config key among {overrides}: {detail}")
+    sys.exit(f"error: unknown config key {unknown[0]} (the config has no such field): {detail}")
 
 
 def main(argv):
@@ -111,7 +135,8 @@ def main(argv):
         f"workdir {_WORKDIR.value}")
   try:
     summary = run(config, _WORKDIR.value, _OVERWRITE.value)
-  except workdir_lib.WorkdirError as e:
+  except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
+          workdir_lib.WorkdirError) as e:
     sys.exit(f"error: {e}")
   baseline = summary.get("dense_baseline")
   print(final_line(summary, baseline, config))

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 import sparsejax
+from experiments import config_checks
 from experiments import input_pipeline
 from experiments import methods
 from experiments import metrics as metrics_lib
@@ -57,7 +58,7 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 
 def check_batch_size(batch_size: int, num_devices: int) -> None:
   if batch_size % num_devices:
-    raise ValueError(
+    raise config_checks.ConfigError(
         f"config.batch_size={batch_size} is not divisible by the {num_devices} devices "
         f"the batch is sharded over; use a multiple of {num_devices}.")
 
@@ -123,21 +124,38 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None,
                data: dict[str, input_pipeline.Split] | None = None):
-    """Validates `config`, loads its data (unless given) and builds the steps."""
+    """Checks `config`, loads its data (unless given) and builds the steps.
+
+    Raises:
+      ConfigError: a config value that cannot work (naming its key).
+      DatasetNotFoundError: the dataset is not available.
+    """
+    config_checks.check_training_fields(config)
     self.config = config
     self.mesh = data_mesh(devices)
     num_devices = self.mesh.devices.size
     check_batch_size(config.batch_size, num_devices)
     if data is None:
       data = input_pipeline.load(config.dataset, config.data_dir or None,
-                                 image_size=config.image_size, channels=config.channels)
+                                 image_size=config.image_size, channels=config.channels,
+                                 train_split=config.train_split, eval_split=config.eval_split)
     self.data = data
-    train = self.data["train"]
-    self.steps_per_epoch = input_pipeline.steps_per_epoch(len(train.labels), config.batch_size)
+    num_train = len(data["train"].labels)
+    if config.batch_size > num_train:
+      raise config_checks.ConfigError(
+          f"config.batch_size={config.batch_size} exceeds the {num_train} training examples.")
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
                       else config.num_epochs * self.steps_per_epoch)
     model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    self.model = models.create_model(config.model.name, train.num_classes, **model_kwargs)
+    try:
+      self.model = models.create_model(config.model.name, data["train"].num_classes, **model_kwargs)
+      # Shapes only, no compute: a model that cannot take this data fails here,
+      # before the run claims its workdir.
+      jax.eval_shape(lambda: self.model.init(
+          jax.random.PRNGKey(0), jnp.zeros((1,) + data["train"].images.shape[1:]), train=False))
+    except (TypeError, ValueError) as e:
+      raise config_checks.ConfigError(f"config.model: {e}") from e
     self.tx = methods.make_optimizer(config, self.num_steps)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
@@ -156,63 +174,76 @@ class Trainer:
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The sharded training batch of `step`."""
     train = self.data["train"]
-    idx = input_pipeline.batch_indices(len(train.labels), self.config.batch_size, self.config.seed, step)
+    idx = input_pipeline.batch_indices(len(train.labels), self.config.batch_size,
+                                       self.config.seed, step)
     return (jax.device_put(train.images[idx], self.sharded),
             jax.device_put(train.labels[idx], self.sharded))
 
-  def evaluate(self, state: TrainState, split: str = "test") -> dict[str, float]:
-    """Mean loss and accuracy over the whole split."""
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """Mean loss and accuracy over the whole evaluation split."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in input_pipeline.eval_batches(self.data[split], self.eval_batch_size):
+    for batch in input_pipeline.eval_batches(self.data["eval"], self.eval_batch_size):
       out = self.eval_step(state, *(jax.device_put(b, self.sharded) for b in batch))
       for name in totals:
         totals[name] += float(out[name])
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
-
+    return {"loss": totals["loss"] / totals["count"],
+            "accuracy": totals["correct"] / totals["count"]}
 
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "") -> Run:
-    """Trains from the initial state; evaluates every epoch; returns state and summary.
+    """Trains from the initial state in `workdir`; returns final state and summary.
 
-    Writes metrics.jsonl and TensorBoard events to `workdir`. The summary
-    holds final train/test metrics, the achieved sparsity and its per-layer
-    split.
+    Evaluates on the eval split every epoch and at the end, logs a progress
+    line every `log_every` steps, and writes metrics.jsonl and TensorBoard
+    events to `workdir` (which must not hold metrics yet). The summary holds
+    the final train and test metrics, the achieved sparsity and its
+    per-layer split.
     """
     config = self.config
-    state = self.initial_state()
     num_steps, per_epoch = self.num_steps, self.steps_per_epoch
     prefix = f"[{label}] " if label else ""
-    log(f"{prefix}{config.model.name} on {config.dataset}: {len(self.data['train'].labels)} train / "
-        f"{len(self.data['test'].labels)} test images of shape "
-        f"{self.data['train'].images.shape[1:]}, {num_steps} steps ({per_epoch} per epoch), "
-        f"method {config.pruning.method}, {self.mesh.devices.size} device(s)")
+    train, held_out = self.data["train"], self.data["eval"]
+    log(f"{prefix}{config.model.name} on {config.dataset}: {len(train.labels)} train / "
+        f"{len(held_out.labels)} {config.eval_split} images of shape {train.images.shape[1:]}, "
+        f"{num_steps} steps ({per_epoch} per epoch), method {config.pruning.method}, "
+        f"{self.mesh.devices.size} device(s)")
+    state = self.initial_state()
+    compile_start = time.perf_counter()
+    step_fn = self.train_step.lower(state, *self.batch(0)).compile()
+    compile_s = time.perf_counter() - compile_start
     start = time.perf_counter()
-    window, window_start, window_steps = [], time.perf_counter(), 0
+    window, window_time = [], 0.0  # steps since the last progress line, their time
     test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
     train_means = {}
     with metrics_lib.MetricWriter(workdir) as writer:
       for step in range(int(state.step), num_steps):
-        state, step_metrics = self.train_step(state, *self.batch(step))
+        tick = time.perf_counter()
+        state, step_metrics = step_fn(state, *self.batch(step))
         window.append(step_metrics)
-        window_steps += 1
         done = step + 1
-        if done % per_epoch == 0 or done == num_steps:
+        log_now = done % config.log_every == 0 or done == num_steps
+        eval_now = done % per_epoch == 0 or done == num_steps
+        if log_now or eval_now:
+          jax.block_until_ready(state)  # so the time below is the steps', not the eval's
+        window_time += time.perf_counter() - tick
+        if eval_now:
           test = self.evaluate(state)
           best = max(best, test["accuracy"])
           writer.write(done, "test", {**test, "sparsity": sparsity_of(state)})
-        if done % config.log_every == 0 or done == num_steps:
+        if log_now:
           train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-          rate = window_steps / (time.perf_counter() - window_start)
+          rate = len(window) / window_time  # training only: evals and compilation excluded
           sparsity = sparsity_of(state)
           writer.write(done, "train", {**train_means, "sparsity": sparsity, "steps_per_second": rate})
           writer.flush()
           log(f"{prefix}step {done:6d}/{num_steps} | loss {train_means['loss']:.4f} | "
               f"train acc {train_means['accuracy']:.4f} | test acc {test['accuracy']:.4f} | "
               f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
-          window, window_start, window_steps = [], time.perf_counter(), 0
+          window, window_time = [], 0.0
     summary = {
         "method": config.pruning.method,
         "steps": num_steps,
         "devices": int(self.mesh.devices.size),
+        "compile_time_s": compile_s,
         "wall_time_s": time.perf_counter() - start,
         "train": train_means,
         "test": test,
@@ -258,9 +289,5 @@ def layer_sparsity(state: TrainState) -> dict[str, dict]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None,
                        log: Callable[[str], None] = print, label: str = "") -> Run:
-  """Trains `config` in `workdir`; evaluates every epoch; returns state and summary.
-
-  Writes metrics.jsonl and TensorBoard events to `workdir`. The summary holds
-  final train/test metrics, the achieved sparsity and its per-layer split.
-  """
+  """`Trainer(config, devices).fit(workdir, log, label)`: one call for scripts and tests."""
   return Trainer(config, devices).fit(workdir, log, label)

@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import shutil
+import tempfile
 
 import ml_collections
 
@@ -54,11 +55,18 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 def save_json(workdir: str, name: str, value) -> None:
-  """Writes `value` as JSON, atomically (a reader never sees half a file)."""
-  path = os.path.join(workdir, name)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  """Writes `value` as JSON atomically: readers see the old file or the whole new one."""
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(workdir, name))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def load_json(workdir: str, name: str):
@@ -111,7 +119,11 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   for name in _present(workdir):
     path = os.path.join(workdir, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  save_json(workdir, CONFIG_FILE, config_dict(config))
+  try:  # exclusive create: of two runs started on one workdir, one fails here
+    with open(os.path.join(workdir, CONFIG_FILE), "x", encoding="utf-8") as f:
+      json.dump(config_dict(config), f, indent=2, sort_keys=True)
+  except FileExistsError as e:
+    raise WorkdirError(f"Another run claimed {workdir} at the same time.") from e
 
 
 def _present(workdir: str) -> list[str]:

@@ -1,6 +1,9 @@
 """The TFDS input pipeline: bundled digits, mocked TFDS datasets, batching."""
 
+import io
+
 import numpy as np
+import PIL.Image
 import pytest
 from sklearn import datasets
 import tensorflow_datasets as tfds
@@ -48,9 +51,9 @@ def test_load_standardises_both_splits_with_train_statistics(digits_dir):
   mean, std = raw_train.mean(), raw_train.std()
   expected = (raw_test.astype(np.float64) / 255 - mean) / (std + 1e-6)
   # Compare as multisets: the pipeline keeps the data source's order.
-  np.testing.assert_allclose(np.sort(data["test"].images.ravel()), np.sort(expected.ravel()),
+  np.testing.assert_allclose(np.sort(data["eval"].images.ravel()), np.sort(expected.ravel()),
                              rtol=1e-5, atol=1e-5)
-  assert np.bincount(data["test"].labels, minlength=10).tolist() == \
+  assert np.bincount(data["eval"].labels, minlength=10).tolist() == \
       np.bincount(test_labels, minlength=10).tolist()
   assert abs(data["train"].images.mean()) < 1e-5 and abs(data["train"].images.std() - 1) < 1e-4
   assert data["train"].num_classes == 10 and data["train"].labels.dtype == np.int32
@@ -71,7 +74,7 @@ def test_named_tfds_dataset_loads_through_mocked_data_source(tmp_path):
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     data = input_pipeline.load("mnist", str(tmp_path))
   assert data["train"].images.shape == (24, 28, 28, 1)
-  assert data["test"].images.dtype == np.float32
+  assert data["eval"].images.dtype == np.float32
   assert data["train"].num_classes == 10
   assert data["train"].labels.min() >= 0 and data["train"].labels.max() < 10
 
@@ -115,3 +118,55 @@ def test_eval_batches_cover_split_once_with_zero_weight_padding():
   labels = np.concatenate([b[1] for b in batches])
   assert weights.tolist() == [1] * 10 + [0, 0]
   assert labels[:10].tolist() == list(range(10))
+
+
+def _png(image):
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(np.asarray(image)[..., 0]).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Stand-in files for mnist 3.0.1: PNG-encoded Image features, as TFDS writes them."""
+
+  VERSION = tfds.core.Version("3.0.1")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(28, 28, 1)),
+        "label": tfds.features.ClassLabel(num_classes=10)}), supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(0, 30), "test": self._generate_examples(1, 12)}
+
+  def _generate_examples(self, seed, n):
+    for i, image in enumerate(png_test_images(seed, n)):
+      yield i, {"image": image, "label": i % 10}
+
+
+def png_test_images(seed, n):
+  return np.random.default_rng(seed).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+
+
+def test_png_encoded_tfds_dataset_decodes_without_tensorflow(tmp_path, monkeypatch):
+  # Writing PNGs is TensorFlow's job in TFDS; PIL stands in for it to make the
+  # files. Reading them back (what the pipeline does) needs no TensorFlow.
+  with monkeypatch.context() as patch:
+    patch.setattr(tfds.features.Image, "encode_example", lambda self, x: _png(x))
+    Mnist(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  source = input_pipeline.data_source("mnist", "test", str(tmp_path))
+  images, labels = input_pipeline._decode(source)
+  expected = png_test_images(1, 12)
+  np.testing.assert_array_equal(_rows(images, labels), _rows(expected, np.arange(12) % 10))
+  data = input_pipeline.load("mnist", str(tmp_path))
+  assert data["train"].images.shape == (30, 28, 28, 1) and data["train"].num_classes == 10
+
+
+def test_missing_split_is_named_with_the_splits_there_are(tmp_path, monkeypatch):
+  with monkeypatch.context() as patch:
+    patch.setattr(tfds.features.Image, "encode_example", lambda self, x: _png(x))
+    Mnist(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  with pytest.raises(input_pipeline.DatasetNotFoundError,
+                     match=r"'mnist' has no split 'validation'; it has \['test', 'train'\]"):
+    input_pipeline.load("mnist", str(tmp_path), eval_split="validation")

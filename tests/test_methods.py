@@ -43,6 +43,13 @@ def test_dense_method_has_no_schedule_and_plain_optimizer():
     (dict(start_fraction=0.5, end_fraction=0.5), r"end step > start step.*give 50 and 50"),
     (dict(include="kernel("), r"config.pruning.include='kernel\(' is not a valid regex"),
     (dict(sparsity=1.0), r"config.pruning.sparsity=1.0 must be in \[0, 1\)"),
+    (dict(method="one_shot", start_fraction=1.0), r"start_fraction=1.0 of 100 steps gives step 100, "
+     r"but the last training step is 99"),
+    (dict(end_fraction=1.0), r"config.pruning.end_fraction=1.0 of 100 steps gives step 100"),
+    (dict(initial_sparsity=0.5, sparsity=0.4), r"initial_sparsity=0.5 exceeds config.pruning.sparsity"),
+    (dict(update_every=0), r"config.pruning.update_every=0 must be an integer >= 1"),
+    (dict(power=0.0), r"config.pruning.power=0.0 must be > 0"),
+    (dict(allocation="random"), r"config.pruning.allocation='random' is not one of"),
     (dict(initial_sparsity=-0.1), r"config.pruning.initial_sparsity=-0.1 must be in"),
 ])
 def test_bad_pruning_config_names_the_key(pruning, message):
@@ -50,11 +57,31 @@ def test_bad_pruning_config_names_the_key(pruning, message):
     methods.make_optimizer(_config(**pruning), 100)
 
 
-def test_unknown_optimizer_names_the_key():
+@pytest.mark.parametrize("fields, message", [
+    (dict(optimizer="lamb"), r"config.optimizer='lamb' is not one of"),
+    (dict(weight_decay=1e-4), r"weight_decay with optimizer 'adam' would be ignored; use .*adamw"),
+    (dict(momentum=0.9), r"config.momentum / config.nesterov apply to sgd only, not 'adam'"),
+    (dict(optimizer="sgd", nesterov=True), r"nesterov=True needs config.momentum > 0"),
+    (dict(warmup_steps=10), r"warmup_steps > 0 needs config.lr_schedule='cosine'"),
+    (dict(lr_schedule="cosine", warmup_steps=100), r"warmup_steps=100 must be below the 100 steps"),
+])
+def test_optimizer_settings_that_would_be_ignored_or_cannot_work_are_errors(fields, message):
   config = default.get_config()
-  config.optimizer = "lamb"
-  with pytest.raises(ValueError, match=r"config.optimizer='lamb' is not one of"):
+  config.update(fields)
+  with pytest.raises(methods.ConfigError, match=message):
     methods.make_optimizer(config, 100)
+
+
+def test_sgd_with_nesterov_momentum_and_l2_matches_the_update_rule():
+  config = default.get_config()
+  config.update(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.1, learning_rate=0.5)
+  config.pruning.method = "dense"
+  tx = methods.make_optimizer(config, 10)
+  w, g = jnp.array([2.0]), jnp.array([1.0])
+  state = tx.init(w)
+  updates, state = tx.update(g, state, w)
+  # d = g + 0.1 w = 1.2; trace = d; nesterov step: -lr (d + 0.9 trace) = -0.5 * 2.28
+  np.testing.assert_allclose(np.asarray(updates), [-1.14], rtol=1e-6)
 
 
 def test_leaf_filter_keeps_kernels_matching_include_and_not_exclude():

@@ -110,13 +110,85 @@ def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
   assert sparsejax.sparsity_report(masks).sparsity > 0.1
 
 
-def test_batch_size_not_divisible_by_devices_is_an_error(tiny_config):
+def test_batch_size_not_divisible_by_devices_is_an_error(tiny_config, tmp_path):
   tiny_config.batch_size = 30
   with pytest.raises(ValueError, match="batch_size=30 is not divisible by the 4 devices"):
-    trainer.Trainer(tiny_config, jax.devices()[:4])
+    train.run(tiny_config, str(tmp_path / "run"), devices=jax.devices()[:4])
+  assert not (tmp_path / "run").exists()
 
 
 def test_absent_dataset_in_config_is_an_error_before_training(tiny_config, tmp_path):
   tiny_config.dataset, tiny_config.data_dir = "cifar10", str(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="'cifar10' is not prepared in .*empty"):
     train.run(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_one_shot_prunes_at_its_step_then_keeps_the_mask(tiny_config, tmp_path):
+  tiny_config.pruning.method = "one_shot"
+  tiny_config.pruning.start_fraction = 0.5  # step 20 of 40
+  run = trainer.train_and_evaluate(tiny_config, str(tmp_path), log=lambda _: None)
+  records = metrics_lib.read_metrics(str(tmp_path), "test")
+  # After `step` steps the last step index is step - 1: pruned once it reaches 20.
+  assert [(r["step"], round(r["sparsity"], 4)) for r in records] == [
+      (11, 0.0), (22, 0.8), (33, 0.8), (40, 0.8)]
+  masks = sparsejax.find_pruning_state(run.state.opt_state).masks
+  kernel = np.asarray(run.state.params["hidden_0"]["kernel"])
+  assert np.all(kernel[~np.asarray(masks["hidden_0"]["kernel"])] == 0)
+
+
+def _numpy_mlp_accuracy(params, images, labels):
+  """Independent forward pass of the MLP (Dense -> relu -> ... -> head) in numpy."""
+  x = images.reshape(len(labels), -1).astype(np.float64)
+  for layer in ("hidden_0", "hidden_1"):
+    x = np.maximum(x @ np.asarray(params[layer]["kernel"]) + np.asarray(params[layer]["bias"]), 0)
+  logits = x @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
+  return float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def test_reported_test_accuracy_matches_a_numpy_forward_pass_on_the_eval_split(tiny_config, tmp_path):
+  run = trainer.Trainer(tiny_config, jax.devices()[:4])  # eval batch padded across 4 devices
+  result = run.fit(str(tmp_path), log=lambda _: None)
+  held_out = run.data["eval"]
+  assert len(held_out.labels) == 360
+  expected = _numpy_mlp_accuracy(result.state.params, held_out.images, held_out.labels)
+  assert result.summary["test"]["accuracy"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_train_step_gives_same_numbers_with_and_without_jit(tiny_config):
+  run = trainer.Trainer(tiny_config, jax.devices()[:1])
+  step = trainer.make_train_step(run.model, run.tx)
+  state = run.initial_state()
+  for t in range(6):  # through the first mask update at step 4
+    images, labels = run.batch(t)
+    eager_state, eager_metrics = step(state, images, labels)
+    jit_state, jit_metrics = jax.jit(step)(state, images, labels)
+    chex.assert_trees_all_close(eager_metrics, jit_metrics, rtol=1e-5)
+    chex.assert_trees_all_close(eager_state.params, jit_state.params, rtol=1e-5, atol=1e-6)
+    state = jit_state
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
+    ("eval_batch_size", 0, r"config.eval_batch_size=0 must be an integer >= 1"),
+    ("batch_size", 5000, r"config.batch_size=5000 exceeds the 1437 training examples"),
+    ("eval_split", "train", r"config.train_split and config.eval_split are both 'train'"),
+    ("model", {"name": "mlp", "width": 3}, r"config.model: unknown argument\(s\) for model 'mlp': width"),
+    ("model", {"name": "vit", "patch_size": 3}, r"config.model: image size 8x8 is not divisible"),
+])
+def test_bad_config_fails_before_the_workdir_is_claimed(tiny_config, tmp_path, field, value, message):
+  tiny_config[field] = value
+  with pytest.raises(trainer.config_checks.ConfigError, match=message):
+    train.run(tiny_config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_metrics_of_two_runs_are_never_mixed_in_one_workdir(tiny_config, tmp_path):
+  tiny_config.num_train_steps = 2
+  trainer.train_and_evaluate(tiny_config, str(tmp_path), log=lambda _: None)
+  with open(tmp_path / "metrics.jsonl") as f:
+    before = f.read()
+  with pytest.raises(FileExistsError, match="already holds a run's metrics"):
+    trainer.train_and_evaluate(tiny_config, str(tmp_path), log=lambda _: None)
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert f.read() == before

@@ -75,15 +75,6 @@ def test_overwrite_replaces_run_files_only(finished_run):
     assert len([line for line in f if '"train"' in line]) == 2
 
 
-def test_run_that_cannot_start_leaves_workdir_untouched(tiny_config, tmp_path):
-  workdir = tmp_path / "run"
-  tiny_config.dataset = "cifar10"
-  tiny_config.data_dir = str(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError):
-    train.run(tiny_config, str(workdir))
-  assert not workdir.exists() or not os.listdir(workdir)
-
-
 def _cli(*args):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
@@ -95,8 +86,8 @@ def test_cli_unknown_config_key_is_a_one_line_error(tmp_path):
              "--config.pruning.sparsty=0.5")
   assert out.returncode != 0
   assert out.stderr.strip().splitlines()[-1] == (
-      "error: unknown config key among ['--config.pruning.sparsty']: 'sparsty'; "
-      'Did you mean "sparsity" instead of "sparsty"?')
+      "error: unknown config key --config.pruning.sparsty (the config has no such field): "
+      '\'sparsty\'; Did you mean "sparsity" instead of "sparsty"?')
   assert not os.listdir(tmp_path)
 
 

@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""      # '' = TFDS default (~/tensorflow_datasets)
   config.image_size = 0     # resize to image_size x image_size; 0 keeps the native size
   config.channels = 0       # repeat grayscale to this many channels; 0 keeps them
+  config.train_split = "train"
+  config.eval_split = "test"  # evaluated every epoch and at the end
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mlp"           # mlp | lenet5 | resnet20 | vit
@@ -28,8 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 1e-3
   config.lr_schedule = "constant"  # constant | cosine
   config.warmup_steps = 0
-  config.momentum = 0.9       # sgd only
-  config.weight_decay = 0.0   # adamw, or sgd (added to the gradient)
+  config.momentum = 0.0       # sgd only
+  config.nesterov = False     # sgd only
+  config.weight_decay = 0.0   # adamw (decoupled), or sgd (L2, added to the gradient)
 
   config.batch_size = 128     # global batch, split over the devices
   config.eval_batch_size = 512

@@ -22,6 +22,7 @@ def get_config():
   config.optimizer = "sgd"
   config.learning_rate = 0.1
   config.momentum = 0.9
+  config.nesterov = True
   config.weight_decay = 1e-4
   config.lr_schedule = "cosine"
   config.warmup_steps = 200
