@@ -8,6 +8,7 @@ of the whole batch, and a run gives the same numbers on 1 or 4 devices.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -240,6 +241,7 @@ class Trainer:
               f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
           window, window_time = [], 0.0
     summary = {
+        "config": json.loads(config.to_json()),
         "method": config.pruning.method,
         "steps": num_steps,
         "devices": int(self.mesh.devices.size),

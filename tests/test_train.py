@@ -26,6 +26,9 @@ def test_binary_writes_metrics_final_json_and_curves_and_reaches_target(tiny_con
     final = json.load(f)
   assert final == json.loads(json.dumps(summary))
   assert final["steps"] == 40 and final["method"] == "gradual"
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert final["config"] == json.load(f)
+  assert final["config"]["pruning"]["sparsity"] == 0.8 and final["config"]["model"]["features"] == [32, 16]
   assert abs(final["sparsity"] - 0.8) <= 0.005
   for path, layer in final["layers"].items():  # uniform: every kernel at 80%
     assert abs(layer["sparsity"] - 0.8) <= 0.005, path
