@@ -33,6 +33,8 @@ def check_training_fields(config: ml_collections.ConfigDict) -> None:
   at_least(config.batch_size, 1, "batch_size")
   at_least(config.eval_batch_size, 1, "eval_batch_size")
   at_least(config.log_every, 1, "log_every")
+  at_least(config.checkpoint_every, 0, "checkpoint_every")
+  at_least(config.keep_checkpoints, 0, "keep_checkpoints")
   at_least(config.image_size, 0, "image_size")
   at_least(config.channels, 0, "channels")
   if config.num_train_steps <= 0:

@@ -23,14 +23,32 @@ TENSORBOARD_DIR = "tensorboard"
 class MetricWriter:
   """Writes scalar metrics to a new `workdir/metrics.jsonl` and to TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    """Opens the metrics of `workdir`.
+
+    Args:
+      workdir: the run's directory.
+      resume_step: None for a new run (metrics.jsonl must not exist yet: two
+        runs are never mixed); for a resumed run, the step it resumes from:
+        records after it (written before the run was killed) are dropped and
+        new ones appended.
+    """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, METRICS_FILE)
-    try:  # never mix two runs in one file
-      self._jsonl = open(path, "x", encoding="utf-8")
-    except FileExistsError as e:
-      raise FileExistsError(f"{path} exists: {workdir} already holds a run's metrics. Use a "
-                            "fresh workdir (or experiments.train's --overwrite).") from e
+    if resume_step is None:
+      try:
+        self._jsonl = open(path, "x", encoding="utf-8")
+      except FileExistsError as e:
+        raise FileExistsError(f"{path} exists: {workdir} already holds a run's metrics. Use a "
+                              "fresh workdir (or experiments.train's --overwrite).") from e
+    else:
+      kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step] \
+          if os.path.exists(path) else []
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(path + ".tmp", path)
+      self._jsonl = open(path, "a", encoding="utf-8")
+    # TensorBoard shows the newest value when a resumed run writes a step again.
     self._events = event_file_writer.EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:

@@ -62,10 +62,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   """Trains the dense baseline (if asked) and `config`; returns the final summary.
 
   A workdir that already holds this config's finished run is not retrained:
-  its saved summary is returned. Data and config are checked before anything
-  is written, so a run that cannot start leaves the workdir as it was.
+  its saved summary is returned; an unfinished one is resumed from its latest
+  checkpoint (the baseline first, if it had not finished). Data and config
+  are checked before anything is written, so a run that cannot start leaves
+  the workdir as it was.
   """
-  if workdir_lib.check(workdir, config, overwrite) is workdir_lib.Status.FINISHED:
+  status = workdir_lib.check(workdir, config, overwrite)
+  if status is workdir_lib.Status.FINISHED:
     print(f"{workdir} already holds this finished run; reporting its saved results.")
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
   pruned = trainer.Trainer(config, devices)
@@ -75,18 +78,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     dense_config.pruning.method = "dense"
     dense_config.dense_baseline = False
     dense = trainer.Trainer(dense_config, devices, data=pruned.data)
-  workdir_lib.start(workdir, config, overwrite)
+  if status is workdir_lib.Status.NEW:
+    workdir_lib.start(workdir, config, overwrite)
   baseline = None
   if dense is not None:
-    baseline_dir = os.path.join(workdir, BASELINE_DIR)
-    workdir_lib.start(baseline_dir, dense.config)
-    baseline = dense.fit(baseline_dir, label="dense").summary
-    workdir_lib.save_json(baseline_dir, workdir_lib.FINAL_FILE, baseline)
-  summary = pruned.fit(workdir, label=config.pruning.method).summary
+    baseline = _fit_or_load(dense, os.path.join(workdir, BASELINE_DIR), "dense")
+  summary = _fit_or_load(pruned, workdir, config.pruning.method, final=False)
   if baseline is not None:
     summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
   plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
   workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # written last: marks the run done
+  return summary
+
+
+def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str, final: bool = True) -> dict:
+  """Trains (or resumes) one run in `workdir`; a finished one is only read."""
+  status = workdir_lib.check(workdir, run_trainer.config)
+  if status is workdir_lib.Status.FINISHED:
+    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+  if status is workdir_lib.Status.NEW:
+    workdir_lib.start(workdir, run_trainer.config)
+  summary = run_trainer.fit(workdir, label=label,
+                            resume=status is workdir_lib.Status.RESUME).summary
+  if final:
+    workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)
   return summary
 
 

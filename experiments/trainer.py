@@ -9,6 +9,7 @@ of the whole batch, and a run gives the same numbers on 1 or 4 devices.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -20,11 +21,15 @@ import numpy as np
 import optax
 
 import sparsejax
+from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import config_checks
 from experiments import input_pipeline
 from experiments import methods
 from experiments import metrics as metrics_lib
 from experiments import models
+
+
+CHECKPOINT_DIR = "checkpoints"
 
 
 class TrainState(NamedTuple):
@@ -190,14 +195,35 @@ class Trainer:
     return {"loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"]}
 
-  def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "") -> Run:
-    """Trains from the initial state in `workdir`; returns final state and summary.
+  def save(self, manager: SparseCheckpointManager, state: TrainState) -> None:
+    """Checkpoints `state` at its step: params, packed masks, optimizer, BN and RNG."""
+    manager.save(int(state.step), params=state.params, masks=masks_of(state),
+                 opt_state=state.opt_state, train_state=_train_extras(state),
+                 meta={"config": json.loads(self.config.to_json())})
+
+  def restore(self, manager: SparseCheckpointManager) -> TrainState:
+    """The state of the latest checkpoint, placed like a fresh one (replicated)."""
+    like = self.initial_state()
+    restored = manager.restore(params_like=like.params, opt_state_like=like.opt_state,
+                               train_state_like=_train_extras(like))
+    extras = restored.train_state
+    state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
+                       batch_stats=extras.get("batch_stats", {}), opt_state=restored.opt_state,
+                       rng=extras["rng"])
+    return jax.device_put(state, self.replicated)
+
+  def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
+          resume: bool = False) -> Run:
+    """Trains in `workdir`; returns final state and summary.
 
     Evaluates on the eval split every epoch and at the end, logs a progress
-    line every `log_every` steps, and writes metrics.jsonl and TensorBoard
-    events to `workdir` (which must not hold metrics yet). The summary holds
-    the final train and test metrics, the achieved sparsity and its
-    per-layer split.
+    line every `log_every` steps, writes metrics.jsonl and TensorBoard events,
+    and checkpoints every `checkpoint_every` steps and at the end to
+    `workdir/checkpoints`. With `resume`, continues from the latest
+    checkpoint there (or from scratch if there is none), so a killed run
+    ends where an uninterrupted one would: the batches are a function of the
+    step, the RNG is in the state. The summary holds the final train and test
+    metrics, the achieved sparsity and its per-layer split.
     """
     config = self.config
     num_steps, per_epoch = self.num_steps, self.steps_per_epoch
@@ -207,7 +233,14 @@ class Trainer:
         f"{len(held_out.labels)} {config.eval_split} images of shape {train.images.shape[1:]}, "
         f"{num_steps} steps ({per_epoch} per epoch), method {config.pruning.method}, "
         f"{self.mesh.devices.size} device(s)")
-    state = self.initial_state()
+    manager = SparseCheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
+                                      max_to_keep=config.keep_checkpoints or None)
+    if resume and manager.latest_step() is not None:
+      state = self.restore(manager)
+      log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
+    else:
+      state = self.initial_state()
+    resume_step = int(state.step) if resume else None  # metrics after it are dropped
     compile_start = time.perf_counter()
     step_fn = self.train_step.lower(state, *self.batch(0)).compile()
     compile_s = time.perf_counter() - compile_start
@@ -215,7 +248,13 @@ class Trainer:
     window, window_time = [], 0.0  # steps since the last progress line, their time
     test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
     train_means = {}
-    with metrics_lib.MetricWriter(workdir) as writer:
+    with metrics_lib.MetricWriter(workdir, resume_step) as writer:
+      for record in metrics_lib.read_metrics(workdir):  # a resumed run's history
+        if record["split"] == "test":
+          test = {"loss": record["loss"], "accuracy": record["accuracy"]}
+          best = max(best, record["accuracy"])
+        else:
+          train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
       for step in range(int(state.step), num_steps):
         tick = time.perf_counter()
         state, step_metrics = step_fn(state, *self.batch(step))
@@ -240,6 +279,10 @@ class Trainer:
               f"train acc {train_means['accuracy']:.4f} | test acc {test['accuracy']:.4f} | "
               f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
           window, window_time = [], 0.0
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == num_steps:
+          writer.flush()  # metrics up to this step are on disk before its checkpoint
+          self.save(manager, state)
+    manager.close()  # waits for the last save
     summary = {
         "config": json.loads(config.to_json()),
         "method": config.pruning.method,
@@ -255,6 +298,14 @@ class Trainer:
         "layers": layer_sparsity(state),
     }
     return Run(state, summary)
+
+
+def _train_extras(state: TrainState) -> dict:
+  """What a resumed run needs besides params and optimizer: RNG, BatchNorm stats."""
+  extras = {"rng": state.rng}
+  if state.batch_stats:
+    extras["batch_stats"] = state.batch_stats
+  return extras
 
 
 def masks_of(state: TrainState):

@@ -1,9 +1,10 @@
 """A workdir holds one run: its config, metrics and results.
 
 `check` decides what may happen to an existing workdir: a fresh or empty
-one is used; one holding a finished run of the same config is reported, not
-retrained; anything else is refused unless the caller asks to overwrite, so
-nothing saved is lost silently.
+one is used; an unfinished run of the same config is resumed from its
+checkpoints; a finished one is reported, not retrained; anything else is
+refused unless the caller asks to overwrite, so nothing saved is lost
+silently.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 # Everything a run writes; --overwrite removes these and nothing else.
 RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "tensorboard", "curves.png",
-             "dense_baseline")
+             "checkpoints", "dense_baseline")
 
 
 class Status(enum.Enum):
   NEW = "new"            # nothing of a run here: train
+  RESUME = "resume"      # an unfinished run of the same config: continue it
   FINISHED = "finished"  # same config, final results present: nothing to do
 
 
@@ -78,12 +80,13 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   """What a run of `config` may do with `workdir`; reads only.
 
   Returns:
-    Status.FINISHED when the workdir already holds this config's final
-    results (and `overwrite` is False), else Status.NEW: training may start.
+    Status.NEW when no run is here (or `overwrite`), Status.RESUME for an
+    unfinished run of this config, Status.FINISHED when this config's final
+    results are here.
 
   Raises:
-    WorkdirError: the workdir holds a run of a different config, or an
-      unfinished run, and `overwrite` is False.
+    WorkdirError: the workdir holds a run of a different config, or run
+      files without a config, and `overwrite` is False.
   """
   present = _present(workdir)
   if not present or overwrite:
@@ -97,11 +100,7 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
     raise WorkdirError(
         f"Workdir {workdir} holds a run with a different config:\n  " + "\n  ".join(diff) +
         "\nPass --overwrite to replace that run, or use another --workdir.")
-  if FINAL_FILE in present:
-    return Status.FINISHED
-  raise WorkdirError(
-      f"Workdir {workdir} holds an unfinished run of this config. This binary cannot "
-      "resume it (it writes no checkpoints yet); pass --overwrite to start it again.")
+  return Status.FINISHED if FINAL_FILE in present else Status.RESUME
 
 
 def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> None:
@@ -113,8 +112,8 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   Raises:
     WorkdirError: as `check`, or when the workdir holds this finished run.
   """
-  if check(workdir, config, overwrite) is Status.FINISHED:
-    raise WorkdirError(f"Workdir {workdir} already holds this finished run.")
+  if check(workdir, config, overwrite) is not Status.NEW:
+    raise WorkdirError(f"Workdir {workdir} already holds a run of this config.")
   os.makedirs(workdir, exist_ok=True)
   for name in _present(workdir):
     path = os.path.join(workdir, name)

@@ -23,6 +23,7 @@ def tiny_config(digits_dir):
   config.batch_size = 128  # 11 steps per epoch: evals at 11, 22, 33 and 40
   config.num_train_steps = 40
   config.log_every = 10
+  config.checkpoint_every = 0  # only at the end
   config.pruning.sparsity = 0.8
   config.pruning.start_fraction = 0.1
   config.pruning.end_fraction = 0.5

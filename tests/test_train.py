@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 import sparsejax
+from sparsejax.checkpoint import SparseCheckpointManager
 from tests import reference
 from experiments import metrics as metrics_lib
 from experiments import train
@@ -20,8 +21,17 @@ def test_binary_writes_metrics_final_json_and_curves_and_reaches_target(tiny_con
   workdir = str(tmp_path / "run")
   summary = train.run(tiny_config, workdir)
 
-  assert sorted(os.listdir(workdir)) == ["config.json", "curves.png", "dense_baseline",
-                                         "final.json", "metrics.jsonl", "tensorboard"]
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "curves.png",
+                                         "dense_baseline", "final.json", "metrics.jsonl",
+                                         "tensorboard"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["40"]  # only the final one
+  with SparseCheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    like = jax.tree.map(np.zeros_like, trainer.Trainer(tiny_config).initial_state().params)
+    restored = manager.restore(params_like=like, masks_like=like)
+  for path, kernel in [("hidden_0", 64 * 32), ("hidden_1", 32 * 16), ("head", 16 * 10)]:
+    mask = np.asarray(restored.masks[path]["kernel"])
+    assert mask.sum() == round(0.2 * kernel)
+    assert np.all(np.asarray(restored.params[path]["kernel"])[~mask] == 0)
   with open(os.path.join(workdir, "final.json")) as f:
     final = json.load(f)
   assert final == json.loads(json.dumps(summary))

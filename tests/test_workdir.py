@@ -52,13 +52,26 @@ def test_finished_run_of_same_config_is_reported_not_retrained(finished_run):
   assert _snapshot(workdir) == before
 
 
-def test_unfinished_run_is_refused(finished_run):
-  config, workdir, _ = finished_run
-  os.remove(os.path.join(workdir, "final.json"))
-  before = _snapshot(workdir)
-  with pytest.raises(workdir_lib.WorkdirError, match="unfinished run of this config"):
-    train.run(config, workdir)
-  assert _snapshot(workdir) == before
+def test_unfinished_run_of_same_config_resumes_from_its_last_checkpoint(finished_run):
+  config, workdir, summary = finished_run
+  os.remove(os.path.join(workdir, "final.json"))  # as if killed after the final checkpoint
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    metrics = f.read()
+  resumed = train.run(config, workdir)
+  for key in ("test", "train", "sparsity", "layers"):
+    assert resumed[key] == summary[key], key
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert f.read() == metrics  # nothing retrained, nothing duplicated
+
+
+def test_run_files_without_a_config_are_refused(tmp_path, tiny_config):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text("{}\n")
+  with pytest.raises(workdir_lib.WorkdirError, match=r"holds run files \['metrics.jsonl'\] but no "
+                                                     r"config.json"):
+    train.run(tiny_config, str(workdir))
+  assert (workdir / "metrics.jsonl").read_text() == "{}\n"
 
 
 def test_overwrite_replaces_run_files_only(finished_run):
