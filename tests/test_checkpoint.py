@@ -129,6 +129,10 @@ def test_restore_into_another_model_names_the_leaf_and_both_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=r"leaf 'encoder/bias' of the target is not in the "
                                               r"checkpoint"):
       manager.restore(params_like=renamed)
+    as_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    with pytest.raises(CheckpointError, match=r"Item 'params': leaf 'head/bias' is float32 in the "
+                                              r"checkpoint but bfloat16 in the target"):
+      manager.restore(params_like=as_bf16)
     # Nothing was harmed: the right target still restores.
     chex.assert_trees_all_equal(manager.restore(params_like=params).params, params)
 

@@ -67,10 +67,6 @@ def _pack(masks: PyTree) -> dict[str, np.ndarray]:
   return {leaf.path: leaf.value for leaf in trees.named_leaves(masks_lib.pack_masks(masks))}
 
 
-def _shape_dtype(x) -> tuple[tuple[int, ...], str]:
-  return tuple(int(d) for d in np.shape(x)), str(np.dtype(x.dtype))
-
-
 def _check_fits(item: str, stored: PyTree, target: PyTree) -> None:
   """Raises CheckpointError naming the first leaf of `target` that `stored` lacks or sizes differently."""
   stored_leaves = {leaf.path: leaf.value for leaf in trees.named_leaves(stored)}
@@ -85,6 +81,12 @@ def _check_fits(item: str, stored: PyTree, target: PyTree) -> None:
       raise CheckpointError(
           f"Item {item!r}: leaf {leaf.path!r} has shape {tuple(have.shape)} in the checkpoint "
           f"but {tuple(np.shape(want))} in the target.")
+    have_dtype, want_dtype = getattr(have, "dtype", None), getattr(want, "dtype", None)
+    if have_dtype is not None and want_dtype is not None and \
+        np.dtype(have_dtype) != np.dtype(want_dtype):
+      raise CheckpointError(
+          f"Item {item!r}: leaf {leaf.path!r} is {np.dtype(have_dtype)} in the checkpoint but "
+          f"{np.dtype(want_dtype)} in the target (restoring would cast it).")
   extra = sorted(set(stored_leaves) - {leaf.path for leaf in target_leaves})
   if extra:
     raise CheckpointError(
