@@ -35,6 +35,11 @@ def check_training_fields(config: ml_collections.ConfigDict) -> None:
   at_least(config.log_every, 1, "log_every")
   at_least(config.checkpoint_every, 0, "checkpoint_every")
   at_least(config.keep_checkpoints, 0, "keep_checkpoints")
+  if config.checkpoint_every % config.log_every:
+    raise ConfigError(
+        f"config.checkpoint_every={config.checkpoint_every} must be a multiple of "
+        f"config.log_every={config.log_every}: a checkpoint then falls where a progress window "
+        "ends, so a resumed run logs the same metrics as an uninterrupted one.")
   at_least(config.image_size, 0, "image_size")
   at_least(config.channels, 0, "channels")
   if config.num_train_steps <= 0:

@@ -21,7 +21,7 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricWriter:
-  """Writes scalar metrics to a new `workdir/metrics.jsonl` and to TensorBoard."""
+  """Writes scalar metrics to `workdir/metrics.jsonl` and to TensorBoard."""
 
   def __init__(self, workdir: str, resume_step: int | None = None):
     """Opens the metrics of `workdir`.
@@ -42,8 +42,8 @@ class MetricWriter:
         raise FileExistsError(f"{path} exists: {workdir} already holds a run's metrics. Use a "
                               "fresh workdir (or experiments.train's --overwrite).") from e
     else:
-      kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step] \
-          if os.path.exists(path) else []
+      kept = [r for r in _read_records(path, tolerate_torn_end=True)
+              if r["step"] <= resume_step] if os.path.exists(path) else []
       with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(path + ".tmp", path)
@@ -77,6 +77,20 @@ class MetricWriter:
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   """The records of `workdir/metrics.jsonl`, optionally of one split."""
-  with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = _read_records(os.path.join(workdir, METRICS_FILE))
   return [r for r in records if split is None or r["split"] == split]
+
+
+def _read_records(path: str, tolerate_torn_end: bool = False) -> list[dict]:
+  """Parses JSON lines; a killed writer may leave a torn last line, dropped if tolerated."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if tolerate_torn_end and i == len(lines) - 1:
+        break
+      raise
+  return records

@@ -83,7 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   baseline = None
   if dense is not None:
     baseline = _fit_or_load(dense, os.path.join(workdir, BASELINE_DIR), "dense")
-  summary = _fit_or_load(pruned, workdir, config.pruning.method, final=False)
+  summary = pruned.fit(workdir, label=config.pruning.method,
+                       resume=status is workdir_lib.Status.RESUME).summary
   if baseline is not None:
     summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
   plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
@@ -91,8 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   return summary
 
 
-def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str, final: bool = True) -> dict:
-  """Trains (or resumes) one run in `workdir`; a finished one is only read."""
+def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str) -> dict:
+  """Trains (or resumes) the sub-run in `workdir`; a finished one is only read."""
   status = workdir_lib.check(workdir, run_trainer.config)
   if status is workdir_lib.Status.FINISHED:
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
@@ -100,8 +101,7 @@ def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str, final: 
     workdir_lib.start(workdir, run_trainer.config)
   summary = run_trainer.fit(workdir, label=label,
                             resume=status is workdir_lib.Status.RESUME).summary
-  if final:
-    workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)
+  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)
   return summary
 
 

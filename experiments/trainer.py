@@ -235,54 +235,57 @@ class Trainer:
         f"{self.mesh.devices.size} device(s)")
     manager = SparseCheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints or None)
-    if resume and manager.latest_step() is not None:
-      state = self.restore(manager)
-      log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
-    else:
-      state = self.initial_state()
-    resume_step = int(state.step) if resume else None  # metrics after it are dropped
-    compile_start = time.perf_counter()
-    step_fn = self.train_step.lower(state, *self.batch(0)).compile()
-    compile_s = time.perf_counter() - compile_start
-    start = time.perf_counter()
-    window, window_time = [], 0.0  # steps since the last progress line, their time
-    test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
-    train_means = {}
-    with metrics_lib.MetricWriter(workdir, resume_step) as writer:
-      for record in metrics_lib.read_metrics(workdir):  # a resumed run's history
-        if record["split"] == "test":
-          test = {"loss": record["loss"], "accuracy": record["accuracy"]}
-          best = max(best, record["accuracy"])
-        else:
-          train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
-      for step in range(int(state.step), num_steps):
-        tick = time.perf_counter()
-        state, step_metrics = step_fn(state, *self.batch(step))
-        window.append(step_metrics)
-        done = step + 1
-        log_now = done % config.log_every == 0 or done == num_steps
-        eval_now = done % per_epoch == 0 or done == num_steps
-        if log_now or eval_now:
-          jax.block_until_ready(state)  # so the time below is the steps', not the eval's
-        window_time += time.perf_counter() - tick
-        if eval_now:
-          test = self.evaluate(state)
-          best = max(best, test["accuracy"])
-          writer.write(done, "test", {**test, "sparsity": sparsity_of(state)})
-        if log_now:
-          train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-          rate = len(window) / window_time  # training only: evals and compilation excluded
-          sparsity = sparsity_of(state)
-          writer.write(done, "train", {**train_means, "sparsity": sparsity, "steps_per_second": rate})
-          writer.flush()
-          log(f"{prefix}step {done:6d}/{num_steps} | loss {train_means['loss']:.4f} | "
-              f"train acc {train_means['accuracy']:.4f} | test acc {test['accuracy']:.4f} | "
-              f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
-          window, window_time = [], 0.0
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == num_steps:
-          writer.flush()  # metrics up to this step are on disk before its checkpoint
-          self.save(manager, state)
-    manager.close()  # waits for the last save
+    try:
+      if resume and manager.latest_step() is not None:
+        state = self.restore(manager)
+        log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
+      else:
+        state = self.initial_state()
+      resume_step = int(state.step) if resume else None  # metrics after it are dropped
+      compile_start = time.perf_counter()
+      step_fn = self.train_step.lower(state, *self.batch(0)).compile()
+      compile_s = time.perf_counter() - compile_start
+      start = time.perf_counter()
+      window, window_time = [], 0.0  # steps since the last progress line, their time
+      test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
+      train_means = {}
+      with metrics_lib.MetricWriter(workdir, resume_step) as writer:
+        for record in metrics_lib.read_metrics(workdir):  # a resumed run's history
+          if record["split"] == "test":
+            test = {"loss": record["loss"], "accuracy": record["accuracy"]}
+            best = max(best, record["accuracy"])
+          else:
+            train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
+        for step in range(int(state.step), num_steps):
+          tick = time.perf_counter()
+          state, step_metrics = step_fn(state, *self.batch(step))
+          window.append(step_metrics)
+          done = step + 1
+          log_now = done % config.log_every == 0 or done == num_steps
+          eval_now = done % per_epoch == 0 or done == num_steps
+          if log_now or eval_now:
+            jax.block_until_ready(state)  # so the time below is the steps', not the eval's
+          window_time += time.perf_counter() - tick
+          if eval_now:
+            test = self.evaluate(state)
+            best = max(best, test["accuracy"])
+            writer.write(done, "test", {**test, "sparsity": sparsity_of(state)})
+          if log_now:
+            train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+            rate = len(window) / window_time  # training only: evals and compilation excluded
+            sparsity = sparsity_of(state)
+            writer.write(done, "train",
+                         {**train_means, "sparsity": sparsity, "steps_per_second": rate})
+            writer.flush()
+            log(f"{prefix}step {done:6d}/{num_steps} | loss {train_means['loss']:.4f} | "
+                f"train acc {train_means['accuracy']:.4f} | test acc {test['accuracy']:.4f} | "
+                f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
+            window, window_time = [], 0.0
+          if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == num_steps:
+            writer.flush()  # metrics up to this step are on disk before its checkpoint
+            self.save(manager, state)
+    finally:
+      manager.close()  # waits for the last save, also when training fails
     summary = {
         "config": json.loads(config.to_json()),
         "method": config.pruning.method,

@@ -183,15 +183,28 @@ def test_keep_last_n_and_keep_best(tmp_path):
     assert sorted(manager.all_steps()) == [1, 3] and manager.best_step() == 1
 
 
-def test_unfinished_save_is_never_the_latest_step(tmp_path):
-  params = _params()
+def test_masks_into_a_model_with_an_extra_layer_is_an_error(tmp_path):
+  params, masks, _ = _trained_state()
   with SparseCheckpointManager(str(tmp_path)) as manager:
-    manager.save(5, params=params)
-  partial = tmp_path / "6.orbax-checkpoint-tmp-1234"  # what a killed save leaves behind
-  (partial / "params").mkdir(parents=True)
+    manager.save(1, params=params, masks=masks)
+    deeper = {**_params(), "extra": {"kernel": jnp.ones((10, 10)), "bias": jnp.ones(10)}}
+    with pytest.raises(CheckpointError, match=r"leaf 'extra/bias' of the target is not in the "
+                                              r"checkpoint's model"):
+      manager.restore(masks_like=deeper)
+
+
+def test_a_damaged_meta_item_does_not_block_restoring_the_others(tmp_path):
+  params, masks, _ = _trained_state()
   with SparseCheckpointManager(str(tmp_path)) as manager:
-    assert manager.latest_step() == 5
-    assert manager.restore(params_like=params).step == 5
+    manager.save(1, params=params, masks=masks)
+  with open(tmp_path / "1" / "meta" / "metadata", "w") as f:
+    f.write('{"step": 1, "mask_sh')  # truncated JSON
+  with SparseCheckpointManager(str(tmp_path)) as manager:
+    with pytest.warns(UserWarning, match=r"Item\(s\) \['meta'\] of step 1 .* cannot be read"):
+      restored = manager.restore(params_like=params, masks_like=params)
+  assert restored.meta is None
+  chex.assert_trees_all_equal(restored.params, params)
+  np.testing.assert_array_equal(restored.masks["head"]["kernel"], masks["head"]["kernel"])
 
 
 def test_restore_without_checkpoint_is_a_clear_error(tmp_path):

@@ -19,7 +19,7 @@ def _command(workdir, data_dir):
   return [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py",
           f"--workdir={workdir}", f"--config.data_dir={data_dir}",
           "--config.model.features=(512,512)", "--config.num_train_steps=1200",
-          "--config.checkpoint_every=100", "--config.log_every=100",
+          "--config.checkpoint_every=150", "--config.log_every=50",
           "--config.pruning.update_every=25", "--config.dense_baseline=False"]
 
 
@@ -31,6 +31,15 @@ def _finished_steps(directory):
   if not os.path.isdir(directory):
     return []
   return [int(name) for name in os.listdir(directory) if name.isdigit()]
+
+
+def _metrics_past_checkpoint(workdir, at_least):
+  latest = max(_finished_steps(os.path.join(workdir, "checkpoints")), default=0)
+  if latest < at_least:
+    return False
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in f if '"step": ' in line]
+  return max(steps) > latest
 
 
 def _final_items(workdir):
@@ -53,10 +62,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one_bitwise(digits_dir,
   process = subprocess.Popen(_command(killed, digits_dir), cwd=ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while max(_finished_steps(os.path.join(killed, "checkpoints")), default=0) < 500:
+  # Kill once metrics past the latest checkpoint are on disk: the resumed run
+  # must drop and replay them.
+  while not _metrics_past_checkpoint(killed, at_least=450):
     assert process.poll() is None, "the run ended before it could be killed"
     assert time.time() < deadline
-    time.sleep(0.05)
+    time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert not os.path.exists(os.path.join(killed, "final.json"))  # killed mid-way

@@ -184,6 +184,7 @@ def test_train_step_gives_same_numbers_with_and_without_jit(tiny_config):
 @pytest.mark.parametrize("field, value, message", [
     ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
     ("eval_batch_size", 0, r"config.eval_batch_size=0 must be an integer >= 1"),
+    ("checkpoint_every", 15, r"config.checkpoint_every=15 must be a multiple of config.log_every=10"),
     ("batch_size", 5000, r"config.batch_size=5000 exceeds the 1437 training examples"),
     ("eval_split", "train", r"config.train_split and config.eval_split are both 'train'"),
     ("model", {"name": "mlp", "width": 3}, r"config.model: unknown argument\(s\) for model 'mlp': width"),

@@ -1,5 +1,6 @@
 """What the binary may do with an existing workdir; nothing saved is lost silently."""
 
+import json
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from experiments import metrics as metrics_lib
 from experiments import train
 from experiments import workdir as workdir_lib
 
@@ -107,6 +109,7 @@ def test_cli_unknown_config_key_is_a_one_line_error(tmp_path):
 def test_cli_runs_default_config_and_prints_final_line(digits_dir, tmp_path):
   out = _cli("--config=experiments/configs/default.py", f"--workdir={tmp_path}",
              f"--config.data_dir={digits_dir}", "--config.num_epochs=6", "--config.log_every=22",
+             "--config.checkpoint_every=44",
              "--config.pruning.update_every=5")
   assert out.returncode == 0, out.stderr
   last = out.stdout.strip().splitlines()[-1]
@@ -117,3 +120,14 @@ def test_cli_runs_default_config_and_prints_final_line(digits_dir, tmp_path):
   assert sparsity == 0.9  # 50200 prunable weights, each kernel's count divisible by 10
   assert dense > 0.8 and pruned > 0.5  # chance is 0.1
   assert "[gradual] step     66/66" in out.stdout
+
+
+def test_resumed_metrics_drop_records_after_the_checkpoint_and_a_torn_last_line(tmp_path):
+  lines = [{"step": 10, "split": "train", "loss": 1.0}, {"step": 20, "split": "train", "loss": 0.5}]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in lines)
+    f.write('{"step": 30, "split": "tr')  # the writer was killed mid-line
+  with metrics_lib.MetricWriter(str(tmp_path), resume_step=10) as writer:
+    writer.write(20, "train", {"loss": 0.25})
+  assert metrics_lib.read_metrics(str(tmp_path)) == [
+      lines[0], {"step": 20, "split": "train", "loss": 0.25}]

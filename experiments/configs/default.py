@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 150     # 11 steps per epoch on the 1437 training digits
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.log_every = 150      # steps between progress lines
-  config.checkpoint_every = 275  # steps between checkpoints (0: only the final one)
+  config.checkpoint_every = 300  # steps between checkpoints, a multiple of log_every (0: at the end)
   config.keep_checkpoints = 2    # newest checkpoints kept (0: all)
 
   config.pruning = ml_collections.ConfigDict()

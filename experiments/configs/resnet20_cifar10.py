@@ -29,6 +29,7 @@ def get_config():
   config.batch_size = 128
   config.num_epochs = 160
   config.log_every = 200
+  config.checkpoint_every = 2000
   config.pruning.allocation = "erk"
   config.pruning.start_fraction = 0.1
   config.pruning.end_fraction = 0.6

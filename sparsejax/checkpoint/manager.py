@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +55,7 @@ class Restored(NamedTuple):
 
 
 def package_versions() -> dict[str, str]:
+  """Installed versions of sparsejax and the JAX stack, recorded in `meta`."""
   out = {}
   for name in _VERSIONED:
     try:
@@ -136,11 +138,19 @@ class SparseCheckpointManager:
   def save(self, step: int, *, params: PyTree = None, masks: PyTree = None, opt_state: PyTree = None,
            train_state: PyTree = None, rewind: PyTree = None, meta: dict | None = None,
            metrics: dict | None = None, level: int | None = None) -> bool:
-    """Saves the given items at `step`; returns whether a save was started.
+    """Saves the given items at `step` (asynchronously unless disabled).
 
-    `masks` (bool, None for unpruned leaves) are packed to 1 bit per weight;
-    `meta` is completed with the step, level, mask shapes, per-leaf sparsity
-    and package versions.
+    Args:
+      step: the step number; a step already saved is an Orbax error.
+      params, opt_state, train_state, rewind: pytrees saved as they are.
+      masks: bool masks (None for unpruned leaves), packed to 1 bit per weight.
+      meta: JSON-serialisable fields (the config, ...), completed with the
+        step, level, mask shapes, per-leaf sparsity and package versions.
+      metrics: {name: value}, used by `best_metric`.
+      level: the pruning level (lottery runs).
+
+    Returns:
+      Whether a save was started (Orbax may skip one by its save policy).
     """
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
              "rewind": rewind}
@@ -151,7 +161,11 @@ class SparseCheckpointManager:
       if params is not None:
         trees.check_same_structure(params, masks)
       args["masks"] = ocp.args.StandardSave(_pack(masks))
-      meta["mask_shapes"] = {leaf.path: list(np.shape(leaf.value)) for leaf in trees.named_leaves(masks)}
+      meta["mask_shapes"] = {leaf.path: list(np.shape(leaf.value))
+                             for leaf in trees.named_leaves(masks)}
+      # Every leaf of the model, pruned or not: a masks-only restore into
+      # another architecture must fail, not leave its extra layers dense.
+      meta["mask_tree_paths"] = [leaf.path for leaf in trees.named_leaves(masks, keep_none=True)]
       meta["sparsity"] = {path: leaf.sparsity
                           for path, leaf in masks_lib.sparsity_report(masks).leaves.items()}
     args["meta"] = ocp.args.JsonSave(meta)
@@ -183,7 +197,11 @@ class SparseCheckpointManager:
     targets = {"params": params_like, "opt_state": opt_state_like,
                "train_state": train_state_like, "rewind": rewind_like}
     targets = {name: target for name, target in targets.items() if target is not None}
-    meta = self._read(step, {"meta": ocp.args.JsonRestore()}).meta
+    try:
+      meta = self._read(step, {"meta": ocp.args.JsonRestore()}).meta
+    except CheckpointError as e:  # the other items are still worth restoring
+      warnings.warn(f"{e}; restoring without it.")
+      meta = None
     args = {}
     for name, target in targets.items():
       _check_fits(name, self._stored_tree(step, name), target)
@@ -222,8 +240,16 @@ class SparseCheckpointManager:
   def _packed_target(self, step: int, meta: dict, masks_like: PyTree) -> dict:
     """The packed uint8 arrays to expect, checked against the target's shapes."""
     stored = {leaf.path: leaf.value for leaf in trees.named_leaves(self._stored_tree(step, "masks"))}
+    meta = meta or {}
     stored_shapes = meta.get("mask_shapes", {})
     wanted = {leaf.path: leaf.value for leaf in trees.named_leaves(masks_like)}
+    if "mask_tree_paths" in meta:
+      stored_paths = set(meta["mask_tree_paths"])
+      missing = [path for path in wanted if path not in stored_paths]
+      if missing:
+        raise CheckpointError(
+            f"Item 'masks': leaf {missing[0]!r} of the target is not in the checkpoint's model: "
+            "a checkpoint of another model?")
     target = {}
     for path, packed in stored.items():
       if path not in wanted:
