@@ -207,6 +207,15 @@ def test_a_damaged_meta_item_does_not_block_restoring_the_others(tmp_path):
   np.testing.assert_array_equal(restored.masks["head"]["kernel"], masks["head"]["kernel"])
 
 
+def test_relative_directory_works(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  params, masks, _ = _trained_state()
+  with SparseCheckpointManager("runs/ckpt") as manager:
+    manager.save(2, params=params, masks=masks)
+    chex.assert_trees_all_equal(manager.restore(params_like=params).params, params)
+  assert (tmp_path / "runs" / "ckpt" / "2" / "masks").is_dir()
+
+
 def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
   with SparseCheckpointManager(str(tmp_path)) as manager:
     with pytest.raises(CheckpointError, match="No checkpoint in"):

@@ -90,9 +90,9 @@ def test_overwrite_replaces_run_files_only(finished_run):
     assert len([line for line in f if '"train"' in line]) == 2
 
 
-def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+def _cli(*args, cwd=ROOT):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
@@ -107,11 +107,12 @@ def test_cli_unknown_config_key_is_a_one_line_error(tmp_path):
 
 
 def test_cli_runs_default_config_and_prints_final_line(digits_dir, tmp_path):
-  out = _cli("--config=experiments/configs/default.py", f"--workdir={tmp_path}",
+  # A relative --workdir, as in the README (Orbax itself needs absolute paths).
+  out = _cli(f"--config={ROOT}/experiments/configs/default.py", "--workdir=runs/default",
              f"--config.data_dir={digits_dir}", "--config.num_epochs=6", "--config.log_every=22",
-             "--config.checkpoint_every=44",
-             "--config.pruning.update_every=5")
+             "--config.checkpoint_every=44", "--config.pruning.update_every=5", cwd=tmp_path)
   assert out.returncode == 0, out.stderr
+  assert sorted(os.listdir(tmp_path / "runs" / "default" / "checkpoints")) == ["44", "66"]
   last = out.stdout.strip().splitlines()[-1]
   match = re.fullmatch(r"dense test accuracy ([\d.]+) \| pruned test accuracy ([\d.]+) "
                        r"\| sparsity ([\d.]+) \(gradual, uniform\)", last)

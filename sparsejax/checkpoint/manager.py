@@ -129,7 +129,7 @@ class SparseCheckpointManager:
         best_mode=best_mode,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    self.directory = str(directory)
+    self.directory = os.path.abspath(directory)  # Orbax refuses relative paths
     # Handlers named up front, so a new manager can read metadata of old steps.
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["meta"] = ocp.JsonCheckpointHandler()
