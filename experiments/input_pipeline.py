@@ -10,6 +10,7 @@ into numpy arrays; the batch at training step t is a pure function of
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -170,8 +171,14 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
   """
   per_epoch = steps_per_epoch(num_examples, batch_size)
   epoch, index = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return order[index * batch_size:(index + 1) * batch_size]
+  order = _epoch_order(num_examples, seed, epoch)
+  return order[index * batch_size:(index + 1) * batch_size].copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The permutation of one epoch, drawn once per epoch rather than once per step."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 def eval_batches(split: Split, batch_size: int):
