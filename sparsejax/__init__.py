@@ -5,6 +5,7 @@ from sparsejax.gradual import GradualMagnitudePruning
 from sparsejax.gradual import PruningState
 from sparsejax.gradual import find_pruning_state
 from sparsejax.gradual import masked_params
+from sparsejax.gradual import with_masks
 from sparsejax.masks import SparsityReport
 from sparsejax.masks import apply_masks
 from sparsejax.masks import pack_masks
@@ -14,6 +15,7 @@ from sparsejax.pruning import compute_masks
 from sparsejax.pruning import magnitude_masks
 from sparsejax.pruning import random_masks
 from sparsejax.schedules import ConstantSchedule
+from sparsejax.schedules import FixedMaskSchedule
 from sparsejax.schedules import OneShotSchedule
 from sparsejax.schedules import PolynomialSchedule
 from sparsejax.scores import magnitude_score
@@ -23,10 +25,13 @@ from sparsejax.selection import topk_mask
 from sparsejax.selection import topk_masks
 from sparsejax.trees import default_filter
 
+from sparsejax import lottery
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ConstantSchedule",
+    "FixedMaskSchedule",
     "GradualMagnitudePruning",
     "OneShotSchedule",
     "PolynomialSchedule",
@@ -39,6 +44,7 @@ __all__ = [
     "find_pruning_state",
     "magnitude_masks",
     "magnitude_score",
+    "lottery",
     "masked_params",
     "nm_mask",
     "pack_masks",
@@ -48,4 +54,5 @@ __all__ = [
     "topk_mask",
     "topk_masks",
     "unpack_masks",
+    "with_masks",
 ]

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax import allocation as allocation_lib
@@ -58,6 +59,33 @@ def find_pruning_state(opt_state: optax.OptState) -> PruningState:
     raise ValueError("no PruningState in this optimizer state: was the optimizer "
                      "built with GradualMagnitudePruning(...).wrap(tx)?")
   return found[0]
+
+
+def with_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
+  """The optimizer state with `masks` in its `PruningState` (e.g. a new IMP level).
+
+  The next update zeroes the weights the new masks prune; with a
+  `FixedMaskSchedule` the masks then stay as given.
+
+  Raises:
+    ValueError: if the state holds no PruningState, or `masks` does not have
+      the structure and shapes of the masks it replaces (names the leaf).
+  """
+  current = trees.named_leaves(find_pruning_state(opt_state).masks, keep_none=True)
+  given = trees.named_leaves(masks, keep_none=True)
+  if [leaf.path for leaf in current] != [leaf.path for leaf in given]:
+    raise ValueError(f"new masks have leaves {[l.path for l in given]}, but the optimizer "
+                     f"state's masks have {[l.path for l in current]}.")
+  for old, new in zip(current, given):
+    if (old.value is None) != (new.value is None) or np.shape(old.value) != np.shape(new.value):
+      raise ValueError(
+          f"new mask '{new.path}' has shape {None if new.value is None else np.shape(new.value)}"
+          f" but the optimizer state's has "
+          f"{None if old.value is None else np.shape(old.value)} (None: not pruned).")
+  masks = jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks,
+                       is_leaf=lambda x: x is None)
+  return jax.tree.map(lambda s: s._replace(masks=masks) if isinstance(s, PruningState) else s,
+                      opt_state, is_leaf=lambda x: isinstance(x, PruningState))
 
 
 def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:

@@ -51,6 +51,34 @@ class ConstantSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class FixedMaskSchedule:
+  """Masks are never recomputed: they stay what the pruning state holds.
+
+  For training with masks chosen elsewhere, as in each level of iterative
+  magnitude pruning: build the optimizer with
+  `GradualMagnitudePruning(FixedMaskSchedule()).wrap(tx)` and put the masks
+  into its state with `sparsejax.with_masks`. Until then the masks are dense.
+
+  >>> bool(FixedMaskSchedule().is_update_step(0))
+  False
+  """
+
+  @property
+  def final_sparsity(self) -> float:
+    return 0.0  # per-leaf targets are unused: no update step ever asks for them
+
+  def with_final(self, sparsity) -> "FixedMaskSchedule":
+    del sparsity
+    return self
+
+  def __call__(self, step) -> jax.Array:
+    return 0 * jnp.asarray(step, jnp.float32)
+
+  def is_update_step(self, step) -> jax.Array:
+    return jnp.zeros(jnp.shape(step), bool)
+
+
+@dataclasses.dataclass(frozen=True)
 class OneShotSchedule:
   """Dense until `step`, then `sparsity`; masks computed once, at `step`.
 

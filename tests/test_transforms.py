@@ -1,6 +1,7 @@
 """The same pruning training step gives the same masks and weights eagerly,
 under jit, under pmap and under jit with a data-parallel NamedSharding over
-4 CPU devices (XLA_FLAGS set in conftest.py)."""
+4 CPU devices (XLA_FLAGS set in conftest.py): for gradual magnitude pruning
+and for an IMP level (masks from `lottery.prune_level`, held fixed)."""
 
 import functools
 
@@ -17,9 +18,11 @@ from tests import reference
 
 DEVICES = 4
 # Masks recomputed at steps 0 and 2 (global threshold), fixed afterwards.
-TX = sparsejax.GradualMagnitudePruning(
+GMP = sparsejax.GradualMagnitudePruning(
     sparsejax.PolynomialSchedule(0.0, 0.7, begin_step=0, end_step=4, update_frequency=2),
     allocation="global").wrap(optax.adam(1e-2))
+# An IMP level: masks of two 50% levels set into the state, never recomputed.
+FIXED = sparsejax.GradualMagnitudePruning(sparsejax.FixedMaskSchedule()).wrap(optax.adam(1e-2))
 STEPS = 5
 
 
@@ -30,11 +33,11 @@ def _grads(params, x, y):
   return jax.grad(loss)(params)
 
 
-def _step(params, opt_state, x, y, axis_name=None):
+def _step(tx, params, opt_state, x, y, axis_name=None):
   grads = _grads(params, x, y)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-  updates, opt_state = TX.update(grads, opt_state, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 
 
@@ -44,18 +47,24 @@ def _run(step_fn, params, opt_state, x, y):
   return params, opt_state.masks
 
 
-@pytest.fixture(scope="module")
-def start():
+@pytest.fixture(scope="module", params=["gmp", "imp_level"])
+def start(request):
+  """(step function, params, opt_state, x, y) for one method."""
   if jax.device_count() < DEVICES:
     pytest.skip(f"needs {DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
   params = models.linen_params(seed=3)
   x, y = models.batch(seed=4, size=64)
-  return params, TX.init(params), x, y
+  if request.param == "gmp":
+    return functools.partial(_step, GMP), params, GMP.init(params), x, y
+  masks = sparsejax.lottery.prune_level(params, None, 0.5)
+  masks = sparsejax.lottery.prune_level(params, masks, 0.5, allocation="global")
+  return functools.partial(_step, FIXED), params, sparsejax.with_masks(FIXED.init(params), masks), x, y
 
 
 @pytest.fixture(scope="module")
 def jitted(start):
-  return _run(jax.jit(_step), *start)
+  step, *rest = start
+  return _run(jax.jit(step), *rest)
 
 
 def _assert_same(result, expected):
@@ -67,21 +76,23 @@ def _assert_same(result, expected):
       assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
 
 
-def test_masks_reach_target_after_jitted_steps(jitted):
+def test_masks_reach_target_after_jitted_steps(start, jitted):
   report = sparsejax.sparsity_report(jitted[1])
-  assert report.kept == round(0.3 * report.size)
+  # gmp: 70% global; imp_level: 50% of each leaf (exact halves), then 50% of the rest.
+  expected = 0.3 * report.size if start[0].args[0] is GMP else 0.25 * report.size
+  assert report.kept == round(expected)
 
 
 def test_eager_step_matches_jit(start, jitted):
   with jax.disable_jit():
-    _assert_same(_run(_step, *start), jitted)
+    _assert_same(_run(*start), jitted)
 
 
 def test_pmap_step_matches_jit(start, jitted):
-  params, opt_state, x, y = start
+  step, params, opt_state, x, y = start
   replicate = lambda tree: jax.tree.map(lambda a: np.stack([np.asarray(a)] * DEVICES), tree)
   shard = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
-  step = jax.pmap(functools.partial(_step, axis_name="data"), axis_name="data")
+  step = jax.pmap(functools.partial(step, axis_name="data"), axis_name="data")
   params, opt_state = replicate(params), replicate(opt_state)
   for _ in range(STEPS):
     params, opt_state = step(params, opt_state, shard(x), shard(y))
@@ -90,13 +101,13 @@ def test_pmap_step_matches_jit(start, jitted):
 
 
 def test_sharded_jit_step_matches_jit(start, jitted):
-  params, opt_state, x, y = start
+  step, params, opt_state, x, y = start
   mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
   replicated = NamedSharding(mesh, PartitionSpec())
   by_batch = NamedSharding(mesh, PartitionSpec("data"))
   params, opt_state = jax.device_put((params, opt_state), replicated)
   x, y = jax.device_put((x, y), by_batch)
-  step = jax.jit(_step, out_shardings=(replicated, replicated))
+  step = jax.jit(step, out_shardings=(replicated, replicated))
   result = _run(step, params, opt_state, x, y)
   assert result[0]["Dense_0"]["kernel"].sharding.is_fully_replicated
   _assert_same(result, jitted)
