@@ -37,10 +37,14 @@ def _compile(pattern: str, key: str):
     raise ConfigError(f"config.{key}={pattern!r} is not a valid regex: {e}") from e
 
 
-def leaf_filter(pruning: ml_collections.ConfigDict) -> Callable[[str, object], bool]:
-  """Prunable leaves: ndim >= 2, path matching `include`, not `exclude`."""
-  include = _compile(pruning.include, "pruning.include")
-  exclude = _compile(pruning.exclude, "pruning.exclude")
+def leaf_filter(pruning: ml_collections.ConfigDict,
+                section: str = "pruning") -> Callable[[str, object], bool]:
+  """Prunable leaves: ndim >= 2, path matching `include`, not `exclude`.
+
+  `section` is the config section's name, for error messages.
+  """
+  include = _compile(pruning.include, f"{section}.include")
+  exclude = _compile(pruning.exclude, f"{section}.exclude")
 
   def keep(path: str, leaf) -> bool:
     if not sparsejax.default_filter(path, leaf):
@@ -134,14 +138,34 @@ def base_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
   return tx
 
 
+def method_name(config: ml_collections.ConfigDict) -> str:
+  """'lottery' for a lottery config (it has a `lottery` section), else pruning.method."""
+  return "lottery" if "lottery" in config else config.pruning.method
+
+
+def target_sparsity(config: ml_collections.ConfigDict, achieved: float) -> float:
+  """The sparsity a run aims for; a lottery level's is its masks' (`achieved`)."""
+  method = method_name(config)
+  if method == "lottery":
+    return achieved
+  return 0.0 if method == "dense" else config.pruning.sparsity
+
+
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
   """The full optimizer: base optimizer, wrapped for pruning unless dense.
+
+  A lottery config (with a `lottery` section) gets masks that never change
+  by themselves (`sparsejax.FixedMaskSchedule`, dense at init): each IMP
+  level sets its masks into the state with `sparsejax.with_masks`.
 
   Raises:
     ConfigError: a value, or a combination of values, that cannot work; the
       message names the config key.
   """
   tx = base_optimizer(config, num_steps)
+  if method_name(config) == "lottery":
+    return sparsejax.GradualMagnitudePruning(
+        sparsejax.FixedMaskSchedule(), leaf_filter=leaf_filter(config.lottery, "lottery")).wrap(tx)
   schedule = pruning_schedule(config.pruning, num_steps)
   if schedule is None:
     return tx

@@ -15,28 +15,21 @@ curves.png; the last line printed compares dense and pruned test accuracy.
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 
 from absl import app
-from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
+from experiments import cli
 from experiments import config_checks
 from experiments import input_pipeline
 from experiments import plots
 from experiments import trainer
 from experiments import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. experiments/configs/default.py.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and results.")
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace a run already in --workdir (only the files a run writes).")
 
 BASELINE_DIR = "dense_baseline"
 
@@ -67,6 +60,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   are checked before anything is written, so a run that cannot start leaves
   the workdir as it was.
   """
+  if "lottery" in config:
+    raise config_checks.ConfigError(
+        "this is a lottery config (it has a `lottery` section): run it with "
+        "python -m experiments.lottery.")
   status = workdir_lib.check(workdir, config, overwrite)
   if status is workdir_lib.Status.FINISHED:
     print(f"{workdir} already holds this finished run; reporting its saved results.")
@@ -105,51 +102,18 @@ def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str) -> dict
   return summary
 
 
-def _unknown_overrides(argv: list[str]) -> list[str]:
-  """The --config.<key> overrides of `argv` naming a key the config file lacks."""
-  config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if config_file is None:
-    return []
-  config = runpy.run_path(config_file)["get_config"]()
-  unknown = []
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    node, path = config, arg[len("--config."):].split("=", 1)[0].split(".")
-    for part in path:
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        unknown.append("--config." + ".".join(path))
-        break
-      node = node[part]
-  return unknown
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error for an unknown --config key."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:  # how ml_collections reports unknown keys
-    unknown = _unknown_overrides(argv)
-    if not unknown:
-      raise  # not an override: a real error, keep its traceback
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    detail = str(e.args[0] if e.args else e).replace("\n", "; ")
-    sys.exit(f"error: unknown config key {unknown[0]} (the config has no such field): {detail}")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _WORKDIR.value:
+  if cli.CONFIG.value is None or not cli.WORKDIR.value:
     raise app.UsageError("--config and --workdir are required.")
   logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the progress
   tfds.disable_progress_bar()
-  config = _CONFIG.value
+  config = cli.CONFIG.value
   print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} device(s); "
-        f"workdir {_WORKDIR.value}")
+        f"workdir {cli.WORKDIR.value}")
   try:
-    summary = run(config, _WORKDIR.value, _OVERWRITE.value)
+    summary = run(config, cli.WORKDIR.value, cli.OVERWRITE.value)
   except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
           workdir_lib.WorkdirError) as e:
     sys.exit(f"error: {e}")
@@ -158,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

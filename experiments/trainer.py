@@ -76,17 +76,6 @@ def _variables(state_params, batch_stats) -> dict:
   return variables
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-               seed: int) -> TrainState:
-  """Initial state from `seed`: params, BatchNorm stats, optimizer, dropout key."""
-  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + image_shape), train=False))(init_key)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params), rng=dropout_key)
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
   """(state, images, labels) -> (state, {'loss', 'accuracy'}), not yet jitted."""
 
@@ -162,6 +151,7 @@ class Trainer:
           jax.random.PRNGKey(0), jnp.zeros((1,) + data["train"].images.shape[1:]), train=False))
     except (TypeError, ValueError) as e:
       raise config_checks.ConfigError(f"config.model: {e}") from e
+    self.method = methods.method_name(config)
     self.tx = methods.make_optimizer(config, self.num_steps)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
@@ -172,9 +162,27 @@ class Trainer:
                              in_shardings=(self.replicated,) + (self.sharded,) * 3,
                              out_shardings=self.replicated)
     self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
+    self._compiled_step = None  # the AOT-compiled train step, shared by every fit
+    image_shape = data["train"].images.shape[1:]
+    self._init_variables = jax.jit(  # compiled once, for every initial state
+        lambda key: self.model.init(key, jnp.zeros((1,) + image_shape), train=False))
 
-  def initial_state(self) -> TrainState:
-    state = init_state(self.model, self.tx, self.data["train"].images.shape[1:], self.config.seed)
+  def compiled_step(self, state: TrainState) -> Callable:
+    """`train_step` compiled once for this trainer's shapes (compiling excluded from steps/s)."""
+    if self._compiled_step is None:
+      self._compiled_step = self.train_step.lower(state, *self.batch(0)).compile()
+    return self._compiled_step
+
+  def initial_state(self, seed: int | None = None) -> TrainState:
+    """A fresh state from `seed` (default: config.seed): params, BatchNorm
+    statistics, optimizer state and dropout key, replicated over the mesh."""
+    seed = self.config.seed if seed is None else seed
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = self._init_variables(init_key)
+    params = variables["params"]
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}),
+                       opt_state=self.tx.init(params), rng=dropout_key)
     return jax.device_put(state, self.replicated)
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
@@ -195,11 +203,12 @@ class Trainer:
     return {"loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"]}
 
-  def save(self, manager: SparseCheckpointManager, state: TrainState) -> None:
+  def save(self, manager: SparseCheckpointManager, state: TrainState,
+           level: int | None = None) -> None:
     """Checkpoints `state` at its step: params, packed masks, optimizer, BN and RNG."""
     manager.save(int(state.step), params=state.params, masks=masks_of(state),
                  opt_state=state.opt_state, train_state=_train_extras(state),
-                 meta={"config": json.loads(self.config.to_json())})
+                 meta={"config": json.loads(self.config.to_json())}, level=level)
 
   def restore(self, manager: SparseCheckpointManager) -> TrainState:
     """The state of the latest checkpoint, placed like a fresh one (replicated)."""
@@ -213,7 +222,9 @@ class Trainer:
     return jax.device_put(state, self.replicated)
 
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
-          resume: bool = False) -> Run:
+          resume: bool = False, start: TrainState | None = None,
+          callbacks: dict[int, Callable[[TrainState], None]] | None = None,
+          level: int | None = None) -> Run:
     """Trains in `workdir`; returns final state and summary.
 
     Evaluates on the eval split every epoch and at the end, logs a progress
@@ -224,14 +235,22 @@ class Trainer:
     ends where an uninterrupted one would: the batches are a function of the
     step, the RNG is in the state. The summary holds the final train and test
     metrics, the achieved sparsity and its per-layer split.
+
+    `start` is the state to train from when there is no checkpoint to
+    resume (default: a fresh initialisation); training runs from its step to
+    the config's last step. `callbacks[t](state)` is called with the state
+    after t steps (t = the start step: before the first step), before the
+    next step reuses its buffers. `level` (an IMP level) goes into each
+    checkpoint's meta.
     """
+    callbacks = callbacks or {}
     config = self.config
     num_steps, per_epoch = self.num_steps, self.steps_per_epoch
     prefix = f"[{label}] " if label else ""
     train, held_out = self.data["train"], self.data["eval"]
     log(f"{prefix}{config.model.name} on {config.dataset}: {len(train.labels)} train / "
         f"{len(held_out.labels)} {config.eval_split} images of shape {train.images.shape[1:]}, "
-        f"{num_steps} steps ({per_epoch} per epoch), method {config.pruning.method}, "
+        f"{num_steps} steps ({per_epoch} per epoch), method {self.method}, "
         f"{self.mesh.devices.size} device(s)")
     manager = SparseCheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints or None)
@@ -240,12 +259,17 @@ class Trainer:
         state = self.restore(manager)
         log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
       else:
-        state = self.initial_state()
+        # A copy: the step donates its input buffers, and `start` stays the caller's.
+        state = (self.initial_state() if start is None else
+                 jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), start),
+                                self.replicated))
       resume_step = int(state.step) if resume else None  # metrics after it are dropped
       compile_start = time.perf_counter()
-      step_fn = self.train_step.lower(state, *self.batch(0)).compile()
-      compile_s = time.perf_counter() - compile_start
-      start = time.perf_counter()
+      step_fn = self.compiled_step(state)
+      compile_s = time.perf_counter() - compile_start  # ~0 when an earlier fit compiled it
+      if int(state.step) in callbacks:
+        callbacks[int(state.step)](state)
+      train_start = time.perf_counter()
       window, window_time = [], 0.0  # steps since the last progress line, their time
       test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
       train_means = {}
@@ -261,6 +285,8 @@ class Trainer:
           state, step_metrics = step_fn(state, *self.batch(step))
           window.append(step_metrics)
           done = step + 1
+          if done in callbacks:
+            callbacks[done](state)
           log_now = done % config.log_every == 0 or done == num_steps
           eval_now = done % per_epoch == 0 or done == num_steps
           if log_now or eval_now:
@@ -283,20 +309,20 @@ class Trainer:
             window, window_time = [], 0.0
           if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == num_steps:
             writer.flush()  # metrics up to this step are on disk before its checkpoint
-            self.save(manager, state)
+            self.save(manager, state, level)
     finally:
       manager.close()  # waits for the last save, also when training fails
     summary = {
         "config": json.loads(config.to_json()),
-        "method": config.pruning.method,
+        "method": self.method,
         "steps": num_steps,
         "devices": int(self.mesh.devices.size),
         "compile_time_s": compile_s,
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": time.perf_counter() - train_start,
         "train": train_means,
         "test": test,
         "best_test_accuracy": best,
-        "target_sparsity": 0.0 if config.pruning.method == "dense" else config.pruning.sparsity,
+        "target_sparsity": methods.target_sparsity(config, sparsity_of(state)),
         "sparsity": sparsity_of(state),
         "layers": layer_sparsity(state),
     }

@@ -76,7 +76,8 @@ def load_json(workdir: str, name: str):
     return json.load(f)
 
 
-def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> Status:
+def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False,
+          run_files: tuple[str, ...] = RUN_FILES) -> Status:
   """What a run of `config` may do with `workdir`; reads only.
 
   Returns:
@@ -87,8 +88,11 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   Raises:
     WorkdirError: the workdir holds a run of a different config, or run
       files without a config, and `overwrite` is False.
+
+  `run_files` are the names a run of this binary writes (default: those of
+  experiments.train).
   """
-  present = _present(workdir)
+  present = _present(workdir, run_files)
   if not present or overwrite:
     return Status.NEW
   if CONFIG_FILE not in present:
@@ -103,19 +107,20 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   return Status.FINISHED if FINAL_FILE in present else Status.RESUME
 
 
-def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> None:
+def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False,
+          run_files: tuple[str, ...] = RUN_FILES) -> None:
   """Claims `workdir` for a new run of `config`: writes config.json.
 
-  With `overwrite`, first removes the files an earlier run wrote (RUN_FILES)
-  and nothing else.
+  With `overwrite`, first removes the files an earlier run wrote
+  (`run_files`) and nothing else.
 
   Raises:
     WorkdirError: as `check`, or when the workdir holds this finished run.
   """
-  if check(workdir, config, overwrite) is not Status.NEW:
+  if check(workdir, config, overwrite, run_files) is not Status.NEW:
     raise WorkdirError(f"Workdir {workdir} already holds a run of this config.")
   os.makedirs(workdir, exist_ok=True)
-  for name in _present(workdir):
+  for name in _present(workdir, run_files):
     path = os.path.join(workdir, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   try:  # exclusive create: of two runs started on one workdir, one fails here
@@ -125,5 +130,5 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
     raise WorkdirError(f"Another run claimed {workdir} at the same time.") from e
 
 
-def _present(workdir: str) -> list[str]:
-  return [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
+def _present(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:
+  return [name for name in run_files if os.path.exists(os.path.join(workdir, name))]

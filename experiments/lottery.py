@@ -1,0 +1,288 @@
+"""Lottery tickets: iterative magnitude pruning with rewinding, and its controls.
+
+  python -m experiments.lottery --config=experiments/configs/lottery.py --workdir=runs/lottery
+
+For each replicate (seed = config.seed + r), level 0 trains the dense model
+and records the state at the rewind step k. Each of `lottery.levels` levels
+then prunes `prune_fraction` of the remaining weights of the previous level's
+trained weights (layerwise or global), rewinds the survivors to their step-k
+values, and retrains from step k to the end. On every level's mask the
+branches train too: `random_prune` (a random mask with the same per-layer
+counts, rewound weights, optimizer as the ticket's) and `random_reinit` (the
+same mask on a fresh initialisation, with a fresh optimizer state). Both
+train from step k to the end, like the ticket, with the same data order.
+
+The workdir gets config.json, then
+  replicates/seed_<s>/rewind/                  the state at step k (item 'rewind')
+  replicates/seed_<s>/level_<LL>/<branch>/     checkpoints/, metrics.jsonl,
+                                               tensorboard/, final.json
+and, at the end, final.json (every row and the table of means), summary.csv
+and lottery.png (accuracy vs. weights remaining). Rerunning the command on
+an unfinished workdir resumes it: finished levels are read back, not
+retrained, and the level that was cut off continues from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from typing import Callable
+
+from absl import app
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+import sparsejax
+from sparsejax import lottery
+from sparsejax.checkpoint import SparseCheckpointManager
+from experiments import cli
+from experiments import config_checks
+from experiments import input_pipeline
+from experiments import lottery_report
+from experiments import trainer as trainer_lib
+from experiments import workdir as workdir_lib
+
+
+BRANCHES = ("random_reinit", "random_prune")
+REWIND_UNITS = ("steps", "epochs")
+REPLICATES_DIR = "replicates"
+REWIND_DIR = "rewind"
+RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, lottery_report.CSV_FILE,
+             lottery_report.PLOT_FILE, REPLICATES_DIR)
+
+
+def rewind_step(config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int) -> int:
+  """Checks `config.lottery` and returns the rewind step k in steps.
+
+  Raises:
+    ConfigError: a value or combination that cannot work, naming its key.
+  """
+  cfg = config.lottery
+  config_checks.at_least(cfg.levels, 1, "lottery.levels")
+  if not 0.0 < cfg.prune_fraction < 1.0:
+    raise config_checks.ConfigError(
+        f"config.lottery.prune_fraction={cfg.prune_fraction!r} must be in (0, 1): the share "
+        "of the remaining weights pruned at each level.")
+  config_checks.choice(cfg.allocation, lottery.ALLOCATIONS, "lottery.allocation")
+  config_checks.at_least(cfg.replicates, 1, "lottery.replicates")
+  for branch in cfg.branches:
+    config_checks.choice(branch, BRANCHES, "lottery.branches")
+  if len(set(cfg.branches)) != len(cfg.branches):
+    raise config_checks.ConfigError(f"config.lottery.branches={cfg.branches!r} repeats a branch.")
+  unit = config_checks.choice(cfg.rewind_unit, REWIND_UNITS, "lottery.rewind_unit")
+  k = config_checks.at_least(cfg.rewind_step, 0, "lottery.rewind_step")
+  k *= steps_per_epoch if unit == "epochs" else 1
+  if k >= num_steps:
+    raise config_checks.ConfigError(
+        f"config.lottery.rewind_step={cfg.rewind_step} {unit} is step {k}, but training has "
+        f"only {num_steps} steps: the rewind point must come before the end.")
+  fresh = [] if cfg.rewind_optimizer else ["config.lottery.rewind_optimizer=False"]
+  if "random_reinit" in cfg.branches:
+    fresh.append("the random_reinit branch")
+  if fresh and k > 0 and config.lr_schedule != "constant":
+    raise config_checks.ConfigError(
+        f"{' and '.join(fresh)} train from a fresh optimizer state, whose "
+        f"config.lr_schedule={config.lr_schedule!r} would restart at 0 while training resumes "
+        f"at step {k}. Use lr_schedule='constant', rewind_step=0, or (with "
+        "rewind_optimizer=True) branches without random_reinit.")
+  return k
+
+
+def _seed(*parts: int) -> int:
+  """An independent 32-bit seed for each (replicate seed, level, purpose)."""
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Replicate:
+  """One IMP run (one seed): level 0 dense, then `levels` pruned levels."""
+
+  def __init__(self, trainer: trainer_lib.Trainer, index: int, directory: str, rewind_at: int,
+               log: Callable[[str], None] = print):
+    self.trainer = trainer
+    self.index = index
+    self.config = trainer.config
+    self.seed = self.config.seed
+    self.directory = directory
+    self.rewind_at = rewind_at
+    self.log = log
+
+  def _rewind_manager(self) -> SparseCheckpointManager:
+    return SparseCheckpointManager(os.path.join(self.directory, REWIND_DIR), max_to_keep=1)
+
+  def _save_rewind(self, state: trainer_lib.TrainState) -> None:
+    with self._rewind_manager() as manager:
+      if manager.latest_step() is None:  # a resumed level 0 may pass step k again
+        manager.save(int(state.step), rewind=_rewind_tree(state),
+                     meta={"config": workdir_lib.config_dict(self.config)})
+
+  def _load_rewind(self) -> trainer_lib.TrainState:
+    with self._rewind_manager() as manager:
+      if manager.latest_step() is None:
+        raise workdir_lib.WorkdirError(
+            f"{self.directory}: level 0 has finished but its rewind point "
+            f"({REWIND_DIR}/) is missing; rerun with --overwrite.")
+      like = _rewind_tree(self.trainer.initial_state())
+      tree = manager.restore(rewind_like=like).rewind
+    return jax.device_put(trainer_lib.TrainState(**{**{"batch_stats": {}}, **tree}),
+                          self.trainer.replicated)
+
+  def _fit_or_load(self, level: int, branch: str,
+                   make_start: Callable[[], trainer_lib.TrainState | None],
+                   callbacks=None) -> tuple[dict, trainer_lib.TrainState | None]:
+    """Trains one (level, branch) from `make_start()`, resuming it if cut off.
+
+    A finished one is read back: its summary, and for the ticket (whose
+    weights the next level prunes) its final state; None for a branch.
+    """
+    directory = os.path.join(self.directory, f"level_{level:02d}", branch)
+    label = f"seed {self.seed} level {level} {branch}"
+    final = os.path.join(directory, workdir_lib.FINAL_FILE)
+    if os.path.exists(final):
+      state = None
+      if branch == "ticket":
+        manager = SparseCheckpointManager(os.path.join(directory, trainer_lib.CHECKPOINT_DIR))
+        try:
+          state = self.trainer.restore(manager)
+        finally:
+          manager.close()
+      return workdir_lib.load_json(directory, workdir_lib.FINAL_FILE), state
+    os.makedirs(directory, exist_ok=True)
+    resume = os.path.exists(os.path.join(directory, "metrics.jsonl"))
+    run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
+                           start=make_start(), callbacks=callbacks, level=level)
+    workdir_lib.save_json(directory, workdir_lib.FINAL_FILE, run.summary)
+    density = 1.0 - run.summary["sparsity"]
+    self.log(f"[{label}] {100 * density:.2f}% of weights remain | test accuracy "
+             f"{run.summary['test']['accuracy']:.4f} (best {run.summary['best_test_accuracy']:.4f})")
+    return run.summary, run.state
+
+  def _start(self, point: trainer_lib.TrainState, params, masks,
+             rewind_optimizer: bool, batch_stats=None) -> trainer_lib.TrainState:
+    """The state a pruned level trains from: step k, `params`, masks in the optimizer."""
+    opt_state = point.opt_state if rewind_optimizer else self.trainer.tx.init(params)
+    return point._replace(params=params, opt_state=sparsejax.with_masks(opt_state, masks),
+                          batch_stats=point.batch_stats if batch_stats is None else batch_stats)
+
+  def run(self) -> list[dict]:
+    """Trains (or reads back) every level and branch; returns their rows."""
+    cfg = self.config.lottery
+    callbacks = {self.rewind_at: self._save_rewind}
+    summary, state = self._fit_or_load(0, "ticket", lambda: None, callbacks)
+    rows = [self._row(0, "ticket", summary)]
+    point = self._load_rewind()
+    masks = trainer_lib.masks_of(state)
+    for level in range(1, cfg.levels + 1):
+      masks = lottery.prune_level(state.params, masks, cfg.prune_fraction,
+                                  allocation=cfg.allocation)
+      summary, state = self._fit_or_load(level, "ticket", functools.partial(
+          self._start, point, lottery.rewind(point.params, masks), masks, cfg.rewind_optimizer))
+      rows.append(self._row(level, "ticket", summary))
+      for branch in cfg.branches:
+        make_start = {"random_prune": self._random_prune_start,
+                      "random_reinit": self._random_reinit_start}[branch]
+        summary, _ = self._fit_or_load(level, branch,
+                                       functools.partial(make_start, point, masks, level))
+        rows.append(self._row(level, branch, summary))
+    return rows
+
+  def _random_prune_start(self, point, masks, level: int) -> trainer_lib.TrainState:
+    """A random mask with the ticket's per-layer counts on the rewound weights."""
+    random = lottery.random_prune(point.params, masks, jax.random.key(_seed(self.seed, level, 1)))
+    return self._start(point, lottery.rewind(point.params, random), random,
+                       self.config.lottery.rewind_optimizer)
+
+  def _random_reinit_start(self, point, masks, level: int) -> trainer_lib.TrainState:
+    """The ticket's mask on a fresh initialisation (new seed), fresh optimizer state."""
+    fresh = self.trainer.initial_state(seed=_seed(self.seed, level, 2))
+    return self._start(point, lottery.reinitialize(fresh.params, masks), masks, False,
+                       fresh.batch_stats)
+
+  def _row(self, level: int, branch: str, summary: dict) -> dict:
+    return {"replicate": self.index, "seed": self.seed, "branch": branch,
+            "level": level, "density": 1.0 - summary["sparsity"],
+            "test_accuracy": summary["test"]["accuracy"],
+            "best_test_accuracy": summary["best_test_accuracy"],
+            "test_loss": summary["test"]["loss"]}
+
+
+def _rewind_tree(state: trainer_lib.TrainState) -> dict:
+  """The rewind point as a dict (Orbax stores dicts; empty BatchNorm stats left out)."""
+  tree = state._asdict()
+  if not tree["batch_stats"]:
+    del tree["batch_stats"]
+  return tree
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
+        devices=None, log: Callable[[str], None] = print) -> dict:
+  """Runs (or resumes, or reads back) a lottery experiment; returns final.json's content.
+
+  Config, data and workdir are checked before anything is written.
+  """
+  if "pruning" in config or "lottery" not in config:
+    raise config_checks.ConfigError(
+        "a lottery config has a `lottery` section and no `pruning` section; start from "
+        "experiments/configs/lottery.py.")
+  status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
+  if status is workdir_lib.Status.FINISHED:
+    log(f"{workdir} already holds this finished lottery run; reporting its saved results.")
+    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+  first = trainer_lib.Trainer(config, devices)
+  k = rewind_step(config, first.steps_per_epoch, first.num_steps)
+  if all(m is None for m in jax.tree.leaves(trainer_lib.masks_of(first.initial_state()),
+                                            is_leaf=lambda x: x is None)):
+    raise config_checks.ConfigError(
+        f"config.lottery.include={config.lottery.include!r} and exclude="
+        f"{config.lottery.exclude!r} leave no kernel to prune.")
+  if status is workdir_lib.Status.NEW:
+    workdir_lib.start(workdir, config, overwrite, RUN_FILES)
+  cfg = config.lottery
+  log(f"lottery: {cfg.levels} levels of {cfg.prune_fraction:.0%} ({cfg.allocation}), down to "
+      f"{100 * (1 - cfg.prune_fraction) ** cfg.levels:.2f}% of the weights; rewind to step {k}"
+      f" ({'optimizer rewound' if cfg.rewind_optimizer else 'optimizer reset'}); "
+      f"{cfg.replicates} replicate(s); branches {list(cfg.branches) or 'none'}")
+  begin = time.perf_counter()
+  rows = []
+  for r in range(cfg.replicates):
+    replicate_config = ml_collections.ConfigDict(config.to_dict())
+    replicate_config.seed = config.seed + r
+    trainer = first if r == 0 else trainer_lib.Trainer(replicate_config, devices, data=first.data)
+    directory = os.path.join(workdir, REPLICATES_DIR, f"seed_{config.seed + r}")
+    rows += Replicate(trainer, r, directory, k, log).run()
+  table = lottery_report.aggregate(rows)
+  lottery_report.write_csv(workdir, rows)
+  lottery_report.plot(workdir, table)
+  result = {"config": workdir_lib.config_dict(config), "rewind_step": k, "rows": rows,
+            "table": table, "wall_time_s": time.perf_counter() - begin}
+  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # written last: marks the run done
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if cli.CONFIG.value is None or not cli.WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
+  logging.set_verbosity(logging.WARNING)
+  tfds.disable_progress_bar()
+  print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} device(s); "
+        f"workdir {cli.WORKDIR.value}")
+  try:
+    result = run(cli.CONFIG.value, cli.WORKDIR.value, cli.OVERWRITE.value)
+  except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
+          workdir_lib.WorkdirError) as e:
+    sys.exit(f"error: {e}")
+  print("test accuracy at the end of training, mean [min, max] over replicates:")
+  print(lottery_report.format_table(result["table"]))
+  print(f"table: {os.path.join(cli.WORKDIR.value, lottery_report.CSV_FILE)}, plot: "
+        f"{os.path.join(cli.WORKDIR.value, lottery_report.PLOT_FILE)}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
