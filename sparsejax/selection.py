@@ -236,12 +236,24 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   length = scores.shape[axis]
   if length % m:
     raise ValueError(
-        f"axis {axis} of shape {scores.shape} has length {length}, not divisible by M={m}."
-    )
+        f"axis {axis} of shape {scores.shape} has length {length}, not divisible by M={m}.")
   check_no_nan(scores)
   keys = sortable_keys(scores)
   grouped = keys.reshape(scores.shape[:axis] + (length // m, m) + scores.shape[axis + 1:])
-  member = axis + 1  # position of the within-group axis
+  rounds = min(n, m - n)
+  # Picking the winners (or the losers) one at a time costs `rounds` passes;
+  # ranking all pairs costs ~m. Picking needs a key no score can have, which
+  # floats guarantee (their keys lie strictly inside the uint32 range).
+  floating = jnp.issubdtype(scores.dtype, jnp.floating) and scores.dtype.itemsize <= 4
+  if floating and (rounds <= 1 or (rounds <= 2 and m >= 8)):
+    keep = _nm_by_picking(grouped, axis + 1, n, m)
+  else:
+    keep = _nm_by_ranking(grouped, axis + 1, n, m)
+  return keep.reshape(scores.shape)
+
+
+def _nm_by_ranking(grouped: jax.Array, member: int, n: int, m: int) -> jax.Array:
+  """Keeps entries of rank < n in their group (`member` is the in-group axis)."""
   mine = jnp.expand_dims(grouped, member + 1)   # i along `member`
   other = jnp.expand_dims(grouped, member)      # j along `member + 1`
   i = jax.lax.broadcasted_iota(jnp.int32, (m, m), 0).reshape((m, m) + (1,) * (grouped.ndim - member - 1))
@@ -249,4 +261,27 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   beats = (other > mine) | ((other == mine) & (j < i))
   rank_dtype = jnp.uint8 if m <= 255 else jnp.int32
   rank = beats.astype(rank_dtype).sum(axis=member + 1, dtype=rank_dtype)
-  return (rank < n).reshape(scores.shape)
+  return rank < n
+
+
+def _nm_by_picking(grouped: jax.Array, member: int, n: int, m: int) -> jax.Array:
+  """Picks the n largest (or drops the m - n smallest) of each group, one per pass.
+
+  Ties go to the lower index as in `_nm_by_ranking`: argmax takes the first
+  of equal keys, and the drop takes the last of equal minima. A picked
+  entry's key becomes one no float key has.
+  """
+  pick_largest = n <= m - n
+  position = jax.lax.broadcasted_iota(jnp.int32, grouped.shape, member)
+  if pick_largest:
+    spent = np.uint32(0)
+    pick = lambda g: jnp.argmax(g, axis=member, keepdims=True)
+  else:
+    spent = np.uint32(np.iinfo(np.uint32).max)
+    pick = lambda g: (m - 1) - jnp.argmin(jnp.flip(g, member), axis=member, keepdims=True)
+  picked = jnp.zeros(grouped.shape, bool)
+  for _ in range(min(n, m - n)):
+    hit = position == pick(grouped)
+    picked = picked | hit
+    grouped = jnp.where(hit, spent, grouped)
+  return picked if pick_largest else ~picked

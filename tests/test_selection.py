@@ -107,7 +107,8 @@ def test_topk_mask_under_jit_ranks_nan_lowest():
 
 
 @pytest.mark.parametrize("kind", ["normal", "integer", "all_equal"])
-@pytest.mark.parametrize("n,m", [(0, 4), (1, 4), (2, 4), (4, 4), (1, 2), (3, 8), (2, 16)])
+@pytest.mark.parametrize("n,m", [(0, 4), (1, 4), (3, 4), (2, 4), (4, 4), (1, 2), (3, 8), (2, 16),
+                                 (1, 8), (7, 8), (2, 8), (6, 8), (1, 16), (15, 16)])
 @pytest.mark.parametrize("shape,axis", [((16, 6), -2), ((16, 6), 0), ((5, 32), -1),
                                         ((3, 3, 16, 4), -2), ((2, 16, 3), 1)])
 def test_nm_mask_matches_numpy_reference(kind, n, m, shape, axis):
@@ -220,6 +221,17 @@ def test_topk_mask_ranks_subnormals_by_value_not_as_zero():
   for sparsity in (0.5, 2 / 3, 5 / 6):
     np.testing.assert_array_equal(np.asarray(sparsejax.topk_mask(scores, sparsity)),
                                   reference.topk_mask(scores, sparsity))
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (3, 4), (2, 4), (1, 8), (6, 8)])
+def test_nm_mask_under_jit_ranks_nan_below_minus_infinity(n, m):
+  column = np.array([np.nan, -np.inf, np.inf, 0.0, -1.0, np.nan, 3.0, -np.inf][:m], np.float32)
+  # Hand-ranked: inf, 3, 0, -1, -inf (index 1), -inf (index 7), NaN (index 0), NaN (index 5).
+  ranking = [i for i in (2, 6, 3, 4, 1, 7, 0, 5) if i < m]
+  expected = np.zeros(m, bool)
+  expected[ranking[:n]] = True
+  got = np.asarray(jax.jit(lambda s: sparsejax.nm_mask(s, n, m))(column.reshape(m, 1))).ravel()
+  np.testing.assert_array_equal(got, expected)
 
 
 def test_topk_mask_of_a_closed_over_array_works_inside_jit():
