@@ -11,8 +11,14 @@ from sparsejax.masks import apply_masks
 from sparsejax.masks import pack_masks
 from sparsejax.masks import sparsity_report
 from sparsejax.masks import unpack_masks
+from sparsejax.nm import NMSparsity
+from sparsejax.nm import gradient_flow
+from sparsejax.nm_schedules import NMSchedule
+from sparsejax.nm_schedules import mask_decay
+from sparsejax.nm_schedules import structure_patterns
 from sparsejax.pruning import compute_masks
 from sparsejax.pruning import magnitude_masks
+from sparsejax.pruning import nm_masks
 from sparsejax.pruning import random_masks
 from sparsejax.schedules import ConstantSchedule
 from sparsejax.schedules import FixedMaskSchedule
@@ -33,6 +39,8 @@ __all__ = [
     "ConstantSchedule",
     "FixedMaskSchedule",
     "GradualMagnitudePruning",
+    "NMSchedule",
+    "NMSparsity",
     "OneShotSchedule",
     "PolynomialSchedule",
     "PruningState",
@@ -42,15 +50,19 @@ __all__ = [
     "default_filter",
     "erk_densities",
     "find_pruning_state",
+    "gradient_flow",
     "magnitude_masks",
     "magnitude_score",
     "lottery",
+    "mask_decay",
     "masked_params",
     "nm_mask",
+    "nm_masks",
     "pack_masks",
     "random_masks",
     "random_score",
     "sparsity_report",
+    "structure_patterns",
     "topk_mask",
     "topk_masks",
     "unpack_masks",

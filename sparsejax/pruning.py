@@ -1,7 +1,9 @@
 """One-shot pruning of a params pytree: score -> allocate -> select.
 
-Every method in sparsejax produces its masks through `compute_masks`; they
-differ in the score, the allocation and when it is called.
+Every method in sparsejax produces its masks through `compute_masks` (top-k
+selection) or `nm_masks` (N:M selection, where the pattern fixes each leaf's
+sparsity, so there is nothing to allocate); they differ in the score, the
+allocation and when they are called.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import counts
@@ -65,16 +68,110 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   if previous_masks is not None:
     trees.check_same_structure(params, previous_masks, "previous_masks")
     previous = jax.tree.leaves(previous_masks, is_leaf=lambda x: x is None)
-  scores = []
-  for i in chosen:
-    leaf_key = None if key is None else jax.random.fold_in(key, i)
-    scores.append(score_fn(leaves[i].value, leaf_key))
-    selection.check_no_nan(scores[-1], leaves[i].path)
+  scores = _scores(leaves, chosen, score_fn, key)
   targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
   current = ramp(sparsity) if targets is None else [ramp(t) for t in targets]
   masks = selection.topk_masks(scores, current,
                                candidates=None if previous is None else [previous[i] for i in chosen])
+  return assemble_masks(params, chosen, masks)
+
+
+def _scores(leaves: Sequence[trees.Leaf], chosen: Sequence[int], score_fn: scores_lib.ScoreFn,
+            key: jax.Array | None) -> list[jax.Array]:
+  """The score of every chosen leaf; `key` is folded with each leaf's index."""
+  scores = []
+  for i in chosen:
+    leaf_key = None if key is None else jax.random.fold_in(key, i)
+    scores.append(score_fn(leaves[i].value, leaf_key))
+    selection.check_no_nan(scores[-1], leaves[i].path)
+  return scores
+
+
+NON_DIVISIBLE = ("error", "dense")
+
+
+def nm_leaves(params: PyTree, ms: Sequence[int], *, axis: int | None = -2,
+              leaf_filter: trees.LeafFilter | None = None,
+              non_divisible: str = "error") -> list[int]:
+  """Indices of the prunable leaves whose grouped axis every M in `ms` divides.
+
+  Args:
+    params: the params pytree.
+    ms: the group sizes the leaves must take (all the patterns of a schedule).
+    axis: the grouped axis, or None for the flattened leading axes.
+    leaf_filter: chooses the candidate leaves (default: ndim >= 2).
+    non_divisible: 'error' raises for a candidate that some M does not
+      divide; 'dense' leaves it out (unpruned).
+
+  Raises:
+    ValueError: naming the leaf, its shape and the M, for a candidate whose
+      axis is out of range, or (with 'error') not divisible.
+  """
+  if non_divisible not in NON_DIVISIBLE:
+    raise ValueError(f"non_divisible must be one of {NON_DIVISIBLE}, got {non_divisible!r}.")
+  leaves = trees.named_leaves(params)
+  out = []
+  for i in prunable_leaves(params, leaf_filter):
+    shape = np.shape(leaves[i].value)
+    if axis is None:
+      length, where = int(np.prod(shape[:-1])), "its leading axes (flattened)"
+    elif -len(shape) <= axis < len(shape):
+      length, where = shape[axis], f"axis {axis}"
+    else:
+      raise ValueError(f"N:M axis {axis} is out of range for '{leaves[i].path}' of shape {shape}.")
+    bad = [m for m in ms if length % m]
+    if not bad:
+      out.append(i)
+    elif non_divisible == "error":
+      raise ValueError(
+          f"'{leaves[i].path}' of shape {shape}: {where} has length {length}, not divisible "
+          f"by M={bad[0]}. Exclude the leaf, choose another axis, or pass "
+          f"non_divisible='dense' to leave such leaves unpruned.")
+  return out
+
+
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int | None = -2,
+             chosen: Sequence[int] | None = None, score: str | scores_lib.ScoreFn = "magnitude",
+             leaf_filter: trees.LeafFilter | None = None, non_divisible: str = "error",
+             key: jax.Array | None = None) -> PyTree:
+  """N:M masks for `params`: score -> select (n kept in every m) per leaf.
+
+  The groups run along `axis` of each pruned leaf: -2 is the input
+  (reduction) axis of a Flax Dense kernel (in, out) and Cin of a Conv kernel
+  (H, W, Cin, Cout); None groups along the flattened leading axes (H*W*Cin).
+
+  >>> masks = nm_masks({'w': jnp.array([[1.], [-4.], [3.], [2.]])}, 2, 4)
+  >>> masks['w'].ravel().tolist()
+  [False, True, True, False]
+
+  Args:
+    params: any params pytree.
+    n, m: keep n of every m.
+    axis: the grouped axis, or None for the flattened leading axes.
+    chosen: leaf indices to prune (from `nm_leaves`); default: `nm_leaves`
+      of `leaf_filter` and `non_divisible`.
+    score: 'magnitude', 'random' or a function (param, key) -> scores.
+    leaf_filter, non_divisible: see `nm_leaves`.
+    key: PRNG key for random scores.
+
+  Returns:
+    Bool masks for the pruned leaves, None elsewhere.
+
+  Raises:
+    ValueError: bad n or m, an axis out of range, or a leaf not divisible by
+      m (unless non_divisible='dense'), naming the leaf.
+  """
+  score_fn = scores_lib.get_score_fn(score)
+  if chosen is None:
+    chosen = nm_leaves(params, [m], axis=axis, leaf_filter=leaf_filter,
+                       non_divisible=non_divisible)
+  leaves = trees.named_leaves(params)
+  masks = []
+  for i, s in zip(chosen, _scores(leaves, chosen, score_fn, key)):
+    shape = s.shape
+    grouped = s if axis is not None else s.reshape((-1, shape[-1]))
+    masks.append(selection.nm_mask(grouped, n, m, axis=-2 if axis is None else axis).reshape(shape))
   return assemble_masks(params, chosen, masks)
 
 

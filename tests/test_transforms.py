@@ -1,7 +1,8 @@
 """The same pruning training step gives the same masks and weights eagerly,
 under jit, under pmap and under jit with a data-parallel NamedSharding over
-4 CPU devices (XLA_FLAGS set in conftest.py): for gradual magnitude pruning
-and for an IMP level (masks from `lottery.prune_level`, held fixed)."""
+4 CPU devices (XLA_FLAGS set in conftest.py): for gradual magnitude pruning,
+for an IMP level (masks from `lottery.prune_level`, held fixed) and for 2:4
+SR-STE training (forward transform + optax wrapper)."""
 
 import functools
 
@@ -24,17 +25,23 @@ GMP = sparsejax.GradualMagnitudePruning(
 # An IMP level: masks of two 50% levels set into the state, never recomputed.
 FIXED = sparsejax.GradualMagnitudePruning(sparsejax.FixedMaskSchedule()).wrap(optax.adam(1e-2))
 STEPS = 5
+# 2:4 SR-STE: dense step 0, sparse steps 1-3 (masks at 1 and 3), hard mask at step 4.
+NM = sparsejax.NMSparsity.from_method(
+    "srste", sparsejax.NMSchedule(2, 4, STEPS, dense_steps=1, finetune_steps=1, update_every=2),
+    srste_lambda=0.05)
+NM_TX = NM.wrap(optax.adam(1e-2))
 
 
-def _grads(params, x, y):
+def _grads(params, opt_state, x, y, forward=None):
   def loss(p):
-    logits = models.LinenMLP().apply({"params": p}, x)
+    weights = p if forward is None else forward(p, opt_state)
+    logits = models.LinenMLP().apply({"params": weights}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return jax.grad(loss)(params)
 
 
-def _step(tx, params, opt_state, x, y, axis_name=None):
-  grads = _grads(params, x, y)
+def _step(tx, params, opt_state, x, y, axis_name=None, forward=None):
+  grads = _grads(params, opt_state, x, y, forward)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -47,7 +54,7 @@ def _run(step_fn, params, opt_state, x, y):
   return params, opt_state.masks
 
 
-@pytest.fixture(scope="module", params=["gmp", "imp_level"])
+@pytest.fixture(scope="module", params=["gmp", "imp_level", "nm_srste"])
 def start(request):
   """(step function, params, opt_state, x, y) for one method."""
   if jax.device_count() < DEVICES:
@@ -56,6 +63,8 @@ def start(request):
   x, y = models.batch(seed=4, size=64)
   if request.param == "gmp":
     return functools.partial(_step, GMP), params, GMP.init(params), x, y
+  if request.param == "nm_srste":
+    return functools.partial(_step, NM_TX, forward=NM.forward), params, NM_TX.init(params), x, y
   masks = sparsejax.lottery.prune_level(params, None, 0.5)
   masks = sparsejax.lottery.prune_level(params, masks, 0.5, allocation="global")
   return functools.partial(_step, FIXED), params, sparsejax.with_masks(FIXED.init(params), masks), x, y
@@ -78,8 +87,9 @@ def _assert_same(result, expected):
 
 def test_masks_reach_target_after_jitted_steps(start, jitted):
   report = sparsejax.sparsity_report(jitted[1])
-  # gmp: 70% global; imp_level: 50% of each leaf (exact halves), then 50% of the rest.
-  expected = 0.3 * report.size if start[0].args[0] is GMP else 0.25 * report.size
+  # gmp: 70% global; imp_level: 50% of each leaf (exact halves), then 50% of the rest;
+  # nm_srste: 2 of every 4.
+  expected = {GMP: 0.3, FIXED: 0.25, NM_TX: 0.5}[start[0].args[0]] * report.size
   assert report.kept == round(expected)
 
 

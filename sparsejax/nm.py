@@ -1,0 +1,228 @@
+"""N:M sparse training: STE, SR-STE and progressive gradient flow, as optax + a forward transform.
+
+The params stay dense; the forward pass sees `forward(params, opt_state)`,
+per pruned leaf W -> W*(E + (1-E)*beta), E the N:M mask (top n of every m
+|w| along the reduction axis). Its gradient reaches the dense W straight
+through (STE), plus lambda*(1-E)*W for SR-STE (Zhou et al. 2021). The methods
+of Bambhaniya et al. (2024) differ in beta and in the pattern over time:
+
+  step            beta = 0, fixed N:M                       (STE)
+  srste           beta = 0, fixed N:M, + lambda*(1-E)*W     (SR-STE)
+  mdgf_linear     beta(t) = max(0, 1 - alpha*t)             (mask decay)
+  mdgf_exp        beta(t) = exp(-alpha*t)
+  sdgf_stepwise   beta = 0, (M-1):M -> M/2:M -> ... -> N:M  (structure decay)
+  sdgf_geometric  beta = 0, 8N:8M -> 4N:4M -> 2N:2M -> N:M
+
+with the phases of `NMSchedule`: dense first (beta = 1), hard mask last
+(beta = 0, pruned weights held at exactly 0 by the optimizer).
+
+Usage inside any jitted step:
+
+  nm = NMSparsity.from_method('srste', NMSchedule(2, 4, num_steps))
+  tx = nm.wrap(optax.adam(1e-3))
+  def loss_fn(params, opt_state, batch):
+    return loss(model.apply(nm.forward(params, opt_state), batch))
+  grads = jax.grad(loss_fn)(params, opt_state, batch)
+  updates, opt_state = tx.update(grads, opt_state, params)
+
+The masks live in the optimizer state (a `sparsejax.PruningState`), computed
+inside `update` from the weights the update produces, so the masks in the
+state always belong to the current step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import gradual
+from sparsejax import nm_schedules
+from sparsejax import pruning
+from sparsejax import trees
+
+PyTree = Any
+
+FLOWS = ("ste", "srste")
+METHODS = {  # name: (structure, decay, flow)
+    "step": ("fixed", "none", "ste"),
+    "srste": ("fixed", "none", "srste"),
+    "mdgf_linear": ("fixed", "linear", "ste"),
+    "mdgf_exp": ("fixed", "exponential", "ste"),
+    "sdgf_stepwise": ("stepwise", "none", "ste"),
+    "sdgf_geometric": ("geometric", "none", "ste"),
+}
+
+
+@jax.custom_vjp
+def gradient_flow(w: jax.Array, keep: jax.Array, beta: jax.Array, lam: jax.Array) -> jax.Array:
+  """W*(E + (1-E)*beta) forward; backward g + lam*(1-E)*W to W (straight through).
+
+  >>> w = jnp.array([3., -1.])
+  >>> gradient_flow(w, jnp.array([True, False]), 0.5, 0.0).tolist()
+  [3.0, -0.5]
+  >>> jax.grad(lambda w: gradient_flow(w, jnp.array([True, False]), 0.0, 0.5).sum())(w).tolist()
+  [1.0, 0.5]
+  """
+  return jnp.where(keep, w, jnp.asarray(beta, w.dtype) * w)
+
+
+def _flow_fwd(w, keep, beta, lam):
+  return gradient_flow(w, keep, beta, lam), (w, keep, beta, lam)
+
+
+def _flow_bwd(residuals, g):
+  w, keep, beta, lam = residuals
+  decay = jnp.where(keep, jnp.zeros((), g.dtype), jnp.asarray(lam, g.dtype) * w.astype(g.dtype))
+  return g + decay, None, jnp.zeros_like(beta), jnp.zeros_like(lam)
+
+
+gradient_flow.defvjp(_flow_fwd, _flow_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class NMSparsity:
+  """N:M sparse training of any optax optimizer.
+
+  Attributes:
+    schedule: an `NMSchedule` (pattern, phases, frames, update_every).
+    decay: 'none', 'linear' or 'exponential' mask decay of pruned weights.
+    flow: 'ste' (gradient straight to W) or 'srste' (plus lambda*(1-E)*W).
+    decay_coef: alpha of the mask decay, per step.
+    srste_lambda: lambda of SR-STE (Zhou et al.: 2e-4).
+    axis: grouped axis of each kernel (-2: Dense input, Conv Cin); None
+      groups along the flattened leading axes (H*W*Cin).
+    leaf_filter: (path, leaf) -> bool; default: arrays with ndim >= 2.
+    non_divisible: 'error' or 'dense' for leaves some pattern's M does not
+      divide.
+  """
+
+  schedule: nm_schedules.NMSchedule
+  decay: str = "none"
+  flow: str = "ste"
+  decay_coef: float = 0.0
+  srste_lambda: float = 2e-4
+  axis: int | None = -2
+  leaf_filter: trees.LeafFilter | None = None
+  non_divisible: str = "error"
+
+  def __post_init__(self):
+    if self.decay not in nm_schedules.DECAYS:
+      raise ValueError(f"decay must be one of {nm_schedules.DECAYS}, got {self.decay!r}.")
+    if self.flow not in FLOWS:
+      raise ValueError(f"flow must be one of {FLOWS}, got {self.flow!r}.")
+    if self.decay != "none" and not self.decay_coef > 0:
+      raise ValueError(f"decay {self.decay!r} needs decay_coef > 0, got {self.decay_coef!r}.")
+    if not self.srste_lambda >= 0:
+      raise ValueError(f"srste_lambda must be >= 0, got {self.srste_lambda!r}.")
+    if self.non_divisible not in pruning.NON_DIVISIBLE:
+      raise ValueError(
+          f"non_divisible must be one of {pruning.NON_DIVISIBLE}, got {self.non_divisible!r}.")
+
+  @classmethod
+  def from_method(cls, method: str, schedule: nm_schedules.NMSchedule, **kwargs) -> "NMSparsity":
+    """One of `METHODS` on `schedule`; the schedule's structure is replaced by the method's.
+
+    >>> nm = NMSparsity.from_method('sdgf_stepwise', NMSchedule(1, 8, 1000))
+    >>> nm.schedule.pattern_names()
+    ['7:8', '4:8', '2:8', '1:8']
+    """
+    if method not in METHODS:
+      raise ValueError(f"N:M method must be one of {tuple(METHODS)}, got {method!r}.")
+    structure, decay, flow = METHODS[method]
+    schedule = dataclasses.replace(schedule, structure=structure)
+    return cls(schedule, decay=decay, flow=flow, **kwargs)
+
+  def pruned_leaves(self, params: PyTree) -> list[int]:
+    """Leaf indices that take N:M masks: every pattern's M divides their axis."""
+    s = self.schedule
+    try:
+      return pruning.nm_leaves(params, [m for _, m in s.patterns], axis=self.axis,
+                               leaf_filter=self.leaf_filter, non_divisible=self.non_divisible)
+    except ValueError as e:
+      if len(s.patterns) == 1:
+        raise
+      raise ValueError(f"{e} (the {s.structure!r} structure moves through the patterns "
+                       f"{s.pattern_names()})") from e
+
+  def masks_at(self, params: PyTree, step) -> PyTree:
+    """The N:M masks of `step`'s pattern, from the magnitudes of `params` (traced step ok)."""
+    chosen = self.pruned_leaves(params)
+    branches = [
+        lambda p, n=n, m=m: pruning.nm_masks(p, n, m, axis=self.axis, chosen=chosen)
+        for n, m in self.schedule.patterns]
+    if len(branches) == 1:
+      return branches[0](params)
+    return jax.lax.switch(self.schedule.frame(step), branches, params)
+
+  def beta(self, step) -> jax.Array:
+    """The forward factor of pruned weights: 1 dense, beta(t) sparse, 0 fine-tuning."""
+    s = self.schedule
+    decayed = nm_schedules.mask_decay(self.decay, self.decay_coef, s.decay_time(step))
+    return jnp.where(s.is_dense(step), 1.0, jnp.where(s.is_finetune(step), 0.0, decayed))
+
+  def srste_weight(self, step) -> jax.Array:
+    """lambda of SR-STE in the sparse phase, else 0."""
+    s = self.schedule
+    sparse = ~s.is_dense(step) & ~s.is_finetune(step)
+    lam = self.srste_lambda if self.flow == "srste" else 0.0
+    return jnp.where(sparse, jnp.float32(lam), jnp.float32(0.0))
+
+  def forward(self, params: PyTree, opt_state: optax.OptState) -> PyTree:
+    """The weights the forward pass uses at the optimizer state's step.
+
+    Differentiate through it: the gradient reaches the dense params as the
+    method prescribes. Unpruned leaves pass through unchanged.
+    """
+    state = gradual.find_pruning_state(opt_state)
+    masks = jax.tree.map(lambda m: None if isinstance(m, optax.MaskedNode) else m, state.masks,
+                         is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
+    beta, lam = self.beta(state.count), self.srste_weight(state.count)
+    return trees.map_with_masks(
+        lambda w, keep: w if keep is None else gradient_flow(w, keep, beta, lam), params, masks)
+
+  def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Wraps `inner`: masks follow the schedule; fine-tuning holds pruned weights at 0.
+
+    The wrapper must produce the final updates (do not chain transforms
+    after it), as for `GradualMagnitudePruning`.
+    """
+    inner = optax.with_extra_args_support(inner)
+    schedule = self.schedule
+
+    def init_fn(params):
+      chosen = self.pruned_leaves(params)  # raises here, naming a leaf that cannot be grouped
+      if schedule.dense_steps == 0:
+        masks = self.masks_at(params, 0)
+      else:
+        leaves = jax.tree.leaves(params)
+        masks = pruning.assemble_masks(params, chosen,
+                                       [jnp.ones(jnp.shape(leaves[i]), bool) for i in chosen])
+      return gradual.PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+      if params is None:
+        raise ValueError("NMSparsity needs params: call tx.update(grads, opt_state, params).")
+      hard = schedule.is_finetune(state.count)
+      zero = lambda g, m: g if m is None else jnp.where(m | ~hard, g, jnp.zeros((), g.dtype))
+      grads = trees.map_with_masks(zero, updates, state.masks)
+      inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+      step = optax.safe_int32_increment(state.count)
+      masks = jax.lax.cond(
+          schedule.is_update_step(step),
+          lambda: self.masks_at(optax.apply_updates(params, inner_updates), step),
+          lambda: state.masks)
+      hard_next = schedule.is_finetune(step)
+      # -p on pruned entries: p + (-p) is exactly 0.0 in IEEE arithmetic.
+      to_zero = lambda u, p, m: u if m is None else jnp.where(m | ~hard_next, u, -p.astype(u.dtype))
+      flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+      new_updates = jax.tree.unflatten(
+          jax.tree.structure(inner_updates),
+          [to_zero(u, p, m) for u, p, m in zip(jax.tree.leaves(inner_updates),
+                                               jax.tree.leaves(params), flat_m)])
+      return new_updates, gradual.PruningState(step, masks, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
