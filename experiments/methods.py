@@ -7,8 +7,13 @@ Methods, chosen by `config.pruning.method`:
   gradual:  Zhu & Gupta polynomial schedule from `initial_sparsity` at
             start_fraction to `sparsity` at end_fraction of training, masks
             recomputed every `update_every` steps.
-All pruning methods go through `sparsejax.GradualMagnitudePruning`, so the
-pruned weights are exactly zero in the params after every step.
+  nm:       N:M structured sparsity (`config.pruning.nm`): one of
+            `sparsejax.nm.METHODS` with a dense phase first and a hard-mask
+            fine-tune last, through `sparsejax.NMSparsity`.
+dense/one_shot/gradual go through `sparsejax.GradualMagnitudePruning`, so the
+pruned weights are exactly zero in the params after every step; nm keeps them
+dense (the forward pass sees `forward_fn(config)`) until fine-tuning, and the
+last update leaves the weights N:M.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from experiments.config_checks import ConfigError
 from experiments.config_checks import at_least
 from experiments.config_checks import choice
 
-METHODS = ("dense", "one_shot", "gradual")
+METHODS = ("dense", "one_shot", "gradual", "nm")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 ALLOCATIONS = ("uniform", "erk", "global")
@@ -68,6 +73,54 @@ def step_at(fraction: float, num_steps: int, key: str) -> int:
   return step
 
 
+def nm_sparsity(config: ml_collections.ConfigDict, num_steps: int) -> sparsejax.NMSparsity | None:
+  """The N:M method of `config.pruning.nm`, or None unless pruning.method is 'nm'.
+
+  decay_coef 0 picks alpha = 4 / (sparse-phase steps): linear beta reaches 0
+  a quarter into the sparse phase, exponential beta is e^-4 there.
+
+  Raises:
+    ConfigError: a bad value, naming its key under config.pruning.nm.
+  """
+  if method_name(config) != "nm":
+    return None
+  nm = config.pruning.nm
+  choice(nm.method, tuple(sparsejax.nm.METHODS), "pruning.nm.method")
+  choice(nm.non_divisible, ("error", "dense"), "pruning.nm.non_divisible")
+  at_least(nm.m, 1, "pruning.nm.m")
+  at_least(nm.n, 1, "pruning.nm.n")
+  if nm.n > nm.m:
+    raise ConfigError(f"config.pruning.nm.n={nm.n} exceeds config.pruning.nm.m={nm.m}: "
+                      "N:M keeps N of every M.")
+  at_least(nm.update_every, 1, "pruning.nm.update_every")
+  for key in ("dense_fraction", "finetune_fraction"):
+    if not 0.0 <= nm[key] < 1.0:
+      raise ConfigError(f"config.pruning.nm.{key}={nm[key]!r} must be a fraction in [0, 1).")
+  if not nm.decay_coef >= 0 or not nm.srste_lambda >= 0:
+    raise ConfigError(f"config.pruning.nm.decay_coef={nm.decay_coef!r} and srste_lambda="
+                      f"{nm.srste_lambda!r} must be >= 0.")
+  dense = int(round(nm.dense_fraction * num_steps))
+  finetune = int(round(nm.finetune_fraction * num_steps))
+  try:
+    schedule = sparsejax.NMSchedule(nm.n, nm.m, num_steps, dense_steps=dense,
+                                    finetune_steps=finetune, update_every=nm.update_every,
+                                    structure=sparsejax.nm.METHODS[nm.method][0])
+  except ValueError as e:
+    raise ConfigError(f"config.pruning.nm (dense_fraction={nm.dense_fraction}, "
+                      f"finetune_fraction={nm.finetune_fraction}): {e}") from e
+  alpha = nm.decay_coef or 4.0 / (schedule.finetune_start - schedule.dense_steps)
+  return sparsejax.NMSparsity.from_method(
+      nm.method, schedule, decay_coef=alpha, srste_lambda=nm.srste_lambda,
+      axis=None if nm.flatten else nm.axis, leaf_filter=leaf_filter(config.pruning),
+      non_divisible=nm.non_divisible)
+
+
+def forward_fn(config: ml_collections.ConfigDict, num_steps: int):
+  """(params, opt_state) -> the weights the forward pass uses: N:M's transform, else params."""
+  nm = nm_sparsity(config, num_steps)
+  return (lambda params, opt_state: params) if nm is None else nm.forward
+
+
 def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
   for key in ("sparsity", "initial_sparsity"):
     if not 0.0 <= pruning[key] < 1.0:
@@ -84,9 +137,9 @@ def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
 
 
 def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
-  """The sparsity schedule of `pruning.method`, or None for 'dense'."""
+  """The sparsity schedule of `pruning.method`, or None for 'dense' and 'nm'."""
   method = choice(pruning.method, METHODS, "pruning.method")
-  if method == "dense":
+  if method in ("dense", "nm"):
     return None
   _check_pruning(pruning)
   start = step_at(pruning.start_fraction, num_steps, "pruning.start_fraction")
@@ -148,6 +201,8 @@ def target_sparsity(config: ml_collections.ConfigDict, achieved: float) -> float
   method = method_name(config)
   if method == "lottery":
     return achieved
+  if method == "nm":
+    return 1.0 - config.pruning.nm.n / config.pruning.nm.m
   return 0.0 if method == "dense" else config.pruning.sparsity
 
 
@@ -163,6 +218,9 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
       message names the config key.
   """
   tx = base_optimizer(config, num_steps)
+  nm = nm_sparsity(config, num_steps)
+  if nm is not None:
+    return nm.wrap(tx)
   if method_name(config) == "lottery":
     return sparsejax.GradualMagnitudePruning(
         sparsejax.FixedMaskSchedule(), leaf_filter=leaf_filter(config.lottery, "lottery")).wrap(tx)

@@ -9,7 +9,9 @@ does not have is an error. For a pruning method the binary first trains the
 dense baseline (same config, method 'dense') in <workdir>/dense_baseline,
 unless --config.dense_baseline=False. The workdir gets config.json,
 metrics.jsonl, tensorboard/, final.json (metrics, per-layer sparsity) and
-curves.png; the last line printed compares dense and pruned test accuracy.
+curves.png; an N:M run also nm_export.npz, its final weights (checked to keep
+at most N of every M) in the compressed N:M format. The last line printed
+compares dense and pruned test accuracy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+import sparsejax
+from sparsejax.checkpoint import export_sparse
 from experiments import cli
 from experiments import config_checks
 from experiments import input_pipeline
@@ -32,6 +36,7 @@ from experiments import workdir as workdir_lib
 
 
 BASELINE_DIR = "dense_baseline"
+NM_EXPORT = "nm_export.npz"  # N:M runs: the final weights in sparsejax's compressed format
 
 
 def final_line(summary: dict, baseline: dict | None, config: ml_collections.ConfigDict) -> str:
@@ -44,7 +49,10 @@ def final_line(summary: dict, baseline: dict | None, config: ml_collections.Conf
   else:
     parts.append(f"pruned test accuracy {summary['test']['accuracy']:.4f}")
   method = summary["method"]
-  if method != "dense":
+  if method == "nm":
+    nm = config.pruning.nm
+    method = f"{nm.method} {nm.n}:{nm.m}"
+  elif method != "dense":
     method += f", {config.pruning.allocation}"
   parts.append(f"sparsity {summary['sparsity']:.4f} ({method})")
   return " | ".join(parts)
@@ -80,13 +88,38 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   baseline = None
   if dense is not None:
     baseline = _fit_or_load(dense, os.path.join(workdir, BASELINE_DIR), "dense")
-  summary = pruned.fit(workdir, label=config.pruning.method,
-                       resume=status is workdir_lib.Status.RESUME).summary
+  result = pruned.fit(workdir, label=config.pruning.method,
+                      resume=status is workdir_lib.Status.RESUME)
+  summary = result.summary
+  if summary["method"] == "nm":
+    summary["nm"] = export_nm(result.state, config.pruning.nm, workdir)
   if baseline is not None:
     summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
   plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
   workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # written last: marks the run done
   return summary
+
+
+def export_nm(state: trainer.TrainState, nm: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Checks that the final weights are N:M and exports them to workdir/NM_EXPORT.
+
+  Returns the pattern, the most nonzeros found in any group of each kernel
+  and the export's sizes. The N:M layout (kept values + in-group positions)
+  is used unless the groups run over flattened axes, which it cannot describe.
+
+  Raises:
+    RuntimeError: if a group holds more than n nonzeros (a bug, not a config).
+  """
+  masks = trainer.masks_of(state)
+  axis = None if nm.flatten else nm.axis
+  worst = sparsejax.nm.max_nonzeros_per_group(state.params, masks, nm.m, axis)
+  over = {path: k for path, k in worst.items() if k > nm.n}
+  if over:
+    raise RuntimeError(f"final weights are not {nm.n}:{nm.m}: most nonzeros per group {over}")
+  stats = export_sparse(state.params, masks, os.path.join(workdir, NM_EXPORT),
+                        nm=None if axis is None else (nm.n, nm.m, axis))
+  return {"pattern": f"{nm.n}:{nm.m}", "max_nonzeros_per_group": worst, "export": NM_EXPORT,
+          "export_bytes": stats.file_bytes, "export_ratio": stats.ratio}
 
 
 def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str) -> dict:

@@ -76,15 +76,28 @@ def _variables(state_params, batch_stats) -> dict:
   return variables
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
-  """(state, images, labels) -> (state, {'loss', 'accuracy'}), not yet jitted."""
+Forward = Callable[[Any, Any], Any]  # (params, opt_state) -> weights the model uses
+
+
+def _dense_forward(params, opt_state):
+  del opt_state
+  return params
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    forward: Forward = _dense_forward) -> Callable:
+  """(state, images, labels) -> (state, {'loss', 'accuracy'}), not yet jitted.
+
+  The model sees `forward(params, opt_state)` (N:M training's masked and
+  decayed weights); the gradient is taken with respect to the params.
+  """
 
   def train_step(state: TrainState, images, labels):
     dropout = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
       logits, updates = model.apply(
-          _variables(params, state.batch_stats), images, train=True,
+          _variables(forward(params, state.opt_state), state.batch_stats), images, train=True,
           mutable=["batch_stats"], rngs={"dropout": dropout})
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, (logits, updates.get("batch_stats", {}))
@@ -100,11 +113,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Calla
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable:
+def make_eval_step(model: nn.Module, forward: Forward = _dense_forward) -> Callable:
   """(state, images, labels, weights) -> summed loss, correct and count."""
 
   def eval_step(state: TrainState, images, labels, weights):
-    logits = model.apply(_variables(state.params, state.batch_stats), images, train=False)
+    logits = model.apply(_variables(forward(state.params, state.opt_state), state.batch_stats),
+                         images, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
@@ -147,18 +161,23 @@ class Trainer:
       self.model = models.create_model(config.model.name, data["train"].num_classes, **model_kwargs)
       # Shapes only, no compute: a model that cannot take this data fails here,
       # before the run claims its workdir.
-      jax.eval_shape(lambda: self.model.init(
+      shapes = jax.eval_shape(lambda: self.model.init(
           jax.random.PRNGKey(0), jnp.zeros((1,) + data["train"].images.shape[1:]), train=False))
     except (TypeError, ValueError) as e:
       raise config_checks.ConfigError(f"config.model: {e}") from e
     self.method = methods.method_name(config)
     self.tx = methods.make_optimizer(config, self.num_steps)
+    try:  # also shapes only: e.g. a kernel N:M cannot group fails before the workdir is claimed
+      jax.eval_shape(self.tx.init, shapes["params"])
+    except ValueError as e:
+      raise config_checks.ConfigError(f"config.pruning: {e}") from e
+    forward = methods.forward_fn(config, self.num_steps)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-    self.train_step = jax.jit(make_train_step(self.model, self.tx),
+    self.train_step = jax.jit(make_train_step(self.model, self.tx, forward),
                               in_shardings=(self.replicated, self.sharded, self.sharded),
                               out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.model),
+    self.eval_step = jax.jit(make_eval_step(self.model, forward),
                              in_shardings=(self.replicated,) + (self.sharded,) * 3,
                              out_shardings=self.replicated)
     self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices

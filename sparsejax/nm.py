@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax import gradual
@@ -226,3 +227,26 @@ class NMSparsity:
       return new_updates, gradual.PruningState(step, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def max_nonzeros_per_group(params: PyTree, masks: PyTree, m: int,
+                           axis: int | None = -2) -> dict[str, int]:
+  """For each masked leaf, the most nonzero weights in any group of m along `axis`.
+
+  An independent check (NumPy, on the host) that trained weights are N:M:
+  every value is <= N. `axis` None groups the flattened leading axes.
+
+  >>> max_nonzeros_per_group({'w': np.array([[1.], [0.], [3.], [0.]])},
+  ...                        {'w': np.ones((4, 1), bool)}, 4)
+  {'w': 2}
+  """
+  out = {}
+  masked = {leaf.path for leaf in trees.named_leaves(masks)}
+  for leaf in trees.named_leaves(params):
+    if leaf.path not in masked:
+      continue
+    w = np.asarray(leaf.value)
+    w = w.reshape(-1, w.shape[-1]) if axis is None else np.moveaxis(w, axis, 0)
+    groups = (w != 0).reshape((w.shape[0] // m, m) + w.shape[1:])
+    out[leaf.path] = int(groups.sum(axis=1).max())
+  return out

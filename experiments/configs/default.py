@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2    # newest checkpoints kept (0: all)
 
   config.pruning = ml_collections.ConfigDict()
-  config.pruning.method = "gradual"    # dense | one_shot | gradual
+  config.pruning.method = "gradual"    # dense | one_shot | gradual | nm
   config.pruning.sparsity = 0.9        # final sparsity of the prunable kernels
   config.pruning.allocation = "uniform"  # uniform | erk | global
   config.pruning.initial_sparsity = 0.0  # gradual: sparsity at start_fraction
@@ -53,5 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.power = 3.0           # gradual: exponent of the Zhu & Gupta schedule
   config.pruning.include = ""          # regex: prune only kernels whose path matches
   config.pruning.exclude = ""          # regex: never prune kernels whose path matches
+  # method 'nm': N:M structured sparsity (sparsity/allocation above are unused).
+  config.pruning.nm = ml_collections.ConfigDict()
+  config.pruning.nm.method = "srste"  # step | srste | mdgf_linear | mdgf_exp | sdgf_stepwise | sdgf_geometric
+  config.pruning.nm.n = 2             # keep n of every m consecutive weights along the grouped axis
+  config.pruning.nm.m = 4
+  config.pruning.nm.dense_fraction = 0.1     # first part of training: dense
+  config.pruning.nm.finetune_fraction = 0.1  # last part: hard N:M mask, fixed, pruned weights 0
+  config.pruning.nm.update_every = 1    # steps between mask recomputations (sparse phase)
+  config.pruning.nm.decay_coef = 0.0    # mdgf alpha per step; 0: 4 / (sparse-phase steps)
+  config.pruning.nm.srste_lambda = 2e-4  # srste: lambda of lambda*(1-E)*W
+  config.pruning.nm.axis = -2           # grouped axis: -2 = Dense input, Conv Cin
+  config.pruning.nm.flatten = False     # group along the flattened H*W*Cin instead
+  config.pruning.nm.non_divisible = "error"  # error | dense: kernels whose axis M does not divide
   config.dense_baseline = True         # also train the dense model, in workdir/dense_baseline
   return config
