@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import runpy
 import sys
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
+import tensorflow_datasets as tfds
+
+from experiments import config_checks
+from experiments import input_pipeline
+from experiments import workdir as workdir_lib
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/configs/default.py.", lock_config=True)
@@ -54,3 +62,30 @@ def parse_flags(argv: list[str]) -> list[str]:
       e = e.args[0]
     detail = str(e.args[0] if e.args else e).replace("\n", "; ")
     sys.exit(f"error: unknown config key {unknown[0]} (the config has no such field): {detail}")
+
+
+def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
+             report: Callable[[Any, ml_collections.ConfigDict, str], None]) -> Callable:
+  """An absl `main` that runs `run(config, workdir, overwrite)` and `report`s its result.
+
+  Config, dataset and workdir errors end the program with one line naming
+  the problem, not a traceback.
+  """
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if CONFIG.value is None or not WORKDIR.value:
+      raise app.UsageError("--config and --workdir are required.")
+    logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the progress
+    tfds.disable_progress_bar()
+    print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} "
+          f"device(s); workdir {WORKDIR.value}")
+    try:
+      result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
+    except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
+            workdir_lib.WorkdirError) as e:
+      sys.exit(f"error: {e}")
+    report(result, CONFIG.value, WORKDIR.value)
+
+  return main

@@ -27,23 +27,19 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from typing import Callable
 
 from absl import app
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 import sparsejax
 from sparsejax import lottery
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import cli
 from experiments import config_checks
-from experiments import input_pipeline
 from experiments import lottery_report
 from experiments import trainer as trainer_lib
 from experiments import workdir as workdir_lib
@@ -264,24 +260,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if cli.CONFIG.value is None or not cli.WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required.")
-  logging.set_verbosity(logging.WARNING)
-  tfds.disable_progress_bar()
-  print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} device(s); "
-        f"workdir {cli.WORKDIR.value}")
-  try:
-    result = run(cli.CONFIG.value, cli.WORKDIR.value, cli.OVERWRITE.value)
-  except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
-          workdir_lib.WorkdirError) as e:
-    sys.exit(f"error: {e}")
+def report(result: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  del config
   print("test accuracy at the end of training, mean [min, max] over replicates:")
   print(lottery_report.format_table(result["table"]))
-  print(f"table: {os.path.join(cli.WORKDIR.value, lottery_report.CSV_FILE)}, plot: "
-        f"{os.path.join(cli.WORKDIR.value, lottery_report.PLOT_FILE)}")
+  print(f"table: {os.path.join(workdir, lottery_report.CSV_FILE)}, plot: "
+        f"{os.path.join(workdir, lottery_report.PLOT_FILE)}")
+
+main = cli.main_for(run, report)
 
 
 if __name__ == "__main__":

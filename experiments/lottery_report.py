@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
+from experiments import plots
+
 ROW_FIELDS = ("replicate", "seed", "branch", "level", "density", "test_accuracy",
               "best_test_accuracy", "test_loss")
 BRANCH_ORDER = ("ticket", "random_reinit", "random_prune")
@@ -102,8 +104,4 @@ def plot(workdir: str, table: list[dict], title: str = "") -> str:
                         f"{'s' if replicates != 1 else ''}: mean, min to max)")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  path = os.path.join(workdir, PLOT_FILE)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return plots.save(fig, os.path.join(workdir, PLOT_FILE))

@@ -27,8 +27,12 @@ def plot_curves(workdir: str, baseline_dir: str | None = None, filename: str = "
   for ax in (acc_ax, sparsity_ax):
     ax.grid(alpha=0.3)
     ax.legend()
+  return save(fig, os.path.join(workdir, filename))
+
+
+def save(fig, path: str) -> str:
+  """Lays out `fig`, writes it as a PNG to `path`, closes it; returns `path`."""
   fig.tight_layout()
-  path = os.path.join(workdir, filename)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path

@@ -17,19 +17,14 @@ compares dense and pruned test accuracy.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app
-from absl import logging
-import jax
 import ml_collections
-import tensorflow_datasets as tfds
 
 import sparsejax
 from sparsejax.checkpoint import export_sparse
 from experiments import cli
 from experiments import config_checks
-from experiments import input_pipeline
 from experiments import plots
 from experiments import trainer
 from experiments import workdir as workdir_lib
@@ -135,23 +130,11 @@ def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str) -> dict
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if cli.CONFIG.value is None or not cli.WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required.")
-  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the progress
-  tfds.disable_progress_bar()
-  config = cli.CONFIG.value
-  print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} device(s); "
-        f"workdir {cli.WORKDIR.value}")
-  try:
-    summary = run(config, cli.WORKDIR.value, cli.OVERWRITE.value)
-  except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
-          workdir_lib.WorkdirError) as e:
-    sys.exit(f"error: {e}")
-  baseline = summary.get("dense_baseline")
-  print(final_line(summary, baseline, config))
+def report(summary: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  del workdir
+  print(final_line(summary, summary.get("dense_baseline"), config))
+
+main = cli.main_for(run, report)
 
 
 if __name__ == "__main__":
