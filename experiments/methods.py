@@ -12,7 +12,7 @@ Methods, chosen by `config.pruning.method`:
             fine-tune last, through `sparsejax.NMSparsity`.
 dense/one_shot/gradual go through `sparsejax.GradualMagnitudePruning`, so the
 pruned weights are exactly zero in the params after every step; nm keeps them
-dense (the forward pass sees `forward_fn(config)`) until fine-tuning, and the
+dense (the forward pass sees `forward_fn(config, num_steps)`) until fine-tuning, and the
 last update leaves the weights N:M.
 """
 
@@ -77,7 +77,9 @@ def nm_sparsity(config: ml_collections.ConfigDict, num_steps: int) -> sparsejax.
   """The N:M method of `config.pruning.nm`, or None unless pruning.method is 'nm'.
 
   decay_coef 0 picks alpha = 4 / (sparse-phase steps): linear beta reaches 0
-  a quarter into the sparse phase, exponential beta is e^-4 there.
+  a quarter into the sparse phase; exponential beta is e^-1 there and e^-4 at
+  its end. The phases' lengths are the fractions of num_steps rounded to the
+  nearest step (Python's round).
 
   Raises:
     ConfigError: a bad value, naming its key under config.pruning.nm.
@@ -96,9 +98,9 @@ def nm_sparsity(config: ml_collections.ConfigDict, num_steps: int) -> sparsejax.
   for key in ("dense_fraction", "finetune_fraction"):
     if not 0.0 <= nm[key] < 1.0:
       raise ConfigError(f"config.pruning.nm.{key}={nm[key]!r} must be a fraction in [0, 1).")
-  if not nm.decay_coef >= 0 or not nm.srste_lambda >= 0:
-    raise ConfigError(f"config.pruning.nm.decay_coef={nm.decay_coef!r} and srste_lambda="
-                      f"{nm.srste_lambda!r} must be >= 0.")
+  for key in ("decay_coef", "srste_lambda"):
+    if not nm[key] >= 0:
+      raise ConfigError(f"config.pruning.nm.{key}={nm[key]!r} must be >= 0.")
   dense = int(round(nm.dense_fraction * num_steps))
   finetune = int(round(nm.finetune_fraction * num_steps))
   try:

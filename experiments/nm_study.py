@@ -29,6 +29,7 @@ from experiments import cli
 from experiments import config_checks
 from experiments import plots
 from experiments import train
+from experiments import trainer
 from experiments import workdir as workdir_lib
 
 CSV_FILE = "summary.csv"
@@ -40,7 +41,7 @@ ROW_FIELDS = ("method", "pattern", "seed", "test_accuracy", "best_test_accuracy"
 
 
 def runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """(name, config) of every training of the study, checked before any runs.
+  """(name, config) of every training of the study.
 
   Raises:
     ConfigError: no `study` section, an empty or unknown method, a pattern
@@ -149,8 +150,18 @@ def plot(workdir: str, entries: list[dict]) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         log=print) -> dict:
-  """Trains (or reads back) every run of the study; returns rows and table."""
+  """Trains (or reads back) every run of the study; returns rows and table.
+
+  Every run's config, model and data are checked before the workdir is
+  claimed, so a pattern that cannot work fails now, not hours in.
+  """
   planned = runs(config)
+  data = None
+  for name, run_config in planned:
+    try:
+      data = trainer.Trainer(run_config, data=data).data
+    except config_checks.ConfigError as e:
+      raise config_checks.ConfigError(f"study run {name}: {e}") from e
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)

@@ -167,11 +167,20 @@ class Trainer:
       raise config_checks.ConfigError(f"config.model: {e}") from e
     self.method = methods.method_name(config)
     self.tx = methods.make_optimizer(config, self.num_steps)
+    nm = methods.nm_sparsity(config, self.num_steps)
     try:  # also shapes only: e.g. a kernel N:M cannot group fails before the workdir is claimed
       jax.eval_shape(self.tx.init, shapes["params"])
     except ValueError as e:
-      raise config_checks.ConfigError(f"config.pruning: {e}") from e
+      if nm is None:
+        raise config_checks.ConfigError(f"config: {e}") from e
+      raise config_checks.ConfigError(
+          f"config.pruning.nm: {e} [config keys: pruning.include / pruning.exclude choose the "
+          f"kernels, pruning.nm.axis / flatten the grouped axis, pruning.nm.non_divisible="
+          f"'dense' leaves such kernels unpruned]") from e
     forward = methods.forward_fn(config, self.num_steps)
+    # best_test_accuracy counts evaluations from this step on: for N:M, those of
+    # the hard-masked network (earlier ones are dense, or decayed with beta > 0).
+    self.best_from = 0 if nm is None else nm.schedule.finetune_start
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     self.train_step = jax.jit(make_train_step(self.model, self.tx, forward),
@@ -296,7 +305,8 @@ class Trainer:
         for record in metrics_lib.read_metrics(workdir):  # a resumed run's history
           if record["split"] == "test":
             test = {"loss": record["loss"], "accuracy": record["accuracy"]}
-            best = max(best, record["accuracy"])
+            if record["step"] >= self.best_from:
+              best = max(best, record["accuracy"])
           else:
             train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
         for step in range(int(state.step), num_steps):
@@ -313,7 +323,8 @@ class Trainer:
           window_time += time.perf_counter() - tick
           if eval_now:
             test = self.evaluate(state)
-            best = max(best, test["accuracy"])
+            if done >= self.best_from:
+              best = max(best, test["accuracy"])
             writer.write(done, "test", {**test, "sparsity": sparsity_of(state)})
           if log_now:
             train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}

@@ -223,7 +223,7 @@ class NMSparsity:
       new_updates = jax.tree.unflatten(
           jax.tree.structure(inner_updates),
           [to_zero(u, p, m) for u, p, m in zip(jax.tree.leaves(inner_updates),
-                                               jax.tree.leaves(params), flat_m)])
+                                               jax.tree.leaves(params), flat_m, strict=True)])
       return new_updates, gradual.PruningState(step, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

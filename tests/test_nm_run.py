@@ -9,6 +9,7 @@ import pytest
 
 from sparsejax.checkpoint import SparseCheckpointManager
 from sparsejax.checkpoint import load_sparse
+from experiments import metrics as metrics_lib
 from experiments import train
 from experiments import trainer
 from experiments.configs import nm_mlp
@@ -61,6 +62,10 @@ def test_final_checkpoint_and_export_keep_at_most_n_of_every_m(digits_dir, tmp_p
     assert summary["nm"]["max_nonzeros_per_group"][f"{layer}/kernel"] <= n
   with open(os.path.join(workdir, "final.json")) as f:
     assert json.load(f)["nm"]["pattern"] == f"{n}:{m}"
+  # Evaluations at 11, 22, 33 and 40; only those of the hard-masked net (from step 30) count.
+  tests = {r["step"]: r["accuracy"] for r in metrics_lib.read_metrics(workdir, "test")}
+  assert sorted(tests) == [11, 22, 33, 40]
+  assert summary["best_test_accuracy"] == max(tests[33], tests[40])
 
 
 def test_mid_training_checkpoint_keeps_dense_weights_and_resume_matches(digits_dir, tmp_path):
@@ -84,7 +89,8 @@ def test_mid_training_checkpoint_keeps_dense_weights_and_resume_matches(digits_d
     ("finetune_fraction", 0.95, r"config.pruning.nm \(dense_fraction=0.1, finetune_fraction=0.95\):"
                                 r" the sparse phase has -2 steps"),
     ("non_divisible", "skip", r"config.pruning.nm.non_divisible='skip' is not one of"),
-    ("decay_coef", -1.0, r"config.pruning.nm.decay_coef=-1.0 and srste_lambda=0.0002 must be >= 0"),
+    ("decay_coef", -1.0, r"config.pruning.nm.decay_coef=-1.0 must be >= 0"),
+    ("srste_lambda", -1e-3, r"config.pruning.nm.srste_lambda=-0.001 must be >= 0"),
 ])
 def test_bad_nm_config_fails_before_the_workdir_is_claimed(digits_dir, tmp_path, field, value,
                                                             message):
@@ -99,8 +105,8 @@ def test_kernel_that_m_does_not_divide_is_named_unless_left_dense(digits_dir, tm
   config = _nm_config(digits_dir, n=1, m=8)
   config.model.features = (60, 32)  # hidden_1's input axis has 60 entries
   with pytest.raises(trainer.config_checks.ConfigError,
-                     match=r"'hidden_1/kernel' of shape \(60, 32\): axis -2 has length 60, not "
-                           r"divisible by M=8"):
+                     match=r"config.pruning.nm: 'hidden_1/kernel' of shape \(60, 32\): axis -2 has "
+                           r"length 60, not divisible by M=8.*pruning.nm.non_divisible='dense'"):
     train.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   config.pruning.nm.non_divisible = "dense"

@@ -46,9 +46,15 @@ def test_default_study_plans_every_method_pattern_and_seed_plus_dense():
     (lambda c: c.study.update(seeds=()), r"must be non-empty"),
     (lambda c: c.study.update(patterns=((2, 4, 8),)), r"each pattern is an \(n, m\) pair"),
     (lambda c: c.__delattr__("study"), r"has a `study` section"),
+    (lambda c: c.study.update(patterns=((2, 4), (5, 4))),
+     r"study run step_5of4_seed0: config.pruning.nm.n=5 exceeds config.pruning.nm.m=4"),
+    (lambda c: c.study.update(patterns=((1, 16),)),  # geometric 8:128 > the ViT's width 64
+     r"study run sdgf_geometric_1of16_seed0: config.pruning.nm: 'block_0/attention/key/kernel' "
+     r"of shape \(64, 64\): axis -2 has length 64, not divisible by M=128"),
 ])
-def test_bad_study_config_is_an_error_naming_the_key(edit, message, tmp_path):
+def test_bad_study_config_is_an_error_naming_the_key(edit, message, tmp_path, digits_dir):
   config = nm_study_config.get_config()
+  config.data_dir = digits_dir
   edit(config)
   with pytest.raises(config_checks.ConfigError, match=message):
     nm_study.run(config, str(tmp_path / "study"))

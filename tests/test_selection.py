@@ -21,6 +21,8 @@ def _scores(kind, shape, seed=0):
     return rng.normal(size=shape).astype(np.float32)
   if kind == "integer":
     return rng.integers(-3, 4, size=shape).astype(np.float32)
+  if kind == "few_values":  # many partial ties
+    return rng.integers(0, 3, size=shape).astype(np.float32)
   if kind == "all_equal":
     return np.full(shape, 0.5, np.float32)
   if kind == "signed_zeros":
@@ -106,7 +108,7 @@ def test_topk_mask_under_jit_ranks_nan_lowest():
   assert mask.tolist() == [False, True, True, False]
 
 
-@pytest.mark.parametrize("kind", ["normal", "integer", "all_equal"])
+@pytest.mark.parametrize("kind", ["normal", "integer", "few_values", "all_equal"])
 @pytest.mark.parametrize("n,m", [(0, 4), (1, 4), (3, 4), (2, 4), (4, 4), (1, 2), (3, 8), (2, 16),
                                  (1, 8), (7, 8), (2, 8), (6, 8), (1, 16), (15, 16)])
 @pytest.mark.parametrize("shape,axis", [((16, 6), -2), ((16, 6), 0), ((5, 32), -1),
