@@ -27,5 +27,5 @@ setuptools.setup(
         "matplotlib",
         "pillow",  # TFDS decodes PNG-encoded Image features with it (no TensorFlow)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "nbclient", "nbformat", "ipykernel"]},
 )

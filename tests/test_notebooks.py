@@ -1,0 +1,59 @@
+"""Every notebook runs top to bottom (small settings, offline) and is stored without outputs."""
+
+import json
+import os
+
+import nbclient
+import nbformat
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+# Small settings injected after each notebook's parameters cell.
+SMALL = {
+    "quickstart.ipynb": {"TRAIN_STEPS": 40},
+    "lottery.ipynb": {"TINY_LEVELS": 2, "TINY_EPOCHS": 2},
+    "nm_sparsity.ipynb": {"TINY_METHODS": ("srste", "sdgf_geometric"), "TINY_STEPS": 24},
+}
+
+
+def test_every_notebook_has_small_settings_and_one_parameters_cell():
+  assert sorted(SMALL) == sorted(f for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb"))
+  for name in SMALL:
+    book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    tagged = [c for c in book.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, name
+    for key in SMALL[name]:
+      assert f"\n{key} = " in "\n" + tagged[0].source, (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_notebook_is_stored_without_outputs(name):
+  with open(os.path.join(NOTEBOOKS, name), encoding="utf-8") as f:
+    book = json.load(f)
+  for i, cell in enumerate(book["cells"]):
+    if cell["cell_type"] == "code":
+      assert cell["outputs"] == [] and cell["execution_count"] is None, (
+          f"{name} cell {i} has stored outputs: clear them before committing")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_notebook_runs_top_to_bottom(name, tmp_path, digits_dir):
+  book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  index = next(i for i, c in enumerate(book.cells) if "parameters" in c.metadata.get("tags", []))
+  overrides = dict(SMALL[name])
+  source = book.cells[index].source
+  if "WORKDIR" in source:
+    overrides["WORKDIR"] = str(tmp_path / "workdir")  # absolute: os.path.join keeps it
+  if "DATA_DIR" in source:
+    overrides["DATA_DIR"] = digits_dir
+  lines = "\n".join(f"{key} = {value!r}" for key, value in overrides.items())
+  book.cells.insert(index + 1, nbformat.v4.new_code_cell("# test settings\n" + lines))
+  client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": ROOT}})
+  client.execute()  # raises CellExecutionError, with the failing cell and traceback
+  images = sum(1 for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if "image/png" in o.get("data", {}))
+  assert images >= 2, f"{name} showed {images} plots"
+  if "WORKDIR" in source:
+    assert os.path.exists(tmp_path / "workdir" / "final.json")
