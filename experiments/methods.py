@@ -12,8 +12,8 @@ Methods, chosen by `config.pruning.method`:
             fine-tune last, through `sparsejax.NMSparsity`.
 dense/one_shot/gradual go through `sparsejax.GradualMagnitudePruning`, so the
 pruned weights are exactly zero in the params after every step; nm keeps them
-dense (the forward pass sees `forward_fn(config, num_steps)`) until fine-tuning, and the
-last update leaves the weights N:M.
+dense until fine-tuning (the forward pass sees `nm_sparsity(config,
+num_steps).forward`), and the last update leaves the weights N:M.
 """
 
 from __future__ import annotations
@@ -115,12 +115,6 @@ def nm_sparsity(config: ml_collections.ConfigDict, num_steps: int) -> sparsejax.
       nm.method, schedule, decay_coef=alpha, srste_lambda=nm.srste_lambda,
       axis=None if nm.flatten else nm.axis, leaf_filter=leaf_filter(config.pruning),
       non_divisible=nm.non_divisible)
-
-
-def forward_fn(config: ml_collections.ConfigDict, num_steps: int):
-  """(params, opt_state) -> the weights the forward pass uses: N:M's transform, else params."""
-  nm = nm_sparsity(config, num_steps)
-  return (lambda params, opt_state: params) if nm is None else nm.forward
 
 
 def _check_pruning(pruning: ml_collections.ConfigDict) -> None:

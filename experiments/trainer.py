@@ -177,7 +177,7 @@ class Trainer:
           f"config.pruning.nm: {e} [config keys: pruning.include / pruning.exclude choose the "
           f"kernels, pruning.nm.axis / flatten the grouped axis, pruning.nm.non_divisible="
           f"'dense' leaves such kernels unpruned]") from e
-    forward = methods.forward_fn(config, self.num_steps)
+    forward = _dense_forward if nm is None else nm.forward
     # best_test_accuracy counts evaluations from this step on: for N:M, those of
     # the hard-masked network (earlier ones are dense, or decayed with beta > 0).
     self.best_from = 0 if nm is None else nm.schedule.finetune_start

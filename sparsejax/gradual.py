@@ -88,6 +88,17 @@ def with_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
                       opt_state, is_leaf=lambda x: isinstance(x, PruningState))
 
 
+def state_masks(opt_state: optax.OptState) -> PyTree:
+  """The masks of the `PruningState` in `opt_state`, None for unpruned leaves.
+
+  Inside `optax.multi_transform` the leaves another transform owns are
+  `optax.MaskedNode`s; they come back as None too.
+  """
+  return jax.tree.map(lambda m: None if isinstance(m, optax.MaskedNode) else m,
+                      find_pruning_state(opt_state).masks,
+                      is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
+
+
 def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   """Params with the optimizer state's masks applied, for the forward pass.
 
@@ -95,11 +106,26 @@ def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   this only matters for params that did not come out of the wrapper (restored
   from elsewhere, or edited by hand), but it is cheap and always safe.
   """
-  masks = jax.tree.map(  # inside optax.multi_transform, other leaves are MaskedNode
-      lambda m: None if isinstance(m, optax.MaskedNode) else m,
-      find_pruning_state(opt_state).masks,
-      is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
-  return masks_lib.apply_masks(params, masks)
+  return masks_lib.apply_masks(params, state_masks(opt_state))
+
+
+def zero_pruned(grads: PyTree, masks: PyTree) -> PyTree:
+  """Gradients with the entries `masks` prune set to 0 (None masks: unchanged)."""
+  return trees.map_with_masks(
+      lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks)
+
+
+def updates_to_zero(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
+  """`updates` with -p on the entries `masks` prune, so that the update leaves them 0.0.
+
+  p + (-p) is exactly 0.0 in IEEE arithmetic. `updates` may carry a different
+  tree type than `params` (e.g. an NNX State), with the same leaf order.
+  """
+  flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+  flat_u, flat_p = jax.tree.leaves(updates), jax.tree.leaves(params)
+  return jax.tree.unflatten(jax.tree.structure(updates), [
+      u if m is None else jnp.where(m, u, -p.astype(u.dtype))
+      for u, p, m in zip(flat_u, flat_p, flat_m, strict=True)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +182,8 @@ class GradualMagnitudePruning:
       allocation_lib.allocate(  # fail at init, not at the first update, on a bad map
           self.allocation, self.schedule.final_sparsity, [leaves[i].path for i in chosen],
           [leaves[i].value.shape for i in chosen])
-      dense = [jnp.ones(jnp.shape(leaves[i].value), bool) for i in chosen]
-      masks = pruning.assemble_masks(params, chosen, dense)
-      return PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
+      return PruningState(jnp.zeros((), jnp.int32), pruning.dense_masks(params, chosen),
+                          inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
       if params is None:
@@ -167,17 +192,9 @@ class GradualMagnitudePruning:
       masks = jax.lax.cond(self.schedule.is_update_step(state.count),
                            lambda: self.masks_at(params, state.count, state.masks),
                            lambda: state.masks)
-      zero_pruned = lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype))
-      grads = trees.map_with_masks(zero_pruned, updates, masks)
+      grads = zero_pruned(updates, masks)
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-      # -p on pruned entries: p + (-p) is exactly 0.0 in IEEE arithmetic.
-      to_zero = lambda u, p, m: u if m is None else jnp.where(m, u, -p.astype(u.dtype))
-      flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
-      new_updates = jax.tree.unflatten(
-          jax.tree.structure(inner_updates),
-          [to_zero(u, p, m) for u, p, m in zip(jax.tree.leaves(inner_updates),
-                                               jax.tree.leaves(params), flat_m)])
       count = optax.safe_int32_increment(state.count)
-      return new_updates, PruningState(count, masks, inner_state)
+      return updates_to_zero(inner_updates, params, masks), PruningState(count, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

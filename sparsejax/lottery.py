@@ -37,7 +37,6 @@ import re
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks as masks_lib
@@ -67,9 +66,7 @@ def dense_masks(params: PyTree, leaf_filter: trees.LeafFilter | None = None) -> 
   >>> dense_masks({'w': jnp.ones((2, 2)), 'b': jnp.ones(2)})['w'].all().item()
   True
   """
-  chosen = pruning.prunable_leaves(params, leaf_filter)
-  leaves = jax.tree.leaves(params)
-  return pruning.assemble_masks(params, chosen, [jnp.ones(jnp.shape(leaves[i]), bool) for i in chosen])
+  return pruning.dense_masks(params, pruning.prunable_leaves(params, leaf_filter))
 
 
 def _masked_leaves(params: PyTree, masks: PyTree) -> list[tuple[str, int, np.ndarray]]:

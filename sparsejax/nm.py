@@ -178,12 +178,11 @@ class NMSparsity:
     Differentiate through it: the gradient reaches the dense params as the
     method prescribes. Unpruned leaves pass through unchanged.
     """
-    state = gradual.find_pruning_state(opt_state)
-    masks = jax.tree.map(lambda m: None if isinstance(m, optax.MaskedNode) else m, state.masks,
-                         is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
-    beta, lam = self.beta(state.count), self.srste_weight(state.count)
-    return trees.map_with_masks(
-        lambda w, keep: w if keep is None else gradient_flow(w, keep, beta, lam), params, masks)
+    count = gradual.find_pruning_state(opt_state).count
+    beta, lam = self.beta(count), self.srste_weight(count)
+    return trees.map_with_masks(lambda w, keep: w if keep is None else
+                                gradient_flow(w, keep, beta, lam),
+                                params, gradual.state_masks(opt_state))
 
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Wraps `inner`: masks follow the schedule; fine-tuning holds pruned weights at 0.
@@ -199,31 +198,23 @@ class NMSparsity:
       if schedule.dense_steps == 0:
         masks = self.masks_at(params, 0)
       else:
-        leaves = jax.tree.leaves(params)
-        masks = pruning.assemble_masks(params, chosen,
-                                       [jnp.ones(jnp.shape(leaves[i]), bool) for i in chosen])
+        masks = pruning.dense_masks(params, chosen)
       return gradual.PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
       if params is None:
         raise ValueError("NMSparsity needs params: call tx.update(grads, opt_state, params).")
-      hard = schedule.is_finetune(state.count)
-      zero = lambda g, m: g if m is None else jnp.where(m | ~hard, g, jnp.zeros((), g.dtype))
-      grads = trees.map_with_masks(zero, updates, state.masks)
+      # Only the fine-tune uses a hard mask; before it, STE trains every weight.
+      hard_only = lambda masks, hard: jax.tree.map(lambda m: m | ~hard, masks)
+      grads = gradual.zero_pruned(updates, hard_only(state.masks, schedule.is_finetune(state.count)))
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       step = optax.safe_int32_increment(state.count)
       masks = jax.lax.cond(
           schedule.is_update_step(step),
           lambda: self.masks_at(optax.apply_updates(params, inner_updates), step),
           lambda: state.masks)
-      hard_next = schedule.is_finetune(step)
-      # -p on pruned entries: p + (-p) is exactly 0.0 in IEEE arithmetic.
-      to_zero = lambda u, p, m: u if m is None else jnp.where(m | ~hard_next, u, -p.astype(u.dtype))
-      flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
-      new_updates = jax.tree.unflatten(
-          jax.tree.structure(inner_updates),
-          [to_zero(u, p, m) for u, p, m in zip(jax.tree.leaves(inner_updates),
-                                               jax.tree.leaves(params), flat_m, strict=True)])
+      new_updates = gradual.updates_to_zero(
+          inner_updates, params, hard_only(masks, schedule.is_finetune(step)))
       return new_updates, gradual.PruningState(step, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

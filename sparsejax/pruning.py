@@ -175,6 +175,12 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int | None = -2,
   return assemble_masks(params, chosen, masks)
 
 
+def dense_masks(params: PyTree, chosen: Sequence[int]) -> PyTree:
+  """All-True masks on the leaves `chosen` (jax.tree leaf indices), None elsewhere."""
+  leaves = jax.tree.leaves(params)
+  return assemble_masks(params, chosen, [jax.numpy.ones(np.shape(leaves[i]), bool) for i in chosen])
+
+
 def assemble_masks(params: PyTree, chosen: Sequence[int], masks: Sequence[jax.Array]) -> PyTree:
   """A masks tree shaped like `params`: `masks[j]` at leaf `chosen[j]`, else None."""
   flat = [None] * len(jax.tree.leaves(params))

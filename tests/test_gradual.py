@@ -2,6 +2,7 @@
 polynomial formula and a numpy top-k of the weights it saw."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -218,3 +219,30 @@ def test_missing_params_and_missing_state_give_clear_errors():
   typo = sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.5), allocation={"Dense_9": 0.1})
   with pytest.raises(ValueError, match=r"\['Dense_9'\] match no prunable leaf"):
     typo.wrap(optax.sgd(0.1)).init(params)
+
+
+def test_zero_pruned_and_updates_to_zero_on_a_hand_example():
+  from sparsejax import gradual
+  params = {"w": jnp.array([0.5, -2.0, 3.0]), "b": jnp.array([1.0])}
+  masks = {"w": jnp.array([True, False, True]), "b": None}
+  grads = {"w": jnp.array([0.1, 0.2, 0.3]), "b": jnp.array([0.4])}
+  zeroed = gradual.zero_pruned(grads, masks)
+  np.testing.assert_array_equal(np.asarray(zeroed["w"]), np.float32([0.1, 0.0, 0.3]))
+  np.testing.assert_array_equal(np.asarray(zeroed["b"]), np.float32([0.4]))
+  updates = gradual.updates_to_zero(grads, params, masks)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(new["w"]), np.float32([0.6, 0.0, 3.3]))
+  assert np.asarray(new["w"])[1] == 0.0 and not np.signbit(np.asarray(new["w"])[1])
+  np.testing.assert_array_equal(np.asarray(new["b"]), np.float32([1.4]))
+
+
+def test_state_masks_turns_masked_nodes_into_none():
+  from sparsejax import gradual
+  params = {"dense": {"kernel": jnp.ones((4, 4))}, "embed": jnp.ones((3, 4))}
+  tx = optax.multi_transform(
+      {"prune": sparsejax.GradualMagnitudePruning(sparsejax.ConstantSchedule(0.5)).wrap(optax.sgd(0.1)),
+       "keep": optax.sgd(0.1)},
+      {"dense": {"kernel": "prune"}, "embed": "keep"})
+  masks = gradual.state_masks(tx.init(params))
+  assert masks["embed"] is None
+  assert np.asarray(masks["dense"]["kernel"]).all()
