@@ -3,7 +3,7 @@
 One `orbax.checkpoint.CheckpointManager` per directory; each step holds the
 items that were given to `save`:
 
-  params       the weights (pruned entries are 0.0), a plain Orbax pytree;
+  params       the weights (pruned entries are 0.0);
   masks        {'/'-joined path: uint8 array}, each mask packed to 1 bit per
                weight with `sparsejax.pack_masks` (unpruned leaves absent);
   opt_state    the optimizer state (it holds a `PruningState`);
@@ -12,10 +12,21 @@ items that were given to `save`:
   meta         JSON: step, level, mask shapes, per-leaf sparsity, versions
                and any caller fields (the config, ...).
 
+Array items are stored in one path convention (`plain_tree`): nested dicts
+keyed by the parts of each leaf's `sparsejax.trees.path_name`, whatever the
+container. A Flax Linen params dict, a Flax NNX `nnx.State` (of a model or
+of an `nnx.Optimizer`) and its `nnx.to_pure_dict` are stored alike, NamedTuple
+fields and tuple indices as string keys, None entries absent; so each
+restores into any of the others, and `restore` returns the type of the
+target it was given (an `nnx.State` target gives an `nnx.State`).
+
 Every item is readable with plain Orbax, for example
-`ocp.StandardCheckpointer().restore(f"{directory}/{step}/params")`. Steps are
+`ocp.StandardCheckpointer().restore(f"{directory}/{step}/params")` gives
+`{'Dense_0': {'kernel': ...}}` for Linen and NNX params alike. Steps are
 written to a temporary directory and renamed when complete, so a killed save
-never becomes the latest step.
+never becomes the latest step. A target whose leaf paths differ from the
+stored ones is a structure mismatch, reported with the first differing leaf
+on both sides; only unreadable data is reported as truncated or corrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from etils import epath
 
 from sparsejax import masks as masks_lib
 from sparsejax import trees
+from sparsejax.checkpoint import plain_tree
 
 PyTree = Any
 ARRAY_ITEMS = ("params", "masks", "opt_state", "train_state", "rewind")
@@ -65,35 +77,98 @@ def package_versions() -> dict[str, str]:
   return out
 
 
+def _plain(item: str, tree: PyTree) -> dict:
+  """`plain_tree.to_plain`, its errors as CheckpointErrors naming the item."""
+  try:
+    return plain_tree.to_plain(tree)
+  except ValueError as e:
+    raise CheckpointError(f"Item {item!r}: {e}") from e
+
+
 def _pack(masks: PyTree) -> dict[str, np.ndarray]:
   return {leaf.path: leaf.value for leaf in trees.named_leaves(masks_lib.pack_masks(masks))}
 
 
+def _describe(value: Any) -> str:
+  """' float32[20, 32]' for an array-like `value`, '' for anything else."""
+  shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+  if shape is None or dtype is None:
+    return ""
+  return f" {np.dtype(dtype).name}{list(shape)}"
+
+
+def _check_same_paths(item: str, stored: dict[str, Any], target: dict[str, Any],
+                      where: str = "checkpoint") -> None:
+  """Raises CheckpointError at the first difference of the sorted leaf paths.
+
+  Args:
+    item: the item's name, for the message.
+    stored, target: {path: leaf} of both sides; leaves with a shape and dtype
+      are described by them.
+    where: what `stored` is, for the message.
+  """
+  ours, theirs = sorted(stored), sorted(target)
+  i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+  if i == len(ours) == len(theirs):
+    return
+  have = ours[i] if i < len(ours) else None
+  want = theirs[i] if i < len(theirs) else None
+  if want is not None and (have is None or want < have):
+    what = f"leaf {want!r} of the target is not in the {where}"
+  else:
+    what = f"the {where} has leaf {have!r} that the target lacks"
+
+  def side(name: str, path: str | None, leaves: dict[str, Any]) -> str:
+    if path is None:
+      return f"the {name} has no more leaves"
+    return f"the {name} has {path!r}{_describe(leaves[path])}"
+
+  raise CheckpointError(
+      f"Item {item!r}: structure mismatch: {what}. At the first difference of the sorted leaf "
+      f"paths {side(where, have, stored)} and {side('target', want, target)} ({len(ours)} vs "
+      f"{len(theirs)} leaves): a checkpoint of another model?")
+
+
 def _check_fits(item: str, stored: PyTree, target: PyTree) -> None:
-  """Raises CheckpointError naming the first leaf of `target` that `stored` lacks or sizes differently."""
-  stored_leaves = {leaf.path: leaf.value for leaf in trees.named_leaves(stored)}
-  target_leaves = trees.named_leaves(target)
-  for leaf in target_leaves:
-    if leaf.path not in stored_leaves:
-      raise CheckpointError(
-          f"Item {item!r}: leaf {leaf.path!r} of the target is not in the checkpoint "
-          f"(which has {sorted(stored_leaves)[:8]}...): a checkpoint of another model?")
-    have, want = stored_leaves[leaf.path], leaf.value
+  """Raises CheckpointError naming the first leaf where `stored` and `target` differ.
+
+  Paths are compared first (a structure mismatch), then each leaf's shape
+  and dtype, in the target's order.
+  """
+  stored_leaves = _path_leaves(item, stored)
+  target_leaves = _path_leaves(item, target)
+  _check_same_paths(item, stored_leaves, target_leaves)
+  for path, want in target_leaves.items():
+    have = stored_leaves[path]
     if tuple(have.shape) != tuple(np.shape(want)):
       raise CheckpointError(
-          f"Item {item!r}: leaf {leaf.path!r} has shape {tuple(have.shape)} in the checkpoint "
+          f"Item {item!r}: leaf {path!r} has shape {tuple(have.shape)} in the checkpoint "
           f"but {tuple(np.shape(want))} in the target.")
     have_dtype, want_dtype = getattr(have, "dtype", None), getattr(want, "dtype", None)
     if have_dtype is not None and want_dtype is not None and \
         np.dtype(have_dtype) != np.dtype(want_dtype):
       raise CheckpointError(
-          f"Item {item!r}: leaf {leaf.path!r} is {np.dtype(have_dtype)} in the checkpoint but "
+          f"Item {item!r}: leaf {path!r} is {np.dtype(have_dtype)} in the checkpoint but "
           f"{np.dtype(want_dtype)} in the target (restoring would cast it).")
-  extra = sorted(set(stored_leaves) - {leaf.path for leaf in target_leaves})
-  if extra:
-    raise CheckpointError(
-        f"Item {item!r}: the checkpoint has leaf {extra[0]!r} that the target lacks: "
-        "a checkpoint of another model?")
+
+
+def _path_leaves(item: str, tree: PyTree) -> dict[str, Any]:
+  """`plain_tree.path_leaves`, its errors as CheckpointErrors naming the item."""
+  try:
+    return plain_tree.path_leaves(tree)
+  except ValueError as e:
+    raise CheckpointError(f"Item {item!r}: {e}") from e
+
+
+def _restore_target(item: str, stored: PyTree, target: PyTree) -> PyTree:
+  """The stored tree's structure with the target's leaves (and shardings) by path.
+
+  Built on what is on disk, so items written before the plain form (a
+  NamedTuple stored by field, a tuple as a list) restore too.
+  """
+  wanted = _path_leaves(item, target)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(stored)
+  return jax.tree.unflatten(treedef, [wanted[trees.path_name(path)] for path, _ in flat])
 
 
 class SparseCheckpointManager:
@@ -108,6 +183,11 @@ class SparseCheckpointManager:
     ...   restored = manager.restore(masks_like=params)
     >>> restored.step, restored.masks['dense']['kernel'].sum().item()
     (10, 4)
+
+    NNX state is saved and restored the same way:
+    `save(step, params=nnx.state(model, nnx.Param), opt_state=nnx.state(optimizer))`,
+    then `restore(params_like=nnx.state(fresh, nnx.Param), opt_state_like=
+    nnx.state(fresh_optimizer))` and `nnx.update` both with the result.
 
   Args:
     directory: where the steps live (created if absent).
@@ -142,7 +222,8 @@ class SparseCheckpointManager:
 
     Args:
       step: the step number; a step already saved is an Orbax error.
-      params, opt_state, train_state, rewind: pytrees saved as they are.
+      params, opt_state, train_state, rewind: pytrees of arrays (Linen dicts,
+        `nnx.State`s, pure dicts, optax states), saved in their plain form.
       masks: bool masks (None for unpruned leaves), packed to 1 bit per weight.
       meta: JSON-serialisable fields (the config, ...), completed with the
         step, level, mask shapes, per-leaf sparsity and package versions.
@@ -151,10 +232,15 @@ class SparseCheckpointManager:
 
     Returns:
       Whether a save was started (Orbax may skip one by its save policy).
+
+    Raises:
+      CheckpointError: naming the item and path, if two leaves of an item
+        share a '/'-joined path or one lies under another.
     """
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
              "rewind": rewind}
-    args = {name: ocp.args.StandardSave(value) for name, value in items.items() if value is not None}
+    args = {name: ocp.args.StandardSave(_plain(name, value))
+            for name, value in items.items() if value is not None}
     meta = dict(meta or {})
     meta.update(step=int(step), level=level, versions=package_versions())
     if masks is not None:
@@ -177,17 +263,20 @@ class SparseCheckpointManager:
     """Restores the items whose targets are given (and always `meta`).
 
     Each `*_like` is a target pytree (arrays or `jax.ShapeDtypeStruct`s, with
-    shardings where wanted) whose structure and shapes the stored item must
-    match; `masks_like` is a params tree whose shapes the packed masks unpack
-    to, so masks transfer into a freshly initialised model.
+    shardings where wanted) whose leaf paths, shapes and dtypes the stored
+    item must match; the restored item has the target's type and structure
+    (a Linen dict, an `nnx.State` or a pure dict, whichever form was saved).
+    `masks_like` is a params tree whose shapes the packed masks unpack to, so
+    masks transfer into a freshly initialised model.
 
     Args:
       step: the step to read; None for the latest.
 
     Raises:
-      CheckpointError: no checkpoint, an item missing or unreadable, or a
-        stored tree that differs from the target (naming the item, the first
-        differing leaf and both shapes).
+      CheckpointError: no checkpoint, an item missing or unreadable
+        ("truncated or corrupted?"), a structure mismatch (naming the item
+        and the first differing leaf path on both sides), or a leaf whose
+        shape or dtype differs (naming it and both).
     """
     self.wait_until_finished()  # a save in flight is read whole, never half
     if step is None:
@@ -204,15 +293,16 @@ class SparseCheckpointManager:
       meta = None
     args = {}
     for name, target in targets.items():
-      _check_fits(name, self._stored_tree(step, name), target)
-      args[name] = ocp.args.StandardRestore(target)
+      stored = self._stored_tree(step, name)
+      _check_fits(name, stored, target)
+      args[name] = ocp.args.StandardRestore(_restore_target(name, stored, target))
     if masks_like is not None:
       packed_target = self._packed_target(step, meta, masks_like)
       args["masks"] = ocp.args.StandardRestore(packed_target)
     restored = self._read(step, args) if args else None
-    out = {name: restored[name] for name in args} if restored is not None else {}
-    if "masks" in out:
-      out["masks"] = self._unpack(out["masks"], masks_like)
+    out = {name: plain_tree.from_plain(restored[name], target) for name, target in targets.items()}
+    if masks_like is not None:
+      out["masks"] = self._unpack(restored["masks"], masks_like)
     return Restored(step=int(step), meta=meta, **out)
 
   def _stored_tree(self, step: int, name: str) -> PyTree:
@@ -239,23 +329,21 @@ class SparseCheckpointManager:
 
   def _packed_target(self, step: int, meta: dict, masks_like: PyTree) -> dict:
     """The packed uint8 arrays to expect, checked against the target's shapes."""
-    stored = {leaf.path: leaf.value for leaf in trees.named_leaves(self._stored_tree(step, "masks"))}
+    stored = _path_leaves("masks", self._stored_tree(step, "masks"))
     meta = meta or {}
     stored_shapes = meta.get("mask_shapes", {})
-    wanted = {leaf.path: leaf.value for leaf in trees.named_leaves(masks_like)}
-    if "mask_tree_paths" in meta:
-      stored_paths = set(meta["mask_tree_paths"])
-      missing = [path for path in wanted if path not in stored_paths]
-      if missing:
-        raise CheckpointError(
-            f"Item 'masks': leaf {missing[0]!r} of the target is not in the checkpoint's model: "
-            "a checkpoint of another model?")
+    wanted = _path_leaves("masks", masks_like)
+    if "mask_tree_paths" in meta:  # every leaf of the saved model, pruned or not
+      model = {path: jax.ShapeDtypeStruct(tuple(stored_shapes[path]), bool)
+               if path in stored_shapes else None for path in meta["mask_tree_paths"]}
+      _check_same_paths("masks", model, wanted, where="checkpoint's model")
     target = {}
     for path, packed in stored.items():
       if path not in wanted:
         raise CheckpointError(
-            f"Item 'masks': leaf {path!r} (shape {tuple(stored_shapes.get(path, ()))}) is not in "
-            "the target params: a checkpoint of another model?")
+            f"Item 'masks': structure mismatch: the checkpoint has leaf {path!r} (shape "
+            f"{tuple(stored_shapes.get(path, ()))}) that the target lacks: a checkpoint of "
+            "another model?")
       shape = tuple(np.shape(wanted[path]))
       if stored_shapes.get(path) is not None and tuple(stored_shapes[path]) != shape:
         raise CheckpointError(
@@ -271,7 +359,7 @@ class SparseCheckpointManager:
 
   @staticmethod
   def _unpack(packed: dict, masks_like: PyTree) -> PyTree:
-    leaves = [packed.get(leaf.path) for leaf in trees.named_leaves(masks_like)]
+    leaves = [packed.get(path) for path in plain_tree.path_leaves(masks_like)]
     return masks_lib.unpack_masks(jax.tree.unflatten(jax.tree.structure(masks_like), leaves),
                                   masks_like)
 
