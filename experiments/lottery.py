@@ -5,7 +5,9 @@
 For each replicate (seed = config.seed + r), level 0 trains the dense model
 and records the state at the rewind step k. Each of `lottery.levels` levels
 then prunes `prune_fraction` of the remaining weights of the previous level's
-trained weights (layerwise or global), rewinds the survivors to their step-k
+trained weights ('uniform': every layer at that rate; 'global': one
+threshold across layers; `layer_fractions` gives chosen layers their own
+rate, e.g. 0 for a dense output layer), rewinds the survivors to their step-k
 values, and retrains from step k to the end. On every level's mask the
 branches train too: `random_prune` (a random mask with the same per-layer
 counts, rewound weights, optimizer as the ticket's) and `random_reinit` (the
@@ -65,6 +67,10 @@ def rewind_step(config: ml_collections.ConfigDict, steps_per_epoch: int, num_ste
     raise config_checks.ConfigError(
         f"config.lottery.prune_fraction={cfg.prune_fraction!r} must be in (0, 1): the share "
         "of the remaining weights pruned at each level.")
+  if cfg.allocation == "layerwise":
+    raise config_checks.ConfigError(
+        "config.lottery.allocation='layerwise' is called 'uniform' in sparsejax (every layer "
+        "loses the same fraction of its remaining weights): use 'uniform'.")
   config_checks.choice(cfg.allocation, lottery.ALLOCATIONS, "lottery.allocation")
   config_checks.at_least(cfg.replicates, 1, "lottery.replicates")
   for branch in cfg.branches:
@@ -175,7 +181,8 @@ class Replicate:
     masks = trainer_lib.masks_of(state)
     for level in range(1, cfg.levels + 1):
       masks = lottery.prune_level(state.params, masks, cfg.prune_fraction,
-                                  allocation=cfg.allocation)
+                                  allocation=cfg.allocation,
+                                  layer_fractions=layer_fractions(self.config))
       summary, state = self._fit_or_load(level, "ticket", functools.partial(
           self._start, point, lottery.rewind(point.params, masks), masks, cfg.rewind_optimizer))
       rows.append(self._row(level, "ticket", summary))
@@ -207,6 +214,22 @@ class Replicate:
             "test_loss": summary["test"]["loss"]}
 
 
+def layer_fractions(config: ml_collections.ConfigDict):
+  """`config.lottery.layer_fractions` as a plain dict (or as it is, if not a ConfigDict)."""
+  value = config.lottery.layer_fractions
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def _check_layer_fractions(config: ml_collections.ConfigDict, masks) -> None:
+  """Raises ConfigError, naming the key, for a layer_fractions map prune_level would reject."""
+  paths = [leaf.path for leaf in sparsejax.trees.named_leaves(masks)]
+  try:
+    lottery.match_layer_fractions(paths, layer_fractions(config))
+  except ValueError as e:
+    raise config_checks.ConfigError(
+        f"config.lottery.layer_fractions={layer_fractions(config)!r}: {e}") from e
+
+
 def _rewind_tree(state: trainer_lib.TrainState) -> dict:
   """The rewind point as a dict (Orbax stores dicts; empty BatchNorm stats left out)."""
   tree = state._asdict()
@@ -231,16 +254,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
   first = trainer_lib.Trainer(config, devices)
   k = rewind_step(config, first.steps_per_epoch, first.num_steps)
-  if all(m is None for m in jax.tree.leaves(trainer_lib.masks_of(first.initial_state()),
-                                            is_leaf=lambda x: x is None)):
+  masks = trainer_lib.masks_of(first.initial_state())
+  if all(m is None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
     raise config_checks.ConfigError(
         f"config.lottery.include={config.lottery.include!r} and exclude="
         f"{config.lottery.exclude!r} leave no kernel to prune.")
+  _check_layer_fractions(config, masks)
   if status is workdir_lib.Status.NEW:
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
   cfg = config.lottery
-  log(f"lottery: {cfg.levels} levels of {cfg.prune_fraction:.0%} ({cfg.allocation}), down to "
-      f"{100 * (1 - cfg.prune_fraction) ** cfg.levels:.2f}% of the weights; rewind to step {k}"
+  own = f", layer_fractions {layer_fractions(config)}" if layer_fractions(config) else ""
+  log(f"lottery: {cfg.levels} levels of {cfg.prune_fraction:.0%} ({cfg.allocation}{own}), the "
+      f"weights pruned at that rate down to {100 * (1 - cfg.prune_fraction) ** cfg.levels:.2f}%; "
+      f"rewind to step {k}"
       f" ({'optimizer rewound' if cfg.rewind_optimizer else 'optimizer reset'}); "
       f"{cfg.replicates} replicate(s); branches {list(cfg.branches) or 'none'}")
   begin = time.perf_counter()

@@ -5,9 +5,13 @@ the Lottery Ticket Hypothesis"). One IMP level takes the weights at the end
 of training and the masks they were trained with, and:
 
 1. `prune_level`: removes a fraction p of the weights the masks still keep,
-   the smallest |w|, per leaf ('layerwise') or with one threshold across
-   leaves ('global'). A pruned weight is never revived. After L levels from
-   dense, each leaf (layerwise) keeps (1 - p)**L of its weights, to rounding.
+   the smallest |w|, per leaf ('uniform', the name `sparsejax.compute_masks`
+   uses) or with one threshold across leaves ('global'). `layer_fractions`
+   gives chosen leaves their own rate, e.g. {'head/': 0.0} keeps the output
+   layer dense (OpenLTH's LeNet default) or {'head/': 0.1} prunes it at half
+   of p = 0.2 (Frankle & Carbin 2019). A pruned weight is never revived.
+   After L levels from dense, each leaf ('uniform') keeps (1 - p)**L of its
+   weights, to rounding.
 2. `rewind`: puts the surviving weights back to their values at the rewind
    step k (k = 0: the original initialisation), pruned ones to zero.
 3. Retrains with the masks fixed (`sparsejax.FixedMaskSchedule`).
@@ -34,7 +38,7 @@ Example, three levels of 20% on a toy model (no training in between):
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -44,8 +48,19 @@ from sparsejax import pruning
 from sparsejax import selection
 from sparsejax import trees
 
+__all__ = [
+    "ALLOCATIONS",
+    "check_fraction",
+    "dense_masks",
+    "match_layer_fractions",
+    "prune_level",
+    "random_prune",
+    "reinitialize",
+    "rewind",
+]
+
 PyTree = Any
-ALLOCATIONS = ("layerwise", "global")
+ALLOCATIONS = ("uniform", "global")
 
 
 def check_fraction(fraction, name: str = "fraction") -> float:
@@ -99,19 +114,93 @@ def _only(paths: Sequence[str]) -> trees.LeafFilter:
   return lambda path, leaf: path in chosen
 
 
+def _check_allocation(allocation: str) -> None:
+  if allocation == "layerwise":
+    raise ValueError(
+        "IMP allocation 'layerwise' is called 'uniform' in sparsejax, as in "
+        "sparsejax.compute_masks: every leaf loses the same fraction of the weights it keeps. "
+        "Pass allocation='uniform'.")
+  if allocation not in ALLOCATIONS:
+    raise ValueError(f"unknown IMP allocation {allocation!r}; use one of {ALLOCATIONS}.")
+
+
+def match_layer_fractions(paths: Sequence[str],
+                          layer_fractions: Mapping[str, float] | None) -> dict[str, float]:
+  """The leaves of `paths` that `layer_fractions` gives their own fraction.
+
+  A path takes the fraction of the first regex that `re.search`es it.
+
+  >>> match_layer_fractions(['hidden_0/kernel', 'head/kernel'], {'^head/': 0.0})
+  {'head/kernel': 0.0}
+
+  Args:
+    paths: the '/'-joined paths of the pruned leaves.
+    layer_fractions: {path_regex: fraction in [0, 1)}, or None.
+
+  Returns:
+    {path: fraction} for the matched paths only.
+
+  Raises:
+    ValueError: not a mapping, a regex that does not compile or matches no
+      path, or a fraction outside [0, 1) (each naming the regex).
+  """
+  if layer_fractions is None:
+    return {}
+  if not isinstance(layer_fractions, Mapping):
+    raise ValueError("layer_fractions must be a mapping {path_regex: fraction}, got "
+                     f"{type(layer_fractions).__name__}.")
+  patterns = []
+  for pattern, value in layer_fractions.items():
+    try:
+      regex = re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"layer_fractions regex {pattern!r} does not compile: {e}") from e
+    patterns.append((regex, pattern, check_fraction(value, f"layer_fractions[{pattern!r}]")))
+  matched, used = {}, set()
+  for path in paths:
+    hit = next((p for p in patterns if p[0].search(path)), None)
+    if hit is not None:
+      matched[path] = hit[2]
+      used.add(hit[1])
+  unused = [pattern for _, pattern, _ in patterns if pattern not in used]
+  if unused:
+    raise ValueError(f"layer_fractions regex(es) {unused} match no pruned leaf "
+                     f"(first match wins); the pruned leaves are {list(paths)}.")
+  return matched
+
+
+def _merge(first: PyTree, second: PyTree) -> PyTree:
+  """Two masks trees on disjoint leaves (None elsewhere) as one."""
+  return jax.tree.map(lambda a, b: b if a is None else a, first, second,
+                      is_leaf=lambda x: x is None)
+
+
 def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
-                allocation: str = "layerwise",
+                allocation: str = "uniform",
+                layer_fractions: Mapping[str, float] | None = None,
                 leaf_filter: trees.LeafFilter | None = None) -> PyTree:
   """The masks of the next IMP level: prune `fraction` of the weights still kept.
+
+  >>> params = {'hidden': {'kernel': jnp.arange(1., 101.).reshape(10, 10)},
+  ...           'head': {'kernel': jnp.ones((10, 2))}}
+  >>> masks = prune_level(params, None, 0.2, layer_fractions={'^head/': 0.0})
+  >>> int(masks['hidden']['kernel'].sum()), int(masks['head']['kernel'].sum())
+  (80, 20)
 
   Args:
     params: the weights at the end of the level's training (magnitudes rank).
     masks: the masks they were trained with, None on leaves that are not
       pruned; None for the first level (all prunable weights kept).
     fraction: p in [0, 1): the share of the *remaining* weights to prune.
-    allocation: 'layerwise' (each masked leaf keeps round((1 - p) * kept_l)
-      of its weights) or 'global' (round((1 - p) * total kept) across all
-      masked leaves, one magnitude threshold).
+    allocation: 'uniform' (each masked leaf keeps round((1 - p) * kept_l)
+      of its weights) or 'global' (the leaves `layer_fractions` does not
+      match keep round((1 - p) * their total kept), one magnitude threshold
+      across them).
+    layer_fractions: {path_regex: fraction in [0, 1)}: a leaf whose
+      '/'-joined path a regex `re.search`es (first match wins) keeps
+      round((1 - fraction) * kept_l) of its own weights, under either
+      allocation; fraction 0 leaves it at its current mask (e.g. an output
+      layer kept dense). Every regex must match a masked leaf.
     leaf_filter: which leaves are pruned, for the first level only (default:
       ndim >= 2); later levels prune the leaves `masks` masks.
 
@@ -119,35 +208,45 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
     A masks tree like `masks`: it keeps a subset of what `masks` kept.
 
   Raises:
-    ValueError: a fraction outside [0, 1), an unknown allocation, masks
-      whose tree or shapes do not match params (naming the leaf), both
-      masks and leaf_filter given, NaN weights, or traced masks.
+    ValueError: a fraction outside [0, 1) (of `fraction` or of a
+      `layer_fractions` entry, naming its regex), an unknown allocation
+      (including 'layerwise', now 'uniform'), a regex that matches no masked
+      leaf, masks whose tree or shapes do not match params (naming the
+      leaf), both masks and leaf_filter given, NaN weights, or traced masks.
   """
   p = check_fraction(fraction)
-  if allocation not in ALLOCATIONS:
-    raise ValueError(f"unknown IMP allocation {allocation!r}; use one of {ALLOCATIONS}.")
+  _check_allocation(allocation)
   if masks is None:
     masks = dense_masks(params, leaf_filter)
   elif leaf_filter is not None:
     raise ValueError("leaf_filter chooses the leaves of the first level only; with masks "
                      "given, the pruned leaves are the ones they mask. Pass one of the two.")
   leaves = _masked_leaves(params, masks)
-  paths = [path for path, _, _ in leaves]
-  kept = [int(np.count_nonzero(mask)) for _, _, mask in leaves]
+  own = match_layer_fractions([path for path, _, _ in leaves], layer_fractions)
   weights = {leaf.path: leaf.value for leaf in trees.named_leaves(params)}
-  for path in paths:  # checked here: inside the compiled selection a NaN would just rank last
+  for path, _, _ in leaves:  # checked here: inside the compiled selection a NaN would just rank last
     selection.check_no_nan(weights[path], path)
-  if allocation == "global":
-    total_size = sum(size for _, size, _ in leaves)
-    keep = int(round((1.0 - p) * sum(kept)))
-    sparsity = 1.0 - keep / total_size if total_size else 0.0
-    select = lambda w, m: pruning.compute_masks(w, sparsity, allocation="global",
-                                                leaf_filter=_only(paths), previous_masks=m)
-  else:
-    keep = [int(round((1.0 - p) * k)) for k in kept]
-    exact = _exact_map(paths, [size for _, size, _ in leaves], keep)
-    select = lambda w, m: pruning.compute_masks(w, 0.0, allocation=exact,
-                                                leaf_filter=_only(paths), previous_masks=m)
+  # Leaves pruned at their own rate ('uniform', or matched by layer_fractions) and
+  # the leaves that share one threshold ('global', unmatched): (path, size, kept).
+  alone, pooled = [], []
+  for path, size, mask in leaves:
+    shared = allocation == "global" and path not in own
+    (pooled if shared else alone).append((path, size, int(np.count_nonzero(mask))))
+  exact = _exact_map([path for path, _, _ in alone], [size for _, size, _ in alone],
+                     [int(round((1.0 - own.get(path, p)) * kept)) for path, _, kept in alone])
+  pool_size = sum(size for _, size, _ in pooled)
+  pool_keep = int(round((1.0 - p) * sum(kept for _, _, kept in pooled)))
+
+  def select(w, m):
+    out = pruning.compute_masks(w, 0.0, allocation=exact,
+                                leaf_filter=_only([path for path, _, _ in alone]),
+                                previous_masks=m)
+    if pooled:
+      out = _merge(out, pruning.compute_masks(
+          w, 1.0 - pool_keep / pool_size if pool_size else 0.0, allocation="global",
+          leaf_filter=_only([path for path, _, _ in pooled]), previous_masks=m))
+    return out
+
   # One compiled program per level (the counts are baked in as constants)
   # instead of dozens of small eager ones.
   return jax.jit(select)(params, masks)

@@ -43,7 +43,7 @@ def _keep_top(weights: list[np.ndarray], masks: list[np.ndarray], keep: int) -> 
   return out
 
 
-def test_layerwise_levels_keep_one_minus_p_to_the_l_on_every_leaf():
+def test_uniform_levels_keep_one_minus_p_to_the_l_on_every_leaf():
   params, masks, p = models.linen_params(), None, 0.2
   expected = {path: w.size for path, w in _kernels(params).items()}
   for level in range(1, 11):
@@ -68,7 +68,7 @@ def test_global_level_keeps_one_minus_p_of_the_total():
     assert sum(_kept(masks).values()) == total
 
 
-@pytest.mark.parametrize("allocation", ["layerwise", "global"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_prune_level_matches_a_numpy_sort_of_the_surviving_weights(allocation):
   params, masks = models.linen_params(seed=1), None
   ref = [np.ones(w.shape, bool) for w in _kernels(params).values()]
@@ -84,7 +84,57 @@ def test_prune_level_matches_a_numpy_sort_of_the_surviving_weights(allocation):
       np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("allocation", ["layerwise", "global"])
+def test_layer_fractions_give_each_matched_leaf_its_own_rate_over_levels():
+  params, masks = models.linen_params(seed=3), None
+  fractions = {"^Dense_2/": 0.1, "Dense_0": 0.5}  # Dense_1/kernel: fraction = 0.2
+  # By hand, round((1 - f) * kept) each level:
+  expected = [
+      {"Dense_0/kernel": 320, "Dense_1/kernel": 410, "Dense_2/kernel": 58},  # 409.6, 57.6
+      {"Dense_0/kernel": 160, "Dense_1/kernel": 328, "Dense_2/kernel": 52},  # 328.0, 52.2
+      {"Dense_0/kernel": 80, "Dense_1/kernel": 262, "Dense_2/kernel": 47},   # 262.4, 46.8
+      {"Dense_0/kernel": 40, "Dense_1/kernel": 210, "Dense_2/kernel": 42},   # 209.6, 42.3
+      {"Dense_0/kernel": 20, "Dense_1/kernel": 168, "Dense_2/kernel": 38},   # 167.68, 37.8
+  ]
+  ref = [np.ones(w.shape, bool) for w in _kernels(params).values()]
+  for level, want in enumerate(expected, start=1):
+    trained = _perturbed(params, 20 + level)
+    masks = lottery.prune_level(trained, masks, 0.2, layer_fractions=fractions)
+    assert _kept(masks) == want
+    # Which weights: the largest |w| among each leaf's survivors (numpy sort).
+    ref = [_keep_top([w], [m], k)[0]
+           for w, m, k in zip(_kernels(trained).values(), ref, want.values())]
+    for got, reference in zip(_kernels(masks).values(), ref):
+      np.testing.assert_array_equal(got, reference)
+
+
+@pytest.mark.parametrize("own, fraction", [("Dense_2/kernel", 0.0), ("Dense_1/kernel", 0.5)])
+def test_global_with_a_layer_fraction_prunes_that_leaf_alone_and_pools_the_rest(own, fraction):
+  params, masks = models.linen_params(seed=4), None
+  paths = list(_kernels(params))
+  ref = {path: np.ones(w.shape, bool) for path, w in _kernels(params).items()}
+  for level in range(1, 5):
+    trained = _perturbed(params, 30 + level)
+    masks = lottery.prune_level(trained, masks, 0.2, allocation="global",
+                                layer_fractions={f"^{own}$": fraction})
+    trained = _kernels(trained)
+    # numpy reference: the matched leaf keeps its top round((1 - f) * kept); the others
+    # share one threshold: the top round(0.8 * their total kept) of their |w|.
+    pool = [p for p in paths if p != own]
+    keep = int(round(0.8 * sum(ref[p].sum() for p in pool)))
+    ref.update(zip(pool, _keep_top([trained[p] for p in pool], [ref[p] for p in pool], keep)))
+    ref[own] = _keep_top([trained[own]], [ref[own]], int(round((1 - fraction) * ref[own].sum())))[0]
+    for path in paths:
+      np.testing.assert_array_equal(_kernels(masks)[path], ref[path], err_msg=f"{level} {path}")
+    assert sum(_kept(masks)[p] for p in pool) == keep
+  if fraction == 0.0:  # by hand: 1152 -> 922 -> 738 -> 590 -> 472 in the pool, 64 kept
+    assert _kept(masks)[own] == 64 and keep == 472
+  else:  # 512 -> 256 -> 128 -> 64 -> 32 in Dense_1, 704 -> 563 -> 450 -> 360 -> 288 pooled
+    assert _kept(masks)[own] == 32 and keep == 288
+    # The pooled leaves do not each keep 0.8**4: one threshold splits them unevenly.
+    assert _kept(masks)["Dense_0/kernel"] != int(round(640 * 0.8**4))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_pruned_weights_never_come_back_even_when_they_grow_largest(allocation):
   params = models.linen_params(seed=2)
   masks = lottery.prune_level(params, None, 0.5, allocation=allocation)
@@ -177,6 +227,34 @@ def test_fraction_outside_unit_interval_is_an_error(fraction):
 def test_unknown_allocation_is_an_error():
   with pytest.raises(ValueError, match="unknown IMP allocation 'erk'"):
     lottery.prune_level(models.linen_params(), None, 0.2, allocation="erk")
+
+
+def test_layerwise_allocation_is_an_error_that_says_uniform():
+  with pytest.raises(ValueError, match="'layerwise' is called 'uniform'.*allocation='uniform'"):
+    lottery.prune_level(models.linen_params(), None, 0.2, allocation="layerwise")
+
+
+def test_layer_fractions_regex_matching_no_leaf_is_an_error_naming_it():
+  with pytest.raises(ValueError, match=r"\['Dense_9/'\] match no pruned leaf.*Dense_0/kernel"):
+    lottery.prune_level(models.linen_params(), None, 0.2,
+                        layer_fractions={"Dense_2": 0.1, "Dense_9/": 0.1})
+
+
+def test_layer_fractions_regex_matching_only_unmasked_leaves_is_an_error():
+  # Dense_0/bias is a leaf of the params but no mask prunes it.
+  with pytest.raises(ValueError, match="'Dense_0/bias'"):
+    lottery.prune_level(models.linen_params(), None, 0.2, layer_fractions={"Dense_0/bias": 0.0})
+
+
+@pytest.mark.parametrize("value", [1.0, -0.5, float("nan"), "half"])
+def test_layer_fraction_outside_unit_interval_is_an_error_naming_the_regex(value):
+  with pytest.raises(ValueError, match=r"layer_fractions\['\^Dense_2/'\]"):
+    lottery.prune_level(models.linen_params(), None, 0.2, layer_fractions={"^Dense_2/": value})
+
+
+def test_layer_fractions_regex_that_does_not_compile_is_an_error_naming_it():
+  with pytest.raises(ValueError, match=r"regex 'Dense_\(' does not compile"):
+    lottery.prune_level(models.linen_params(), None, 0.2, layer_fractions={"Dense_(": 0.1})
 
 
 def test_masks_of_another_model_name_the_leaf():

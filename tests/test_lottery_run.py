@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,11 +22,13 @@ from experiments import lottery as lottery_run
 from experiments import metrics as metrics_lib
 from experiments import trainer as trainer_lib
 from experiments.configs import lottery as lottery_config
+from tests import reference
 from sparsejax.checkpoint import SparseCheckpointManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny MLP's kernels: 64x32, 32x16, 16x10.
 SIZES = {"hidden_0/kernel": 64 * 32, "hidden_1/kernel": 32 * 16, "head/kernel": 16 * 10}
+HIDDEN = ("hidden_0/kernel", "hidden_1/kernel")  # pruned with one threshold; the head is kept
 
 
 def _tiny(digits_dir):
@@ -66,58 +69,69 @@ def finished(digits_dir, tmp_path_factory):
   return config, workdir, result
 
 
-def _hand_counts(levels):
-  """Kept weights per kernel after each level, rounding half to even by hand."""
-  counts = [dict(SIZES)]
-  for _ in range(levels):
-    counts.append({path: int(round(0.5 * k)) for path, k in counts[-1].items()})
-  return counts
+# The default config (global, head at fraction 0) at p = 0.5, by hand: the hidden
+# kernels together keep 2560 -> 1280 -> 640 -> 320, the head all its 160 weights.
+HIDDEN_KEPT = (2560, 1280, 640, 320)
 
 
-def test_every_level_keeps_half_the_remaining_weights_of_every_layer(finished):
+def _kept(summary):
+  return {path: layer["kept"] for path, layer in summary["layers"].items()}
+
+
+def test_every_level_keeps_half_the_hidden_weights_and_the_whole_head(finished):
   config, workdir, result = finished
-  counts = _hand_counts(3)  # 2048 -> 1024 -> 512 -> 256, 512 -> ... -> 64, 160 -> ... -> 20
-  assert counts[3] == {"hidden_0/kernel": 256, "hidden_1/kernel": 64, "head/kernel": 20}
   for seed in (0, 1):
     for level in range(4):
-      branches = ["ticket"] + (list(config.lottery.branches) if level else [])
-      for branch in branches:
+      ticket = None
+      for branch in ["ticket"] + (list(config.lottery.branches) if level else []):
         summary = json.load(open(os.path.join(_level_dir(workdir, seed, level, branch),
                                               "final.json")))
-        kept = {path: layer["kept"] for path, layer in summary["layers"].items()}
-        assert kept == counts[level], (seed, level, branch)
+        kept = _kept(summary)
+        assert kept["head/kernel"] == 160, (seed, level, branch)
+        assert sum(kept[path] for path in HIDDEN) == HIDDEN_KEPT[level], (seed, level, branch)
+        ticket = ticket or kept
+        assert kept == ticket, (seed, level, branch)  # the controls: the ticket's per-layer counts
         # Pruned weights are exactly zero in the trained params.
         for path, layer in summary["layers"].items():
-          assert layer["zero_fraction"] >= 1 - counts[level][path] / SIZES[path] - 1e-12
+          assert layer["zero_fraction"] >= 1 - kept[path] / SIZES[path] - 1e-12
   rows = result["rows"]
   assert len(rows) == 2 * (1 + 3 * 3)
   for row in rows:
-    assert row["density"] == pytest.approx(sum(counts[row["level"]].values()) / sum(SIZES.values()))
+    assert row["density"] == pytest.approx((HIDDEN_KEPT[row["level"]] + 160) / sum(SIZES.values()))
 
 
 def test_masks_only_shrink_and_controls_differ_from_the_ticket(finished):
   config, workdir, _ = finished
   trainer = trainer_lib.Trainer(config)
 
-  def masks(level, branch="ticket"):
+  def restore(level, branch="ticket"):
     with SparseCheckpointManager(os.path.join(_level_dir(workdir, 0, level, branch),
                                               "checkpoints")) as manager:
       state = trainer.restore(manager)
-    return {leaf.path: np.asarray(leaf.value)
-            for leaf in sparsejax.trees.named_leaves(trainer_lib.masks_of(state))}
+    return ({leaf.path: np.asarray(leaf.value)
+             for leaf in sparsejax.trees.named_leaves(trainer_lib.masks_of(state))},
+            {leaf.path: np.asarray(leaf.value) for leaf in sparsejax.trees.named_leaves(state.params)})
 
-  previous = masks(0)
+  masks = lambda level, branch="ticket": restore(level, branch)[0]
+  previous, trained = restore(0)
   for level in (1, 2, 3):
     current = masks(level)
     for path in SIZES:
       assert not np.any(current[path] & ~previous[path]), (level, path)  # never revived
+    # numpy reference: one threshold over both hidden kernels' surviving |w| after the
+    # previous level's training; the head keeps its mask.
+    scores = [np.where(previous[path], np.abs(trained[path]), -1.0) for path in HIDDEN]
+    want = reference.global_topk_masks(scores, 1 - HIDDEN_KEPT[level] / HIDDEN_KEPT[0])
+    for path, mask in zip(HIDDEN, want):
+      np.testing.assert_array_equal(current[path], mask, err_msg=f"level {level} {path}")
+    np.testing.assert_array_equal(current["head/kernel"], previous["head/kernel"])
     random = masks(level, "random_prune")
     reinit = masks(level, "random_reinit")
     for path in SIZES:
       assert random[path].sum() == current[path].sum()
       np.testing.assert_array_equal(reinit[path], current[path])  # same mask, fresh weights
     assert not np.array_equal(random["hidden_0/kernel"], current["hidden_0/kernel"])
-    previous = current
+    previous, trained = restore(level)
 
 
 def test_rewind_point_is_the_dense_state_after_k_steps(finished, digits_dir):
@@ -172,7 +186,8 @@ def test_each_level_and_control_starts_from_the_state_it_should(digits_dir, tmp_
     masks = {leaf.path: leaf.value for leaf in
              sparsejax.trees.named_leaves(sparsejax.find_pruning_state(start.opt_state).masks)}
     kernels = {leaf.path: leaf.value for leaf in sparsejax.trees.named_leaves(start.params)}
-    assert {p: int(m.sum()) for p, m in masks.items()} == _hand_counts(level)[level]
+    assert int(masks["head/kernel"].sum()) == 160
+    assert sum(int(masks[path].sum()) for path in HIDDEN) == HIDDEN_KEPT[level]
     for path, kernel in kernels.items():
       if path not in SIZES:
         continue
@@ -220,6 +235,14 @@ def test_finished_run_is_read_back_not_retrained(finished):
     ("lottery.prune_fraction", 1.0, "lottery.prune_fraction=1.0 must be in"),
     ("lottery.levels", 0, "lottery.levels=0 must be an integer >= 1"),
     ("lottery.allocation", "erk", "lottery.allocation='erk' is not one of"),
+    ("lottery.allocation", "layerwise",
+     "lottery.allocation='layerwise' is called 'uniform' in sparsejax"),
+    ("lottery.layer_fractions", {"^head/": 1.0},
+     "config.lottery.layer_fractions={'^head/': 1.0}: layer_fractions['^head/'] must be in [0, 1)"),
+    ("lottery.layer_fractions", {"^output/": 0.1},
+     "config.lottery.layer_fractions={'^output/': 0.1}: layer_fractions regex(es) ['^output/'] "
+     "match no pruned leaf"),
+    ("lottery.layer_fractions", {"hidden_(": 0.1}, "layer_fractions regex 'hidden_(' does not compile"),
     ("lottery.rewind_step", 3, "lottery.rewind_step=3 epochs is step 33"),
     ("lottery.rewind_unit", "iterations", "lottery.rewind_unit='iterations'"),
     ("lottery.branches", ("random_prune", "random_prune"), "repeats a branch"),
@@ -231,8 +254,7 @@ def test_bad_lottery_config_names_the_key_and_writes_nothing(tiny_lottery, tmp_p
                                                              message):
   tiny_lottery.update_from_flattened_dict({key: value})
   workdir = str(tmp_path / "never")
-  with pytest.raises(config_checks.ConfigError, match=message.replace("(", r"\(")
-                     .replace(")", r"\)").replace("[", r"\[")):
+  with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
     lottery_run.run(tiny_lottery, workdir, log=_quiet)
   assert not os.path.exists(workdir)
 
@@ -286,12 +308,17 @@ def test_cli_prints_the_table_and_rejects_unknown_keys(digits_dir, tmp_path):
       _command("runs/cli", digits_dir, "--config.model.features=(16,)",
                "--config.num_epochs=2", "--config.log_every=22", "--config.checkpoint_every=0",
                "--config.lottery.levels=1", "--config.lottery.replicates=1",
-               "--config.lottery.branches=('random_prune',)"),
+               "--config.lottery.branches=('random_prune',)",
+               "--config.lottery.allocation=uniform",  # Frankle & Carbin's rates:
+               "--config.lottery.layer_fractions={'^head/': 0.1}"),
       cwd=tmp_path, env=dict(_env(), PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "level  weights" in done.stdout and "random_prune" in done.stdout
   assert os.path.exists(tmp_path / "runs" / "cli" / "lottery.png")
+  # By hand: hidden_0 (64x16) keeps round(0.8 * 1024) = 819, the head (16x10) round(0.9 * 160).
+  level_1 = json.load(open(_level_dir(tmp_path / "runs" / "cli", 0, 1) + "/final.json"))
+  assert _kept(level_1) == {"hidden_0/kernel": 819, "head/kernel": 144}
   bad = subprocess.run(_command(str(tmp_path / "x"), digits_dir, "--config.lottery.level=3"),
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0
