@@ -66,8 +66,8 @@ def main() -> None:
   unpruned = LeNet300100().init(jax.random.key(args.seed), jnp.ones((1, 784)))["params"]
   masks = sparsejax.magnitude_masks(unpruned, args.sparsity)
   params = sparsejax.apply_masks(unpruned, masks)
-  report = sparsejax.sparsity_report(params)
-  print(f"LeNet-300-100: {report.size:,} weights, {report.kept:,} nonzero "
+  report = sparsejax.sparsity_report(params, masks)
+  print(f"LeNet-300-100: {report.size:,} weights, {report.kept:,} kept by the masks "
         f"(overall sparsity {report.sparsity:.3f}; kernels {args.sparsity:.0%}, biases dense)")
 
   with tempfile.TemporaryDirectory() as workdir:

@@ -73,13 +73,26 @@ def step_at(fraction: float, num_steps: int, key: str) -> int:
   return step
 
 
+def nm_axes(nm: ml_collections.ConfigDict) -> sparsejax.layouts.ContractionRule:
+  """The contraction-axes rule of `config.pruning.nm` (`axes` map, `flatten` for convolutions).
+
+  Raises:
+    ConfigError: a regex that does not compile, naming the key.
+  """
+  rules = {pattern: tuple(v) if isinstance(v, (list, tuple)) else v
+           for pattern, v in dict(nm.axes).items()}
+  try:
+    return sparsejax.layouts.ContractionRule(rules, conv_flat=nm.flatten)
+  except ValueError as e:
+    raise ConfigError(f"config.pruning.nm.axes: {e}") from e
+
+
 def nm_sparsity(config: ml_collections.ConfigDict, num_steps: int) -> sparsejax.NMSparsity | None:
   """The N:M method of `config.pruning.nm`, or None unless pruning.method is 'nm'.
 
-  decay_coef 0 picks alpha = 4 / (sparse-phase steps): linear beta reaches 0
-  a quarter into the sparse phase; exponential beta is e^-1 there and e^-4 at
-  its end. The phases' lengths are the fractions of num_steps rounded to the
-  nearest step (Python's round).
+  decay_coef None takes the library's default (`sparsejax.NMSparsity`):
+  alpha = 4 / (sparse-phase steps). The phases' lengths are the fractions of
+  num_steps rounded to the nearest step (Python's round).
 
   Raises:
     ConfigError: a bad value, naming its key under config.pruning.nm.
@@ -98,22 +111,25 @@ def nm_sparsity(config: ml_collections.ConfigDict, num_steps: int) -> sparsejax.
   for key in ("dense_fraction", "finetune_fraction"):
     if not 0.0 <= nm[key] < 1.0:
       raise ConfigError(f"config.pruning.nm.{key}={nm[key]!r} must be a fraction in [0, 1).")
-  for key in ("decay_coef", "srste_lambda"):
-    if not nm[key] >= 0:
-      raise ConfigError(f"config.pruning.nm.{key}={nm[key]!r} must be >= 0.")
+  if not nm.srste_lambda >= 0:
+    raise ConfigError(f"config.pruning.nm.srste_lambda={nm.srste_lambda!r} must be >= 0.")
+  if nm.decay_coef is not None and not nm.decay_coef > 0:
+    raise ConfigError(f"config.pruning.nm.decay_coef={nm.decay_coef!r} must be > 0 "
+                      "(or None: 4 / sparse-phase steps).")
+  choice(nm.finetune_mask, sparsejax.nm_schedules.FINETUNE_MASKS, "pruning.nm.finetune_mask")
   dense = int(round(nm.dense_fraction * num_steps))
   finetune = int(round(nm.finetune_fraction * num_steps))
   try:
     schedule = sparsejax.NMSchedule(nm.n, nm.m, num_steps, dense_steps=dense,
                                     finetune_steps=finetune, update_every=nm.update_every,
-                                    structure=sparsejax.nm.METHODS[nm.method][0])
+                                    structure=sparsejax.nm.METHODS[nm.method][0],
+                                    finetune_mask=nm.finetune_mask)
   except ValueError as e:
     raise ConfigError(f"config.pruning.nm (dense_fraction={nm.dense_fraction}, "
                       f"finetune_fraction={nm.finetune_fraction}): {e}") from e
-  alpha = nm.decay_coef or 4.0 / (schedule.finetune_start - schedule.dense_steps)
   return sparsejax.NMSparsity.from_method(
-      nm.method, schedule, decay_coef=alpha, srste_lambda=nm.srste_lambda,
-      axis=None if nm.flatten else nm.axis, leaf_filter=leaf_filter(config.pruning),
+      nm.method, schedule, decay_coef=nm.decay_coef, srste_lambda=nm.srste_lambda,
+      axes=nm_axes(nm), leaf_filter=leaf_filter(config.pruning),
       non_divisible=nm.non_divisible)
 
 

@@ -25,6 +25,7 @@ import sparsejax
 from sparsejax.checkpoint import export_sparse
 from experiments import cli
 from experiments import config_checks
+from experiments import methods
 from experiments import plots
 from experiments import trainer
 from experiments import workdir as workdir_lib
@@ -99,20 +100,20 @@ def export_nm(state: trainer.TrainState, nm: ml_collections.ConfigDict, workdir:
   """Checks that the final weights are N:M and exports them to workdir/NM_EXPORT.
 
   Returns the pattern, the most nonzeros found in any group of each kernel
-  and the export's sizes. The N:M layout (kept values + in-group positions)
-  is used unless the groups run over flattened axes, which it cannot describe.
+  and the export's sizes, in the N:M layout (kept values + in-group
+  positions along each kernel's contraction axes).
 
   Raises:
     RuntimeError: if a group holds more than n nonzeros (a bug, not a config).
   """
   masks = trainer.masks_of(state)
-  axis = None if nm.flatten else nm.axis
-  worst = sparsejax.nm.max_nonzeros_per_group(state.params, masks, nm.m, axis)
+  axes = methods.nm_axes(nm)
+  worst = sparsejax.nm.max_nonzeros_per_group(state.params, masks, nm.m, axes)
   over = {path: k for path, k in worst.items() if k > nm.n}
   if over:
     raise RuntimeError(f"final weights are not {nm.n}:{nm.m}: most nonzeros per group {over}")
   stats = export_sparse(state.params, masks, os.path.join(workdir, NM_EXPORT),
-                        nm=None if axis is None else (nm.n, nm.m, axis))
+                        nm=(nm.n, nm.m, axes))
   return {"pattern": f"{nm.n}:{nm.m}", "max_nonzeros_per_group": worst, "export": NM_EXPORT,
           "export_bytes": stats.file_bytes, "export_ratio": stats.ratio}
 

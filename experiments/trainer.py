@@ -175,9 +175,14 @@ class Trainer:
         raise config_checks.ConfigError(f"config: {e}") from e
       raise config_checks.ConfigError(
           f"config.pruning.nm: {e} [config keys: pruning.include / pruning.exclude choose the "
-          f"kernels, pruning.nm.axis / flatten the grouped axis, pruning.nm.non_divisible="
+          f"kernels, pruning.nm.axes / flatten the contraction axes, pruning.nm.non_divisible="
           f"'dense' leaves such kernels unpruned]") from e
-    forward = _dense_forward if nm is None else nm.forward
+    if nm is not None:
+      forward = nm.forward
+    elif self.method == "dense":
+      forward = _dense_forward
+    else:  # the masks decide what the model sees, whatever follows the wrapper
+      forward = sparsejax.masked_params
     # best_test_accuracy counts evaluations from this step on: for N:M, those of
     # the hard-masked network (earlier ones are dense, or decayed with beta > 0).
     self.best_from = 0 if nm is None else nm.schedule.finetune_start
@@ -383,19 +388,17 @@ def sparsity_of(state: TrainState) -> float:
 def layer_sparsity(state: TrainState) -> dict[str, dict]:
   """Per pruned leaf (all kernels when dense): size, kept, mask sparsity, zero fraction."""
   masks = masks_of(state)
-  zeros = sparsejax.sparsity_report(state.params).leaves
   if masks is None:
-    chosen = {path: None for path, leaf in zeros.items() if path.endswith("kernel")}
+    report = sparsejax.sparsity_report(state.params)
+    chosen = [path for path in report.leaves if path.endswith("kernel")]
   else:
-    chosen = sparsejax.sparsity_report(masks).leaves
-  out = {}
-  for path, mask_leaf in chosen.items():
-    weights = zeros[path]
-    out[path] = {"size": weights.size,
-                 "kept": mask_leaf.kept if mask_leaf else weights.size,
-                 "sparsity": mask_leaf.sparsity if mask_leaf else 0.0,
-                 "zero_fraction": weights.sparsity}
-  return out
+    report = sparsejax.sparsity_report(state.params, masks)
+    chosen = [leaf.path for leaf in sparsejax.leaves_with_masks(state.params, masks)
+              if leaf.mask is not None]
+  return {path: {"size": report.leaves[path].size,
+                 "kept": report.leaves[path].kept if masks is not None else report.leaves[path].size,
+                 "sparsity": report.leaves[path].sparsity if masks is not None else 0.0,
+                 "zero_fraction": report.leaves[path].zero_fraction} for path in chosen}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -30,8 +30,13 @@ from sparsejax.selection import nm_mask
 from sparsejax.selection import topk_mask
 from sparsejax.selection import topk_masks
 from sparsejax.trees import default_filter
+from sparsejax.trees import leaves_with_masks
+from sparsejax.trees import map_with_masks
 
+from sparsejax import layouts
 from sparsejax import lottery
+from sparsejax import nm
+from sparsejax import nm_schedules
 
 __version__ = "0.1.0"
 
@@ -51,13 +56,18 @@ __all__ = [
     "erk_densities",
     "find_pruning_state",
     "gradient_flow",
+    "layouts",
+    "leaves_with_masks",
     "magnitude_masks",
-    "magnitude_score",
     "lottery",
+    "magnitude_score",
+    "map_with_masks",
     "mask_decay",
     "masked_params",
+    "nm",
     "nm_mask",
     "nm_masks",
+    "nm_schedules",
     "pack_masks",
     "random_masks",
     "random_score",

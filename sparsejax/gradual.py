@@ -82,8 +82,9 @@ def with_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
           f"new mask '{new.path}' has shape {None if new.value is None else np.shape(new.value)}"
           f" but the optimizer state's has "
           f"{None if old.value is None else np.shape(old.value)} (None: not pruned).")
-  masks = jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks,
-                       is_leaf=lambda x: x is None)
+  masks_lib.check_bool(masks)
+  masks = jax.tree.map(lambda m: m if trees.is_empty(m) else jnp.asarray(m), masks,
+                       is_leaf=trees.is_empty)
   return jax.tree.map(lambda s: s._replace(masks=masks) if isinstance(s, PruningState) else s,
                       opt_state, is_leaf=lambda x: isinstance(x, PruningState))
 
@@ -121,10 +122,11 @@ def updates_to_zero(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
   p + (-p) is exactly 0.0 in IEEE arithmetic. `updates` may carry a different
   tree type than `params` (e.g. an NNX State), with the same leaf order.
   """
-  flat_m = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
-  flat_u, flat_p = jax.tree.leaves(updates), jax.tree.leaves(params)
-  return jax.tree.unflatten(jax.tree.structure(updates), [
-      u if m is None else jnp.where(m, u, -p.astype(u.dtype))
+  flat_m = jax.tree.leaves(masks, is_leaf=trees.is_empty)
+  flat_p = jax.tree.leaves(params, is_leaf=trees.is_empty)
+  flat_u, treedef = jax.tree.flatten(updates, is_leaf=trees.is_empty)
+  return jax.tree.unflatten(treedef, [
+      u if trees.is_empty(m) or trees.is_empty(u) else jnp.where(m, u, -p.astype(u.dtype))
       for u, p, m in zip(flat_u, flat_p, flat_m, strict=True)])
 
 

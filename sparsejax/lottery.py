@@ -89,7 +89,7 @@ def _masked_leaves(params: PyTree, masks: PyTree) -> list[tuple[str, int, np.nda
   trees.check_same_structure(params, masks)
   out = []
   for leaf in trees.named_leaves(masks, keep_none=True):
-    if leaf.value is None:
+    if trees.is_empty(leaf.value):
       continue
     if isinstance(leaf.value, jax.core.Tracer):
       raise ValueError(

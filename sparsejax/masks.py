@@ -17,6 +17,20 @@ from sparsejax import trees
 PyTree = Any
 
 
+def check_bool(masks: PyTree) -> None:
+  """Raises ValueError naming the first mask that is not a bool array.
+
+  A float or int "mask" would otherwise be read as True wherever it is
+  nonzero (or be multiplied in), which hides a bug rather than pruning.
+  Works on traced masks too (the dtype is static).
+  """
+  for leaf in trees.named_leaves(masks):
+    dtype = jnp.result_type(leaf.value)
+    if dtype != jnp.bool_:
+      raise ValueError(f"mask '{leaf.path}' has dtype {dtype}; masks must be bool "
+                       "(e.g. `mask > 0` or `mask.astype(bool)`).")
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """Zeroes the pruned entries of every masked leaf; other leaves pass through.
 
@@ -24,8 +38,10 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   {'w': Array([1., 0.], dtype=float32)}
 
   Raises:
-    ValueError: if the masks tree does not match params (names the leaf).
+    ValueError: if the masks tree does not match params, or a mask is not
+      bool (names the leaf).
   """
+  check_bool(masks)
   return trees.map_with_masks(
       lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
       params, masks)
@@ -36,10 +52,14 @@ def pack_masks(masks: PyTree) -> PyTree:
 
   Shapes are not stored: `unpack_masks` takes them from the params.
   None entries stay None.
+
+  Raises:
+    ValueError: if a mask is not bool (names the leaf).
   """
+  check_bool(masks)
   return jax.tree.map(
-      lambda m: None if m is None else jnp.packbits(jnp.asarray(m, bool).reshape(-1)),
-      masks, is_leaf=lambda x: x is None)
+      lambda m: m if trees.is_empty(m) else jnp.packbits(jnp.asarray(m).reshape(-1)),
+      masks, is_leaf=trees.is_empty)
 
 
 def unpack_masks(packed: PyTree, params: PyTree) -> PyTree:
@@ -50,12 +70,11 @@ def unpack_masks(packed: PyTree, params: PyTree) -> PyTree:
       hold ceil(size / 8) bytes for its parameter (names the leaf).
   """
   trees.check_same_paths(params, packed, what="packed masks")
-  p_leaves = trees.named_leaves(params)
-  k_leaves = trees.named_leaves(packed, keep_none=True)
   out = []
-  for p, k in zip(p_leaves, k_leaves):
-    if k.value is None:
-      out.append(None)
+  for p, k in zip(trees.named_leaves(params, keep_none=True),
+                  trees.named_leaves(packed, keep_none=True)):
+    if trees.is_empty(p.value) or trees.is_empty(k.value):
+      out.append(p.value if trees.is_empty(p.value) else None)
       continue
     size = int(np.size(p.value))
     expected = (size + 7) // 8
@@ -67,50 +86,104 @@ def unpack_masks(packed: PyTree, params: PyTree) -> PyTree:
       )
     bits = jnp.unpackbits(jnp.asarray(k.value), count=size)
     out.append(bits.astype(bool).reshape(np.shape(p.value)))
-  return jax.tree.unflatten(jax.tree.structure(params), out)
+  return jax.tree.unflatten(jax.tree.structure(params, is_leaf=trees.is_empty), out)
 
 
 class LeafSparsity(NamedTuple):
-  """Counts for one leaf: entries, kept (nonzero / True) entries, sparsity."""
+  """Counts for one leaf.
+
+  Attributes:
+    size: entries.
+    kept: entries the mask keeps (all of them for a leaf without a mask);
+      None in a report of params without masks, where it is not known.
+    sparsity: 1 - kept / size, the fraction the mask prunes; None where
+      `kept` is.
+    zero_fraction: the fraction of entries equal to 0 in the params; None in
+      a report of masks alone. Zero-initialised biases and dead units count
+      here, never as pruned.
+  """
 
   size: int
-  kept: int
-  sparsity: float
+  kept: int | None
+  sparsity: float | None
+  zero_fraction: float | None = None
 
 
 class SparsityReport(NamedTuple):
-  """Per-leaf and overall sparsity, as computed by `sparsity_report`."""
+  """Per-leaf and overall figures, as computed by `sparsity_report`."""
 
   leaves: dict[str, LeafSparsity]
   size: int
-  kept: int
-  sparsity: float
+  kept: int | None
+  sparsity: float | None
+  zero_fraction: float | None = None
 
   def __str__(self) -> str:
     width = max([len(p) for p in self.leaves] + [7])
-    lines = [f"{'leaf':<{width}}  {'size':>10}  {'kept':>10}  sparsity"]
-    for path, leaf in self.leaves.items():
-      lines.append(f"{path:<{width}}  {leaf.size:>10}  {leaf.kept:>10}  {leaf.sparsity:8.4f}")
-    lines.append(f"{'overall':<{width}}  {self.size:>10}  {self.kept:>10}  {self.sparsity:8.4f}")
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    lines = [f"{'leaf':<{width}}  {'size':>10}  {'kept':>10}  {'sparsity':>8}  {'zeros':>8}"]
+    rows = [*self.leaves.items(), ("overall", self)]
+    for path, leaf in rows:
+      lines.append(f"{path:<{width}}  {leaf.size:>10}  {fmt(leaf.kept, '>10'):>10}  "
+                   f"{fmt(leaf.sparsity, '8.4f'):>8}  {fmt(leaf.zero_fraction, '8.4f'):>8}")
     return "\n".join(lines)
 
 
-def sparsity_report(tree: PyTree) -> SparsityReport:
-  """Per-leaf and overall sparsity of a masks tree or a params tree.
+def _fraction(part: int | None, whole: int) -> float | None:
+  if part is None:
+    return None
+  return 1.0 - part / whole if whole else 0.0
 
-  For bool leaves (masks) the kept entries are the True ones; for numeric
-  leaves (params) the nonzero ones. None leaves (not pruned) are skipped.
+
+def sparsity_report(tree: PyTree, masks: PyTree | None = None) -> SparsityReport:
+  """Per-leaf and overall mask sparsity and fraction of zero weights.
+
+  - `sparsity_report(masks)`, a tree of bool masks (None where not
+    pruned): sparsity of the masked leaves; `zero_fraction` is None.
+  - `sparsity_report(params, masks)`: every array of params, with its
+    mask's sparsity (0 for unmasked leaves) and its own fraction of zeros.
+  - `sparsity_report(params)`: only the fraction of zeros; `kept` and
+    `sparsity` are None, since a zero weight is not necessarily a pruned one
+    (zero-initialised biases, dead units).
+
   Runs on the host: call it outside jit.
 
   >>> r = sparsity_report({'w': jnp.array([True, False, False, False])})
   >>> r.leaves['w'].sparsity, r.sparsity
   (0.75, 0.75)
+  >>> r = sparsity_report({'b': jnp.zeros(2), 'w': jnp.array([1., 0.])}, {'b': None, 'w': jnp.array([True, False])})
+  >>> r.leaves['b'], r.sparsity, r.zero_fraction
+  (LeafSparsity(size=2, kept=2, sparsity=0.0, zero_fraction=1.0), 0.25, 0.75)
+
+  Raises:
+    ValueError: if `masks` does not match `tree`, or a mask is not bool.
   """
+  if masks is None:
+    flat = trees.named_leaves(tree)
+    if all(jnp.result_type(leaf.value) == jnp.bool_ for leaf in flat):
+      rows = [(leaf.path, None, leaf.value) for leaf in flat]
+    else:
+      rows = [(leaf.path, leaf.value, False) for leaf in flat]
+  else:
+    check_bool(masks)
+    rows = [(leaf.path, leaf.param, True if leaf.mask is None else leaf.mask)
+            for leaf in trees.leaves_with_masks(tree, masks)]
   leaves = {}
-  for leaf in trees.named_leaves(tree):
-    value = np.asarray(leaf.value)
-    kept = int(np.count_nonzero(value))
-    leaves[leaf.path] = LeafSparsity(value.size, kept, 1.0 - kept / value.size if value.size else 0.0)
+  for path, param, mask in rows:
+    size = int(np.size(param if param is not None else mask))
+    if mask is False:
+      kept = None
+    elif mask is True:
+      kept = size
+    else:
+      kept = int(np.count_nonzero(np.asarray(mask)))
+    zeros = None if param is None else size - int(np.count_nonzero(np.asarray(param)))
+    leaves[path] = LeafSparsity(size, kept, _fraction(kept, size),
+                                None if zeros is None else (zeros / size if size else 0.0))
   size = sum(l.size for l in leaves.values())
-  kept = sum(l.kept for l in leaves.values())
-  return SparsityReport(leaves, size, kept, 1.0 - kept / size if size else 0.0)
+  kept = None if any(l.kept is None for l in leaves.values()) else sum(
+      l.kept for l in leaves.values())
+  zero_fraction = None
+  if all(l.zero_fraction is not None for l in leaves.values()) and leaves:
+    zero_fraction = sum(l.zero_fraction * l.size for l in leaves.values()) / size if size else 0.0
+  return SparsityReport(leaves, size, kept, _fraction(kept, size), zero_fraction)

@@ -14,7 +14,9 @@ of Bambhaniya et al. (2024) differ in beta and in the pattern over time:
   sdgf_geometric  beta = 0, 8N:8M -> 4N:4M -> 2N:2M -> N:M
 
 with the phases of `NMSchedule`: dense first (beta = 1), hard mask last
-(beta = 0, pruned weights held at exactly 0 by the optimizer).
+(beta = 0; by default the mask is fixed and pruned weights are held at
+exactly 0 by the optimizer; `finetune_mask='recompute'` instead recomputes it
+from the dense weights every step with STE, as the authors' code does).
 
 Usage inside any jitted step:
 
@@ -41,6 +43,7 @@ import numpy as np
 import optax
 
 from sparsejax import gradual
+from sparsejax import layouts
 from sparsejax import nm_schedules
 from sparsejax import pruning
 from sparsejax import trees
@@ -92,11 +95,14 @@ class NMSparsity:
     schedule: an `NMSchedule` (pattern, phases, frames, update_every).
     decay: 'none', 'linear' or 'exponential' mask decay of pruned weights.
     flow: 'ste' (gradient straight to W) or 'srste' (plus lambda*(1-E)*W).
-    decay_coef: alpha of the mask decay, per step.
+    decay_coef: alpha of the mask decay, per step; None (the default) takes
+      4 / (sparse-phase steps): linear beta reaches 0 a quarter into the
+      sparse phase, exponential beta is e^-1 there and e^-4 at its end.
     srste_lambda: lambda of SR-STE (Zhou et al.: 2e-4).
-    axis: grouped axis of each kernel (-2: Dense input, Conv Cin); None
-      groups along the flattened leading axes (H*W*Cin).
-    leaf_filter: (path, leaf) -> bool; default: arrays with ndim >= 2.
+    axes: the contraction axes of each kernel, along which groups run (see
+      `sparsejax.layouts`; None: the default rule for Dense, Conv and
+      attention kernels).
+    leaf_filter: (path, leaf) -> bool; default: floating arrays with ndim >= 2.
     non_divisible: 'error' or 'dense' for leaves some pattern's M does not
       divide.
   """
@@ -104,9 +110,9 @@ class NMSparsity:
   schedule: nm_schedules.NMSchedule
   decay: str = "none"
   flow: str = "ste"
-  decay_coef: float = 0.0
+  decay_coef: float | None = None
   srste_lambda: float = 2e-4
-  axis: int | None = -2
+  axes: layouts.AxesSpec = None
   leaf_filter: trees.LeafFilter | None = None
   non_divisible: str = "error"
 
@@ -115,17 +121,28 @@ class NMSparsity:
       raise ValueError(f"decay must be one of {nm_schedules.DECAYS}, got {self.decay!r}.")
     if self.flow not in FLOWS:
       raise ValueError(f"flow must be one of {FLOWS}, got {self.flow!r}.")
-    if self.decay != "none" and not self.decay_coef > 0:
-      raise ValueError(f"decay {self.decay!r} needs decay_coef > 0, got {self.decay_coef!r}.")
+    if self.decay_coef is not None and not self.decay_coef > 0:
+      raise ValueError(f"decay_coef must be > 0 (or None: 4 / sparse-phase steps), "
+                       f"got {self.decay_coef!r}.")
     if not self.srste_lambda >= 0:
       raise ValueError(f"srste_lambda must be >= 0, got {self.srste_lambda!r}.")
     if self.non_divisible not in pruning.NON_DIVISIBLE:
       raise ValueError(
           f"non_divisible must be one of {pruning.NON_DIVISIBLE}, got {self.non_divisible!r}.")
 
+  @property
+  def alpha(self) -> float:
+    """The mask-decay coefficient in use: `decay_coef`, or 4 / (sparse-phase steps)."""
+    if self.decay_coef is not None:
+      return float(self.decay_coef)
+    return 4.0 / self.schedule.sparse_steps
+
   @classmethod
   def from_method(cls, method: str, schedule: nm_schedules.NMSchedule, **kwargs) -> "NMSparsity":
-    """One of `METHODS` on `schedule`; the schedule's structure is replaced by the method's.
+    """A method of `sparsejax.nm.METHODS` on `schedule`, whose structure becomes the method's.
+
+    The methods: step, srste, mdgf_linear, mdgf_exp, sdgf_stepwise,
+    sdgf_geometric (see the `sparsejax.nm` module docstring).
 
     >>> nm = NMSparsity.from_method('sdgf_stepwise', NMSchedule(1, 8, 1000))
     >>> nm.schedule.pattern_names()
@@ -141,7 +158,7 @@ class NMSparsity:
     """Leaf indices that take N:M masks: every pattern's M divides their axis."""
     s = self.schedule
     try:
-      return pruning.nm_leaves(params, [m for _, m in s.patterns], axis=self.axis,
+      return pruning.nm_leaves(params, [m for _, m in s.patterns], axes=self.axes,
                                leaf_filter=self.leaf_filter, non_divisible=self.non_divisible)
     except ValueError as e:
       if len(s.patterns) == 1:
@@ -153,7 +170,7 @@ class NMSparsity:
     """The N:M masks of `step`'s pattern, from the magnitudes of `params` (traced step ok)."""
     chosen = self.pruned_leaves(params)
     branches = [
-        lambda p, n=n, m=m: pruning.nm_masks(p, n, m, axis=self.axis, chosen=chosen)
+        lambda p, n=n, m=m: pruning.nm_masks(p, n, m, axes=self.axes, chosen=chosen)
         for n, m in self.schedule.patterns]
     if len(branches) == 1:
       return branches[0](params)
@@ -162,7 +179,7 @@ class NMSparsity:
   def beta(self, step) -> jax.Array:
     """The forward factor of pruned weights: 1 dense, beta(t) sparse, 0 fine-tuning."""
     s = self.schedule
-    decayed = nm_schedules.mask_decay(self.decay, self.decay_coef, s.decay_time(step))
+    decayed = nm_schedules.mask_decay(self.decay, self.alpha, s.decay_time(step))
     return jnp.where(s.is_dense(step), 1.0, jnp.where(s.is_finetune(step), 0.0, decayed))
 
   def srste_weight(self, step) -> jax.Array:
@@ -185,7 +202,7 @@ class NMSparsity:
                                 params, gradual.state_masks(opt_state))
 
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Wraps `inner`: masks follow the schedule; fine-tuning holds pruned weights at 0.
+    """Wraps `inner`: masks follow the schedule; a hard mask holds pruned weights at 0.
 
     The wrapper must produce the final updates (do not chain transforms
     after it), as for `GradualMagnitudePruning`.
@@ -204,9 +221,10 @@ class NMSparsity:
     def update_fn(updates, state, params=None, **extra_args):
       if params is None:
         raise ValueError("NMSparsity needs params: call tx.update(grads, opt_state, params).")
-      # Only the fine-tune uses a hard mask; before it, STE trains every weight.
+      # Only a hard mask (the fixed fine-tune, the end of training) zeroes
+      # pruned weights; before it, STE trains every weight.
       hard_only = lambda masks, hard: jax.tree.map(lambda m: m | ~hard, masks)
-      grads = gradual.zero_pruned(updates, hard_only(state.masks, schedule.is_finetune(state.count)))
+      grads = gradual.zero_pruned(updates, hard_only(state.masks, schedule.is_hard(state.count)))
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       step = optax.safe_int32_increment(state.count)
       masks = jax.lax.cond(
@@ -214,30 +232,33 @@ class NMSparsity:
           lambda: self.masks_at(optax.apply_updates(params, inner_updates), step),
           lambda: state.masks)
       new_updates = gradual.updates_to_zero(
-          inner_updates, params, hard_only(masks, schedule.is_finetune(step)))
+          inner_updates, params, hard_only(masks, schedule.is_hard(step)))
       return new_updates, gradual.PruningState(step, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def max_nonzeros_per_group(params: PyTree, masks: PyTree, m: int,
-                           axis: int | None = -2) -> dict[str, int]:
-  """For each masked leaf, the most nonzero weights in any group of m along `axis`.
+                           axes: layouts.AxesSpec = None) -> dict[str, int]:
+  """For each masked leaf, the most nonzero weights in any group of m along its contraction axes.
 
   An independent check (NumPy, on the host) that trained weights are N:M:
-  every value is <= N. `axis` None groups the flattened leading axes.
+  every value is <= N. `axes` is the rule of `sparsejax.layouts` (None: the
+  default rule); several contraction axes are read in row-major order.
 
   >>> max_nonzeros_per_group({'w': np.array([[1.], [0.], [3.], [0.]])},
   ...                        {'w': np.ones((4, 1), bool)}, 4)
   {'w': 2}
   """
   out = {}
-  masked = {leaf.path for leaf in trees.named_leaves(masks)}
-  for leaf in trees.named_leaves(params):
-    if leaf.path not in masked:
+  for leaf in trees.leaves_with_masks(params, masks):
+    if leaf.mask is None:
       continue
-    w = np.asarray(leaf.value)
-    w = w.reshape(-1, w.shape[-1]) if axis is None else np.moveaxis(w, axis, 0)
-    groups = (w != 0).reshape((w.shape[0] // m, m) + w.shape[1:])
-    out[leaf.path] = int(groups.sum(axis=1).max())
+    w = np.asarray(leaf.param)
+    contraction = layouts.leaf_axes(axes, leaf.path, w.shape)
+    others = [a for a in range(w.ndim) if a not in contraction]
+    w = np.transpose(w, others + list(contraction)).reshape(
+        (-1, int(np.prod([w.shape[a] for a in contraction]))))
+    groups = (w != 0).reshape(w.shape[0], -1, m)
+    out[leaf.path] = int(groups.sum(axis=-1).max())
   return out

@@ -11,16 +11,26 @@ Training of `num_steps` steps falls into three phases (step = updates done):
 
 Structure decay (SDGF, Bambhaniya et al. 2024) splits the sparse phase into
 equal frames whose N:M pattern moves toward the target; frame i starts at
-dense_steps + floor(i * (finetune_start - dense_steps) / frames), the step
-counting of the authors' reference code (`get_decay_config`, in steps here):
+dense_steps + floor(i * (finetune_start - dense_steps) / frames):
 
   'fixed'     one frame, N:M;
   'stepwise'  (M-1):M, M/2:M, M/4:M, ... down to N:M  (1:8: 7:8 4:8 2:8 1:8);
   'geometric' 8N:8M, 4N:4M, 2N:2M, N:M.
 
 Mask decay (MDGF) scales the pruned weights in the forward pass by
-beta(t), t = step - dense_steps (also the reference's counting):
-'linear' max(0, 1 - alpha*t), 'exponential' exp(-alpha*t).
+beta(t), t = step - dense_steps: 'linear' max(0, 1 - alpha*t),
+'exponential' exp(-alpha*t).
+
+The frames follow the authors' reference code
+(abhibambhaniya/progressive_gradient_flow_nm_sparsity, `get_decay_config`,
+there in epochs). beta's t does not: the reference's t counts, in effect,
+from the start of training (its train.py subtracts the dense phase as a
+percentage, `num_updates - updates * dense_steps / 100`, while the dense
+phase is set as a fraction, `dense_steps * epochs`); here t starts with the
+sparse phase, as the paper describes. The reference's fine-tune recomputes
+the mask from the dense weights every step, with STE
+(`finetune_mask='recompute'` here); the default here fixes the mask at the
+fine-tune's start and holds pruned weights at exactly 0.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import jax.numpy as jnp
 
 STRUCTURES = ("fixed", "stepwise", "geometric")
 DECAYS = ("none", "linear", "exponential")
+FINETUNE_MASKS = ("fixed", "recompute")
 
 
 def _check_int(value, name: str, minimum: int) -> None:
@@ -117,7 +128,12 @@ class NMSchedule:
     structure: 'fixed', 'stepwise' or 'geometric' (see module docstring).
     update_every: masks are recomputed from the current dense weights every
       this many steps of the sparse phase, and at the start of every frame
-      and of fine-tuning; in fine-tuning they stay fixed.
+      and of fine-tuning.
+    finetune_mask: 'fixed' (default): in fine-tuning the mask stays as
+      computed at its start and pruned weights are held at exactly 0.
+      'recompute': the mask is recomputed from the dense weights every
+      fine-tune step, which train straight through (the reference code's
+      fine-tune); the hard mask is applied by the last update only.
   """
 
   n: int
@@ -127,8 +143,11 @@ class NMSchedule:
   finetune_steps: int = 0
   structure: str = "fixed"
   update_every: int = 1
+  finetune_mask: str = "fixed"
 
   def __post_init__(self):
+    if self.finetune_mask not in FINETUNE_MASKS:
+      raise ValueError(f"finetune_mask must be one of {FINETUNE_MASKS}, got {self.finetune_mask!r}.")
     _check_int(self.num_steps, "num_steps", 1)
     _check_int(self.dense_steps, "dense_steps", 0)
     _check_int(self.finetune_steps, "finetune_steps", 0)
@@ -144,6 +163,11 @@ class NMSchedule:
   @property
   def finetune_start(self) -> int:
     return self.num_steps - self.finetune_steps
+
+  @property
+  def sparse_steps(self) -> int:
+    """Steps of the sparse phase, between the dense phase and the fine-tune."""
+    return self.finetune_start - self.dense_steps
 
   @property
   def patterns(self) -> tuple[tuple[int, int], ...]:
@@ -171,13 +195,20 @@ class NMSchedule:
   def is_finetune(self, step) -> jax.Array:
     return jnp.asarray(step) >= self.finetune_start
 
+  def is_hard(self, step) -> jax.Array:
+    """Whether pruned weights are held at 0 from `step` on: the fixed fine-tune, or the end."""
+    start = self.finetune_start if self.finetune_mask == "fixed" else self.num_steps
+    return jnp.asarray(step) >= start
+
   def is_update_step(self, step) -> jax.Array:
     """Whether the masks in force from `step` on are recomputed at `step`."""
     step = jnp.asarray(step, jnp.int32)
     sparse = (step >= self.dense_steps) & (step < self.finetune_start)
     on_grid = (step - self.dense_steps) % self.update_every == 0
     frame_start = jnp.any(step == jnp.asarray(self.frame_starts, jnp.int32))
-    return (sparse & (on_grid | frame_start)) | (step == self.finetune_start)
+    finetune = (step == self.finetune_start) if self.finetune_mask == "fixed" else (
+        step >= self.finetune_start)
+    return (sparse & (on_grid | frame_start)) | finetune
 
   def decay_time(self, step) -> jax.Array:
     """t of beta(t): steps since the sparse phase began (negative before)."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import counts
+from sparsejax import layouts
 from sparsejax import scores as scores_lib
 from sparsejax import selection
 from sparsejax import trees
@@ -66,8 +67,8 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   chosen = prunable_leaves(params, leaf_filter)
   previous = None
   if previous_masks is not None:
-    trees.check_same_structure(params, previous_masks, "previous_masks")
-    previous = jax.tree.leaves(previous_masks, is_leaf=lambda x: x is None)
+    aligned = trees.leaves_with_masks(params, previous_masks, "previous_masks")
+    previous = [leaf.mask for leaf in aligned]
   scores = _scores(leaves, chosen, score_fn, key)
   targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
@@ -91,22 +92,24 @@ def _scores(leaves: Sequence[trees.Leaf], chosen: Sequence[int], score_fn: score
 NON_DIVISIBLE = ("error", "dense")
 
 
-def nm_leaves(params: PyTree, ms: Sequence[int], *, axis: int | None = -2,
+def nm_leaves(params: PyTree, ms: Sequence[int], *, axes: layouts.AxesSpec = None,
               leaf_filter: trees.LeafFilter | None = None,
               non_divisible: str = "error") -> list[int]:
-  """Indices of the prunable leaves whose grouped axis every M in `ms` divides.
+  """Indices of the prunable leaves whose contraction length every M in `ms` divides.
 
   Args:
     params: the params pytree.
     ms: the group sizes the leaves must take (all the patterns of a schedule).
-    axis: the grouped axis, or None for the flattened leading axes.
-    leaf_filter: chooses the candidate leaves (default: ndim >= 2).
+    axes: the contraction axes of each leaf (`sparsejax.layouts`): None for
+      the default rule (Dense, Conv, attention), a {path_regex: axes} map,
+      an int or tuple for every leaf, or a function (path, shape) -> axes.
+    leaf_filter: chooses the candidate leaves (default: floating, ndim >= 2).
     non_divisible: 'error' raises for a candidate that some M does not
       divide; 'dense' leaves it out (unpruned).
 
   Raises:
     ValueError: naming the leaf, its shape and the M, for a candidate whose
-      axis is out of range, or (with 'error') not divisible.
+      axes are out of range or unknown, or (with 'error') not divisible.
   """
   if non_divisible not in NON_DIVISIBLE:
     raise ValueError(f"non_divisible must be one of {NON_DIVISIBLE}, got {non_divisible!r}.")
@@ -114,32 +117,31 @@ def nm_leaves(params: PyTree, ms: Sequence[int], *, axis: int | None = -2,
   out = []
   for i in prunable_leaves(params, leaf_filter):
     shape = np.shape(leaves[i].value)
-    if axis is None:
-      length, where = int(np.prod(shape[:-1])), "its leading axes (flattened)"
-    elif -len(shape) <= axis < len(shape):
-      length, where = shape[axis], f"axis {axis}"
-    else:
-      raise ValueError(f"N:M axis {axis} is out of range for '{leaves[i].path}' of shape {shape}.")
+    leaf_axes = layouts.leaf_axes(axes, leaves[i].path, shape)
+    length = layouts.GroupedView(shape, leaf_axes).length
     bad = [m for m in ms if length % m]
     if not bad:
       out.append(i)
     elif non_divisible == "error":
       raise ValueError(
-          f"'{leaves[i].path}' of shape {shape}: {where} has length {length}, not divisible "
-          f"by M={bad[0]}. Exclude the leaf, choose another axis, or pass "
+          f"'{leaves[i].path}' of shape {shape}: its contraction axes {leaf_axes} hold {length} "
+          f"entries, not divisible by M={bad[0]}. Exclude the leaf, set its axes, or pass "
           f"non_divisible='dense' to leave such leaves unpruned.")
   return out
 
 
-def nm_masks(params: PyTree, n: int, m: int, *, axis: int | None = -2,
+def nm_masks(params: PyTree, n: int, m: int, *, axes: layouts.AxesSpec = None,
              chosen: Sequence[int] | None = None, score: str | scores_lib.ScoreFn = "magnitude",
              leaf_filter: trees.LeafFilter | None = None, non_divisible: str = "error",
              key: jax.Array | None = None) -> PyTree:
   """N:M masks for `params`: score -> select (n kept in every m) per leaf.
 
-  The groups run along `axis` of each pruned leaf: -2 is the input
-  (reduction) axis of a Flax Dense kernel (in, out) and Cin of a Conv kernel
-  (H, W, Cin, Cout); None groups along the flattened leading axes (H*W*Cin).
+  The groups run along the contraction (input) axes of each pruned leaf, so
+  every output unit's input vector, read in contraction order, keeps n of
+  every m: axis 0 of a Dense kernel (in, out) and of attention query / key /
+  value kernels (in, heads, head_dim), Cin of a Conv kernel (H, W, Cin,
+  Cout), the flattened (heads, head_dim) of an attention output kernel. See
+  `sparsejax.layouts` for the rule and how to set it per leaf.
 
   >>> masks = nm_masks({'w': jnp.array([[1.], [-4.], [3.], [2.]])}, 2, 4)
   >>> masks['w'].ravel().tolist()
@@ -148,7 +150,7 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int | None = -2,
   Args:
     params: any params pytree.
     n, m: keep n of every m.
-    axis: the grouped axis, or None for the flattened leading axes.
+    axes: the contraction axes rule (see `nm_leaves`).
     chosen: leaf indices to prune (from `nm_leaves`); default: `nm_leaves`
       of `leaf_filter` and `non_divisible`.
     score: 'magnitude', 'random' or a function (param, key) -> scores.
@@ -159,19 +161,18 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int | None = -2,
     Bool masks for the pruned leaves, None elsewhere.
 
   Raises:
-    ValueError: bad n or m, an axis out of range, or a leaf not divisible by
-      m (unless non_divisible='dense'), naming the leaf.
+    ValueError: bad n or m, unknown or out-of-range axes, or a leaf not
+      divisible by m (unless non_divisible='dense'), naming the leaf.
   """
   score_fn = scores_lib.get_score_fn(score)
   if chosen is None:
-    chosen = nm_leaves(params, [m], axis=axis, leaf_filter=leaf_filter,
+    chosen = nm_leaves(params, [m], axes=axes, leaf_filter=leaf_filter,
                        non_divisible=non_divisible)
   leaves = trees.named_leaves(params)
   masks = []
   for i, s in zip(chosen, _scores(leaves, chosen, score_fn, key)):
-    shape = s.shape
-    grouped = s if axis is not None else s.reshape((-1, shape[-1]))
-    masks.append(selection.nm_mask(grouped, n, m, axis=-2 if axis is None else axis).reshape(shape))
+    view = layouts.GroupedView(s.shape, layouts.leaf_axes(axes, leaves[i].path, s.shape))
+    masks.append(view.from_view(selection.nm_mask(view.to_view(s), n, m, axis=view.axis)))
   return assemble_masks(params, chosen, masks)
 
 

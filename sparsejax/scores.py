@@ -17,10 +17,20 @@ ScoreFn = Callable[[jax.Array, jax.Array | None], jax.Array]
 def magnitude_score(param: jax.Array, key: jax.Array | None = None) -> jax.Array:
   """|w|: magnitude pruning keeps the largest weights.
 
+  Signed integers get their magnitude as the unsigned integer of the same
+  width, which holds |INT_MIN| (`jnp.abs` would wrap it to INT_MIN, the
+  smallest score, and prune the largest weight first).
+
   >>> magnitude_score(jnp.array([-3., 1.])).tolist()
   [3.0, 1.0]
+  >>> magnitude_score(jnp.array([-128, 127], jnp.int8)).tolist()
+  [128, 127]
   """
   del key
+  param = jnp.asarray(param)
+  if jnp.issubdtype(param.dtype, jnp.signedinteger):
+    unsigned = param.astype(jnp.dtype(f"uint{8 * param.dtype.itemsize}"))  # two's complement bits
+    return jnp.where(param < 0, -unsigned, unsigned)
   return jnp.abs(param)
 
 

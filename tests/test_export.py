@@ -337,7 +337,7 @@ def test_nm_export_file_holds_grouped_kept_values_and_bit_plane_indices(tmp_path
   shape, n, m, axis, library = case
   w, mask = _nm_leaf(shape, n, m, axis, library=library)
   file = tmp_path / "model.npz"
-  nm = (n, m) if axis == -2 else (n, m, axis)  # the default axis, or an explicit one
+  nm = (n, m) if (axis, len(shape)) == (-2, 2) else (n, m, axis)  # the default rule, or explicit
   export.export_sparse({"kernel": w}, {"kernel": mask}, file, nm=nm)
   values, positions = _nm_expected(w, mask, n, m, axis)
   with np.load(file, allow_pickle=False) as npz:
@@ -359,7 +359,7 @@ NM_SIZES = {"dense_2_4": ((512, 512), 2, 4), "conv_1_8": ((3, 3, 256, 64), 1, 8)
 def test_nm_export_is_within_kept_values_plus_index_bits(tmp_path, case):
   shape, n, m = case
   w, mask = _nm_leaf(shape, n, m)
-  stats = export.export_sparse({"w": w}, {"w": mask}, tmp_path / "nm.npz", nm=(n, m))
+  stats = export.export_sparse({"w": w}, {"w": mask}, tmp_path / "nm.npz", nm=(n, m, -2))
   bitmask = export.export_sparse({"w": w}, {"w": mask}, tmp_path / "bitmask.npz")
   bytes_per_weight = n / m * (4 + np.ceil(np.log2(m)) / 8)
   assert stats.file_bytes == os.path.getsize(tmp_path / "nm.npz")
@@ -391,16 +391,42 @@ def test_nm_export_rejects_an_axis_length_not_divisible_by_m_naming_the_leaf(tmp
 
 
 @pytest.mark.parametrize("nm, message", [
-    ((2,), "nm must be (n, m) or (n, m, axis) of ints, got (2,)"),
-    ((2.0, 4), "nm must be (n, m) or (n, m, axis) of ints"),
+    ((2,), "nm must be (n, m) or (n, m, axes) with int n and m, got (2,)"),
+    ((2.0, 4), "nm must be (n, m) or (n, m, axes) with int n and m"),
     ((5, 4), "nm needs 0 <= n <= m and 1 <= m <= 256, got n=5, m=4"),
     ((1, 512), "nm needs 0 <= n <= m and 1 <= m <= 256, got n=1, m=512"),
-    ((1, 2, 3), "nm axis 3 is out of range for mask 'kernel' of shape (4, 4)"),
+    ((1, 2, 3), "axes (3,) are out of range for 'kernel' of shape (4, 4)"),
 ], ids=["too_short", "float", "n_above_m", "m_above_256", "axis_out_of_range"])
 def test_nm_export_rejects_malformed_nm(tmp_path, nm, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     export.export_sparse({"kernel": np.ones((4, 4))}, {"kernel": np.ones((4, 4), bool)},
                          tmp_path / "model.npz", nm=nm)
+
+
+def test_nm_export_of_an_attention_output_kernel_groups_over_heads_and_head_dim(tmp_path):
+  # (heads, head_dim, out): each output unit's input vector is the row-major
+  # flattening of (heads, head_dim), so groups of 4 run over (h, d) pairs.
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(2, 6, 5)).astype(np.float32)
+  flat = w.reshape(12, 5)                                     # rows: h * 6 + d
+  groups = np.abs(flat).reshape(3, 4, 5)
+  top = np.argsort(-groups, axis=1, kind="stable")[:, :2]
+  flat_mask = np.zeros_like(groups, bool)
+  np.put_along_axis(flat_mask, top, True, axis=1)
+  mask = flat_mask.reshape(2, 6, 5)
+  params = {"attention": {"out": {"kernel": w}}}
+  file = tmp_path / "model.npz"
+  export.export_sparse(params, {"attention": {"out": {"kernel": mask}}}, file, nm=(2, 4))
+  with np.load(file, allow_pickle=False) as npz:
+    header = json.loads(npz["header"].tobytes().decode())
+    assert header["version"] == 3
+    assert header["leaves"][0]["nm"] == {"n": 2, "m": 4, "axes": [0, 1]}
+    values, positions = _nm_expected(flat, flat_mask.reshape(12, 5), 2, 4, 0)
+    np.testing.assert_array_equal(npz["0.nm_values"], values)
+    np.testing.assert_array_equal(npz["0.nm_index"], _bit_planes(positions, 4))
+  restored, restored_masks = export.load_sparse(file)
+  np.testing.assert_array_equal(restored_masks["attention"]["out"]["kernel"], mask)
+  np.testing.assert_array_equal(restored["attention"]["out"]["kernel"], np.where(mask, w, 0))
 
 
 def _descending(arrays):

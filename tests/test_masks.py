@@ -135,21 +135,34 @@ def test_sparsity_report_of_masks_tree_hand_worked():
                      "kernel": jnp.array([True, True, False, True, False, False])}}  # 3 of 6
   report = sparsejax.sparsity_report(masks)
   assert list(report.leaves) == ["conv", "dense/kernel"]
-  assert tuple(report.leaves["conv"]) == (4, 1, 0.75)
-  assert tuple(report.leaves["dense/kernel"]) == (6, 3, 0.5)
+  assert tuple(report.leaves["conv"]) == (4, 1, 0.75, None)
+  assert tuple(report.leaves["dense/kernel"]) == (6, 3, 0.5, None)
   assert (report.size, report.kept) == (10, 4)
   assert report.sparsity == pytest.approx(0.6, abs=1e-12)
+  assert report.zero_fraction is None
 
 
-def test_sparsity_report_of_params_counts_zeros_as_pruned():
-  params = {"b": jnp.array([0.0, -0.0, 3.0]),              # 1 of 3 nonzero (-0.0 is zero)
-            "w": jnp.array([[0.0, 1.5], [-2.0, 0.0]])}     # 2 of 4 nonzero
+def test_sparsity_report_of_params_alone_reports_zeros_not_pruning():
+  params = {"b": jnp.array([0.0, -0.0, 3.0]),              # 2 of 3 zero (-0.0 is zero)
+            "w": jnp.array([[0.0, 1.5], [-2.0, 0.0]])}     # 2 of 4 zero
   report = sparsejax.sparsity_report(params)
-  assert report.leaves["b"].size == 3 and report.leaves["b"].kept == 1
-  assert report.leaves["b"].sparsity == pytest.approx(2 / 3, abs=1e-12)
-  assert tuple(report.leaves["w"]) == (4, 2, 0.5)
-  assert (report.size, report.kept) == (7, 3)
-  assert report.sparsity == pytest.approx(4 / 7, abs=1e-12)
+  assert report.leaves["b"] == (3, None, None, pytest.approx(2 / 3, abs=1e-12))
+  assert tuple(report.leaves["w"]) == (4, None, None, 0.5)
+  assert (report.size, report.kept, report.sparsity) == (7, None, None)
+  assert report.zero_fraction == pytest.approx(4 / 7, abs=1e-12)
+
+
+def test_sparsity_report_of_params_and_masks_keeps_zero_biases_apart_from_pruning():
+  # A zero-initialised bias is 100% zeros but 0% pruned; the kernel's mask
+  # prunes 3 of 4 while only 2 of its weights are zero (one kept weight is 0).
+  params = {"bias": jnp.zeros(4), "kernel": jnp.array([[0.0, 0.0], [0.0, 2.0]]), "none": None}
+  masks = {"bias": None, "kernel": jnp.array([[True, False], [False, True]]), "none": None}
+  report = sparsejax.sparsity_report(params, masks)
+  assert list(report.leaves) == ["bias", "kernel"]
+  assert tuple(report.leaves["bias"]) == (4, 4, 0.0, 1.0)
+  assert tuple(report.leaves["kernel"]) == (4, 2, 0.5, 0.75)
+  assert (report.size, report.kept, report.sparsity) == (8, 6, 0.25)
+  assert report.zero_fraction == pytest.approx(7 / 8, abs=1e-12)
 
 
 def test_sparsity_report_str_lists_every_leaf_and_the_overall_line():
@@ -158,9 +171,10 @@ def test_sparsity_report_str_lists_every_leaf_and_the_overall_line():
        "head": jnp.array([[2.0, 0.0]])})
   lines = str(report).splitlines()
   assert len(lines) == 4  # header, two leaves, overall
-  assert lines[1].split() == ["encoder/layer_0/kernel", "4", "1", "0.7500"]
-  assert lines[2].split() == ["head", "2", "1", "0.5000"]
-  assert lines[3].split() == ["overall", "6", "2", f"{4 / 6:.4f}"]
+  assert lines[0].split() == ["leaf", "size", "kept", "sparsity", "zeros"]
+  assert lines[1].split() == ["encoder/layer_0/kernel", "4", "-", "-", "0.7500"]
+  assert lines[2].split() == ["head", "2", "-", "-", "0.5000"]
+  assert lines[3].split() == ["overall", "6", "-", "-", f"{4 / 6:.4f}"]
 
 
 def test_unpack_masks_runs_under_jit():

@@ -47,7 +47,7 @@ def test_nm_masks_keep_the_n_largest_magnitudes_along_the_reduction_axis(kind, n
 
 def test_nm_masks_over_flattened_leading_axes_group_h_w_cin():
   kernel = _params(3)["conv"]["kernel"]  # (3, 3, 8, 4): 72 = 18 groups of 4
-  masks = sparsejax.nm_masks({"k": kernel}, 1, 4, axis=None)
+  masks = sparsejax.nm_masks({"k": kernel}, 1, 4, axes="conv_flat")
   expected = _np_nm(kernel.reshape(72, 4), 1, 4, axis=0).reshape(kernel.shape)
   np.testing.assert_array_equal(np.asarray(masks["k"]), expected)
   # Groups of 4 consecutive entries of the flattened (H, W, Cin) index.
@@ -58,8 +58,8 @@ def test_nm_masks_over_flattened_leading_axes_group_h_w_cin():
 def test_nm_masks_leaf_not_divisible_names_it_or_stays_dense_when_asked():
   params = {"ok": {"kernel": np.ones((8, 3), np.float32)},
             "odd": {"kernel": np.ones((6, 3), np.float32)}}
-  with pytest.raises(ValueError, match=r"'odd/kernel' of shape \(6, 3\): axis -2 has length 6, "
-                                       r"not divisible by M=4"):
+  with pytest.raises(ValueError, match=r"'odd/kernel' of shape \(6, 3\): its contraction axes "
+                                       r"\(0,\) hold 6 entries, not divisible by M=4"):
     sparsejax.nm_masks(params, 2, 4)
   masks = sparsejax.nm_masks(params, 2, 4, non_divisible="dense")
   assert masks["odd"]["kernel"] is None
@@ -67,7 +67,9 @@ def test_nm_masks_leaf_not_divisible_names_it_or_stays_dense_when_asked():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"axis": 2}, "axis 2 is out of range for 'w' of shape"),
+    ({"axes": 2}, r"axes \(2,\) are out of range for 'w' of shape"),
+    ({"axes": (0, 1)}, "leave no output axis"),
+    ({"axes": "rows"}, "unknown axes name 'rows' for 'w'"),
     ({"non_divisible": "skip"}, "non_divisible must be one of"),
 ])
 def test_nm_masks_rejects_bad_arguments(kwargs, match):
@@ -89,7 +91,7 @@ def test_schedule_rejects_a_sparse_phase_shorter_than_its_frames():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"decay": "linear"}, "needs decay_coef > 0"),
+    ({"decay": "linear", "decay_coef": 0.0}, "decay_coef must be > 0"),
     ({"decay": "cosine", "decay_coef": 0.1}, "decay must be one of"),
     ({"flow": "ste2"}, "flow must be one of"),
     ({"srste_lambda": -1.0}, "srste_lambda must be >= 0"),
@@ -204,7 +206,7 @@ def _masks_of(params, n, m):
 def test_forward_weights_follow_the_decay_formula_on_dense_and_conv(method, alpha, beta_of_t):
   params = _params(1)
   schedule = sparsejax.NMSchedule(2, 4, num_steps=60, dense_steps=5, finetune_steps=10)
-  nm = sparsejax.NMSparsity.from_method(method, schedule, decay_coef=alpha or 0.0)
+  nm = sparsejax.NMSparsity.from_method(method, schedule, decay_coef=alpha or None)
   masks = _masks_of(params, 2, 4)
   for count in (0, 4, 5, 6, 17, 25, 49, 50, 59):
     if count < 5:

@@ -89,7 +89,8 @@ def test_mid_training_checkpoint_keeps_dense_weights_and_resume_matches(digits_d
     ("finetune_fraction", 0.95, r"config.pruning.nm \(dense_fraction=0.1, finetune_fraction=0.95\):"
                                 r" the sparse phase has -2 steps"),
     ("non_divisible", "skip", r"config.pruning.nm.non_divisible='skip' is not one of"),
-    ("decay_coef", -1.0, r"config.pruning.nm.decay_coef=-1.0 must be >= 0"),
+    ("decay_coef", -1.0, r"config.pruning.nm.decay_coef=-1.0 must be > 0 \(or None"),
+    ("finetune_mask", "ste", r"config.pruning.nm.finetune_mask='ste' is not one of"),
     ("srste_lambda", -1e-3, r"config.pruning.nm.srste_lambda=-0.001 must be >= 0"),
 ])
 def test_bad_nm_config_fails_before_the_workdir_is_claimed(digits_dir, tmp_path, field, value,
@@ -105,8 +106,9 @@ def test_kernel_that_m_does_not_divide_is_named_unless_left_dense(digits_dir, tm
   config = _nm_config(digits_dir, n=1, m=8)
   config.model.features = (60, 32)  # hidden_1's input axis has 60 entries
   with pytest.raises(trainer.config_checks.ConfigError,
-                     match=r"config.pruning.nm: 'hidden_1/kernel' of shape \(60, 32\): axis -2 has "
-                           r"length 60, not divisible by M=8.*pruning.nm.non_divisible='dense'"):
+                     match=r"config.pruning.nm: 'hidden_1/kernel' of shape \(60, 32\): its contraction "
+                           r"axes \(0,\) hold 60 entries, not divisible by M=8.*"
+                           r"pruning.nm.non_divisible='dense'"):
     train.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   config.pruning.nm.non_divisible = "dense"

@@ -106,9 +106,14 @@ def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
   tiny_config.pruning.start_fraction = 0.0  # 40 steps: sparsity ramps from step 0 to 20
   if model["name"] == "resnet20":
     tiny_config.channels = 3
+    # BatchNorm's statistics over 4 shards agree with one device's only to
+    # float rounding; a mask recomputed later from such weights can flip a
+    # near-tied weight (seen at step 5 with jax 0.10.2), so prune once, at
+    # step 0, from the identical initial weights.
+    tiny_config.pruning.method = "one_shot"
   one, state_one = _losses(tiny_config, jax.devices()[:1], steps=8)
   four, state_four = _losses(tiny_config, jax.devices()[:4], steps=8)
-  assert one[0] > one[-1]  # it trains
+  assert one[1] > one[-1]  # it trains (step 0 may prune, and the loss jump)
   np.testing.assert_allclose(four, one, rtol=2e-5, atol=1e-6)
   chex.assert_trees_all_close(state_four.params, state_one.params, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(state_four.batch_stats, state_one.batch_stats, rtol=1e-4, atol=1e-5)
@@ -118,8 +123,8 @@ def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
   masks = sparsejax.find_pruning_state(state_four.opt_state).masks
   pruned = sparsejax.sparsity_report(masks).leaves
   assert pruned and all(path.endswith("kernel") for path in pruned)
-  kernels = sparsejax.sparsity_report(state_four.params).leaves
-  assert all(kernels[path].kept == leaf.kept for path, leaf in pruned.items())
+  kernels = sparsejax.sparsity_report(state_four.params).leaves  # zeros only: pruned ones are 0
+  assert all(kernels[path].zero_fraction == leaf.sparsity for path, leaf in pruned.items())
   assert sparsejax.sparsity_report(masks).sparsity > 0.1
 
 

@@ -61,10 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.nm.dense_fraction = 0.1     # first part of training: dense
   config.pruning.nm.finetune_fraction = 0.1  # last part: hard N:M mask, fixed, pruned weights 0
   config.pruning.nm.update_every = 1    # steps between mask recomputations (sparse phase)
-  config.pruning.nm.decay_coef = 0.0    # mdgf alpha per step; 0: 4 / (sparse-phase steps)
+  # mdgf alpha per step; None: the library's default, 4 / (sparse-phase steps)
+  config.pruning.nm.decay_coef = ml_collections.config_dict.placeholder(float)
   config.pruning.nm.srste_lambda = 2e-4  # srste: lambda of lambda*(1-E)*W
-  config.pruning.nm.axis = -2           # grouped axis: -2 = Dense input, Conv Cin
-  config.pruning.nm.flatten = False     # group along the flattened H*W*Cin instead
+  config.pruning.nm.finetune_mask = "fixed"  # fixed | recompute (the reference code's, with STE)
+  # Groups run along each kernel's contraction axes (sparsejax.layouts): Dense and
+  # attention q/k/v axis 0, attention out (heads, head_dim), Conv Cin.
+  config.pruning.nm.flatten = False     # convolutions: group along the flattened H*W*Cin instead
+  config.pruning.nm.axes = {}           # {path_regex: axis or tuple of axes or 'conv'...}: per leaf
   config.pruning.nm.non_divisible = "error"  # error | dense: kernels whose axis M does not divide
   config.dense_baseline = True         # also train the dense model, in workdir/dense_baseline
   return config

@@ -22,8 +22,13 @@ The file is an uncompressed `.npz` (`np.savez`), readable with NumPy alone:
                              "dtype": "float32", "kept": 23520}, ...]}
                 in jax.tree order; "kept" is present only for masked leaves,
                 "nm": {"n": 2, "m": 4, "axis": 0} only for N:M leaves (axis
-                is non-negative). "version" is the oldest reader version
-                that can read the file: 1 without N:M leaves, else 2.
+                is non-negative), or {"n": 2, "m": 4, "axes": [0, 1]} for
+                a leaf that contracts several axes (an attention output
+                kernel): its arrays then describe the leaf with those axes
+                merged into one, in place of the first (`sparsejax.layouts.
+                GroupedView`). "version" is the oldest reader version
+                that can read the file: 1 without N:M leaves, 2 with
+                single-axis N:M leaves, else 3.
   {i}.values    masked leaf i: its kept values, 1-D, in row-major order of
                 the mask (`w[mask]` in NumPy);
   {i}.mask      masked leaf i: the packed mask, uint8[ceil(size / 8)],
@@ -58,13 +63,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import layouts
 from sparsejax import masks as masks_lib
 from sparsejax import trees
 
 PyTree = Any
 FORMAT = "sparsejax.sparse_export"
-VERSION = 2  # the newest version this module reads and writes
+VERSION = 3  # the newest version this module reads and writes
 _NM_VERSION = 2  # the first version with N:M leaves
+_NM_AXES_VERSION = 3  # the first version with N:M leaves over several axes
 _MAX_M = 256  # in-group positions are stored as uint8 before packing
 _HEADER = "header"
 # What a truncated or corrupted zip member raises while being read.
@@ -87,16 +94,16 @@ def _storage_dtype(dtype: np.dtype) -> np.dtype:
   return np.dtype(f"u{dtype.itemsize}")
 
 
-def _check_nm(nm: Any) -> tuple[int, int, int]:
-  """`(n, m, axis)` from the `nm` argument of `export_sparse`; axis -2 if absent."""
+def _check_nm(nm: Any) -> tuple[int, int, layouts.AxesSpec]:
+  """`(n, m, axes)` from the `nm` argument of `export_sparse`; axes None if absent."""
   ok = isinstance(nm, (tuple, list)) and len(nm) in (2, 3) and all(
-      isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in nm)
+      isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in nm[:2])
   if not ok:
-    raise ValueError(f"nm must be (n, m) or (n, m, axis) of ints, got {nm!r}.")
-  n, m, axis = (*(int(k) for k in nm), -2)[:3]
+    raise ValueError(f"nm must be (n, m) or (n, m, axes) with int n and m, got {nm!r}.")
+  n, m, axes = (int(nm[0]), int(nm[1]), *nm[2:], None)[:3]
   if not 1 <= m <= _MAX_M or not 0 <= n <= m:
     raise ValueError(f"nm needs 0 <= n <= m and 1 <= m <= {_MAX_M}, got n={n}, m={m}.")
-  return n, m, axis
+  return n, m, axes
 
 
 def _index_bits(m: int) -> int:
@@ -198,10 +205,11 @@ def export_sparse(params: PyTree, masks: PyTree, path: str | os.PathLike,
     masks: bool masks with the structure of `params`, None where a leaf is
       not pruned (as made by `sparsejax.compute_masks`).
     path: the file to write (replaced if it exists).
-    nm: None for kept values plus bit masks, or `(n, m)` / `(n, m, axis)`
-      (axis -2 if absent: the input axis of a Dense kernel, Cin of a Conv
-      kernel) to store every masked leaf in the N:M layout; each must keep
-      exactly n of every m consecutive entries along `axis`.
+    nm: None for kept values plus bit masks, or `(n, m)` / `(n, m, axes)`
+      to store every masked leaf in the N:M layout; each must keep exactly n
+      of every m consecutive entries along its contraction axes. `axes` is
+      a rule of `sparsejax.layouts` (absent or None: the default rule, as
+      for `sparsejax.nm_masks`).
 
   Returns:
     `ExportStats` of the written file.
@@ -239,11 +247,18 @@ def export_sparse(params: PyTree, masks: PyTree, path: str | os.PathLike,
         arrays[f"{i}.values"] = stored[mask]
         arrays[f"{i}.mask"] = np.asarray(masks_lib.pack_masks(mask))
       else:
-        values, index, axis = _nm_split(p.path, stored, mask, *nm)
+        contraction = layouts.leaf_axes(nm[2], p.path, mask.shape)
+        view = layouts.GroupedView(mask.shape, contraction)
+        values, index, axis = _nm_split(p.path, view.to_view(stored), view.to_view(mask),
+                                        nm[0], nm[1], view.axis)
         arrays[f"{i}.nm_values"] = values
         arrays[f"{i}.nm_index"] = _pack_index(index, nm[1])
-        entry["nm"] = {"n": nm[0], "m": nm[1], "axis": axis}
-        version = _NM_VERSION
+        if len(contraction) == 1:
+          entry["nm"] = {"n": nm[0], "m": nm[1], "axis": axis}
+          version = max(version, _NM_VERSION)
+        else:
+          entry["nm"] = {"n": nm[0], "m": nm[1], "axes": list(contraction)}
+          version = _NM_AXES_VERSION
       kept += entry["kept"]
     entries.append(entry)
   header = {"format": FORMAT, "version": version, "leaves": entries}
@@ -354,17 +369,22 @@ class _Reader:
 
   def nm_leaf(self, i: int, entry: dict, storage: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """The dense array (as `storage` bits) and mask of N:M leaf `i`."""
-    path, shape = entry["path"], tuple(entry["shape"])
+    path, leaf_shape = entry["path"], tuple(entry["shape"])
+    spec = entry["nm"]
     try:
-      n, m, axis = (entry["nm"][k] for k in ("n", "m", "axis"))
-      ok = all(isinstance(k, int) and not isinstance(k, bool) for k in (n, m, axis))
-      ok = ok and 1 <= m <= _MAX_M and 0 <= n <= m and 0 <= axis < len(shape)
-      ok = ok and shape[axis] % m == 0
+      n, m = spec["n"], spec["m"]
+      axes = spec["axes"] if "axes" in spec else [spec["axis"]]
+      ok = all(isinstance(k, int) and not isinstance(k, bool) for k in (n, m, *axes))
+      ok = ok and 1 <= m <= _MAX_M and 0 <= n <= m and 0 < len(axes) < len(leaf_shape)
+      ok = ok and list(axes) == sorted(set(axes)) and 0 <= axes[0] and axes[-1] < len(leaf_shape)
+      view = layouts.GroupedView(leaf_shape, tuple(axes)) if ok else None
+      ok = ok and view.length % m == 0
     except (KeyError, TypeError) as e:
-      raise self.error(path, f"unreadable N:M entry {entry['nm']!r} (corrupted file?).") from e
+      raise self.error(path, f"unreadable N:M entry {spec!r} (corrupted file?).") from e
     if not ok:
-      raise self.error(path, f"N:M entry {entry['nm']!r} does not fit shape {list(shape)} "
+      raise self.error(path, f"N:M entry {spec!r} does not fit shape {list(leaf_shape)} "
                        f"(corrupted file?).")
+    shape, axis = view.shape, view.axis
     member = axis + 1  # the in-group axis of the grouped arrays
     values_shape = shape[:axis] + (shape[axis] // m * n,) + shape[axis + 1:]
     count = int(np.prod(values_shape))
@@ -396,8 +416,8 @@ class _Reader:
     mask = np.zeros(groups, bool)
     np.put_along_axis(dense, index, np.moveaxis(values.reshape(split), member, -1), axis=-1)
     np.put_along_axis(mask, index, True, axis=-1)
-    return (np.moveaxis(dense, -1, member).reshape(shape),
-            np.moveaxis(mask, -1, member).reshape(shape))
+    return (view.from_view(np.moveaxis(dense, -1, member).reshape(shape)),
+            view.from_view(np.moveaxis(mask, -1, member).reshape(shape)))
 
 
 def _read_header(file: str, npz: Any) -> list[dict]:
