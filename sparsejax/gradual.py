@@ -76,12 +76,12 @@ def with_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
   if [leaf.path for leaf in current] != [leaf.path for leaf in given]:
     raise ValueError(f"new masks have leaves {[l.path for l in given]}, but the optimizer "
                      f"state's masks have {[l.path for l in current]}.")
+  shape = lambda m: None if trees.is_empty(m) else np.shape(m)
   for old, new in zip(current, given):
-    if (old.value is None) != (new.value is None) or np.shape(old.value) != np.shape(new.value):
+    if shape(old.value) != shape(new.value):
       raise ValueError(
-          f"new mask '{new.path}' has shape {None if new.value is None else np.shape(new.value)}"
-          f" but the optimizer state's has "
-          f"{None if old.value is None else np.shape(old.value)} (None: not pruned).")
+          f"new mask '{new.path}' has shape {shape(new.value)} but the optimizer state's has "
+          f"{shape(old.value)} (None: not pruned).")
   masks_lib.check_bool(masks)
   masks = jax.tree.map(lambda m: m if trees.is_empty(m) else jnp.asarray(m), masks,
                        is_leaf=trees.is_empty)

@@ -177,3 +177,17 @@ def test_grouped_view_round_trips_non_adjacent_axes():
   assert y.shape == (8, 3, 5) and view.axis == 0
   np.testing.assert_array_equal(y[:, 1, 2], x[:, 1, :, 2].reshape(-1))  # row-major over (0, 2)
   np.testing.assert_array_equal(view.from_view(y), x)
+
+
+def test_attention_nm_masks_are_the_same_under_jit_and_sharding():
+  params = _linen_params()
+  eager = sparsejax.nm_masks(params, 2, 4)
+  jitted = jax.jit(lambda p: sparsejax.nm_masks(p, 2, 4))(params)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("fsdp",))
+  shard = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*([None] * (x.ndim - 1) + ["fsdp"]))))
+  sharded_params = jax.tree.map(shard, params)  # every leaf split along its last axis
+  sharded = jax.jit(lambda p: sparsejax.nm_masks(p, 2, 4))(sharded_params)
+  for a, b, c in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)

@@ -50,7 +50,7 @@ def test_default_study_plans_every_method_pattern_and_seed_plus_dense():
      r"study run step_5of4_seed0: config.pruning.nm.n=5 exceeds config.pruning.nm.m=4"),
     (lambda c: c.study.update(patterns=((1, 16),)),  # geometric 8:128 > the ViT's width 64
      r"study run sdgf_geometric_1of16_seed0: config.pruning.nm: 'block_0/attention/key/kernel' "
-     r"of shape \(64, 64\): axis -2 has length 64, not divisible by M=128"),
+     r"of shape \(64, 64\): its contraction axes \(0,\) hold 64 entries, not divisible by M=128"),
 ])
 def test_bad_study_config_is_an_error_naming_the_key(edit, message, tmp_path, digits_dir):
   config = nm_study_config.get_config()

@@ -5,9 +5,10 @@ position embedding is added, and pre-LayerNorm transformer blocks follow; the
 tokens are mean-pooled (no class token) into a linear classifier.
 
 Attention is written out with four separate 2-D `nn.Dense` projections
-(`query`, `key`, `value`, `out`, each hidden_dim x hidden_dim) instead of
-`nn.MultiHeadDotProductAttention`, whose 3-D kernels make N:M masks along
-the input dimension awkward to express.
+(`query`, `key`, `value`, `out`, each hidden_dim x hidden_dim), which keeps
+the checkpoints of earlier runs readable. `nn.MultiHeadDotProductAttention`'s
+3-D kernels work as well: N:M masks follow their contraction axes
+(`sparsejax.layouts`, tested in tests/test_nm_layouts.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,39 @@
+"""The README's NNX + attention example runs as written."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import sparsejax
+
+
+def _block(marker):
+  readme = open("README.md", encoding="utf-8").read()
+  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+  return next(b for b in blocks if marker in b)
+
+
+def test_readme_nnx_attention_example_prunes_2_of_4_and_trains_with_the_wrapper():
+  namespace = {
+      "jax": jax, "optax": optax, "sparsejax": sparsejax,
+      "schedule": sparsejax.PolynomialSchedule(0.0, 0.5, begin_step=0, end_step=4,
+                                               update_frequency=2),
+      "loss_fn": lambda out, y: jnp.mean((out - y) ** 2),
+  }
+  exec(_block("class Block(nnx.Module)"), namespace)  # pylint: disable=exec-used
+  model = namespace["model"]
+  query = np.asarray(model.attention.query.kernel[...])  # (in, heads, head_dim)
+  rows = (query != 0).reshape(query.shape[0], -1).T      # per output unit: its 64 inputs
+  assert np.all(rows.reshape(rows.shape[0], -1, 4).sum(-1) == 2)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 64))
+  for _ in range(5):
+    namespace["nnx_step"](model, namespace["optimizer"], x, jnp.zeros_like(x))
+  masks = sparsejax.find_pruning_state(namespace["optimizer"].opt_state).masks
+  report = sparsejax.sparsity_report(nnx.state(model, nnx.Param), masks)
+  assert report.leaves["mlp/kernel"].sparsity == 0.5
+  assert report.leaves["mlp/kernel"].zero_fraction == 0.5
+  assert report.leaves["attention/out/bias"].kept == 64  # not pruned
