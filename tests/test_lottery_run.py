@@ -354,6 +354,7 @@ def _final_params(workdir, level, branch):
           for name in ("params", "masks", "opt_state")}
 
 
+@pytest.mark.slow
 def test_killed_lottery_resumes_at_its_level_and_matches_an_uninterrupted_run(digits_dir,
                                                                              tmp_path):
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")

@@ -61,6 +61,7 @@ def test_bad_study_config_is_an_error_naming_the_key(edit, message, tmp_path, di
   assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.slow
 def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_dir, tmp_path):
   config = nm_study_config.get_config()
   config.data_dir = digits_dir

@@ -38,6 +38,7 @@ def test_notebook_is_stored_without_outputs(name):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.slow  # each notebook runs for 25-60 s
 def test_notebook_runs_top_to_bottom(name, tmp_path, digits_dir):
   book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   index = next(i for i, c in enumerate(book.cells) if "parameters" in c.metadata.get("tags", []))

@@ -8,6 +8,7 @@ import time
 
 import chex
 import orbax.checkpoint as ocp
+import pytest
 
 from experiments import metrics as metrics_lib
 from experiments import workdir as workdir_lib
@@ -54,6 +55,7 @@ def _metrics(workdir):
           for r in metrics_lib.read_metrics(workdir)]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_an_uninterrupted_one_bitwise(digits_dir, tmp_path):
   whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
   subprocess.run(_command(whole, digits_dir), cwd=ROOT, env=_env(), check=True,
