@@ -221,14 +221,13 @@ def export_sparse(params: PyTree, masks: PyTree, path: str | os.PathLike,
       and the first offending group, or the axis length not divisible by m).
   """
   nm = None if nm is None else _check_nm(nm)
-  trees.check_same_structure(params, masks)
   arrays = {}
   entries = []
   dense_bytes = kept = 0
   version = 1
   seen = set()
-  for i, (p, m) in enumerate(zip(trees.named_leaves(params),
-                                 trees.named_leaves(masks, keep_none=True))):
+  for i, leaf in enumerate(trees.leaves_with_masks(params, masks)):
+    p, m = trees.Leaf(leaf.path, leaf.param), trees.Leaf(leaf.path, leaf.mask)
     if p.path in seen:
       raise ValueError(f"two parameters have the path '{p.path}'; export needs unique paths.")
     seen.add(p.path)
