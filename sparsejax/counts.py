@@ -17,8 +17,12 @@ def _is_concrete(x) -> bool:
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> None:
-  """Raises ValueError if a sparsity is not a scalar, or (when concrete) is
+  """Raises ValueError if a sparsity is not a real scalar, or (when concrete) is
   outside [0, 1] or NaN."""
+  dtype = getattr(sparsity, "dtype", None)
+  real = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
+  if not real and (dtype is None or np.dtype(dtype).kind not in "iuf"):
+    raise ValueError(f"{name} must be a real number in [0, 1], got {sparsity!r}.")
   if np.ndim(sparsity) != 0:
     raise ValueError(f"{name} must be a scalar, got shape {np.shape(sparsity)}.")
   if isinstance(sparsity, numbers.Real) or (

@@ -34,11 +34,17 @@ _MAX_ENTRIES = 2**31 - 1  # counts and flat indices are int32
 
 
 def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
-  """Raises ValueError naming `name` if concrete `scores` contain NaN.
+  """Raises ValueError naming `name` if `scores` cannot be ranked.
 
-  Inside a trace (jit, vmap, ...) values are unknown and nothing is checked.
+  Complex scores have no order (checked from the dtype, also under a
+  trace); concrete scores must not contain NaN. Inside a trace (jit, vmap,
+  ...) values are unknown and NaN is not checked.
   """
-  if not jnp.issubdtype(jnp.result_type(scores), jnp.floating):
+  dtype = jnp.result_type(scores)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise ValueError(f"the scores of '{name}' are {dtype}: complex numbers have no order; "
+                     "rank a real score such as jnp.abs(w).")
+  if not jnp.issubdtype(dtype, jnp.floating):
     return
   has_nan = jnp.isnan(scores).any()
   if not isinstance(has_nan, jax.core.Tracer) and bool(has_nan):

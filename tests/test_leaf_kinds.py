@@ -134,3 +134,35 @@ def test_non_bool_masks_are_rejected_naming_the_leaf(fn, dtype):
 def test_apply_masks_rejects_non_bool_masks_inside_jit():
   with pytest.raises(ValueError, match="mask 'w' has dtype float32"):
     jax.jit(sparsejax.apply_masks)({"w": jnp.ones(2)}, {"w": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", None, True, 0.5 + 0j], ids=["str", "none", "bool", "complex"])
+def test_topk_mask_rejects_a_sparsity_that_is_not_a_real_number(sparsity):
+  with pytest.raises(ValueError, match="sparsity must be a real number in"):
+    sparsejax.topk_mask(jnp.ones(4), sparsity)
+
+
+def test_complex_scores_are_rejected_naming_the_leaf():
+  with pytest.raises(ValueError, match="complex numbers have no order"):
+    sparsejax.topk_mask(jnp.ones(4, jnp.complex64), 0.5)
+  with pytest.raises(ValueError, match=r"the scores of 'w' are complex64"):
+    sparsejax.compute_masks({"w": jnp.ones((2, 2), jnp.complex64)}, 0.5,
+                            score=lambda w, key: w, leaf_filter=lambda path, leaf: True)
+  with pytest.raises(ValueError, match="complex numbers have no order"):
+    sparsejax.nm_mask(jnp.ones((4, 1), jnp.complex64), 2, 4)
+
+
+def test_load_sparse_of_a_npy_file_is_a_one_line_error(tmp_path):
+  file = tmp_path / "weights.npy"
+  np.save(file, np.ones(3))
+  with pytest.raises(ValueError, match=re.escape(f"{file}: a single NumPy array (.npy), not a "
+                                                 "sparsejax export")):
+    checkpoint.load_sparse(file)
+
+
+def test_checkpoint_manager_on_a_file_is_a_one_line_error(tmp_path):
+  file = tmp_path / "ckpt"
+  file.write_text("not a directory")
+  with pytest.raises(checkpoint.CheckpointError, match="is a file, not a checkpoint directory"):
+    checkpoint.SparseCheckpointManager(str(file))
+  assert file.read_text() == "not a directory"  # nothing lost

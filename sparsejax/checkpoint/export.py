@@ -465,6 +465,9 @@ def load_sparse(path: str | os.PathLike, like: PyTree | None = None) -> tuple[Py
     npz = np.load(file, allow_pickle=False)
   except (zipfile.BadZipFile, EOFError, ValueError) as e:
     raise ValueError(f"{file}: not a readable sparsejax export (truncated or corrupted?): {e}") from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise ValueError(f"{file}: a single NumPy array (.npy), not a sparsejax export (.npz "
+                     "written by export_sparse).")
   with npz:
     entries = _read_header(file, npz)
     if like is not None:

@@ -210,6 +210,8 @@ class SparseCheckpointManager:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self.directory = os.path.abspath(directory)  # Orbax refuses relative paths
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory.")
     # Handlers named up front, so a new manager can read metadata of old steps.
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["meta"] = ocp.JsonCheckpointHandler()
