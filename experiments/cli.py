@@ -7,6 +7,7 @@ defined once here, so that the binaries can be imported side by side.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from typing import Any, Callable
@@ -82,6 +83,12 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
     print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} "
           f"device(s); workdir {WORKDIR.value}")
     try:
+      # One process per workdir: a run already there is locked now (a second
+      # copy of the command, started at any time, is refused in one line); a
+      # new one when it is claimed. The OS releases the lock on any exit.
+      workdir_lib.hold_workdirs()
+      if os.path.exists(os.path.join(WORKDIR.value, workdir_lib.CONFIG_FILE)):
+        workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
     except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
             workdir_lib.WorkdirError) as e:

@@ -10,15 +10,18 @@ silently.
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 import ml_collections
 
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
+LOCK_FILE = ".lock"  # the OS lock of the process using the workdir, and who that is
 # Everything a run writes; --overwrite removes these and nothing else.
 RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "tensorboard", "curves.png",
              "checkpoints", "dense_baseline")
@@ -76,6 +79,45 @@ def load_json(workdir: str, name: str):
     return json.load(f)
 
 
+_held: dict[str, int] = {}  # realpath -> open fd of each workdir lock this process holds
+_lock_on_start = [False]
+
+
+def lock(workdir: str) -> None:
+  """Locks an existing `workdir` for the rest of this process.
+
+  The lock is the OS's (`flock` on `<workdir>/.lock`), so it is released on
+  any exit, SIGKILL included; the file names the holder. Taking it again in
+  the same process does nothing.
+
+  Raises:
+    WorkdirError: another process holds it (names its pid and host).
+  """
+  key = os.path.realpath(workdir)
+  if key in _held:
+    return
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = os.read(fd, 256).decode(errors="replace").strip() or "an unknown process"
+    os.close(fd)
+    raise WorkdirError(f"Workdir {workdir} is in use by another run ({holder}); wait for it "
+                       "to end or use another --workdir.") from e
+  os.ftruncate(fd, 0)
+  os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+  _held[key] = fd
+
+
+def hold_workdirs() -> None:
+  """From now on `start` locks each workdir it claims, for the life of the process.
+
+  For command-line binaries, whose process is the run; library callers (a
+  notebook running several studies) keep no lock past their call.
+  """
+  _lock_on_start[0] = True
+
+
 def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = False,
           run_files: tuple[str, ...] = RUN_FILES) -> Status:
   """What a run of `config` may do with `workdir`; reads only.
@@ -120,6 +162,8 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   if check(workdir, config, overwrite, run_files) is not Status.NEW:
     raise WorkdirError(f"Workdir {workdir} already holds a run of this config.")
   os.makedirs(workdir, exist_ok=True)
+  if _lock_on_start[0]:
+    lock(workdir)  # before anything in it is removed
   for name in _present(workdir, run_files):
     path = os.path.join(workdir, name)
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

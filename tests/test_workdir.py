@@ -132,3 +132,26 @@ def test_resumed_metrics_drop_records_after_the_checkpoint_and_a_torn_last_line(
     writer.write(20, "train", {"loss": 0.25})
   assert metrics_lib.read_metrics(str(tmp_path)) == [
       lines[0], {"step": 20, "split": "train", "loss": 0.25}]
+
+
+def test_cli_refuses_a_workdir_another_process_holds_in_one_line(finished_run):
+  config, workdir, _ = finished_run
+  code = ("import sys, time; from experiments import workdir as w; w.lock(sys.argv[1]); "
+          "print('locked', flush=True); time.sleep(300)")
+  holder = subprocess.Popen([sys.executable, "-c", code, workdir], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = _snapshot(workdir)
+    out = _cli("--config=experiments/configs/default.py", f"--workdir={workdir}")
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: Workdir {re.escape(workdir)} is in use by another run "
+                        rf"\(pid {holder.pid} on host \S+\); wait for it to end or use another "
+                        r"--workdir\.", last), last
+    assert _snapshot(workdir) == before
+  finally:
+    holder.kill()  # SIGKILL: the OS releases the lock
+    holder.wait()
+  del config
+  workdir_lib.lock(workdir)  # free again once the holder is gone
