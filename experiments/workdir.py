@@ -110,7 +110,9 @@ def lock(workdir: str) -> None:
 
 
 def hold_workdirs() -> None:
-  """From now on `start` locks each workdir it claims, for the life of the process.
+  """From now on `start` and `check` lock each workdir they claim or find a run in.
+
+  The locks last for the life of the process.
 
   For command-line binaries, whose process is the run; library callers (a
   notebook running several studies) keep no lock past their call.
@@ -141,6 +143,8 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
     raise WorkdirError(
         f"Workdir {workdir} holds run files {present} but no {CONFIG_FILE}; refusing to "
         "write over them. Pass --overwrite to replace them, or use another --workdir.")
+  if _lock_on_start[0]:  # a binary: claim the run here before resuming or reporting it
+    lock(workdir)
   diff = config_diff(load_json(workdir, CONFIG_FILE), config_dict(config))
   if diff:
     raise WorkdirError(
