@@ -7,9 +7,11 @@ defined once here, so that the binaries can be imported side by side.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import runpy
 import sys
+import threading
 from typing import Any, Callable
 
 from absl import app
@@ -20,8 +22,10 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
+from sparsejax.checkpoint import CheckpointError
 from experiments import config_checks
 from experiments import input_pipeline
+from experiments import metrics as metrics_lib
 from experiments import workdir as workdir_lib
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -29,7 +33,9 @@ CONFIG = config_flags.DEFINE_config_file(
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics, checkpoints "
                               "and results.")
 OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace a run already in --workdir (only the files such a run writes).")
+    "overwrite", False, "Replace a run of this binary already in --workdir: every file such a "
+    "run writes is removed first (nothing else). A workdir holding another binary's run (a "
+    "lottery workdir given to experiments.train) is refused: runs are never mixed.")
 
 
 def _unknown_overrides(argv: list[str]) -> list[str]:
@@ -65,11 +71,50 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: unknown config key {unknown[0]} (the config has no such field): {detail}")
 
 
+class _QuietBackgroundFailures(std_logging.Filter):
+  """Drops Orbax's error records: its writer threads log every failure with a
+  traceback (dozens for one full disk), and asyncio logs its failed writer
+  tasks again; the failure reaches the binary as an exception anyway,
+  reported there in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno < std_logging.ERROR:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    return orbax not in record.pathname and orbax not in record.getMessage()
+
+
+def _one_line_thread_failure(args: threading.ExceptHookArgs) -> None:
+  """A background thread's exception in one line (its effect is reported by the binary)."""
+  first = str(args.exc_value).strip().split("\n", 1)[0]
+  name = args.thread.name if args.thread else "a thread"
+  print(f"warning: background thread {name} failed: {args.exc_type.__name__}: {first}",
+        file=sys.stderr)
+
+
+def quiet_background_failures() -> None:
+  """Background-thread failures (Orbax writers) as one line each, no tracebacks."""
+  for name in ("absl", "asyncio"):
+    std_logging.getLogger(name).addFilter(_QuietBackgroundFailures())
+  threading.excepthook = _one_line_thread_failure
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    # TensorStore's completion callbacks, run after a failed Orbax save closed
+    # its event loop, raise this; it says nothing the error line does not.
+    if not (unraisable.exc_type is RuntimeError and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      default_hook(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
              report: Callable[[Any, ml_collections.ConfigDict, str], None]) -> Callable:
   """An absl `main` that runs `run(config, workdir, overwrite)` and `report`s its result.
 
-  Config, dataset and workdir errors end the program with one line naming
+  Config, dataset, workdir, checkpoint and metrics-file errors, and OS
+  errors (a full disk, a permission), end the program with one line naming
   the problem, not a traceback.
   """
 
@@ -79,6 +124,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
     if CONFIG.value is None or not WORKDIR.value:
       raise app.UsageError("--config and --workdir are required.")
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the progress
+    quiet_background_failures()
     tfds.disable_progress_bar()
     print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} "
           f"device(s); workdir {WORKDIR.value}")
@@ -86,12 +132,13 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
       # One process per workdir: a run already there is locked now (a second
       # copy of the command, started at any time, is refused in one line); a
       # new one when it is claimed. The OS releases the lock on any exit.
+      workdir_lib.check_usable(WORKDIR.value)
       workdir_lib.hold_workdirs()
       if os.path.exists(os.path.join(WORKDIR.value, workdir_lib.CONFIG_FILE)):
         workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
     except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
-            workdir_lib.WorkdirError) as e:
+            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError, OSError) as e:
       sys.exit(f"error: {e}")
     report(result, CONFIG.value, WORKDIR.value)
 

@@ -11,19 +11,26 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable
 
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer import event_file_writer
 
 METRICS_FILE = "metrics.jsonl"
+GARBLED_FILE = "metrics.garbled.txt"  # lines of metrics.jsonl that were not JSON, kept on resume
 TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsError(ValueError):
+  """A line of metrics.jsonl is not a JSON record (names the file and line)."""
 
 
 class MetricWriter:
   """Writes scalar metrics to `workdir/metrics.jsonl` and to TensorBoard."""
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None,
+               log: Callable[[str], None] = print):
     """Opens the metrics of `workdir`.
 
     Args:
@@ -31,7 +38,9 @@ class MetricWriter:
       resume_step: None for a new run (metrics.jsonl must not exist yet: two
         runs are never mixed); for a resumed run, the step it resumes from:
         records after it (written before the run was killed) are dropped and
-        new ones appended.
+        new ones appended. Lines that are not JSON (a record torn by the
+        kill, a damaged disk) cannot be placed by step: they are moved to
+        metrics.garbled.txt, with their line numbers, and reported via `log`.
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, METRICS_FILE)
@@ -42,8 +51,13 @@ class MetricWriter:
         raise FileExistsError(f"{path} exists: {workdir} already holds a run's metrics. Use a "
                               "fresh workdir (or experiments.train's --overwrite).") from e
     else:
-      kept = [r for r in _read_records(path, tolerate_torn_end=True)
-              if r["step"] <= resume_step] if os.path.exists(path) else []
+      records, garbled = _parse(path) if os.path.exists(path) else ([], [])
+      kept = [r for r in records if r["step"] <= resume_step]
+      if garbled:
+        with open(os.path.join(workdir, GARBLED_FILE), "a", encoding="utf-8") as f:
+          f.writelines(f"{path}:{number}: {line.rstrip()}\n" for number, line in garbled)
+        log(f"{path}: line(s) {[number for number, _ in garbled]} are not JSON records; moved "
+            f"to {GARBLED_FILE} (kept, not read back).")
       with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(path + ".tmp", path)
@@ -81,16 +95,33 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   return [r for r in records if split is None or r["split"] == split]
 
 
-def _read_records(path: str, tolerate_torn_end: bool = False) -> list[dict]:
-  """Parses JSON lines; a killed writer may leave a torn last line, dropped if tolerated."""
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
-  records = []
-  for i, line in enumerate(lines):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if tolerate_torn_end and i == len(lines) - 1:
-        break
-      raise
+def _parse(path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+  """The records of a JSON-lines file, and the (line number, line) of those that are not."""
+  records, garbled = [], []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      if isinstance(record, dict) and isinstance(record.get("step"), int):
+        records.append(record)
+      else:
+        garbled.append((number, line))
+  return records, garbled
+
+
+def _read_records(path: str) -> list[dict]:
+  """The records of a JSON-lines file.
+
+  Raises:
+    MetricsError: naming the file and the first line that is not a record.
+  """
+  records, garbled = _parse(path)
+  if garbled:
+    number, line = garbled[0]
+    raise MetricsError(f"{path}, line {number}, is not a JSON metrics record: "
+                       f"{line.strip()[:80]!r}")
   return records

@@ -45,7 +45,8 @@ def runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.Co
 
   Raises:
     ConfigError: no `study` section, an empty or unknown method, a pattern
-      that is not an (n, m) pair, or no seeds.
+      that is not an (n, m) pair, no seeds, or a repeated method, pattern
+      or seed.
   """
   if "study" not in config:
     raise config_checks.ConfigError("an N:M study config has a `study` section; start from "
@@ -55,6 +56,13 @@ def runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.Co
     raise config_checks.ConfigError("config.study.methods, patterns and seeds must be non-empty.")
   for method in study.methods:
     config_checks.choice(method, tuple(sparsejax.nm.METHODS), "study.methods")
+  for key in ("methods", "patterns", "seeds"):
+    values = [tuple(v) if isinstance(v, (list, tuple)) else v for v in study[key]]
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+      raise config_checks.ConfigError(
+          f"config.study.{key}={tuple(study[key])!r} repeats {repeated}: each run would be "
+          "trained once but reported twice.")
   out = []
   base = ml_collections.ConfigDict(config.to_dict())
   del base["study"]

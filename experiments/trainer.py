@@ -243,11 +243,20 @@ class Trainer:
                  opt_state=state.opt_state, train_state=_train_extras(state),
                  meta={"config": json.loads(self.config.to_json())}, level=level)
 
-  def restore(self, manager: SparseCheckpointManager) -> TrainState:
-    """The state of the latest checkpoint, placed like a fresh one (replicated)."""
+  def restore(self, manager: SparseCheckpointManager,
+              log: Callable[[str], None] | None = None) -> TrainState:
+    """The state of the latest checkpoint, placed like a fresh one (replicated).
+
+    Without `log`, the latest step must be intact (a damaged one is a
+    CheckpointDamaged error). With `log` (a resumed run), damaged newer
+    steps are set aside and reported there, and the newest intact step is
+    restored.
+    """
     like = self.initial_state()
-    restored = manager.restore(params_like=like.params, opt_state_like=like.opt_state,
-                               train_state_like=_train_extras(like))
+    targets = {"params_like": like.params, "opt_state_like": like.opt_state,
+               "train_state_like": _train_extras(like)}
+    restored = (manager.restore(**targets) if log is None
+                else manager.restore_latest_intact(log=log, **targets))
     extras = restored.train_state
     state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
                        batch_stats=extras.get("batch_stats", {}), opt_state=restored.opt_state,
@@ -289,7 +298,7 @@ class Trainer:
                                       max_to_keep=config.keep_checkpoints or None)
     try:
       if resume and manager.latest_step() is not None:
-        state = self.restore(manager)
+        state = self.restore(manager, log=lambda line: log(f"{prefix}{line}"))
         log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
       else:
         # A copy: the step donates its input buffers, and `start` stays the caller's.
@@ -306,7 +315,8 @@ class Trainer:
       window, window_time = [], 0.0  # steps since the last progress line, their time
       test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
       train_means = {}
-      with metrics_lib.MetricWriter(workdir, resume_step) as writer:
+      with metrics_lib.MetricWriter(workdir, resume_step,
+                                    log=lambda line: log(f"{prefix}{line}")) as writer:
         for record in metrics_lib.read_metrics(workdir):  # a resumed run's history
           if record["split"] == "test":
             test = {"loss": record["loss"], "accuracy": record["accuracy"]}

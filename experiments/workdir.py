@@ -13,6 +13,7 @@ import enum
 import fcntl
 import json
 import os
+import pwd
 import shutil
 import socket
 import tempfile
@@ -23,8 +24,8 @@ CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 LOCK_FILE = ".lock"  # the OS lock of the process using the workdir, and who that is
 # Everything a run writes; --overwrite removes these and nothing else.
-RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "tensorboard", "curves.png",
-             "checkpoints", "dense_baseline")
+RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "metrics.garbled.txt", "tensorboard",
+             "curves.png", "checkpoints", "dense_baseline")
 
 
 class Status(enum.Enum):
@@ -79,6 +80,25 @@ def load_json(workdir: str, name: str):
     return json.load(f)
 
 
+def check_usable(workdir: str) -> None:
+  """Raises WorkdirError, in one line, if `workdir` cannot hold a run.
+
+  That is: it (or a directory above it) is a file, or the nearest existing
+  directory on its path is not writable by this user.
+  """
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise WorkdirError(f"Workdir {workdir}: {path} is a file, not a directory; choose another "
+                       "--workdir.")
+  effective = os.access in os.supports_effective_ids
+  if not os.access(path, os.W_OK | os.X_OK, effective_ids=effective):
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    raise WorkdirError(f"Workdir {workdir}: {path} is not writable by user {user}; choose a "
+                       "--workdir you can write to.")
+
+
 _held: dict[str, int] = {}  # realpath -> open fd of each workdir lock this process holds
 _lock_on_start = [False]
 
@@ -131,12 +151,21 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
 
   Raises:
     WorkdirError: the workdir holds a run of a different config, or run
-      files without a config, and `overwrite` is False.
+      files without a config, and `overwrite` is False; or, with
+      `overwrite`, files that another binary's run writes (a lottery
+      workdir given to experiments.train): never a mix of two runs.
 
   `run_files` are the names a run of this binary writes (default: those of
   experiments.train).
   """
   present = _present(workdir, run_files)
+  if overwrite and present:
+    foreign = sorted(set(_present(workdir, tuple(_all_run_files()))) - set(run_files))
+    if foreign:
+      raise WorkdirError(
+          f"Workdir {workdir} holds {foreign}, written by another experiment binary; "
+          "--overwrite replaces only a run of this binary, whole, and never leaves a mix. "
+          "Remove that run yourself or use another --workdir.")
   if not present or overwrite:
     return Status.NEW
   if CONFIG_FILE not in present:
@@ -176,6 +205,16 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
       json.dump(config_dict(config), f, indent=2, sort_keys=True)
   except FileExistsError as e:
     raise WorkdirError(f"Another run claimed {workdir} at the same time.") from e
+
+
+def _all_run_files() -> set[str]:
+  """The names a run of any experiment binary writes.
+
+  Imported here, not at the top: those binaries import this module.
+  """
+  from experiments import lottery  # pylint: disable=g-import-not-at-top
+  from experiments import nm_study  # pylint: disable=g-import-not-at-top
+  return set(RUN_FILES) | set(lottery.RUN_FILES) | set(nm_study.RUN_FILES)
 
 
 def _present(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:

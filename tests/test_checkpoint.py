@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sparsejax
+from sparsejax.checkpoint import CheckpointDamaged
 from sparsejax.checkpoint import CheckpointError
 from sparsejax.checkpoint import SparseCheckpointManager
 
@@ -160,7 +161,7 @@ def test_corrupted_item_is_an_error_naming_it_and_other_steps_stay_readable(tmp_
       with open(path, "r+b") as f:  # truncate every file of the item to half
         f.truncate(os.path.getsize(path) // 2)
   with SparseCheckpointManager(str(tmp_path)) as manager:
-    with pytest.raises(CheckpointError, match=r"Item 'params' of step 2 .* cannot be read"):
+    with pytest.raises(CheckpointDamaged, match=r"Step 2 in .*: item 'params' cannot be read"):
       manager.restore(2, params_like=params)
     chex.assert_trees_all_equal(manager.restore(1, params_like=params).params, params)
     np.testing.assert_array_equal(manager.restore(2, masks_like=params).masks["head"]["kernel"],
@@ -193,15 +194,17 @@ def test_masks_into_a_model_with_an_extra_layer_is_an_error(tmp_path):
       manager.restore(masks_like=deeper)
 
 
-def test_a_damaged_meta_item_does_not_block_restoring_the_others(tmp_path):
+def test_a_damaged_meta_is_an_error_and_unverified_salvage_restores_the_rest(tmp_path):
   params, masks, _ = _trained_state()
   with SparseCheckpointManager(str(tmp_path)) as manager:
     manager.save(1, params=params, masks=masks)
   with open(tmp_path / "1" / "meta" / "metadata", "w") as f:
     f.write('{"step": 1, "mask_sh')  # truncated JSON
   with SparseCheckpointManager(str(tmp_path)) as manager:
-    with pytest.warns(UserWarning, match=r"Item\(s\) \['meta'\] of step 1 .* cannot be read"):
-      restored = manager.restore(params_like=params, masks_like=params)
+    with pytest.raises(CheckpointDamaged, match=r"Step 1 in .*: item\(s\) \['meta'\] cannot be read"):
+      manager.restore(params_like=params)  # its checksums are lost: nothing can be verified
+    with pytest.warns(UserWarning, match=r"Step 1 in .*: item\(s\) \['meta'\] cannot be read"):
+      restored = manager.restore(params_like=params, masks_like=params, verify=False)
   assert restored.meta is None
   chex.assert_trees_all_equal(restored.params, params)
   np.testing.assert_array_equal(restored.masks["head"]["kernel"], masks["head"]["kernel"])

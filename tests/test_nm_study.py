@@ -44,6 +44,10 @@ def test_default_study_plans_every_method_pattern_and_seed_plus_dense():
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.study.update(methods=("step", "nm")), r"config.study.methods='nm' is not one of"),
     (lambda c: c.study.update(seeds=()), r"must be non-empty"),
+    (lambda c: c.study.update(seeds=(0, 1, 0)),
+     r"config.study.seeds=\(0, 1, 0\) repeats \[0\]: each run would be trained once"),
+    (lambda c: c.study.update(patterns=((2, 4), (1, 4), (2, 4))), r"config.study.patterns=.* repeats "
+     r"\[\(2, 4\)\]"),
     (lambda c: c.study.update(patterns=((2, 4, 8),)), r"each pattern is an \(n, m\) pair"),
     (lambda c: c.__delattr__("study"), r"has a `study` section"),
     (lambda c: c.study.update(patterns=((2, 4), (5, 4))),

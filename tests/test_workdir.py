@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -128,10 +130,29 @@ def test_resumed_metrics_drop_records_after_the_checkpoint_and_a_torn_last_line(
   with open(tmp_path / "metrics.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in lines)
     f.write('{"step": 30, "split": "tr')  # the writer was killed mid-line
-  with metrics_lib.MetricWriter(str(tmp_path), resume_step=10) as writer:
+  logged = []
+  with metrics_lib.MetricWriter(str(tmp_path), resume_step=10, log=logged.append) as writer:
     writer.write(20, "train", {"loss": 0.25})
   assert metrics_lib.read_metrics(str(tmp_path)) == [
       lines[0], {"step": 20, "split": "train", "loss": 0.25}]
+  assert len(logged) == 1 and "line(s) [3] are not JSON records" in logged[0]
+
+
+def test_a_garbled_metrics_line_is_named_on_read_and_kept_aside_on_resume(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write('{"step": 10, "split": "train", "loss": 1.0}\n')
+    f.write('{"step": 2\x00, "spl\n')  # damaged on disk, before the checkpoint's step
+    f.write('{"step": 30, "split": "train", "loss": 0.5}\n')
+  path = str(tmp_path / "metrics.jsonl")
+  with pytest.raises(metrics_lib.MetricsError,
+                     match=rf"^{re.escape(path)}, line 2, is not a JSON metrics record"):
+    metrics_lib.read_metrics(str(tmp_path))
+  logged = []
+  metrics_lib.MetricWriter(str(tmp_path), resume_step=30, log=logged.append).close()
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [10, 30]
+  assert "line(s) [2]" in logged[0] and metrics_lib.GARBLED_FILE in logged[0]
+  with open(tmp_path / metrics_lib.GARBLED_FILE) as f:  # kept, with where it was
+    assert f.read() == f'{path}:2: {{"step": 2\x00, "spl\n'
 
 
 def test_cli_refuses_a_workdir_another_process_holds_in_one_line(finished_run):
@@ -155,3 +176,49 @@ def test_cli_refuses_a_workdir_another_process_holds_in_one_line(finished_run):
     holder.wait()
   del config
   workdir_lib.lock(workdir)  # free again once the holder is gone
+
+
+def test_overwrite_refuses_another_binarys_run_and_changes_nothing(tiny_config, tmp_path):
+  workdir = str(tmp_path / "lottery_run")
+  os.makedirs(os.path.join(workdir, "replicates", "seed_0"))
+  for name in ("config.json", "final.json", "summary.csv", "lottery.png"):
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write("{}")
+  before = _snapshot(workdir)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"holds \['lottery.png', 'replicates', "
+                                                     r"'summary.csv'\], written by another"):
+    train.run(tiny_config, workdir, overwrite=True)
+  assert _snapshot(workdir) == before
+
+
+def test_cli_workdir_that_is_a_file_is_a_one_line_error(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("mine")
+  for workdir in (path, path / "sub"):
+    out = _cli("--config=experiments/configs/default.py", f"--workdir={workdir}")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        f"error: Workdir {workdir}: {path} is a file, not a directory; choose another --workdir."]
+  assert path.read_text() == "mine"
+
+
+def test_a_workdir_that_is_not_writable_is_a_one_line_error():
+  """As a user without write permission (nobody, when the tests run as root)."""
+  parent = tempfile.mkdtemp()  # under /tmp, so that nobody can reach it
+  try:
+    os.chmod(parent, 0o755)
+    locked = os.path.join(parent, "locked")
+    os.mkdir(locked, 0o555)
+    root = os.geteuid() == 0
+    if root:
+      os.seteuid(65534)
+    try:
+      with pytest.raises(workdir_lib.WorkdirError) as raised:
+        workdir_lib.check_usable(os.path.join(locked, "run"))
+    finally:
+      if root:
+        os.seteuid(0)
+    assert re.fullmatch(rf"Workdir {re.escape(locked)}/run: {re.escape(locked)} is not writable "
+                        r"by user \S+; choose a --workdir you can write to.", str(raised.value))
+  finally:
+    shutil.rmtree(parent)

@@ -26,15 +26,25 @@ Every item is readable with plain Orbax, for example
 written to a temporary directory and renamed when complete, so a killed save
 never becomes the latest step. A target whose leaf paths differ from the
 stored ones is a structure mismatch, reported with the first differing leaf
-on both sides; only unreadable data is reported as truncated or corrupted.
+on both sides (`CheckpointError`).
+
+Damage is detected, not restored: `meta` records a CRC-32 of every leaf of
+every item and of itself (`integrity`), and a restore checks what it read
+against them. Unreadable, missing or corrupted data is a `CheckpointDamaged`
+naming the step, item and leaf. `restore_latest_intact` (what a resumed run
+uses) moves damaged steps to `<directory>/damaged/` and restores the newest
+step that verifies. With `max_to_keep`, a new step is read back and verified
+before any older step is deleted for it, and at most one save is in flight:
+each save first waits for the one before.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -43,16 +53,26 @@ from etils import epath
 
 from sparsejax import masks as masks_lib
 from sparsejax import trees
+from sparsejax.checkpoint import integrity
 from sparsejax.checkpoint import plain_tree
 
 PyTree = Any
 ARRAY_ITEMS = ("params", "masks", "opt_state", "train_state", "rewind")
 ITEMS = ARRAY_ITEMS + ("meta",)
 _VERSIONED = ("sparsejax", "jax", "flax", "optax", "orbax-checkpoint")
+DAMAGED_DIR = "damaged"  # where damaged steps are moved, inside the manager's directory
 
 
 class CheckpointError(ValueError):
   """A checkpoint item is missing, unreadable or does not fit its target."""
+
+
+class CheckpointDamaged(CheckpointError):
+  """A step's data is missing, unreadable or fails its checksum: an older step may be intact."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """Writing a step failed (a full disk, a directory that is not writable); older steps are intact."""
 
 
 class Restored(NamedTuple):
@@ -87,6 +107,11 @@ def _plain(item: str, tree: PyTree) -> dict:
 
 def _pack(masks: PyTree) -> dict[str, np.ndarray]:
   return {leaf.path: leaf.value for leaf in trees.named_leaves(masks_lib.pack_masks(masks))}
+
+
+def _first_line(error: BaseException) -> str:
+  """An exception's message up to its first line break (Orbax appends tracebacks)."""
+  return str(error).strip().split("\n", 1)[0]
 
 
 def _describe(value: Any) -> str:
@@ -191,9 +216,11 @@ class SparseCheckpointManager:
 
   Args:
     directory: where the steps live (created if absent).
-    max_to_keep: keep only the newest N steps (None keeps all).
+    max_to_keep: keep only the newest N steps (None keeps all). A step is
+      deleted only once a newer one has been read back and verified.
     best_metric: with `max_to_keep`, keep the best N steps by this key of the
-      `metrics` passed to `save` instead of the newest.
+      `metrics` passed to `save` instead of the newest (steps saved without
+      it are kept).
     best_mode: 'max' or 'min' for `best_metric`.
     async_save: write in a background thread (call `wait_until_finished`
       before reading; closing the manager waits).
@@ -203,52 +230,74 @@ class SparseCheckpointManager:
                best_metric: str | None = None, best_mode: str = "max", async_save: bool = True):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        best_fn=(lambda metrics: float(metrics[best_metric])) if best_metric else None,
-        best_mode=best_mode,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be None or at least 1, got {max_to_keep!r}.")
+    # Steps are deleted here, not by Orbax: only after a newer one is verified.
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self.directory = os.path.abspath(directory)  # Orbax refuses relative paths
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory.")
+    self._max_to_keep = max_to_keep
+    self._best_metric = best_metric
+    self._best_sign = 1.0 if best_mode == "max" else -1.0
+    self._metric_values: dict[int, float | None] = {}  # step -> best_metric value
+    self._pending: list[int] = []   # saved by this manager, not yet verified
+    self._verified: set[int] = set()
     # Handlers named up front, so a new manager can read metadata of old steps.
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["meta"] = ocp.JsonCheckpointHandler()
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_handlers=handlers)
+    except OSError as e:
+      raise CheckpointWriteError(f"Cannot use {self.directory} for checkpoints: {e}") from e
 
   def save(self, step: int, *, params: PyTree = None, masks: PyTree = None, opt_state: PyTree = None,
            train_state: PyTree = None, rewind: PyTree = None, meta: dict | None = None,
-           metrics: dict | None = None, level: int | None = None) -> bool:
+           metrics: dict | None = None, level: int | None = None, overwrite: bool = False) -> bool:
     """Saves the given items at `step` (asynchronously unless disabled).
 
+    The save in flight before it, if any, is waited for first: at most one
+    step is being written at any time.
+
     Args:
-      step: the step number; a step already saved is an Orbax error.
+      step: the step number.
       params, opt_state, train_state, rewind: pytrees of arrays (Linen dicts,
         `nnx.State`s, pure dicts, optax states), saved in their plain form.
       masks: bool masks (None for unpruned leaves), packed to 1 bit per weight.
       meta: JSON-serialisable fields (the config, ...), completed with the
-        step, level, mask shapes, per-leaf sparsity and package versions.
+        step, level, mask shapes, per-leaf sparsity, package versions and
+        the checksums of every item.
       metrics: {name: value}, used by `best_metric`.
       level: the pruning level (lottery runs).
+      overwrite: replace `step` if it is already saved (otherwise an error).
 
     Returns:
       Whether a save was started (Orbax may skip one by its save policy).
 
     Raises:
-      CheckpointError: naming the item and path, if two leaves of an item
-        share a '/'-joined path or one lies under another.
+      CheckpointError: `step` exists and `overwrite` is False; or, naming the
+        item and path, two leaves of an item share a '/'-joined path or one
+        lies under another.
+      CheckpointWriteError: this or the previous save could not be written.
     """
+    step = int(step)
+    self.wait_until_finished()
+    if step in self.all_steps():
+      if not overwrite:
+        raise CheckpointError(f"Step {step} is already saved in {self.directory}; pass "
+                              "overwrite=True to replace it.")
+      self._manager.delete(step)
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
              "rewind": rewind}
-    args = {name: ocp.args.StandardSave(_plain(name, value))
-            for name, value in items.items() if value is not None}
+    plain = {name: _plain(name, value) for name, value in items.items() if value is not None}
     meta = dict(meta or {})
-    meta.update(step=int(step), level=level, versions=package_versions())
+    meta.update(step=step, level=level, versions=package_versions())
     if masks is not None:
       if params is not None:
         trees.check_same_structure(params, masks)
-      args["masks"] = ocp.args.StandardSave(_pack(masks))
+      plain["masks"] = _pack(masks)
       meta["mask_shapes"] = {leaf.path: list(np.shape(leaf.value))
                              for leaf in trees.named_leaves(masks)}
       # Every leaf of the model, pruned or not: a masks-only restore into
@@ -256,12 +305,27 @@ class SparseCheckpointManager:
       meta["mask_tree_paths"] = [leaf.path for leaf in trees.named_leaves(masks, keep_none=True)]
       meta["sparsity"] = {path: leaf.sparsity
                           for path, leaf in masks_lib.sparsity_report(masks).leaves.items()}
-    args["meta"] = ocp.args.JsonSave(meta)
-    return self._manager.save(int(step), args=ocp.args.Composite(**args), metrics=metrics)
+    if self._best_metric is not None:
+      value = (metrics or {}).get(self._best_metric)
+      meta["best_metric"] = None if value is None else float(value)
+    meta[integrity.CHECKSUMS] = {name: integrity.tree_checksums(_path_leaves(name, tree))
+                                 for name, tree in plain.items()}
+    args = {name: ocp.args.StandardSave(tree) for name, tree in plain.items()}
+    args["meta"] = ocp.args.JsonSave(integrity.seal_meta(meta))
+    try:
+      started = self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+    except OSError as e:
+      raise CheckpointWriteError(
+          f"Writing step {step} to {self.directory} failed: {e}; the steps saved before it "
+          "are intact.") from e
+    if started:
+      self._pending.append(step)
+      self._metric_values[step] = meta.get("best_metric")
+    return started
 
   def restore(self, step: int | None = None, *, params_like: PyTree = None, masks_like: PyTree = None,
               opt_state_like: PyTree = None, train_state_like: PyTree = None,
-              rewind_like: PyTree = None) -> Restored:
+              rewind_like: PyTree = None, verify: bool = True) -> Restored:
     """Restores the items whose targets are given (and always `meta`).
 
     Each `*_like` is a target pytree (arrays or `jax.ShapeDtypeStruct`s, with
@@ -273,10 +337,14 @@ class SparseCheckpointManager:
 
     Args:
       step: the step to read; None for the latest.
+      verify: check what is read against the checksums in `meta` (steps
+        saved before checksums existed are read unchecked). False salvages
+        what can be read from a damaged step.
 
     Raises:
-      CheckpointError: no checkpoint, an item missing or unreadable
-        ("truncated or corrupted?"), a structure mismatch (naming the item
+      CheckpointDamaged: an item missing, unreadable or failing its checksum
+        (naming the step, item and leaf).
+      CheckpointError: no checkpoint, a structure mismatch (naming the item
         and the first differing leaf path on both sides), or a leaf whose
         shape or dtype differs (naming it and both).
     """
@@ -288,11 +356,7 @@ class SparseCheckpointManager:
     targets = {"params": params_like, "opt_state": opt_state_like,
                "train_state": train_state_like, "rewind": rewind_like}
     targets = {name: target for name, target in targets.items() if target is not None}
-    try:
-      meta = self._read(step, {"meta": ocp.args.JsonRestore()}).meta
-    except CheckpointError as e:  # the other items are still worth restoring
-      warnings.warn(f"{e}; restoring without it.")
-      meta = None
+    meta = self._read_meta(step, verify)
     args = {}
     for name, target in targets.items():
       stored = self._stored_tree(step, name)
@@ -302,22 +366,119 @@ class SparseCheckpointManager:
       packed_target = self._packed_target(step, meta, masks_like)
       args["masks"] = ocp.args.StandardRestore(packed_target)
     restored = self._read(step, args) if args else None
+    if verify and restored is not None:
+      self._check_checksums(step, meta, {name: restored[name] for name in args})
     out = {name: plain_tree.from_plain(restored[name], target) for name, target in targets.items()}
     if masks_like is not None:
       out["masks"] = self._unpack(restored["masks"], masks_like)
     return Restored(step=int(step), meta=meta, **out)
 
+  def verify(self, step: int) -> None:
+    """Reads every item of `step` to the host and checks it against its checksums.
+
+    Raises:
+      CheckpointDamaged: naming the step, item and leaf that is missing,
+        unreadable or corrupted.
+    """
+    meta = self._read_meta(step, verify=True)
+    recorded = meta.get(integrity.CHECKSUMS, {})
+    on_disk = [name for name in ARRAY_ITEMS if os.path.isdir(self._item_dir(step, name))]
+    args = {}
+    for name in sorted(set(on_disk) | set(recorded)):
+      host = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), self._stored_tree(step, name))
+      args[name] = ocp.args.StandardRestore(host)
+    if args:
+      self._check_checksums(step, meta, self._read(step, args))
+
+  def restore_latest_intact(self, log: Callable[[str], None] | None = None,
+                            **targets: PyTree) -> Restored:
+    """`restore(**targets)` of the newest step that verifies whole.
+
+    Newer steps that are damaged are moved to `<directory>/damaged/` (kept,
+    not deleted) and each is reported through `log` (default: a warning) in
+    one line naming the step, item and leaf, and the step restored instead.
+    Every item of a step is verified, also those not asked for.
+
+    Raises:
+      CheckpointError: no checkpoint; a structure mismatch with the targets
+        (not a reason to fall back: an older step holds the same model).
+      CheckpointDamaged: every step is damaged (all moved aside).
+    """
+    log = log or (lambda line: warnings.warn(line, stacklevel=3))
+    self.wait_until_finished()
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"No checkpoint in {self.directory}.")
+    for step in steps:
+      try:
+        self.verify(step)
+        return self.restore(step, **targets)
+      except CheckpointDamaged as e:
+        moved = self._set_aside(step)
+        older = [s for s in steps if s < step]
+        then = (f"trying step {older[0]}" if older else "no older step is left")
+        log(f"{e} Moved it to {moved}; {then}.")
+    raise CheckpointDamaged(
+        f"Every checkpoint in {self.directory} is damaged (steps {steps}, now in "
+        f"{os.path.join(self.directory, DAMAGED_DIR)}); start the run afresh.")
+
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step out of Orbax's sight into `damaged/`; returns where."""
+    target = os.path.join(self.directory, DAMAGED_DIR, str(step))
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.directory, DAMAGED_DIR, f"{step}.{n}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    self._verified.discard(step)
+    self._metric_values.pop(step, None)
+    return target
+
+  def _item_dir(self, step: int, name: str) -> str:
+    return os.path.join(self.directory, str(step), name)
+
+  def _read_meta(self, step: int, verify: bool) -> dict | None:
+    """The step's meta; with `verify`, a missing or damaged one is CheckpointDamaged."""
+    try:
+      meta = self._read(step, {"meta": ocp.args.JsonRestore()}).meta
+      if not isinstance(meta, dict) or not integrity.meta_is_intact(meta):
+        raise CheckpointDamaged(
+            f"Step {step} in {self.directory}: item 'meta' fails its checksum (corrupted).")
+    except CheckpointDamaged as e:
+      if verify:
+        raise
+      warnings.warn(f"{e}; restoring without it.")
+      return None
+    return meta
+
+  def _check_checksums(self, step: int, meta: dict | None, restored: dict) -> None:
+    """Raises CheckpointDamaged at the first restored leaf that differs from its checksum."""
+    recorded = (meta or {}).get(integrity.CHECKSUMS)
+    if recorded is None:
+      return  # saved before checksums: nothing to compare with
+    for name, tree in restored.items():
+      if name not in recorded:
+        raise CheckpointDamaged(
+            f"Step {step} in {self.directory}: item {name!r} is not in the step's checksums "
+            "(damaged meta?).")
+      problem = integrity.first_mismatch(_path_leaves(name, tree), recorded[name])
+      if problem:
+        raise CheckpointDamaged(
+            f"Step {step} in {self.directory}: item {name!r}, {problem}: the data is corrupted.")
+
   def _stored_tree(self, step: int, name: str) -> PyTree:
     """Shapes and dtypes of one stored item, read from its own metadata."""
-    path = os.path.join(self.directory, str(step), name)
+    path = self._item_dir(step, name)
     if not os.path.isdir(path):
-      raise CheckpointError(f"Step {step} in {self.directory} has no item {name!r}.")
+      raise CheckpointDamaged(f"Step {step} in {self.directory} has no item {name!r}.")
     try:
       return ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
     except Exception as e:  # Orbax raises several types for damaged metadata
-      raise CheckpointError(
-          f"Item {name!r} of step {step} in {self.directory} cannot be read (truncated or "
-          f"corrupted?): {type(e).__name__}: {e}") from e
+      raise CheckpointDamaged(
+          f"Step {step} in {self.directory}: item {name!r} cannot be read (truncated or "
+          f"corrupted?): {type(e).__name__}: {_first_line(e)}") from e
 
   def _read(self, step: int, args: dict):
     try:
@@ -325,9 +486,9 @@ class SparseCheckpointManager:
     except CheckpointError:
       raise
     except Exception as e:  # truncated or corrupted files surface as many types
-      raise CheckpointError(
-          f"Item(s) {sorted(args)} of step {step} in {self.directory} cannot be read "
-          f"(truncated or corrupted?): {type(e).__name__}: {e}") from e
+      raise CheckpointDamaged(
+          f"Step {step} in {self.directory}: item(s) {sorted(args)} cannot be read "
+          f"(truncated or corrupted?): {type(e).__name__}: {_first_line(e)}") from e
 
   def _packed_target(self, step: int, meta: dict, masks_like: PyTree) -> dict:
     """The packed uint8 arrays to expect, checked against the target's shapes."""
@@ -369,16 +530,71 @@ class SparseCheckpointManager:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
-    return self._manager.best_step()
+    """The step with the best `best_metric` value (None without one)."""
+    scored = [(self._best_sign * value, step) for step in self.all_steps()
+              if (value := self._metric(step)) is not None]
+    return max(scored)[1] if scored else None
+
+  def _metric(self, step: int) -> float | None:
+    if self._best_metric is None:
+      return None
+    if step not in self._metric_values:
+      meta = self._read_meta(step, verify=False) or {}
+      self._metric_values[step] = meta.get("best_metric")
+    return self._metric_values[step]
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; then, with `max_to_keep`, verifies the
+    steps saved since and deletes the steps they make surplus.
+
+    Raises:
+      CheckpointWriteError: the save in flight failed (naming its step).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # a full disk surfaces here from the writing thread
+      pending, self._pending = self._pending, []
+      raise CheckpointWriteError(
+          f"Writing step {pending[-1] if pending else '?'} to {self.directory} failed: "
+          f"{type(e).__name__}: {_first_line(e)}; the steps saved before it are intact.") from e
+    if self._max_to_keep is None:
+      self._pending = []
+      return
+    for step in self._pending:
+      try:
+        self.verify(step)
+        self._verified.add(step)
+      except CheckpointDamaged as e:
+        warnings.warn(f"{e} (just written: moved to {self._set_aside(step)}).")
+    self._pending = []
+    self._collect_garbage()
+
+  def _collect_garbage(self) -> None:
+    """Deletes steps beyond `max_to_keep`, never one newer than the newest verified step."""
+    if not self._verified:
+      return
+    newest = max(self._verified)
+    candidates = [step for step in self.all_steps() if step <= newest]
+    if self._best_metric is None:
+      keep = set(candidates[-self._max_to_keep:])
+    else:
+      scored = sorted(((self._best_sign * value, step) for step in candidates
+                       if (value := self._metric(step)) is not None), reverse=True)
+      unscored = {step for step in candidates if self._metric(step) is None}
+      keep = {step for _, step in scored[:self._max_to_keep]} | unscored
+    for step in candidates:
+      if step not in keep:
+        self._manager.delete(step)
+        self._metric_values.pop(step, None)
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> "SparseCheckpointManager":
     return self
