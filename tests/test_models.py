@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparsejax
 from experiments import models
 from experiments.models import lenet5
 from experiments.models import resnet
+from experiments.models import resnet50
 from experiments.models import vit
 
 
@@ -61,6 +63,20 @@ def _resnet20_count(c, width=16, classes=10):
   return total + _dense(4 * width, classes)
 
 
+def _resnet50_count(c, width=64, classes=1000):
+  total = _conv(7, c, width, bias=False) + _norm(width)
+  c_in = width
+  for stage, blocks in enumerate([3, 4, 6, 3]):
+    w = width * 2**stage
+    for block in range(blocks):  # bottleneck: 1x1 (w), 3x3 (w), 1x1 (4w)
+      total += (_conv(1, c_in, w, bias=False) + _conv(3, w, w, bias=False)
+                + _conv(1, w, 4 * w, bias=False) + 2 * _norm(w) + _norm(4 * w))
+      if block == 0:  # projection shortcut: 1x1 conv + BatchNorm
+        total += _conv(1, c_in, 4 * w, bias=False) + _norm(4 * w)
+      c_in = 4 * w
+  return total + _dense(c_in, classes)
+
+
 def _vit_count(h, w, c, patch, hidden=64, depth=4, mlp=128, classes=10):
   patches = (h // patch) * (w // patch)
   block = (_norm(hidden) + 4 * _dense(hidden, hidden) + _norm(hidden)
@@ -104,6 +120,7 @@ FORWARD_CASES = [
     pytest.param("mlp", {}, [(1, 28, 28, 1)], id="mlp-28x28x1"),
     pytest.param("lenet5", {}, [(1, 32, 32, 1), (1, 28, 28, 1)], id="lenet5-32x32x1+28x28x1"),
     pytest.param("resnet20", {}, [(1, 8, 8, 3), (1, 32, 32, 3)], id="resnet20-8x8x3+32x32x3"),
+    pytest.param("resnet50", {"width": 8}, [(1, 32, 32, 3)], id="resnet50-width8-32x32x3"),
     pytest.param("vit", {"patch_size": 4}, [(1, 32, 32, 3)], id="vit-32x32x3-patch4"),
     pytest.param("vit", {"patch_size": 2}, [(1, 8, 8, 1)], id="vit-8x8x1-patch2"),
 ]
@@ -257,6 +274,100 @@ def test_resnet20_eval_is_deterministic_per_example_and_uses_running_averages(re
   assert not np.allclose(train_logits, logits)
 
 
+# --- ResNet-50: parameter count, strides, names, zero-initialised BatchNorm ------------
+
+
+@functools.cache
+def _resnet50_224():
+  """Shapes (no compute) of ResNet-50's variables and of its logits and conv outputs at 224x224."""
+  model = models.ResNet50(num_classes=1000)
+  x = jnp.zeros((2, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, _key(0), x)
+  logits, state = jax.eval_shape(functools.partial(
+      model.apply, capture_intermediates=lambda mdl, _: isinstance(mdl, nn.Conv),
+      mutable="intermediates"), variables, x)
+  convs = {path.removesuffix("/__call__/0"): shape
+           for path, shape in _paths(state["intermediates"]).items()}
+  return variables, logits, convs
+
+
+def test_resnet50_has_torchvision_25557032_trainable_params_at_width_64():
+  assert _resnet50_count(3) == 25_557_032
+  variables, _, _ = _resnet50_224()
+  assert sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"])) == 25_557_032
+  # BatchNorm's running mean and variance are state, not parameters: 2 per BN channel.
+  bn_channels = sum(shape[0] for path, shape in _paths(variables["params"]).items()
+                    if path.endswith("/scale"))
+  assert sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["batch_stats"])) == (
+      2 * bn_channels)
+
+
+def test_resnet50_param_count_scales_with_width_and_classes():
+  assert _param_count(models.ResNet50(width=8, num_classes=5), (1, 32, 32, 3)) == (
+      _resnet50_count(3, width=8, classes=5))
+
+
+def test_resnet50_maps_224x224x3_to_batch_by_1000_logits_with_stride_on_the_3x3_conv():
+  _, logits, convs = _resnet50_224()
+  assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+  assert convs["stem_conv"] == (2, 112, 112, 64)  # then the 3x3/2 max pool: 56x56
+  assert convs["stage0_block0/conv1"] == (2, 56, 56, 64)
+  assert convs["stage0_block0/shortcut_conv"] == (2, 56, 56, 256)  # projection, stride 1
+  # v1.5: the first 1x1 keeps the resolution, the 3x3 and the projection halve it.
+  assert convs["stage1_block0/conv1"] == (2, 56, 56, 128)
+  assert convs["stage1_block0/conv2"] == (2, 28, 28, 128)
+  assert convs["stage1_block0/shortcut_conv"] == (2, 28, 28, 512)
+  assert convs["stage2_block5/conv3"] == (2, 14, 14, 1024)
+  assert convs["stage3_block2/conv3"] == (2, 7, 7, 2048)
+  assert len(convs) == 53  # stem, 16 blocks x 3, 4 projections
+
+
+def test_resnet50_every_conv_path_contains_conv_and_is_a_bias_free_conv_for_nm():
+  variables, _, _ = _resnet50_224()
+  shapes = _paths(variables["params"])
+  kernels = {p: s for p, s in shapes.items() if p.endswith("/kernel")}
+  convs = {p: s for p, s in kernels.items() if len(s) == 4}
+  assert len(convs) == 53 and set(kernels) - set(convs) == {"head/kernel"}
+  for path, shape in convs.items():
+    assert "conv" in path.split("/")[-2], path
+    assert sparsejax.layouts.default_axes(path, shape) == (2,), path  # groups along Cin
+  assert sparsejax.layouts.default_axes("head/kernel", kernels["head/kernel"]) == (0,)
+  assert not [p for p in shapes if "conv" in p and not p.endswith("/kernel")]  # no biases
+  assert shapes["stem_conv/kernel"] == (7, 7, 3, 64)
+  assert shapes["stage1_block0/conv2/kernel"] == (3, 3, 128, 128)
+  assert shapes["head/kernel"] == (2048, 1000)
+  bottleneck = ["bn1", "bn2", "bn3", "conv1", "conv2", "conv3"]
+  for i, blocks in enumerate(resnet50.STAGE_SIZES):
+    assert sorted(variables["params"][f"stage{i}_block0"]) == sorted(
+        bottleneck + ["shortcut_bn", "shortcut_conv"])
+    for j in range(1, blocks):  # identity shortcut
+      assert sorted(variables["params"][f"stage{i}_block{j}"]) == bottleneck
+  assert len(variables["params"]) == 3 + sum(resnet50.STAGE_SIZES)
+
+
+def test_resnet50_last_batchnorm_scale_of_each_block_starts_at_zero_others_at_one():
+  _, variables = _init("resnet50", (1, 32, 32, 3), width=8)
+  scales = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+            if path[-1].key == "scale"}
+  last = [p for p in scales if p.endswith("/bn3/scale")]
+  assert len(last) == 16 and len(scales) == 1 + 16 * 3 + 4
+  for path, scale in scales.items():
+    np.testing.assert_array_equal(scale, 0.0 if path in last else 1.0, err_msg=path)
+
+
+def test_resnet50_train_mode_returns_updated_batch_stats_for_every_bn():
+  model, variables = _init("resnet50", (1, 32, 32, 3), width=8)
+  x = _images((4, 32, 32, 3))
+  logits, updates = jax.jit(functools.partial(model.apply, train=True, mutable="batch_stats"))(
+      variables, x)
+  assert logits.shape == (4, 7) and np.all(np.isfinite(logits))
+  chex.assert_trees_all_equal_shapes(variables["batch_stats"], updates["batch_stats"])
+  changed = jax.tree.map(lambda old, new: bool(np.any(old != new)),
+                         variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree.leaves(changed)), changed
+
+
 # --- ViT --------------------------------------------------------------------------
 
 
@@ -330,7 +441,7 @@ def test_vit_dropout_is_random_in_train_mode_and_off_in_eval():
 
 
 def test_create_model_builds_each_registered_class_with_its_fields():
-  assert sorted(models.MODELS) == ["lenet5", "mlp", "resnet20", "vit"]
+  assert sorted(models.MODELS) == ["lenet5", "mlp", "resnet20", "resnet50", "vit"]
   for name, cls in models.MODELS.items():
     model = models.create_model(name, num_classes=3)
     assert type(model) is cls and model.num_classes == 3
@@ -340,11 +451,11 @@ def test_create_model_builds_each_registered_class_with_its_fields():
 
 def test_create_model_unknown_name_raises_listing_known_names():
   with pytest.raises(ValueError, match=re.escape(
-      "unknown model 'resnet50'; known models: lenet5, mlp, resnet20, vit")):
-    models.create_model("resnet50", 10)
+      "unknown model 'resnet18'; known models: lenet5, mlp, resnet20, resnet50, vit")):
+    models.create_model("resnet18", 10)
 
 
-@pytest.mark.parametrize("name,bad", [("vit", "patch"), ("resnet20", "depth"),
+@pytest.mark.parametrize("name,bad", [("vit", "patch"), ("resnet20", "depth"), ("resnet50", "depth"),
                                       ("mlp", "dropout_rate"), ("lenet5", "parent")])
 def test_create_model_unknown_kwarg_raises_naming_model_and_key(name, bad):
   with pytest.raises(ValueError, match=f"unknown argument\\(s\\) for model '{name}': {bad};"):

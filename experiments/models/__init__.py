@@ -18,12 +18,14 @@ import flax.linen as nn
 from experiments.models.lenet5 import LeNet5
 from experiments.models.mlp import MLP
 from experiments.models.resnet import ResNet20
+from experiments.models.resnet50 import ResNet50
 from experiments.models.vit import ViT
 
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "lenet5": LeNet5,
     "resnet20": ResNet20,
+    "resnet50": ResNet50,
     "vit": ViT,
 }
 
@@ -62,6 +64,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "ResNet20",
+    "ResNet50",
     "ViT",
     "create_model",
 ]
