@@ -69,6 +69,32 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
         f"the batch is sharded over; use a multiple of {num_devices}.")
 
 
+def load_data(config: ml_collections.ConfigDict) -> input_pipeline.Data:
+  """The dataset of `config`, opened for streaming (nothing is read but a few examples).
+
+  Raises:
+    ConfigError: input options that do not fit (naming the key).
+    DatasetNotFoundError: the dataset is not available.
+  """
+  cfg = config.input
+  config_checks.choice(cfg.augment, input_pipeline.AUGMENTATIONS, "input.augment")
+  config_checks.at_least(cfg.worker_count, 0, "input.worker_count")
+  config_checks.at_least(cfg.prefetch, 1, "input.prefetch")
+  if len(cfg.mean) != len(cfg.std):
+    raise config_checks.ConfigError(
+        f"config.input.mean={tuple(cfg.mean)!r} and config.input.std={tuple(cfg.std)!r}: give "
+        "both per-channel statistics (or neither, to estimate them).")
+  if any(s <= 0 for s in cfg.std):
+    raise config_checks.ConfigError(f"config.input.std={tuple(cfg.std)!r} must be positive.")
+  try:
+    return input_pipeline.load(
+        config.dataset, config.data_dir or None, image_size=config.image_size,
+        channels=config.channels, train_split=config.train_split, eval_split=config.eval_split,
+        augment=cfg.augment, mean=tuple(cfg.mean), std=tuple(cfg.std), cache_mb=cfg.cache_mb)
+  except ValueError as e:
+    raise config_checks.ConfigError(f"config.input / image_size / channels: {e}") from e
+
+
 def _variables(state_params, batch_stats) -> dict:
   variables = {"params": state_params}
   if batch_stats:
@@ -132,7 +158,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None,
-               data: dict[str, input_pipeline.Split] | None = None):
+               data: input_pipeline.Data | None = None):
     """Checks `config`, loads its data (unless given) and builds the steps.
 
     Raises:
@@ -145,11 +171,9 @@ class Trainer:
     num_devices = self.mesh.devices.size
     check_batch_size(config.batch_size, num_devices)
     if data is None:
-      data = input_pipeline.load(config.dataset, config.data_dir or None,
-                                 image_size=config.image_size, channels=config.channels,
-                                 train_split=config.train_split, eval_split=config.eval_split)
+      data = load_data(config)
     self.data = data
-    num_train = len(data["train"].labels)
+    num_train = len(data.train)
     if config.batch_size > num_train:
       raise config_checks.ConfigError(
           f"config.batch_size={config.batch_size} exceeds the {num_train} training examples.")
@@ -158,11 +182,11 @@ class Trainer:
                       else config.num_epochs * self.steps_per_epoch)
     model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
     try:
-      self.model = models.create_model(config.model.name, data["train"].num_classes, **model_kwargs)
+      self.model = models.create_model(config.model.name, data.num_classes, **model_kwargs)
       # Shapes only, no compute: a model that cannot take this data fails here,
       # before the run claims its workdir.
       shapes = jax.eval_shape(lambda: self.model.init(
-          jax.random.PRNGKey(0), jnp.zeros((1,) + data["train"].images.shape[1:]), train=False))
+          jax.random.PRNGKey(0), jnp.zeros((1,) + data.image_shape), train=False))
     except (TypeError, ValueError) as e:
       raise config_checks.ConfigError(f"config.model: {e}") from e
     self.method = methods.method_name(config)
@@ -196,7 +220,7 @@ class Trainer:
                              out_shardings=self.replicated)
     self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
     self._compiled_step = None  # the AOT-compiled train step, shared by every fit
-    image_shape = data["train"].images.shape[1:]
+    image_shape = data.image_shape
     self._init_variables = jax.jit(  # compiled once, for every initial state
         lambda key: self.model.init(key, jnp.zeros((1,) + image_shape), train=False))
 
@@ -219,20 +243,28 @@ class Trainer:
     return jax.device_put(state, self.replicated)
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
-    """The sharded training batch of `step`."""
-    train = self.data["train"]
-    idx = input_pipeline.batch_indices(len(train.labels), self.config.batch_size,
-                                       self.config.seed, step)
-    return (jax.device_put(train.images[idx], self.sharded),
-            jax.device_put(train.labels[idx], self.sharded))
+    """The sharded training batch of `step` (read directly, not through the iterator)."""
+    batch = input_pipeline.TrainBatch(self.data, self.config.batch_size, self.config.seed)
+    return tuple(jax.device_put(x, self.sharded) for x in batch(step))
+
+  def batches(self, start_step: int) -> input_pipeline.Batches:
+    """The host training batches from `start_step` to the end, read ahead by Grain
+    (which starts now: its workers start while the step compiles)."""
+    cfg = self.config.input
+    return input_pipeline.train_batches(
+        self.data, self.config.batch_size, self.config.seed, start_step, self.num_steps,
+        worker_count=cfg.worker_count, prefetch=cfg.prefetch)
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Mean loss and accuracy over the whole evaluation split."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in input_pipeline.eval_batches(self.data["eval"], self.eval_batch_size):
-      out = self.eval_step(state, *(jax.device_put(b, self.sharded) for b in batch))
-      for name in totals:
-        totals[name] += float(out[name])
+    with input_pipeline.eval_batches(self.data, self.eval_batch_size,
+                                     worker_count=self.config.input.worker_count,
+                                     prefetch=self.config.input.prefetch) as batches:
+      for batch in batches:
+        out = self.eval_step(state, *(jax.device_put(b, self.sharded) for b in batch))
+        for name in totals:
+          totals[name] += float(out[name])
     return {"loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"]}
 
@@ -289,13 +321,14 @@ class Trainer:
     config = self.config
     num_steps, per_epoch = self.num_steps, self.steps_per_epoch
     prefix = f"[{label}] " if label else ""
-    train, held_out = self.data["train"], self.data["eval"]
-    log(f"{prefix}{config.model.name} on {config.dataset}: {len(train.labels)} train / "
-        f"{len(held_out.labels)} {config.eval_split} images of shape {train.images.shape[1:]}, "
+    log(f"{prefix}{config.model.name} on {config.dataset}: {len(self.data.train)} train / "
+        f"{len(self.data.eval)} {config.eval_split} images of shape {self.data.image_shape}"
+        f"{'' if self.data.augment == 'none' else ' (' + self.data.augment + ' augmentation)'}, "
         f"{num_steps} steps ({per_epoch} per epoch), method {self.method}, "
         f"{self.mesh.devices.size} device(s)")
     manager = SparseCheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints or None)
+    batches = None
     try:
       if resume and manager.latest_step() is not None:
         state = self.restore(manager, log=lambda line: log(f"{prefix}{line}"))
@@ -306,6 +339,7 @@ class Trainer:
                  jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), start),
                                 self.replicated))
       resume_step = int(state.step) if resume else None  # metrics after it are dropped
+      batches = self.batches(int(state.step))
       compile_start = time.perf_counter()
       step_fn = self.compiled_step(state)
       compile_s = time.perf_counter() - compile_start  # ~0 when an earlier fit compiled it
@@ -326,7 +360,8 @@ class Trainer:
             train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
         for step in range(int(state.step), num_steps):
           tick = time.perf_counter()
-          state, step_metrics = step_fn(state, *self.batch(step))
+          state, step_metrics = step_fn(
+              state, *(jax.device_put(x, self.sharded) for x in next(batches)))
           window.append(step_metrics)
           done = step + 1
           if done in callbacks:
@@ -356,6 +391,8 @@ class Trainer:
             writer.flush()  # metrics up to this step are on disk before its checkpoint
             self.save(manager, state, level)
     finally:
+      if batches is not None:
+        batches.close()  # stops Grain's workers
       manager.close()  # waits for the last save, also when training fails
     summary = {
         "config": json.loads(config.to_json()),

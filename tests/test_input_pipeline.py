@@ -50,19 +50,19 @@ def test_load_standardises_both_splits_with_train_statistics(digits_dir):
   raw_test, test_labels = _raw_split(digits_dir, "test")
   mean, std = raw_train.mean(), raw_train.std()
   expected = (raw_test.astype(np.float64) / 255 - mean) / (std + 1e-6)
-  # Compare as multisets: the pipeline keeps the data source's order.
-  np.testing.assert_allclose(np.sort(data["eval"].images.ravel()), np.sort(expected.ravel()),
-                             rtol=1e-5, atol=1e-5)
-  assert np.bincount(data["eval"].labels, minlength=10).tolist() == \
-      np.bincount(test_labels, minlength=10).tolist()
-  assert abs(data["train"].images.mean()) < 1e-5 and abs(data["train"].images.std() - 1) < 1e-4
-  assert data["train"].num_classes == 10 and data["train"].labels.dtype == np.int32
+  eval_images, eval_labels = input_pipeline.read_split(data, "eval")
+  np.testing.assert_allclose(eval_images, expected, rtol=1e-5, atol=1e-5)  # source order
+  np.testing.assert_array_equal(eval_labels, test_labels)
+  train_images, train_labels = input_pipeline.read_split(data, "train")
+  assert abs(train_images.mean()) < 1e-5 and abs(train_images.std() - 1) < 1e-4
+  assert data.num_classes == 10 and train_labels.dtype == np.int32
 
 
 def test_load_resizes_and_repeats_channels_for_conv_models(digits_dir):
   data = input_pipeline.load("sklearn_digits", digits_dir, image_size=32, channels=3)
-  assert data["train"].images.shape == (1437, 32, 32, 3)
-  np.testing.assert_array_equal(data["train"].images[..., 0], data["train"].images[..., 2])
+  images, _ = input_pipeline.TrainBatch(data, 16, seed=0)(0)
+  assert data.image_shape == (32, 32, 3) and images.shape == (16, 32, 32, 3)
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])
 
 
 def test_cannot_reduce_colour_channels():
@@ -73,10 +73,10 @@ def test_cannot_reduce_colour_channels():
 def test_named_tfds_dataset_loads_through_mocked_data_source(tmp_path):
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     data = input_pipeline.load("mnist", str(tmp_path))
-  assert data["train"].images.shape == (24, 28, 28, 1)
-  assert data["eval"].images.dtype == np.float32
-  assert data["train"].num_classes == 10
-  assert data["train"].labels.min() >= 0 and data["train"].labels.max() < 10
+    images, labels = input_pipeline.read_split(data, "train")
+  assert images.shape == (24, 28, 28, 1) and images.dtype == np.float32
+  assert data.num_classes == 10 and len(data.eval) == 24
+  assert labels.min() >= 0 and labels.max() < 10
 
 
 def test_absent_dataset_error_says_how_to_provide_it(tmp_path):
@@ -107,17 +107,6 @@ def test_batches_of_an_epoch_are_disjoint_and_epochs_reshuffle():
 def test_batch_larger_than_dataset_is_an_error():
   with pytest.raises(ValueError, match="batch_size 64 exceeds the 50 training examples"):
     input_pipeline.steps_per_epoch(50, 64)
-
-
-def test_eval_batches_cover_split_once_with_zero_weight_padding():
-  split = input_pipeline.Split(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1),
-                               np.arange(10, dtype=np.int32), 10)
-  batches = list(input_pipeline.eval_batches(split, 4))
-  assert [b[0].shape[0] for b in batches] == [4, 4, 4]
-  weights = np.concatenate([b[2] for b in batches])
-  labels = np.concatenate([b[1] for b in batches])
-  assert weights.tolist() == [1] * 10 + [0, 0]
-  assert labels[:10].tolist() == list(range(10))
 
 
 def _png(image):
@@ -156,11 +145,12 @@ def test_png_encoded_tfds_dataset_decodes_without_tensorflow(tmp_path, monkeypat
     patch.setattr(tfds.features.Image, "encode_example", lambda self, x: _png(x))
     Mnist(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   source = input_pipeline.data_source("mnist", "test", str(tmp_path))
-  images, labels = input_pipeline._decode(source)
+  pairs = [input_pipeline._decode_example(source[i]) for i in range(len(source))]
+  images, labels = np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
   expected = png_test_images(1, 12)
   np.testing.assert_array_equal(_rows(images, labels), _rows(expected, np.arange(12) % 10))
   data = input_pipeline.load("mnist", str(tmp_path))
-  assert data["train"].images.shape == (30, 28, 28, 1) and data["train"].num_classes == 10
+  assert len(data.train) == 30 and data.image_shape == (28, 28, 1) and data.num_classes == 10
 
 
 def test_missing_split_is_named_with_the_splits_there_are(tmp_path, monkeypatch):

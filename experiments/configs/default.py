@@ -21,6 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.channels = 0       # repeat grayscale to this many channels; 0 keeps them
   config.train_split = "train"
   config.eval_split = "test"  # evaluated every epoch and at the end
+  config.input = ml_collections.ConfigDict()
+  config.input.augment = "none"  # none | cifar (pad 4, crop, flip) | imagenet (random resized crop, flip)
+  config.input.worker_count = 0  # Grain worker processes decoding and augmenting (0: threads here)
+  config.input.prefetch = 2      # batches read ahead (per worker)
+  config.input.cache_mb = 64.0   # a split whose decoded examples fit keeps them after the first read
+  config.input.mean = ()         # per-channel mean in [0, 1] units; () estimates it on the train split
+  config.input.std = ()
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "mlp"           # mlp | lenet5 | resnet20 | vit
