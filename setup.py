@@ -17,6 +17,7 @@ setuptools.setup(
         "orbax-checkpoint",
         "tensorflow-datasets",
         "array-record",  # TFDS random-access files: datasets load without TensorFlow
+        "grain",  # the input pipeline: batches read, decoded and augmented by workers
         "importlib-resources",  # TFDS needs it to prepare a locally defined dataset
         "chex",
         "absl-py",
