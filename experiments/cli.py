@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 
 from sparsejax.checkpoint import CheckpointError
 from experiments import config_checks
+from experiments import distributed
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import workdir as workdir_lib
@@ -32,6 +33,13 @@ CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. experiments/configs/default.py.", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics, checkpoints "
                               "and results.")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: 'host:port' of process 0 (with "
+    "--num_processes and --process_id; without them JAX reads SLURM / TPU pod / Open MPI "
+    "environments itself).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's rank.")
+CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "On CPU: devices per process.")
 OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a run of this binary already in --workdir: every file such a "
     "run writes is removed first (nothing else). A workdir holding another binary's run (a "
@@ -126,20 +134,30 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the progress
     quiet_background_failures()
     tfds.disable_progress_bar()
-    print(f"JAX {jax.__version__} on {jax.local_device_count()} {jax.default_backend()} "
-          f"device(s); workdir {WORKDIR.value}")
+    try:  # before any JAX computation
+      distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                             CPU_DEVICES.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    processes = (f" in process {jax.process_index()} of {jax.process_count()}"
+                 if jax.process_count() > 1 else "")
+    print(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} "
+          f"device(s){processes}; workdir {WORKDIR.value}")
     try:
       # One process per workdir: a run already there is locked now (a second
       # copy of the command, started at any time, is refused in one line); a
       # new one when it is claimed. The OS releases the lock on any exit.
       workdir_lib.check_usable(WORKDIR.value)
-      workdir_lib.hold_workdirs()
-      if os.path.exists(os.path.join(WORKDIR.value, workdir_lib.CONFIG_FILE)):
-        workdir_lib.lock(WORKDIR.value)
+      if distributed.is_primary():  # the process that writes the run's files holds the lock
+        workdir_lib.hold_workdirs()
+        if os.path.exists(os.path.join(WORKDIR.value, workdir_lib.CONFIG_FILE)):
+          workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
     except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
-            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError, OSError) as e:
+            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError,
+            distributed.SingleProcessOnly, OSError) as e:
       sys.exit(f"error: {e}")
-    report(result, CONFIG.value, WORKDIR.value)
+    if distributed.is_primary():
+      report(result, CONFIG.value, WORKDIR.value)
 
   return main

@@ -42,6 +42,7 @@ from sparsejax import lottery
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import cli
 from experiments import config_checks
+from experiments import distributed
 from experiments import lottery_report
 from experiments import trainer as trainer_lib
 from experiments import workdir as workdir_lib
@@ -244,6 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 
   Config, data and workdir are checked before anything is written.
   """
+  distributed.require_one_process("experiments.lottery")
   if "pruning" in config or "lottery" not in config:
     raise config_checks.ConfigError(
         "a lottery config has a `lottery` section and no `pruning` section; start from "

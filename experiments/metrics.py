@@ -43,6 +43,7 @@ class MetricWriter:
         metrics.garbled.txt, with their line numbers, and reported via `log`.
     """
     os.makedirs(workdir, exist_ok=True)
+    self._workdir = workdir
     path = os.path.join(workdir, METRICS_FILE)
     if resume_step is None:
       try:
@@ -64,6 +65,10 @@ class MetricWriter:
       self._jsonl = open(path, "a", encoding="utf-8")
     # TensorBoard shows the newest value when a resumed run writes a step again.
     self._events = event_file_writer.EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+  def history(self) -> list[dict]:
+    """The records written so far (a resumed run's, up to its step)."""
+    return read_metrics(self._workdir)
 
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     """Records `scalars` of `split` ('train', 'test', ...) at `step`."""
@@ -87,6 +92,29 @@ class MetricWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class NullWriter:
+  """A MetricWriter that writes nothing: for the processes of a multi-process
+  run other than the primary one."""
+
+  def history(self) -> list[dict]:
+    return []
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    del step, split, scalars
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self) -> "NullWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    pass
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:

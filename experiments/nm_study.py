@@ -27,6 +27,7 @@ import numpy as np
 import sparsejax
 from experiments import cli
 from experiments import config_checks
+from experiments import distributed
 from experiments import plots
 from experiments import train
 from experiments import trainer
@@ -163,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   Every run's config, model and data are checked before the workdir is
   claimed, so a pattern that cannot work fails now, not hours in.
   """
+  distributed.require_one_process("experiments.nm_study")
   planned = runs(config)
   data = None
   for name, run_config in planned:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import os
 
 from absl import app
+import jax
 import ml_collections
 
 import sparsejax
 from sparsejax.checkpoint import export_sparse
 from experiments import cli
 from experiments import config_checks
+from experiments import distributed
 from experiments import methods
 from experiments import plots
 from experiments import trainer
@@ -79,8 +81,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     dense_config.pruning.method = "dense"
     dense_config.dense_baseline = False
     dense = trainer.Trainer(dense_config, devices, data=pruned.data)
-  if status is workdir_lib.Status.NEW:
+  if status is workdir_lib.Status.NEW and distributed.is_primary():
     workdir_lib.start(workdir, config, overwrite)
+  distributed.barrier("workdir claimed")
   baseline = None
   if dense is not None:
     baseline = _fit_or_load(dense, os.path.join(workdir, BASELINE_DIR), "dense")
@@ -91,8 +94,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     summary["nm"] = export_nm(result.state, config.pruning.nm, workdir)
   if baseline is not None:
     summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
-  plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
-  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # written last: marks the run done
+  if distributed.is_primary():
+    plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
+    workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # last: marks the run done
+  distributed.barrier("run finished")
   return summary
 
 
@@ -112,8 +117,12 @@ def export_nm(state: trainer.TrainState, nm: ml_collections.ConfigDict, workdir:
   over = {path: k for path, k in worst.items() if k > nm.n}
   if over:
     raise RuntimeError(f"final weights are not {nm.n}:{nm.m}: most nonzeros per group {over}")
-  stats = export_sparse(state.params, masks, os.path.join(workdir, NM_EXPORT),
-                        nm=(nm.n, nm.m, axes))
+  path = os.path.join(workdir, NM_EXPORT)
+  if not distributed.is_primary():  # written by the primary process only
+    path = os.path.join(workdir, f".{NM_EXPORT}.process_{jax.process_index()}")
+  stats = export_sparse(state.params, masks, path, nm=(nm.n, nm.m, axes))
+  if not distributed.is_primary():
+    os.remove(path)
   return {"pattern": f"{nm.n}:{nm.m}", "max_nonzeros_per_group": worst, "export": NM_EXPORT,
           "export_bytes": stats.file_bytes, "export_ratio": stats.ratio}
 
@@ -123,11 +132,14 @@ def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str) -> dict
   status = workdir_lib.check(workdir, run_trainer.config)
   if status is workdir_lib.Status.FINISHED:
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
-  if status is workdir_lib.Status.NEW:
+  if status is workdir_lib.Status.NEW and distributed.is_primary():
     workdir_lib.start(workdir, run_trainer.config)
+  distributed.barrier(f"{workdir} claimed")
   summary = run_trainer.fit(workdir, label=label,
                             resume=status is workdir_lib.Status.RESUME).summary
-  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)
+  if distributed.is_primary():
+    workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)
+  distributed.barrier(f"{workdir} finished")
   return summary
 
 

@@ -23,6 +23,7 @@ import optax
 import sparsejax
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import config_checks
+from experiments import distributed
 from experiments import input_pipeline
 from experiments import methods
 from experiments import metrics as metrics_lib
@@ -57,8 +58,9 @@ class Run(NamedTuple):
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis 'data' over `devices` (default: all local devices)."""
-  devices = list(jax.local_devices() if devices is None else devices)
+  """A 1-D mesh with axis 'data' over `devices` (default: every device of every
+  process, in process order, so each process holds a contiguous slice of a batch)."""
+  devices = list(jax.devices() if devices is None else devices)
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
@@ -222,7 +224,10 @@ class Trainer:
     self._compiled_step = None  # the AOT-compiled train step, shared by every fit
     image_shape = data.image_shape
     self._init_variables = jax.jit(  # compiled once, for every initial state
-        lambda key: self.model.init(key, jnp.zeros((1,) + image_shape), train=False))
+        lambda key: self.model.init(key, jnp.zeros((1,) + image_shape), train=False),
+        out_shardings=self.replicated)
+    self._init_opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)
+    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
 
   def compiled_step(self, state: TrainState) -> Callable:
     """`train_step` compiled once for this trainer's shapes (compiling excluded from steps/s)."""
@@ -239,13 +244,18 @@ class Trainer:
     params = variables["params"]
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}),
-                       opt_state=self.tx.init(params), rng=dropout_key)
-    return jax.device_put(state, self.replicated)
+                       opt_state=self._init_opt_state(params), rng=dropout_key)
+    return self._copy(state)  # scalars and key too: every leaf a global, replicated array
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The sharded training batch of `step` (read directly, not through the iterator)."""
-    batch = input_pipeline.TrainBatch(self.data, self.config.batch_size, self.config.seed)
-    return tuple(jax.device_put(x, self.sharded) for x in batch(step))
+    batch = input_pipeline.TrainBatch(self.data, self.config.batch_size, self.config.seed,
+                                      jax.process_index(), jax.process_count())
+    return self.global_batch(batch(step))
+
+  def global_batch(self, local: tuple[np.ndarray, ...]) -> tuple[jax.Array, ...]:
+    """One global batch, sharded over the mesh, from this process's slice of it."""
+    return tuple(jax.make_array_from_process_local_data(self.sharded, x) for x in local)
 
   def batches(self, start_step: int) -> input_pipeline.Batches:
     """The host training batches from `start_step` to the end, read ahead by Grain
@@ -253,16 +263,19 @@ class Trainer:
     cfg = self.config.input
     return input_pipeline.train_batches(
         self.data, self.config.batch_size, self.config.seed, start_step, self.num_steps,
-        worker_count=cfg.worker_count, prefetch=cfg.prefetch)
+        worker_count=cfg.worker_count, prefetch=cfg.prefetch,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Mean loss and accuracy over the whole evaluation split."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     with input_pipeline.eval_batches(self.data, self.eval_batch_size,
                                      worker_count=self.config.input.worker_count,
-                                     prefetch=self.config.input.prefetch) as batches:
+                                     prefetch=self.config.input.prefetch,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()) as batches:
       for batch in batches:
-        out = self.eval_step(state, *(jax.device_put(b, self.sharded) for b in batch))
+        out = self.eval_step(state, *self.global_batch(batch))
         for name in totals:
           totals[name] += float(out[name])
     return {"loss": totals["loss"] / totals["count"],
@@ -290,10 +303,10 @@ class Trainer:
     restored = (manager.restore(**targets) if log is None
                 else manager.restore_latest_intact(log=log, **targets))
     extras = restored.train_state
-    state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
+    state = TrainState(step=np.int32(restored.step), params=restored.params,
                        batch_stats=extras.get("batch_stats", {}), opt_state=restored.opt_state,
                        rng=extras["rng"])
-    return jax.device_put(state, self.replicated)
+    return self._copy(state)
 
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
           resume: bool = False, start: TrainState | None = None,
@@ -335,9 +348,7 @@ class Trainer:
         log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
       else:
         # A copy: the step donates its input buffers, and `start` stays the caller's.
-        state = (self.initial_state() if start is None else
-                 jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), start),
-                                self.replicated))
+        state = self.initial_state() if start is None else self._copy(start)
       resume_step = int(state.step) if resume else None  # metrics after it are dropped
       batches = self.batches(int(state.step))
       compile_start = time.perf_counter()
@@ -349,9 +360,12 @@ class Trainer:
       window, window_time = [], 0.0  # steps since the last progress line, their time
       test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
       train_means = {}
-      with metrics_lib.MetricWriter(workdir, resume_step,
-                                    log=lambda line: log(f"{prefix}{line}")) as writer:
-        for record in metrics_lib.read_metrics(workdir):  # a resumed run's history
+      # Only the primary process writes metrics (every process computes them).
+      writer = (metrics_lib.MetricWriter(workdir, resume_step,
+                                         log=lambda line: log(f"{prefix}{line}"))
+                if distributed.is_primary() else metrics_lib.NullWriter())
+      with writer:
+        for record in writer.history():  # a resumed run's
           if record["split"] == "test":
             test = {"loss": record["loss"], "accuracy": record["accuracy"]}
             if record["step"] >= self.best_from:
@@ -360,8 +374,7 @@ class Trainer:
             train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
         for step in range(int(state.step), num_steps):
           tick = time.perf_counter()
-          state, step_metrics = step_fn(
-              state, *(jax.device_put(x, self.sharded) for x in next(batches)))
+          state, step_metrics = step_fn(state, *self.global_batch(next(batches)))
           window.append(step_metrics)
           done = step + 1
           if done in callbacks:

@@ -109,6 +109,13 @@ def _pack(masks: PyTree) -> dict[str, np.ndarray]:
   return {leaf.path: leaf.value for leaf in trees.named_leaves(masks_lib.pack_masks(masks))}
 
 
+def _barrier(name: str) -> None:
+  """Waits for every process of a multi-process run (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def _first_line(error: BaseException) -> str:
   """An exception's message up to its first line break (Orbax appends tracebacks)."""
   return str(error).strip().split("\n", 1)[0]
@@ -429,8 +436,11 @@ class SparseCheckpointManager:
     while os.path.exists(target):
       n += 1
       target = os.path.join(self.directory, DAMAGED_DIR, f"{step}.{n}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    _barrier(f"set aside {step}")  # every process has read the step before it moves
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    _barrier(f"set aside {step} done")
     self._manager.reload()
     self._verified.discard(step)
     self._metric_values.pop(step, None)
