@@ -141,7 +141,11 @@ class Split:
 
   def examples(self, indices) -> tuple[list[np.ndarray], np.ndarray]:
     """The uint8 images (a list: sizes may differ) and int32 labels of `indices`."""
-    pairs = [self.example(int(i)) for i in indices]
+    indices = [int(i) for i in indices]
+    if self._cache is None:  # one batched read of the files
+      pairs = [_decode_example(e) for e in self._source.__getitems__(indices)] if indices else []
+    else:
+      pairs = [self.example(i) for i in indices]
     return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], np.int32)
 
 
@@ -197,9 +201,10 @@ def cifar_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Zero-pad 4 pixels, take a random crop of the original size, flip half the time
   (the CIFAR recipe of He et al. 2016)."""
   h, w = image.shape[:2]
-  padded = np.pad(image, ((CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)))
-  top, left = rng.integers(0, 2 * CIFAR_PAD + 1, size=2)
-  out = padded[top:top + h, left:left + w]
+  top, left = rng.integers(0, 2 * CIFAR_PAD + 1, size=2) - CIFAR_PAD  # offsets in the image
+  out = np.zeros_like(image)  # the padding's zeros where the crop leaves the image
+  ys, xs = slice(max(top, 0), min(top + h, h)), slice(max(left, 0), min(left + w, w))
+  out[ys.start - top:ys.stop - top, xs.start - left:xs.stop - left] = image[ys, xs]
   return out[:, ::-1] if rng.random() < 0.5 else out
 
 
