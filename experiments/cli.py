@@ -89,7 +89,10 @@ class _QuietBackgroundFailures(std_logging.Filter):
     if record.levelno < std_logging.ERROR:
       return True
     orbax = f"{os.sep}orbax{os.sep}"
-    return orbax not in record.pathname and orbax not in record.getMessage()
+    message = record.getMessage()
+    if record.name == "asyncio" and "exception was never retrieved" in message:
+      return False  # a writer task's failure, already raised to the binary
+    return orbax not in record.pathname and orbax not in message
 
 
 def _one_line_thread_failure(args: threading.ExceptHookArgs) -> None:

@@ -557,8 +557,9 @@ class SparseCheckpointManager:
     return self._metric_values[step]
 
   def wait_until_finished(self) -> None:
-    """Waits for the save in flight; then, with `max_to_keep`, verifies the
-    steps saved since and deletes the steps they make surplus.
+    """Waits for the save in flight; then, with `max_to_keep` and more steps
+    than that on disk, verifies the steps saved since (reading them back) and
+    deletes the steps they make surplus.
 
     Raises:
       CheckpointWriteError: the save in flight failed (naming its step).
@@ -573,6 +574,8 @@ class SparseCheckpointManager:
     if self._max_to_keep is None:
       self._pending = []
       return
+    if len(self.all_steps()) <= self._max_to_keep:
+      return  # nothing to delete yet: the new steps are verified when something is
     for step in self._pending:
       try:
         self.verify(step)
