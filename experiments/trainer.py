@@ -269,8 +269,9 @@ class Trainer:
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Mean loss and accuracy over the whole evaluation split."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    # Read-ahead threads, not worker processes: workers would be spawned anew
+    # (each importing JAX) at every evaluation.
     with input_pipeline.eval_batches(self.data, self.eval_batch_size,
-                                     worker_count=self.config.input.worker_count,
                                      prefetch=self.config.input.prefetch,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()) as batches:

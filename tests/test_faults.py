@@ -361,3 +361,20 @@ def test_cli_on_a_full_disk_ends_in_one_line_and_keeps_its_earlier_steps(digits_
         manager.verify(step)
   finally:
     subprocess.run(["umount", mount], check=False)
+
+
+def test_a_pending_step_set_aside_before_it_is_verified_is_forgotten(two_steps, tmp_path):
+  _, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  manager = SparseCheckpointManager(directory, max_to_keep=2, async_save=False)
+  _save(manager, 1, states[1])
+  _save(manager, 2, states[2])  # two steps, nothing to delete: neither verified yet
+  _flip_data_of(directory, 2, "params")
+  with pytest.warns(UserWarning, match="Step 2 in"):
+    restored = manager.restore_latest_intact(**_targets(states[1]))  # sets step 2 aside
+  _assert_restored(restored, states[1])
+  _save(manager, 3, states[2])
+  _save(manager, 4, states[2])
+  manager.close()  # verifies 1, 3 and 4 (step 2 is gone), then deletes step 1
+  with SparseCheckpointManager(directory) as reopened:
+    assert reopened.all_steps() == [3, 4]

@@ -574,7 +574,10 @@ class SparseCheckpointManager:
     if self._max_to_keep is None:
       self._pending = []
       return
-    if len(self.all_steps()) <= self._max_to_keep:
+    steps = self.all_steps()
+    # Steps replaced or set aside since they were saved are no longer pending.
+    self._pending = [step for step in dict.fromkeys(self._pending) if step in steps]
+    if len(steps) <= self._max_to_keep:
       return  # nothing to delete yet: the new steps are verified when something is
     for step in self._pending:
       try:
