@@ -13,6 +13,9 @@ apply_updates) with params and opt_state donated:
   masked forward : as `between`, with the forward pass on
              `sparsejax.masked_params(params, opt_state)`, the README's step
              (safe against transforms chained after the wrapper)
+  ... packed : gmp and masked forward with `packed_masks=True` (masks at 1
+             bit per weight in the optimizer state), reported against their
+             bool-mask twins (target <= 1.10), with the state's mask bytes
 
 Blocks of the variants are interleaved per round (order rotated); reported:
 median and min ms/step, and the median of the per-round ratios to dense.
@@ -116,16 +119,24 @@ def main():
         f"{' -> '.join(map(str, args.hidden))} -> 10: {n_params:,} params "
         f"({n_prunable:,} prunable); batch {args.batch}; adam(1e-3)")
 
-  gmp = sparsejax.GradualMagnitudePruning(sparsejax.PolynomialSchedule(
-      0.0, 0.9, begin_step=0, end_step=10**6, update_frequency=10))
+  schedule = sparsejax.PolynomialSchedule(0.0, 0.9, begin_step=0, end_step=10**6,
+                                          update_frequency=10)
+  gmp = sparsejax.GradualMagnitudePruning(schedule)
   oneshot = sparsejax.GradualMagnitudePruning(sparsejax.OneShotSchedule(0.9, step=0))
+  gmp_packed = sparsejax.GradualMagnitudePruning(schedule, packed_masks=True)
+  oneshot_packed = sparsejax.GradualMagnitudePruning(sparsejax.OneShotSchedule(0.9, step=0),
+                                                     packed_masks=True)
   runners = [
       Runner("dense", model, optax.adam(1e-3), params),
       Runner("gmp (update every 10)", model, gmp.wrap(optax.adam(1e-3)), params),
       Runner("between updates", model, oneshot.wrap(optax.adam(1e-3)), params),
       Runner("masked forward", model, oneshot.wrap(optax.adam(1e-3)), params,
              masked_forward=True),
+      Runner("gmp packed", model, gmp_packed.wrap(optax.adam(1e-3)), params),
+      Runner("masked forward packed", model, oneshot_packed.wrap(optax.adam(1e-3)), params,
+             masked_forward=True),
   ]
+  twins = {"gmp packed": "gmp (update every 10)", "masked forward packed": "masked forward"}
   if args.diagnose:
     every = sparsejax.GradualMagnitudePruning(sparsejax.PolynomialSchedule(
         0.0, 0.9, begin_step=0, end_step=10**6, update_frequency=1))
@@ -194,6 +205,17 @@ def main():
   print(f"between-updates step / dense step = {ratio['between updates']:.2f} (target <= 1.05)")
   print(f"gmp step / dense step = {ratio['gmp (update every 10)']:.2f} (target <= 1.10)")
   print(f"masked-forward step / dense step = {ratio['masked forward']:.2f} (target <= 1.05)")
+  mask_bytes = lambda r: sum(
+      m.nbytes for m in jax.tree.leaves(sparsejax.find_pruning_state(r.opt_state).masks))
+  by_name = {r.name: r for r in runners}
+  bf16_bytes = n_params * 2
+  for packed, bool_twin in twins.items():
+    paired = statistics.median(a / b for a, b in zip(times[packed], times[bool_twin]))
+    print(f"{packed} step / {bool_twin} step = {paired:.2f} (target <= 1.10)")
+  print(f"masks in the optimizer state: bool {mask_bytes(by_name['masked forward']):,} bytes "
+        f"({mask_bytes(by_name['masked forward']) / bf16_bytes:.1%} of the params in bf16), "
+        f"packed {mask_bytes(by_name['masked forward packed']):,} bytes "
+        f"({mask_bytes(by_name['masked forward packed']) / bf16_bytes:.1%})")
 
 
 if __name__ == "__main__":

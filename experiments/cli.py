@@ -157,8 +157,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
           workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
     except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
-            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError,
-            distributed.SingleProcessOnly, OSError) as e:
+            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError, OSError) as e:
       sys.exit(f"error: {e}")
     if distributed.is_primary():
       report(result, CONFIG.value, WORKDIR.value)

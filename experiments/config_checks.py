@@ -40,6 +40,8 @@ def check_training_fields(config: ml_collections.ConfigDict) -> None:
         f"config.checkpoint_every={config.checkpoint_every} must be a multiple of "
         f"config.log_every={config.log_every}: a checkpoint then falls where a progress window "
         "ends, so a resumed run logs the same metrics as an uninterrupted one.")
+  at_least(config.mesh.fsdp, 1, "mesh.fsdp")
+  at_least(config.mesh.fsdp_min_size, 0, "mesh.fsdp_min_size")
   at_least(config.image_size, 0, "image_size")
   at_least(config.channels, 0, "channels")
   if config.num_train_steps <= 0:

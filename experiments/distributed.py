@@ -71,16 +71,3 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
-
-
-class SingleProcessOnly(ValueError):
-  """A binary that is not multi-process yet was started in several processes."""
-
-
-def require_one_process(binary: str) -> None:
-  """Raises SingleProcessOnly, naming `binary`, in a multi-process run."""
-  if jax.process_count() > 1:
-    raise SingleProcessOnly(
-        f"{binary} runs in one process only for now (its per-level and per-run files are "
-        "not yet written by one process); run it without --num_processes, or use "
-        "experiments.train.")

@@ -119,6 +119,7 @@ class Replicate:
     return SparseCheckpointManager(os.path.join(self.directory, REWIND_DIR), max_to_keep=1)
 
   def _save_rewind(self, state: trainer_lib.TrainState) -> None:
+    distributed.barrier(f"{self.directory} rewind")  # every process sees the same steps
     with self._rewind_manager() as manager:
       if manager.latest_step() is None:  # a resumed level 0 may pass step k again
         manager.save(int(state.step), rewind=_rewind_tree(state),
@@ -133,7 +134,7 @@ class Replicate:
       like = _rewind_tree(self.trainer.initial_state())
       tree = manager.restore(rewind_like=like).rewind
     return jax.device_put(trainer_lib.TrainState(**{**{"batch_stats": {}}, **tree}),
-                          self.trainer.replicated)
+                          self.trainer.state_sharding)
 
   def _fit_or_load(self, level: int, branch: str,
                    make_start: Callable[[], trainer_lib.TrainState | None],
@@ -146,6 +147,8 @@ class Replicate:
     directory = os.path.join(self.directory, f"level_{level:02d}", branch)
     label = f"seed {self.seed} level {level} {branch}"
     final = os.path.join(directory, workdir_lib.FINAL_FILE)
+    # Every process decides from the same files (process 0 writes them).
+    distributed.barrier(f"{directory} checked")
     if os.path.exists(final):
       state = None
       if branch == "ticket":
@@ -157,9 +160,11 @@ class Replicate:
       return workdir_lib.load_json(directory, workdir_lib.FINAL_FILE), state
     os.makedirs(directory, exist_ok=True)
     resume = os.path.exists(os.path.join(directory, "metrics.jsonl"))
+    distributed.barrier(f"{directory} resume decided")  # before process 0 writes metrics
     run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
                            start=make_start(), callbacks=callbacks, level=level)
-    workdir_lib.save_json(directory, workdir_lib.FINAL_FILE, run.summary)
+    if distributed.is_primary():
+      workdir_lib.save_json(directory, workdir_lib.FINAL_FILE, run.summary)
     density = 1.0 - run.summary["sparsity"]
     self.log(f"[{label}] {100 * density:.2f}% of weights remain | test accuracy "
              f"{run.summary['test']['accuracy']:.4f} (best {run.summary['best_test_accuracy']:.4f})")
@@ -169,7 +174,8 @@ class Replicate:
              rewind_optimizer: bool, batch_stats=None) -> trainer_lib.TrainState:
     """The state a pruned level trains from: step k, `params`, masks in the optimizer."""
     opt_state = point.opt_state if rewind_optimizer else self.trainer.tx.init(params)
-    return point._replace(params=params, opt_state=sparsejax.with_masks(opt_state, masks),
+    return point._replace(params=params,
+                          opt_state=sparsejax.with_masks(opt_state, masks, params),
                           batch_stats=point.batch_stats if batch_stats is None else batch_stats)
 
   def run(self) -> list[dict]:
@@ -245,7 +251,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 
   Config, data and workdir are checked before anything is written.
   """
-  distributed.require_one_process("experiments.lottery")
   if "pruning" in config or "lottery" not in config:
     raise config_checks.ConfigError(
         "a lottery config has a `lottery` section and no `pruning` section; start from "
@@ -262,8 +267,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         f"config.lottery.include={config.lottery.include!r} and exclude="
         f"{config.lottery.exclude!r} leave no kernel to prune.")
   _check_layer_fractions(config, masks)
-  if status is workdir_lib.Status.NEW:
+  if status is workdir_lib.Status.NEW and distributed.is_primary():
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
+  distributed.barrier("workdir claimed")
   cfg = config.lottery
   own = f", layer_fractions {layer_fractions(config)}" if layer_fractions(config) else ""
   log(f"lottery: {cfg.levels} levels of {cfg.prune_fraction:.0%} ({cfg.allocation}{own}), the "
@@ -280,11 +286,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     directory = os.path.join(workdir, REPLICATES_DIR, f"seed_{config.seed + r}")
     rows += Replicate(trainer, r, directory, k, log).run()
   table = lottery_report.aggregate(rows)
-  lottery_report.write_csv(workdir, rows)
-  lottery_report.plot(workdir, table)
   result = {"config": workdir_lib.config_dict(config), "rewind_step": k, "rows": rows,
             "table": table, "wall_time_s": time.perf_counter() - begin}
-  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # written last: marks the run done
+  if distributed.is_primary():
+    lottery_report.write_csv(workdir, rows)
+    lottery_report.plot(workdir, table)
+    workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # last: marks the run done
+  distributed.barrier("lottery finished")
   return result
 
 

@@ -230,15 +230,30 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
       message names the config key.
   """
   tx = base_optimizer(config, num_steps)
+  packed = _packed_masks(config)
   nm = nm_sparsity(config, num_steps)
   if nm is not None:
     return nm.wrap(tx)
   if method_name(config) == "lottery":
     return sparsejax.GradualMagnitudePruning(
-        sparsejax.FixedMaskSchedule(), leaf_filter=leaf_filter(config.lottery, "lottery")).wrap(tx)
+        sparsejax.FixedMaskSchedule(), leaf_filter=leaf_filter(config.lottery, "lottery"),
+        packed_masks=packed).wrap(tx)
   schedule = pruning_schedule(config.pruning, num_steps)
   if schedule is None:
     return tx
   pruner = sparsejax.GradualMagnitudePruning(
-      schedule, allocation=config.pruning.allocation, leaf_filter=leaf_filter(config.pruning))
+      schedule, allocation=config.pruning.allocation, leaf_filter=leaf_filter(config.pruning),
+      packed_masks=packed)
   return pruner.wrap(tx)
+
+
+def _packed_masks(config: ml_collections.ConfigDict) -> bool:
+  """config.pruning.packed_masks (config.lottery's in a lottery config), checked."""
+  if "lottery" in config:
+    return config.lottery.packed_masks
+  packed = config.pruning.packed_masks  # a bool: ConfigDict refuses other types
+  if packed and method_name(config) == "nm":
+    raise ConfigError(
+        "config.pruning.packed_masks=True is for magnitude pruning and lottery runs; N:M "
+        "training keeps bool masks (set it to False).")
+  return packed

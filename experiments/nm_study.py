@@ -164,7 +164,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   Every run's config, model and data are checked before the workdir is
   claimed, so a pattern that cannot work fails now, not hours in.
   """
-  distributed.require_one_process("experiments.nm_study")
   planned = runs(config)
   data = None
   for name, run_config in planned:
@@ -175,8 +174,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
-  if status is workdir_lib.Status.NEW:
+  if status is workdir_lib.Status.NEW and distributed.is_primary():
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
+  distributed.barrier("workdir claimed")
   rows = []
   for i, (name, run_config) in enumerate(planned):
     log(f"[study] run {i + 1}/{len(planned)}: {name}")
@@ -184,13 +184,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     rows.append(row(run_config, summary))
     log(f"[study] {name}: test accuracy {rows[-1]['test_accuracy']:.4f}")
   entries = table(rows)
-  with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-  plot(workdir, entries)
   result = {"rows": rows, "table": entries, "markdown": format_table(entries)}
-  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # written last: marks it done
+  if distributed.is_primary():  # the other processes computed the same rows
+    with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
+      writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+      writer.writeheader()
+      writer.writerows(rows)
+    plot(workdir, entries)
+    workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # last: marks it done
+  distributed.barrier("study finished")
   return result
 
 

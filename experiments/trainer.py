@@ -1,9 +1,11 @@
 """The training loop: a jitted, data-parallel step, eval each epoch, metrics.
 
-Data parallelism uses one `jax.sharding.Mesh` over the chosen devices with a
-'data' axis: the batch is sharded along it and the train state replicated.
-`jit` sees the global batch, so BatchNorm statistics and the loss are those
-of the whole batch, and a run gives the same numbers on 1 or 4 devices.
+The devices (of every process) form one `jax.sharding.Mesh` with axes
+('data', 'fsdp'): the batch is sharded over both, the train state's large
+leaves along 'fsdp' (`sparsejax.fsdp_shardings`; config.mesh.fsdp = 1, the
+default, replicates it). `jit` sees the global batch and the global state,
+so BatchNorm statistics and the loss are those of the whole batch, and a run
+gives the same numbers on 1 or 4 devices, with or without FSDP.
 """
 
 from __future__ import annotations
@@ -57,11 +59,20 @@ class Run(NamedTuple):
   summary: dict
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis 'data' over `devices` (default: every device of every
-  process, in process order, so each process holds a contiguous slice of a batch)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp) mesh over `devices` (default: every device of every process,
+  in process order, so each process holds a contiguous slice of a batch and an
+  fsdp group lies within a process where it can).
+
+  Raises:
+    ConfigError: `fsdp` does not divide the number of devices.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  return jax.sharding.Mesh(np.array(devices), ("data",))
+  if len(devices) % fsdp:
+    raise config_checks.ConfigError(
+        f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices; use a divisor.")
+  return jax.sharding.Mesh(np.array(devices).reshape(len(devices) // fsdp, fsdp),
+                           ("data", "fsdp"))
 
 
 def check_batch_size(batch_size: int, num_devices: int) -> None:
@@ -169,7 +180,7 @@ class Trainer:
     """
     config_checks.check_training_fields(config)
     self.config = config
-    self.mesh = data_mesh(devices)
+    self.mesh = make_mesh(devices, config.mesh.fsdp)
     num_devices = self.mesh.devices.size
     check_batch_size(config.batch_size, num_devices)
     if data is None:
@@ -213,21 +224,34 @@ class Trainer:
     # the hard-masked network (earlier ones are dense, or decayed with beta > 0).
     self.best_from = 0 if nm is None else nm.schedule.finetune_start
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self.sharded = jax.sharding.NamedSharding(self.mesh,
+                                              jax.sharding.PartitionSpec(("data", "fsdp")))
+    image_shape = data.image_shape
+
+    def fresh_state(key):
+      init_key, dropout_key = jax.random.split(key)
+      variables = self.model.init(init_key, jnp.zeros((1,) + image_shape), train=False)
+      params = variables["params"]
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        batch_stats=variables.get("batch_stats", {}),
+                        opt_state=self.tx.init(params), rng=dropout_key)
+
+    # Where each leaf of the state lives: large ones sharded along 'fsdp'.
+    self.state_sharding = sparsejax.fsdp_shardings(
+        jax.eval_shape(fresh_state, jax.random.PRNGKey(0)), self.mesh, "fsdp", config.mesh.fsdp_min_size)
     self.train_step = jax.jit(make_train_step(self.model, self.tx, forward),
-                              in_shardings=(self.replicated, self.sharded, self.sharded),
-                              out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+                              in_shardings=(self.state_sharding, self.sharded, self.sharded),
+                              out_shardings=(self.state_sharding, self.replicated),
+                              donate_argnums=0)
     self.eval_step = jax.jit(make_eval_step(self.model, forward),
-                             in_shardings=(self.replicated,) + (self.sharded,) * 3,
+                             in_shardings=(self.state_sharding,) + (self.sharded,) * 3,
                              out_shardings=self.replicated)
     self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
     self._compiled_step = None  # the AOT-compiled train step, shared by every fit
-    image_shape = data.image_shape
-    self._init_variables = jax.jit(  # compiled once, for every initial state
-        lambda key: self.model.init(key, jnp.zeros((1,) + image_shape), train=False),
-        out_shardings=self.replicated)
-    self._init_opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)
-    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=self.replicated)
+    # Compiled once, for every initial state; each leaf is made where it lives.
+    self._fresh_state = jax.jit(fresh_state, out_shardings=self.state_sharding)
+    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
+                         out_shardings=self.state_sharding)
 
   def compiled_step(self, state: TrainState) -> Callable:
     """`train_step` compiled once for this trainer's shapes (compiling excluded from steps/s)."""
@@ -237,15 +261,9 @@ class Trainer:
 
   def initial_state(self, seed: int | None = None) -> TrainState:
     """A fresh state from `seed` (default: config.seed): params, BatchNorm
-    statistics, optimizer state and dropout key, replicated over the mesh."""
+    statistics, optimizer state and dropout key, placed by `state_sharding`."""
     seed = self.config.seed if seed is None else seed
-    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-    variables = self._init_variables(init_key)
-    params = variables["params"]
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       batch_stats=variables.get("batch_stats", {}),
-                       opt_state=self._init_opt_state(params), rng=dropout_key)
-    return self._copy(state)  # scalars and key too: every leaf a global, replicated array
+    return self._fresh_state(jax.random.PRNGKey(seed))
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The sharded training batch of `step` (read directly, not through the iterator)."""
@@ -291,7 +309,7 @@ class Trainer:
 
   def restore(self, manager: SparseCheckpointManager,
               log: Callable[[str], None] | None = None) -> TrainState:
-    """The state of the latest checkpoint, placed like a fresh one (replicated).
+    """The state of the latest checkpoint, placed like a fresh one (`state_sharding`).
 
     Without `log`, the latest step must be intact (a damaged one is a
     CheckpointDamaged error). With `log` (a resumed run), damaged newer
@@ -339,7 +357,8 @@ class Trainer:
         f"{len(self.data.eval)} {config.eval_split} images of shape {self.data.image_shape}"
         f"{'' if self.data.augment == 'none' else ' (' + self.data.augment + ' augmentation)'}, "
         f"{num_steps} steps ({per_epoch} per epoch), method {self.method}, "
-        f"{self.mesh.devices.size} device(s)")
+        f"{self.mesh.devices.size} device(s)"
+        f"{'' if config.mesh.fsdp == 1 else f' (fsdp {config.mesh.fsdp})'}")
     manager = SparseCheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints or None)
     batches = None
@@ -436,9 +455,10 @@ def _train_extras(state: TrainState) -> dict:
 def masks_of(state: TrainState):
   """The pruning masks in the optimizer state, or None for dense training."""
   try:
-    return sparsejax.find_pruning_state(state.opt_state).masks
+    sparsejax.find_pruning_state(state.opt_state)
   except ValueError:
     return None
+  return sparsejax.state_masks(state.opt_state, state.params)  # bool, also when bit-packed
 
 
 def sparsity_of(state: TrainState) -> float:

@@ -5,11 +5,15 @@ from sparsejax.gradual import GradualMagnitudePruning
 from sparsejax.gradual import PruningState
 from sparsejax.gradual import find_pruning_state
 from sparsejax.gradual import masked_params
+from sparsejax.gradual import state_masks
 from sparsejax.gradual import with_masks
 from sparsejax.masks import SparsityReport
 from sparsejax.masks import apply_masks
+from sparsejax.masks import bool_masks
+from sparsejax.masks import pack_bits
 from sparsejax.masks import pack_masks
 from sparsejax.masks import sparsity_report
+from sparsejax.masks import unpack_bits
 from sparsejax.masks import unpack_masks
 from sparsejax.nm import NMSparsity
 from sparsejax.nm import gradient_flow
@@ -27,6 +31,7 @@ from sparsejax.schedules import PolynomialSchedule
 from sparsejax.scores import magnitude_score
 from sparsejax.scores import random_score
 from sparsejax.selection import nm_mask
+from sparsejax.sharding import fsdp_shardings
 from sparsejax.selection import topk_mask
 from sparsejax.selection import topk_masks
 from sparsejax.trees import default_filter
@@ -51,10 +56,12 @@ __all__ = [
     "PruningState",
     "SparsityReport",
     "apply_masks",
+    "bool_masks",
     "compute_masks",
     "default_filter",
     "erk_densities",
     "find_pruning_state",
+    "fsdp_shardings",
     "gradient_flow",
     "layouts",
     "leaves_with_masks",
@@ -68,13 +75,16 @@ __all__ = [
     "nm_mask",
     "nm_masks",
     "nm_schedules",
+    "pack_bits",
     "pack_masks",
     "random_masks",
     "random_score",
     "sparsity_report",
+    "state_masks",
     "structure_patterns",
     "topk_mask",
     "topk_masks",
+    "unpack_bits",
     "unpack_masks",
     "with_masks",
 ]

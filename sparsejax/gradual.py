@@ -37,8 +37,10 @@ class PruningState(NamedTuple):
 
   Attributes:
     count: int32 scalar, number of updates applied so far (the step).
-    masks: bool arrays shaped like the pruned params; None for leaves that
-      are not pruned.
+    masks: bool arrays shaped like the pruned params, or with packed masks
+      uint8 arrays of their bits packed along the last axis
+      (`masks.pack_bits`); None for leaves that are not pruned. Read them
+      with `state_masks(opt_state, params)`.
     inner_state: the wrapped optimizer's state.
   """
 
@@ -61,17 +63,28 @@ def find_pruning_state(opt_state: optax.OptState) -> PruningState:
   return found[0]
 
 
-def with_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
+def with_masks(opt_state: optax.OptState, masks: PyTree,
+               params: PyTree = None) -> optax.OptState:
   """The optimizer state with `masks` in its `PruningState` (e.g. a new IMP level).
 
   The next update zeroes the weights the new masks prune; with a
-  `FixedMaskSchedule` the masks then stay as given.
+  `FixedMaskSchedule` the masks then stay as given. A state that keeps its
+  masks bit-packed (`packed_masks=True`) gets them packed; it needs
+  `params`, since a packed mask's shape does not tell its last axis exactly.
 
   Raises:
     ValueError: if the state holds no PruningState, or `masks` does not have
-      the structure and shapes of the masks it replaces (names the leaf).
+      the structure and shapes of the masks it replaces (names the leaf), or
+      the state's masks are packed and `params` is not given.
   """
-  current = trees.named_leaves(find_pruning_state(opt_state).masks, keep_none=True)
+  stored = find_pruning_state(opt_state).masks
+  packed = any(jnp.result_type(m) == jnp.uint8 for m in jax.tree.leaves(stored))
+  if packed:
+    if params is None:
+      raise ValueError("this optimizer state keeps its masks bit-packed: pass params= to "
+                       "with_masks, whose shapes the new masks must have.")
+    stored = masks_lib.bool_masks(stored, params)
+  current = trees.named_leaves(stored, keep_none=True)
   given = trees.named_leaves(masks, keep_none=True)
   if [leaf.path for leaf in current] != [leaf.path for leaf in given]:
     raise ValueError(f"new masks have leaves {[l.path for l in given]}, but the optimizer "
@@ -83,21 +96,23 @@ def with_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
           f"new mask '{new.path}' has shape {shape(new.value)} but the optimizer state's has "
           f"{shape(old.value)} (None: not pruned).")
   masks_lib.check_bool(masks)
-  masks = jax.tree.map(lambda m: m if trees.is_empty(m) else jnp.asarray(m), masks,
-                       is_leaf=trees.is_empty)
+  masks = jax.tree.map(lambda m: m if trees.is_empty(m) else (
+      masks_lib.pack_bits(m) if packed else jnp.asarray(m)), masks, is_leaf=trees.is_empty)
   return jax.tree.map(lambda s: s._replace(masks=masks) if isinstance(s, PruningState) else s,
                       opt_state, is_leaf=lambda x: isinstance(x, PruningState))
 
 
-def state_masks(opt_state: optax.OptState) -> PyTree:
+def state_masks(opt_state: optax.OptState, params: PyTree = None) -> PyTree:
   """The masks of the `PruningState` in `opt_state`, None for unpruned leaves.
 
   Inside `optax.multi_transform` the leaves another transform owns are
-  `optax.MaskedNode`s; they come back as None too.
+  `optax.MaskedNode`s; they come back as None too. With `params`, masks kept
+  bit-packed (`packed_masks=True`) come back unpacked, as bool arrays.
   """
-  return jax.tree.map(lambda m: None if isinstance(m, optax.MaskedNode) else m,
-                      find_pruning_state(opt_state).masks,
-                      is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
+  masks = jax.tree.map(lambda m: None if isinstance(m, optax.MaskedNode) else m,
+                       find_pruning_state(opt_state).masks,
+                       is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
+  return masks if params is None else masks_lib.bool_masks(masks, params)
 
 
 def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
@@ -107,7 +122,7 @@ def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   this only matters for params that did not come out of the wrapper (restored
   from elsewhere, or edited by hand), but it is cheap and always safe.
   """
-  return masks_lib.apply_masks(params, state_masks(opt_state))
+  return masks_lib.apply_masks(params, state_masks(opt_state, params))
 
 
 def zero_pruned(grads: PyTree, masks: PyTree) -> PyTree:
@@ -151,6 +166,9 @@ class GradualMagnitudePruning:
     leaf_filter: (path, leaf) -> bool; default prunes arrays with ndim >= 2.
     score: 'magnitude' (default) or another score name or function.
     key: PRNG key for random scores (unused by magnitude).
+    packed_masks: keep the masks in the optimizer state at 1 bit per weight
+      (uint8, packed along each leaf's last axis) instead of a bool byte;
+      unpacked inside the update, where XLA fuses it with its use.
   """
 
   schedule: Any
@@ -158,6 +176,7 @@ class GradualMagnitudePruning:
   leaf_filter: trees.LeafFilter | None = None
   score: Any = "magnitude"
   key: jax.Array | None = None
+  packed_masks: bool = False
 
   def __post_init__(self):
     allocation_lib.validate_allocation(self.allocation)
@@ -174,6 +193,13 @@ class GradualMagnitudePruning:
         leaf_filter=self.leaf_filter, key=self.key, previous_masks=previous_masks,
         ramp=lambda target: self.schedule.with_final(target)(step))
 
+  def _store(self, masks: PyTree) -> PyTree:
+    """Masks as the state keeps them: bool, or bit-packed with `packed_masks`."""
+    if not self.packed_masks:
+      return masks
+    return jax.tree.map(lambda m: m if trees.is_empty(m) else masks_lib.pack_bits(m), masks,
+                        is_leaf=trees.is_empty)
+
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Wraps `inner` so that its updates prune along the schedule."""
     inner = optax.with_extra_args_support(inner)
@@ -184,19 +210,21 @@ class GradualMagnitudePruning:
       allocation_lib.allocate(  # fail at init, not at the first update, on a bad map
           self.allocation, self.schedule.final_sparsity, [leaves[i].path for i in chosen],
           [leaves[i].value.shape for i in chosen])
-      return PruningState(jnp.zeros((), jnp.int32), pruning.dense_masks(params, chosen),
-                          inner.init(params))
+      masks = self._store(pruning.dense_masks(params, chosen))
+      return PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
       if params is None:
         raise ValueError("GradualMagnitudePruning needs params: call "
                          "tx.update(grads, opt_state, params).")
+      previous = masks_lib.bool_masks(state.masks, params)
       masks = jax.lax.cond(self.schedule.is_update_step(state.count),
-                           lambda: self.masks_at(params, state.count, state.masks),
-                           lambda: state.masks)
+                           lambda: self.masks_at(params, state.count, previous),
+                           lambda: previous)
       grads = zero_pruned(updates, masks)
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       count = optax.safe_int32_increment(state.count)
-      return updates_to_zero(inner_updates, params, masks), PruningState(count, masks, inner_state)
+      return (updates_to_zero(inner_updates, params, masks),
+              PruningState(count, self._store(masks), inner_state))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

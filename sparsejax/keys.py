@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _NAN_KEY = 1  # below the key of -inf; only NaNs get it
+_UINT16_MAX = 2**16 - 1
 _COUNT_ROW = 32  # entries summed in uint8 before widening: cheap on every backend
 
 
@@ -53,10 +54,16 @@ def key_family(dtype) -> str:
 def count_true(pred: jax.Array) -> jax.Array:
   """Counts True entries as int32.
 
-  Rows of 32 are summed in uint8 first: this keeps the count fused with the
-  comparison that produces `pred` (XLA:CPU otherwise materialises an int32
-  copy of the whole array), which makes a counting pass ~10x cheaper there.
+  The last axis is summed in a narrow integer type first: this keeps the
+  count fused with the comparison that produces `pred` (XLA:CPU otherwise
+  materialises an int32 copy of the whole array), which makes a counting
+  pass ~5-10x cheaper there. Arrays of two or more axes are reduced without
+  a reshape, so a `pred` sharded along any axis (FSDP) is counted on its
+  shards and only the partial counts cross devices; 1-D arrays are summed in
+  rows of 32.
   """
+  if pred.ndim >= 2 and pred.shape[-1] <= _UINT16_MAX:
+    return pred.sum(axis=-1, dtype=jnp.uint16).astype(jnp.int32).sum(dtype=jnp.int32)
   flat = pred.reshape(-1)
   size = flat.shape[0]
   main = size - size % _COUNT_ROW
@@ -67,5 +74,3 @@ def count_true(pred: jax.Array) -> jax.Array:
   if size - main:
     total += flat[main:].astype(jnp.int32).sum(dtype=jnp.int32)
   return total
-
-

@@ -41,6 +41,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks as masks_lib
@@ -84,8 +85,12 @@ def dense_masks(params: PyTree, leaf_filter: trees.LeafFilter | None = None) -> 
   return pruning.dense_masks(params, pruning.prunable_leaves(params, leaf_filter))
 
 
-def _masked_leaves(params: PyTree, masks: PyTree) -> list[tuple[str, int, np.ndarray]]:
-  """(path, size, mask on the host) of every leaf `masks` prunes; checks the trees."""
+def _masked_leaves(params: PyTree, masks: PyTree) -> list[tuple[str, int, int]]:
+  """(path, size, kept count) of every leaf `masks` prunes; checks the trees.
+
+  The count is taken where the mask lives (also a mask sharded over
+  processes); only the number comes to the host.
+  """
   trees.check_same_structure(params, masks)
   out = []
   for leaf in trees.named_leaves(masks, keep_none=True):
@@ -96,7 +101,8 @@ def _masked_leaves(params: PyTree, masks: PyTree) -> list[tuple[str, int, np.nda
           "prune_level and random_prune count the weights each mask keeps on the host, so "
           "that every level keeps an exact number of them: call them between training runs, "
           f"outside jit (mask '{leaf.path}' is traced).")
-    out.append((leaf.path, int(np.size(leaf.value)), np.asarray(leaf.value, bool)))
+    out.append((leaf.path, int(np.size(leaf.value)),
+                int(jnp.count_nonzero(jnp.asarray(leaf.value, bool)))))
   return out
 
 
@@ -229,9 +235,9 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
   # Leaves pruned at their own rate ('uniform', or matched by layer_fractions) and
   # the leaves that share one threshold ('global', unmatched): (path, size, kept).
   alone, pooled = [], []
-  for path, size, mask in leaves:
+  for path, size, kept in leaves:
     shared = allocation == "global" and path not in own
-    (pooled if shared else alone).append((path, size, int(np.count_nonzero(mask))))
+    (pooled if shared else alone).append((path, size, kept))
   exact = _exact_map([path for path, _, _ in alone], [size for _, size, _ in alone],
                      [int(round((1.0 - own.get(path, p)) * kept)) for path, _, kept in alone])
   pool_size = sum(size for _, size, _ in pooled)
@@ -281,7 +287,7 @@ def random_prune(params: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
   leaves = _masked_leaves(params, masks)
   paths = [path for path, _, _ in leaves]
   allocation = _exact_map(paths, [size for _, size, _ in leaves],
-                          [int(np.count_nonzero(mask)) for _, _, mask in leaves])
+                          [kept for _, _, kept in leaves])
   return jax.jit(lambda w, k: pruning.compute_masks(
       w, 0.0, score="random", allocation=allocation, leaf_filter=_only(paths), key=k))(params, key)
 

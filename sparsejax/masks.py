@@ -2,6 +2,8 @@
 
 A masks tree has the structure of the params tree; each pruned leaf holds a
 bool array of the parameter's shape, each leaf that is not pruned holds None.
+In an optimizer state a mask may also be bit-packed along its last axis
+(`pack_bits`: uint8, 8 weights per byte), which `bool_masks` unpacks.
 """
 
 from __future__ import annotations
@@ -60,6 +62,50 @@ def pack_masks(masks: PyTree) -> PyTree:
   return jax.tree.map(
       lambda m: m if trees.is_empty(m) else jnp.packbits(jnp.asarray(m).reshape(-1)),
       masks, is_leaf=trees.is_empty)
+
+
+def pack_bits(mask: jax.Array) -> jax.Array:
+  """A bool mask packed along its last axis: uint8 of shape (..., ceil(d / 8)).
+
+  Unlike `pack_masks` (flat, for files), the leading axes stay, so a mask
+  sharded along any of them (FSDP) packs and unpacks on its shards.
+
+  >>> pack_bits(jnp.array([[True] * 9, [False] * 9])).tolist()
+  [[255, 128], [0, 0]]
+  """
+  return jnp.packbits(jnp.asarray(mask, bool), axis=-1)
+
+
+def unpack_bits(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of `pack_bits` for a mask of `shape`."""
+  return jnp.unpackbits(bits, axis=-1, count=shape[-1]).astype(bool)
+
+
+def bool_masks(masks: PyTree, params: PyTree) -> PyTree:
+  """`masks` with every bit-packed (uint8) leaf unpacked to a bool array shaped
+  like its parameter; bool leaves and None pass through.
+
+  Raises:
+    ValueError: a uint8 leaf whose shape is not that of its packed parameter
+      (names the leaf).
+  """
+
+  trees.check_same_paths(params, masks, what="masks")
+  flat_m, treedef = jax.tree.flatten(masks, is_leaf=trees.is_empty)
+  flat_p = jax.tree.leaves(params, is_leaf=trees.is_empty)
+  paths = [leaf.path for leaf in trees.named_leaves(masks, keep_none=True)]
+  out = []
+  for path, param, mask in zip(paths, flat_p, flat_m, strict=True):
+    if trees.is_empty(mask) or jnp.result_type(mask) != jnp.uint8:
+      out.append(mask)
+      continue
+    shape = np.shape(param)
+    packed = shape[:-1] + ((shape[-1] + 7) // 8,) if shape else ()
+    if not shape or np.shape(mask) != packed:
+      raise ValueError(f"bit-packed mask '{path}' is uint8{list(np.shape(mask))}, but its "
+                       f"parameter of shape {shape} packs to uint8{list(packed)}.")
+    out.append(unpack_bits(mask, shape))
+  return jax.tree.unflatten(treedef, out)
 
 
 def unpack_masks(packed: PyTree, params: PyTree) -> PyTree:

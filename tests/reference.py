@@ -77,3 +77,16 @@ def polynomial_sparsity(t, s_i, s_f, t0, t1, freq, power=3.0):
     return s_f
   t_last = t0 + ((t - t0) // freq) * freq
   return s_f + (s_i - s_f) * (1.0 - (t_last - t0) / (t1 - t0)) ** power
+
+
+def mix32(array):
+  """The position-hashed byte sum of sparsejax's checkpoint integrity, in NumPy:
+  sum_i murmur3_fmix32((i * 0x9E3779B1 + byte_i) mod 2^32) mod 2^32."""
+  data = np.ascontiguousarray(array).view(np.uint8).reshape(-1).astype(np.uint64)
+  h = (np.arange(data.size, dtype=np.uint64) * 0x9E3779B1 + data) % 2**32
+  h ^= h >> 16
+  h = (h * 0x85EBCA6B) % 2**32
+  h ^= h >> 13
+  h = (h * 0xC2B2AE35) % 2**32
+  h ^= h >> 16
+  return f"mix32:{int(h.sum() % 2**32):08x}"

@@ -31,6 +31,7 @@ from sparsejax.checkpoint import CheckpointError
 from sparsejax.checkpoint import CheckpointWriteError
 from sparsejax.checkpoint import SparseCheckpointManager
 from sparsejax.checkpoint import manager as manager_lib
+from tests import reference
 
 ITEMS = ("params", "masks", "opt_state", "train_state", "meta")
 
@@ -296,6 +297,33 @@ def test_checksums_are_crc32_of_the_array_bytes():
   x = np.arange(6, dtype=np.float32).reshape(2, 3)
   assert manager_lib.integrity.leaf_checksum(jnp.asarray(x)) == f"{zlib.crc32(x.tobytes()):08x}"
   assert manager_lib.integrity.leaf_checksum(x.T) == f"{zlib.crc32(x.T.copy().tobytes()):08x}"
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(-6, 6, dtype=np.float32).reshape(3, 4) / 7,
+    np.array([[True, False, True], [False, False, True]]),
+    np.arange(7, dtype=np.uint8) * 37,
+    np.float32(-2.5),
+    np.arange(24, dtype=np.int32).reshape(2, 3, 4) * 7919,
+], ids=["float32", "bool", "uint8", "scalar", "int32"])
+def test_mix32_sums_equal_numpy_whatever_the_layout_and_see_every_flipped_byte(array):
+  integrity = manager_lib.integrity
+  want = reference.mix32(array)
+  assert integrity.mix32(array) == want
+  if np.ndim(array) and np.shape(array)[0] % 2 == 0:  # the same sum from the shards of 2 devices
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+    sharded = jax.device_put(array, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("fsdp")))
+    assert integrity.mix32(sharded) == want
+  raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+  for index in range(raw.size):
+    for bit in (0, 7):
+      damaged = raw.copy()
+      damaged[index] ^= 1 << bit
+      damaged = damaged.view(np.asarray(array).dtype).reshape(np.shape(array))
+      assert integrity.first_mismatch({"w": damaged}, {"w": want}) == (
+          f"leaf 'w' fails its checksum ({integrity.mix32(damaged)}, saved as {want})")
+  assert integrity.first_mismatch({"w": array}, {"w": want}) is None
 
 
 class _Stop(Exception):

@@ -87,14 +87,15 @@ def test_same_seed_gives_bitwise_identical_runs(tiny_config, tmp_path):
   assert first.summary["test"] == second.summary["test"]
 
 
-def _losses(config, devices, steps):
+def train_steps(config, devices, steps):
+  """Losses of `steps` train steps from a fresh state, the final state and its Trainer."""
   run = trainer.Trainer(config, devices)
   state = run.initial_state()
   losses = []
   for step in range(steps):
     state, metrics = run.train_step(state, *run.batch(step))
     losses.append(float(metrics["loss"]))
-  return np.array(losses), state
+  return np.array(losses), state, run
 
 
 @pytest.mark.parametrize("model", [
@@ -112,8 +113,8 @@ def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
     # near-tied weight (seen at step 5 with jax 0.10.2), so prune once, at
     # step 0, from the identical initial weights.
     tiny_config.pruning.method = "one_shot"
-  one, state_one = _losses(tiny_config, jax.devices()[:1], steps=8)
-  four, state_four = _losses(tiny_config, jax.devices()[:4], steps=8)
+  one, state_one, _ = train_steps(tiny_config, jax.devices()[:1], steps=8)
+  four, state_four, _ = train_steps(tiny_config, jax.devices()[:4], steps=8)
   assert one[1] > one[-1]  # it trains (step 0 may prune, and the loss jump)
   np.testing.assert_allclose(four, one, rtol=2e-5, atol=1e-6)
   chex.assert_trees_all_close(state_four.params, state_one.params, rtol=1e-4, atol=1e-5)

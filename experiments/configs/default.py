@@ -42,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0   # adamw (decoupled), or sgd (L2, added to the gradient)
 
   config.batch_size = 128     # global batch, split over the devices
+  # Devices (of every process) form a (data, fsdp) mesh: the batch is split over
+  # all of them; params, optimizer state and masks are sharded over fsdp.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.fsdp = 1              # 1: every device holds the whole state (data parallel)
+  config.mesh.fsdp_min_size = 2**14  # leaves with fewer entries stay replicated
   config.eval_batch_size = 512
   config.num_epochs = 150     # 11 steps per epoch on the 1437 training digits
   config.num_train_steps = -1  # > 0 overrides num_epochs
@@ -60,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.power = 3.0           # gradual: exponent of the Zhu & Gupta schedule
   config.pruning.include = ""          # regex: prune only kernels whose path matches
   config.pruning.exclude = ""          # regex: never prune kernels whose path matches
+  config.pruning.packed_masks = False  # masks in the optimizer state at 1 bit per weight, not 8
   # method 'nm': N:M structured sparsity (sparsity/allocation above are unused).
   config.pruning.nm = ml_collections.ConfigDict()
   config.pruning.nm.method = "srste"  # step | srste | mdgf_linear | mdgf_exp | sdgf_stepwise | sdgf_geometric

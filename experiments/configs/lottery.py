@@ -61,4 +61,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.lottery.branches = ("random_reinit", "random_prune")  # controls on every level's mask
   config.lottery.include = ""           # regex: prune only kernels whose path matches
   config.lottery.exclude = ""           # regex: never prune kernels whose path matches
+  config.lottery.packed_masks = False   # masks in the optimizer state at 1 bit per weight, not 8
   return config
