@@ -1,11 +1,14 @@
 """sparsejax: pure functional pruning and sparse training for JAX."""
 
 from sparsejax.allocation import erk_densities
+from sparsejax.dst import DropAndGrow
+from sparsejax.dst import drop_and_grow
 from sparsejax.gradual import GradualMagnitudePruning
 from sparsejax.gradual import PruningState
 from sparsejax.gradual import find_pruning_state
 from sparsejax.gradual import masked_params
 from sparsejax.gradual import state_masks
+from sparsejax.gradual import ste_masked_params
 from sparsejax.gradual import with_masks
 from sparsejax.masks import SparsityReport
 from sparsejax.masks import apply_masks
@@ -34,10 +37,12 @@ from sparsejax.selection import nm_mask
 from sparsejax.sharding import fsdp_shardings
 from sparsejax.selection import topk_mask
 from sparsejax.selection import topk_masks
+from sparsejax.selection import topk_masks_by_count
 from sparsejax.trees import default_filter
 from sparsejax.trees import leaves_with_masks
 from sparsejax.trees import map_with_masks
 
+from sparsejax import dst
 from sparsejax import layouts
 from sparsejax import lottery
 from sparsejax import nm
@@ -47,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConstantSchedule",
+    "DropAndGrow",
     "FixedMaskSchedule",
     "GradualMagnitudePruning",
     "NMSchedule",
@@ -59,6 +65,8 @@ __all__ = [
     "bool_masks",
     "compute_masks",
     "default_filter",
+    "drop_and_grow",
+    "dst",
     "erk_densities",
     "find_pruning_state",
     "fsdp_shardings",
@@ -81,9 +89,11 @@ __all__ = [
     "random_score",
     "sparsity_report",
     "state_masks",
+    "ste_masked_params",
     "structure_patterns",
     "topk_mask",
     "topk_masks",
+    "topk_masks_by_count",
     "unpack_bits",
     "unpack_masks",
     "with_masks",

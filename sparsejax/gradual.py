@@ -125,6 +125,23 @@ def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   return masks_lib.apply_masks(params, state_masks(opt_state, params))
 
 
+def ste_masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
+  """Params with the masks applied for the forward pass, with a straight-through
+  gradient: the gradient with respect to the params is the gradient with
+  respect to the masked weights, also where they are pruned (the dense
+  gradient RigL grows by, and the gradient STE training updates pruned
+  weights with).
+  """
+  masks = state_masks(opt_state, params)
+
+  def straight_through(p, m):
+    if m is None:
+      return p
+    return p + jax.lax.stop_gradient(jnp.where(m, p, jnp.zeros((), p.dtype)) - p)
+
+  return trees.map_with_masks(straight_through, params, masks)
+
+
 def zero_pruned(grads: PyTree, masks: PyTree) -> PyTree:
   """Gradients with the entries `masks` prune set to 0 (None masks: unchanged)."""
   return trees.map_with_masks(

@@ -157,13 +157,39 @@ def topk_masks(scores: Sequence[jax.Array], sparsity,
       scores, a sparsity list of the wrong length, scores that do not compare
       in a global selection, or more than 2**31 - 1 entries in one selection.
   """
-  scores = [jnp.asarray(s) for s in scores]
   per_array = isinstance(sparsity, (list, tuple))
   sparsities = list(sparsity) if per_array else [sparsity]
   if per_array and len(sparsities) != len(scores):
     raise ValueError(f"{len(sparsities)} sparsities for {len(scores)} score arrays.")
   for i, value in enumerate(sparsities):
     check_sparsity(value, f"sparsity[{i}]" if per_array else "sparsity")
+  sizes = [int(np.size(s)) for s in scores] if per_array else [sum(int(np.size(s)) for s in scores)]
+  k = [keep_count(n, value) for n, value in zip(sizes, sparsities)]
+  return _topk(scores, k if per_array else k[0], candidates)
+
+
+def topk_masks_by_count(scores: Sequence[jax.Array], keep,
+                        candidates: Sequence[jax.Array | None] | None = None) -> list[jax.Array]:
+  """Like `topk_masks`, but told how many entries to keep rather than a sparsity.
+
+  `keep` is one count for a selection across all arrays, or a list of one
+  count per array; counts may be traced int32 (a drop-and-grow update keeps
+  a number of weights that depends on the masks). Counts are clipped to
+  [0, size].
+
+  >>> [m.tolist() for m in topk_masks_by_count([jnp.array([1., 5.]), jnp.array([4., 2.])], [1, 2])]
+  [[False, True], [True, True]]
+  """
+  return _topk(scores, keep, candidates)
+
+
+def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
+  """Top-`keep` masks; `keep` a list (per array) or one count (across arrays)."""
+  scores = [jnp.asarray(s) for s in scores]
+  per_array = isinstance(keep, (list, tuple))
+  keeps = list(keep) if per_array else [keep]
+  if per_array and len(keeps) != len(scores):
+    raise ValueError(f"{len(keeps)} counts for {len(scores)} score arrays.")
   for i, s in enumerate(scores):
     check_no_nan(s, f"scores[{i}]")
   if per_array:
@@ -190,7 +216,7 @@ def topk_masks(scores: Sequence[jax.Array], sparsity,
     raise ValueError(f"top-k over {max(sizes)} entries: at most {_MAX_ENTRIES} are supported.")
   if sum(sizes) == 0:
     return [jnp.zeros(s.shape, bool) for s in scores]
-  k = jnp.stack([jnp.asarray(keep_count(n, value), jnp.int32) for n, value in zip(sizes, sparsities)])
+  k = jnp.stack([jnp.clip(jnp.asarray(value, jnp.int32), 0, n) for n, value in zip(sizes, keeps)])
   return _select(keys, segment_of, k)
 
 

@@ -90,3 +90,27 @@ def mix32(array):
   h = (h * 0xC2B2AE35) % 2**32
   h ^= h >> 16
   return f"mix32:{int(h.sum() % 2**32):08x}"
+
+
+def top_count(scores, count, candidates=None):
+  """The `count` largest scores among `candidates` (all if None), ties to the
+  lower flat index, by a full sort."""
+  flat = np.asarray(scores, np.float64).ravel()
+  allowed = np.ones(flat.size, bool) if candidates is None else np.asarray(candidates).ravel()
+  order = [i for i in np.lexsort((np.arange(flat.size), -flat)) if allowed[i]]
+  mask = np.zeros(flat.size, bool)
+  mask[order[:count]] = True
+  return mask.reshape(np.shape(scores))
+
+
+def drop_and_grow(weights, mask, grow_scores, fraction):
+  """RigL's update of one layer (Evci et al. 2020, rigl/sparse_optimizers_base.py):
+  drop floor(fraction * active) smallest-|w| active weights, grow as many of
+  the largest grow scores among the weights inactive after the drop.
+  Returns (new mask, grown = newly active)."""
+  mask = np.asarray(mask, bool)
+  active = int(mask.sum())
+  drop = int(np.float32(active) * np.float32(fraction))
+  kept = top_count(np.abs(weights), active - drop, mask)
+  grow = top_count(grow_scores, drop, ~kept)
+  return kept | grow, grow & ~mask

@@ -73,14 +73,17 @@ def _metrics(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_of_two_devices_train_bitwise_like_one_process_of_four(digits_dir,
-                                                                              tmp_path):
+@pytest.mark.parametrize("method", ["gradual", "nm"])
+def test_two_processes_of_two_devices_train_like_one_process_of_four(digits_dir, tmp_path,
+                                                                     method):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  single = subprocess.run([sys.executable, *_train_args(one, digits_dir), "--cpu_devices=4"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  extra = [f"--config.pruning.method={method}"]
+  single = subprocess.run(
+      [sys.executable, *_train_args(one, digits_dir, *extra), "--cpu_devices=4"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   assert "on 4 cpu device(s); workdir" in single.stdout
-  multi = _launch(two, digits_dir)
+  multi = _launch(two, digits_dir, *extra)
   assert multi.returncode == 0, multi.stdout[-3000:]
   for i in (0, 1):
     assert f"[process {i}] JAX" in multi.stdout and f"in process {i} of 2" in multi.stdout

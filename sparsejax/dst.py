@@ -1,0 +1,269 @@
+"""Dynamic sparse training: drop and grow (SET, RigL) and GraNet, as an optax wrapper.
+
+Every `update_every` steps until `end_step`, each masked leaf drops the
+floor(f * active) active weights of smallest magnitude and grows as many
+among the weights inactive after the drop: at random (SET, Mocanu et al.
+2018) or by largest |dense gradient| (RigL, Evci et al. 2020). The drop
+fraction f decays from `drop_fraction` (alpha) by a cosine to 0 at
+`end_step`, as in RigL. A grown weight starts at 0.0 with its optimizer
+moments reset to 0; a weight dropped and grown back in the same update is
+left as it was (RigL's rule), so per leaf the count of active weights never
+changes (with `allocation='global'`, the total count).
+
+With a growing sparsity schedule this is GraNet (Liu et al. 2021): on the
+same update steps the masks first follow the schedule by magnitude (Zhu &
+Gupta, `GradualMagnitudePruning.masks_at`), then drop and regrow.
+
+Both run the one pipeline: magnitude and gradient scores, the allocation's
+per-leaf counts, and `selection.topk_masks_by_count` for the exact counts
+of both halves of an update.
+
+The wrapper needs the gradient of the loss with respect to the weights as
+the network sees them, also where pruned (RigL's dense gradient): compute it
+with the forward on `sparsejax.ste_masked_params(params, opt_state)` (masked
+values, straight-through gradient). `masked_params` would give pruned
+weights a zero gradient, and RigL would grow by position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import allocation as allocation_lib
+from sparsejax import gradual
+from sparsejax import pruning
+from sparsejax import selection
+from sparsejax import trees
+
+PyTree = Any
+
+GROW = ("gradient", "random")
+DECAYS = ("cosine", "constant")
+
+
+def cosine_drop_fraction(alpha, step, end_step: int) -> jax.Array:
+  """RigL's drop fraction: alpha / 2 * (1 + cos(pi * min(step, end) / end)).
+
+  >>> [round(float(cosine_drop_fraction(0.3, t, 100)), 4) for t in (0, 50, 100, 150)]
+  [0.3, 0.15, 0.0, 0.0]
+  """
+  t = jnp.minimum(jnp.asarray(step, jnp.float32), end_step)
+  return jnp.float32(alpha) / 2 * (1 + jnp.cos(jnp.float32(math.pi) * t / end_step))
+
+
+def drop_and_grow(params: PyTree, masks: PyTree, grow_scores: PyTree, fraction,
+                  shared: bool = False) -> tuple[PyTree, PyTree]:
+  """One drop-and-grow update of `masks`; returns (new masks, grown).
+
+  Each masked leaf with n active weights drops the floor(fraction * n)
+  active ones of smallest |param| and grows as many, with the largest
+  `grow_scores`, among the entries inactive after the drop (a just-dropped
+  weight may come back). `grown` marks the entries that were inactive and
+  are now active (None where a leaf is not masked). With `shared`, counts
+  are one total across leaves (global) instead of one per leaf. Ties go to
+  the lower flat index.
+
+  >>> w = {'k': jnp.array([[3., -1.], [0., 2.]])}
+  >>> m = {'k': jnp.array([[True, True], [False, True]])}
+  >>> new, grown = drop_and_grow(w, m, {'k': jnp.array([[0., 0.], [5., 0.]])}, 0.5)
+  >>> new['k'].tolist(), grown['k'].tolist()
+  ([[True, False], [True, True]], [[False, False], [True, False]])
+
+  Raises:
+    ValueError: masks or grow scores whose tree does not match params.
+  """
+  leaves = [leaf for leaf in trees.leaves_with_masks(params, masks) if leaf.mask is not None]
+  trees.check_same_paths(params, grow_scores, what="grow scores")
+  score_of = {leaf.path: leaf.value for leaf in trees.named_leaves(grow_scores)}
+  active = [leaf.mask for leaf in leaves]
+  counts = [jnp.sum(m, dtype=jnp.int32) for m in active]
+  fraction = jnp.asarray(fraction, jnp.float32)
+  drop = lambda n: (n.astype(jnp.float32) * fraction).astype(jnp.int32)  # floor, as RigL
+  magnitudes = [jnp.abs(leaf.param) for leaf in leaves]
+  grow_by = [jnp.asarray(score_of[leaf.path], jnp.float32) for leaf in leaves]
+  if shared:
+    total = sum(counts, jnp.int32(0))
+    kept = selection.topk_masks_by_count(magnitudes, total - drop(total), active)
+    grow = selection.topk_masks_by_count(grow_by, drop(total), [~k for k in kept])
+  else:
+    kept = selection.topk_masks_by_count(magnitudes, [n - drop(n) for n in counts], active)
+    grow = selection.topk_masks_by_count(grow_by, [drop(n) for n in counts], [~k for k in kept])
+  new = [k | g for k, g in zip(kept, grow)]
+  grown = [g & ~m for g, m in zip(grow, active)]
+  by_path = {leaf.path: (n, g) for leaf, n, g in zip(leaves, new, grown)}
+  out_new, out_grown = [], []
+  for leaf in trees.named_leaves(masks, keep_none=True):
+    n, g = by_path.get(leaf.path, (None, None))
+    out_new.append(leaf.value if n is None else n)
+    out_grown.append(None if g is None else g)
+  treedef = jax.tree.structure(masks, is_leaf=trees.is_empty)
+  return jax.tree.unflatten(treedef, out_new), jax.tree.unflatten(treedef, out_grown)
+
+
+def reset_where(opt_state: optax.OptState, init_fn, where: PyTree) -> optax.OptState:
+  """`opt_state` with its parameter-shaped leaves (Adam's mu and nu, momentum
+  traces) set to 0 where `where` is True (None: leaf untouched)."""
+  fill = jax.tree.map(lambda w: jnp.zeros((), bool) if w is None else w, where,
+                      is_leaf=lambda x: x is None)
+  return optax.tree_utils.tree_map_params(
+      init_fn, lambda v, w: jnp.where(w, jnp.zeros((), v.dtype), v), opt_state, fill,
+      transform_non_params=lambda v: v)
+
+
+@dataclasses.dataclass(frozen=True)
+class DropAndGrow:
+  """SET, RigL or GraNet around any optax optimizer.
+
+  Example (RigL's defaults, 80% sparse, ERK, updates every 100 steps until
+  75% of 10,000 steps):
+    >>> tx = DropAndGrow(sparsejax.ConstantSchedule(0.8), end_step=7500,
+    ...                  allocation='erk', key=jax.random.key(0)).wrap(optax.adam(1e-3))
+    >>> # forward on sparsejax.ste_masked_params(params, opt_state)
+
+  Attributes:
+    schedule: the sparsity over time: `ConstantSchedule(s)` for SET and
+      RigL; a `PolynomialSchedule` for GraNet (its update_frequency should
+      be `update_every`).
+    end_step: the last step with a drop-and-grow update; the drop fraction
+      reaches 0 there (RigL: 75% of training).
+    grow: 'gradient' (RigL, GraNet) or 'random' (SET).
+    update_every: delta_T, steps between updates (RigL: 100).
+    drop_fraction: alpha, the drop fraction at step 0 (RigL: 0.3).
+    decay: 'cosine' (RigL) or 'constant' (SET's fixed zeta).
+    allocation: 'uniform', 'erk', 'global' (then drop and grow counts are
+      one total across leaves) or {path_regex: sparsity}.
+    initial_masks: 'random' (sparse from step 0 at the schedule's step-0
+      sparsity: SET, RigL, GraNet from a sparse start) or 'dense' (GraNet
+      from dense).
+    leaf_filter: (path, leaf) -> bool; default: arrays with ndim >= 2.
+    key: PRNG key for the random initial masks and SET's growth.
+  """
+
+  schedule: Any
+  end_step: int
+  grow: str = "gradient"
+  update_every: int = 100
+  drop_fraction: float = 0.3
+  decay: str = "cosine"
+  allocation: allocation_lib.Allocation = "uniform"
+  initial_masks: str = "random"
+  leaf_filter: trees.LeafFilter | None = None
+  key: jax.Array | None = None
+
+  def __post_init__(self):
+    allocation_lib.validate_allocation(self.allocation)
+    if self.grow not in GROW:
+      raise ValueError(f"grow={self.grow!r}: use one of {GROW}.")
+    if self.decay not in DECAYS:
+      raise ValueError(f"decay={self.decay!r}: use one of {DECAYS}.")
+    if self.initial_masks not in ("random", "dense"):
+      raise ValueError(f"initial_masks={self.initial_masks!r}: use 'random' or 'dense'.")
+    if not 0.0 <= self.drop_fraction < 1.0:
+      raise ValueError(f"drop_fraction={self.drop_fraction!r} must be in [0, 1).")
+    for name in ("update_every", "end_step"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int >= 1.")
+    if self.key is None and (self.grow == "random" or self.initial_masks == "random"):
+      raise ValueError("random initial masks and random growth need key=jax.random.key(seed).")
+
+  def _magnitude(self) -> gradual.GradualMagnitudePruning:
+    return gradual.GradualMagnitudePruning(self.schedule, allocation=self.allocation,
+                                           leaf_filter=self.leaf_filter)
+
+  def initial(self, params: PyTree) -> PyTree:
+    """The masks training starts from: random at the schedule's step-0
+    sparsity (per leaf by the allocation), or dense."""
+    chosen = pruning.prunable_leaves(params, self.leaf_filter)
+    if self.initial_masks == "dense":
+      return pruning.dense_masks(params, chosen)
+    return pruning.compute_masks(
+        params, self.schedule.final_sparsity, score="random", allocation=self.allocation,
+        leaf_filter=self.leaf_filter, key=jax.random.fold_in(self.key, 0),
+        ramp=lambda target: self.schedule.with_final(target)(0))
+
+  def fraction(self, step) -> jax.Array:
+    """The drop fraction at `step` (0 after `end_step`)."""
+    if self.decay == "cosine":
+      return cosine_drop_fraction(self.drop_fraction, step, self.end_step)
+    return jnp.where(jnp.asarray(step) <= self.end_step, jnp.float32(self.drop_fraction), 0.0)
+
+  def is_update_step(self, step) -> jax.Array:
+    """Drop and grow at every multiple of `update_every` in (0, end_step]."""
+    step = jnp.asarray(step)
+    return (step > 0) & (step <= self.end_step) & (step % self.update_every == 0)
+
+  def update_masks(self, params: PyTree, masks: PyTree, grads: PyTree, step
+                   ) -> tuple[PyTree, PyTree]:
+    """(masks, grown) after `step`'s schedule and drop-and-grow update (traced
+    step allowed; unchanged masks and no growth off the update steps)."""
+    magnitude = self._magnitude()
+    masks = jax.lax.cond(self.schedule.is_update_step(step),
+                         lambda: magnitude.masks_at(params, step, masks), lambda: masks)
+    if self.grow == "random":
+      key = jax.random.fold_in(self.key, step + 1)
+      flat, treedef = jax.tree.flatten(grads, is_leaf=trees.is_empty)
+      scores = jax.tree.unflatten(treedef, [
+          g if trees.is_empty(g) else jax.random.uniform(jax.random.fold_in(key, i), g.shape)
+          for i, g in enumerate(flat)])
+    else:
+      scores = jax.tree.map(jnp.abs, grads)
+    no_growth = jax.tree.map(lambda m: None if m is None else jnp.zeros(m.shape, bool), masks,
+                             is_leaf=lambda x: x is None)
+    return jax.lax.cond(
+        self.is_update_step(step),
+        lambda: drop_and_grow(params, masks, scores, self.fraction(step),
+                              shared=self.allocation == "global"),
+        lambda: (masks, no_growth))
+
+  def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Wraps `inner`: its state becomes a `PruningState` holding the masks."""
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+      chosen = pruning.prunable_leaves(params, self.leaf_filter)
+      leaves = trees.named_leaves(params)
+      allocation_lib.allocate(self.allocation, self.schedule.final_sparsity,
+                              [leaves[i].path for i in chosen],
+                              [leaves[i].value.shape for i in chosen])
+      return gradual.PruningState(jnp.zeros((), jnp.int32), self.initial(params),
+                                  inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+      if params is None:
+        raise ValueError("DropAndGrow needs params: call tx.update(grads, opt_state, params).")
+      masks, grown = self.update_masks(params, state.masks, updates, state.count)
+      grads = gradual.zero_pruned(updates, masks)
+      inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+      inner_state = reset_where(inner_state, inner.init, grown)
+      # Grown weights become 0.0 (they are 0 already unless set from outside);
+      # every other active weight takes the inner update, pruned ones go to 0.
+      trained = jax.tree.map(lambda m, g: None if m is None else m & ~g, masks, grown,
+                             is_leaf=lambda x: x is None)
+      count = optax.safe_int32_increment(state.count)
+      return (gradual.updates_to_zero(inner_updates, params, trained),
+              gradual.PruningState(count, masks, inner_state))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def active_counts(masks: PyTree) -> dict[str, int]:
+  """{path: active weights} of every masked leaf (on the host)."""
+  return {leaf.path: int(jnp.sum(leaf.value)) for leaf in trees.named_leaves(masks)}
+
+
+def ever_active(history: list[PyTree]) -> float:
+  """The fraction of maskable weights active in at least one of `history`'s masks."""
+  union = None
+  for masks in history:
+    leaves = [jnp.asarray(leaf.value) for leaf in trees.named_leaves(masks)]
+    union = leaves if union is None else [u | m for u, m in zip(union, leaves)]
+  total = sum(int(u.size) for u in union)
+  return sum(int(jnp.sum(u)) for u in union) / total
+
