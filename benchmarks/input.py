@@ -380,7 +380,7 @@ def step_vs_input(data_dir: str, args) -> dict[str, float]:
   print(f"compiled the train step ({trainer.method}) in {time.perf_counter() - start:.0f} s "
         f"(XLA cache in --data_dir)", flush=True)
   images, labels = trainer.batch(0)
-  state, _ = step(state, images, labels)  # warm-up
+  state, _ = step(0, state, images, labels)  # warm-up
   jax.block_until_ready(state)
   batches = trainer.batches(0)  # Grain, then device_put, as in training
   start = time.perf_counter()
@@ -390,7 +390,7 @@ def step_vs_input(data_dir: str, args) -> dict[str, float]:
   def timed_step(batch) -> float:
     nonlocal state
     start = time.perf_counter()
-    state, _ = step(state, *batch)
+    state, _ = step(0, state, *batch)
     jax.block_until_ready(state)
     return time.perf_counter() - start
 

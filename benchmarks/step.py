@@ -51,16 +51,19 @@ class MLP(nn.Module):
     return nn.Dense(self.classes)(x)
 
 
-def make_step(model, tx, masked_forward=False):
+def make_step(model, tx, masked_forward=False, forward=sparsejax.masked_params,
+              **update_kwargs):
+  """The jitted step; with `masked_forward` the model sees forward(params, opt_state);
+  `update_kwargs` go to tx.update."""
   def loss_fn(params, opt_state, x, y):
     if masked_forward:
-      params = sparsejax.masked_params(params, opt_state)
+      params = forward(params, opt_state)
     logits = model.apply(params, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def step(params, opt_state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(params, opt_state, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **update_kwargs)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
@@ -69,9 +72,10 @@ def make_step(model, tx, masked_forward=False):
 class Runner:
   """One variant: its own params / opt_state, advanced by blocks of steps."""
 
-  def __init__(self, name, model, tx, params, masked_forward=False):
+  def __init__(self, name, model, tx, params, masked_forward=False,
+               forward=sparsejax.masked_params):
     self.name = name
-    self.step = make_step(model, tx, masked_forward)
+    self.step = make_step(model, tx, masked_forward, forward)
     self.params = jax.tree.map(jnp.copy, params)
     self.opt_state = tx.init(self.params)
     self.steps_done = 0
@@ -88,26 +92,18 @@ class Runner:
     return dt
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__,
+def model_parser(doc: str) -> argparse.ArgumentParser:
+  """A parser with the MLP's options (--hidden, --batch, --seed)."""
+  parser = argparse.ArgumentParser(description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--hidden", type=int, nargs="+", default=[1536, 512])
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--block", type=int, default=10,
-                      help="steps per timed block, a multiple of 10 (default 10)")
-  parser.add_argument("--rounds", type=int, default=40,
-                      help="interleaved timed blocks per variant (default 40)")
-  parser.add_argument("--warmup", type=int, default=20,
-                      help="untimed steps per variant after compiling (default 20)")
-  parser.add_argument("--diagnose", action="store_true",
-                      help="also time masks_at alone and a recompute-every-step gmp")
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
-  if args.block % 10:
-    parser.error("--block must be a multiple of 10 (the gmp update frequency)")
-  if args.warmup % 10:
-    parser.error("--warmup must be a multiple of 10 (keeps gmp blocks aligned)")
+  return parser
 
+
+def model_and_batch(args):
+  """The MLP, one random batch (x, y) and its initial params, printed."""
   key_init, key_x, key_y = jax.random.split(jax.random.key(args.seed), 3)
   model = MLP(tuple(args.hidden))
   x = jax.random.normal(key_x, (args.batch, 784), jnp.float32)
@@ -118,6 +114,26 @@ def main():
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; MLP 784 -> "
         f"{' -> '.join(map(str, args.hidden))} -> 10: {n_params:,} params "
         f"({n_prunable:,} prunable); batch {args.batch}; adam(1e-3)")
+  return model, x, y, params, n_params
+
+
+def main():
+  parser = model_parser(__doc__)
+  parser.add_argument("--block", type=int, default=10,
+                      help="steps per timed block, a multiple of 10 (default 10)")
+  parser.add_argument("--rounds", type=int, default=40,
+                      help="interleaved timed blocks per variant (default 40)")
+  parser.add_argument("--warmup", type=int, default=20,
+                      help="untimed steps per variant after compiling (default 20)")
+  parser.add_argument("--diagnose", action="store_true",
+                      help="also time masks_at alone and a recompute-every-step gmp")
+  args = parser.parse_args()
+  if args.block % 10:
+    parser.error("--block must be a multiple of 10 (the gmp update frequency)")
+  if args.warmup % 10:
+    parser.error("--warmup must be a multiple of 10 (keeps gmp blocks aligned)")
+
+  model, x, y, params, n_params = model_and_batch(args)
 
   schedule = sparsejax.PolynomialSchedule(0.0, 0.9, begin_step=0, end_step=10**6,
                                           update_frequency=10)

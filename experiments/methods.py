@@ -10,9 +10,25 @@ Methods, chosen by `config.pruning.method`:
   nm:       N:M structured sparsity (`config.pruning.nm`): one of
             `sparsejax.nm.METHODS` with a dense phase first and a hard-mask
             fine-tune last, through `sparsejax.NMSparsity`.
-dense/one_shot/gradual go through `sparsejax.GradualMagnitudePruning`, so the
-pruned weights are exactly zero in the params after every step; nm keeps them
-dense until fine-tuning (the forward pass sees `nm_sparsity(config,
+  static:   random masks at `sparsity` (uniform or ERK) from step 0, fixed.
+  snip:     SNIP (Lee et al. 2019): masks from |g * w| on the first batch at
+            initialisation, fixed.
+  synflow:  SynFlow (Tanaka et al. 2020): data-free, `synflow_iterations`
+            rounds at initialisation, fixed.
+  ste:      the gradual schedule with straight-through training: the
+            forward sees the masked weights, every weight keeps training,
+            pruned ones can come back (JaxPruner's STE).
+  set, rigl: drop and grow (`config.pruning.dst`) at constant `sparsity`
+            from a random sparse start: SET grows at random, RigL by
+            |dense gradient|.
+  granet:   GraNet (Liu et al. 2021): the gradual schedule from
+            `initial_sparsity` (0: from dense) plus RigL's regeneration,
+            both every `dst.update_every` steps.
+dense/one_shot/gradual/static/snip/synflow go through
+`sparsejax.GradualMagnitudePruning`, set/rigl/granet through
+`sparsejax.DropAndGrow`: the pruned weights are exactly zero in the params
+after every step. ste keeps every weight; nm keeps them dense until
+fine-tuning (the forward pass sees `nm_sparsity(config,
 num_steps).forward`), and the last update leaves the weights N:M.
 """
 
@@ -21,6 +37,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+import jax
 import ml_collections
 import optax
 
@@ -29,7 +46,11 @@ from experiments.config_checks import ConfigError
 from experiments.config_checks import at_least
 from experiments.config_checks import choice
 
-METHODS = ("dense", "one_shot", "gradual", "nm")
+METHODS = ("dense", "one_shot", "gradual", "nm", "static", "snip", "synflow", "ste", "set",
+           "rigl", "granet")
+AT_INIT = ("snip", "synflow")              # masks computed by the trainer at initialisation
+DROP_AND_GROW = ("set", "rigl", "granet")  # sparsejax.DropAndGrow
+STRAIGHT_THROUGH = ("ste", "set", "rigl", "granet")  # forward: sparsejax.ste_masked_params
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 ALLOCATIONS = ("uniform", "erk", "global")
@@ -138,7 +159,16 @@ def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
     if not 0.0 <= pruning[key] < 1.0:
       raise ConfigError(f"config.pruning.{key}={pruning[key]!r} must be in [0, 1).")
   choice(pruning.allocation, ALLOCATIONS, "pruning.allocation")
-  if pruning.method == "gradual":
+  if pruning.method in DROP_AND_GROW:
+    dst = pruning.dst
+    at_least(dst.update_every, 1, "pruning.dst.update_every")
+    choice(dst.decay, sparsejax.dst.DECAYS, "pruning.dst.decay")
+    if not 0.0 <= dst.drop_fraction < 1.0:
+      raise ConfigError(f"config.pruning.dst.drop_fraction={dst.drop_fraction!r} must be in "
+                        "[0, 1).")
+  if pruning.method == "synflow":
+    at_least(pruning.synflow_iterations, 1, "pruning.synflow_iterations")
+  if pruning.method in ("gradual", "ste", "granet"):
     at_least(pruning.update_every, 1, "pruning.update_every")
     if not pruning.power > 0:
       raise ConfigError(f"config.pruning.power={pruning.power!r} must be > 0.")
@@ -154,6 +184,10 @@ def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
   if method in ("dense", "nm"):
     return None
   _check_pruning(pruning)
+  if method in ("static", "set", "rigl"):
+    return sparsejax.ConstantSchedule(pruning.sparsity)
+  if method in AT_INIT:
+    return sparsejax.FixedMaskSchedule()  # the trainer puts the masks in at initialisation
   start = step_at(pruning.start_fraction, num_steps, "pruning.start_fraction")
   if method == "one_shot":
     return sparsejax.OneShotSchedule(pruning.sparsity, step=start)
@@ -163,10 +197,10 @@ def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
         f"Gradual pruning needs end step > start step; config.pruning.start_fraction="
         f"{pruning.start_fraction} and end_fraction={pruning.end_fraction} of {num_steps} "
         f"steps give {start} and {end}.")
+  every = pruning.dst.update_every if method == "granet" else pruning.update_every
   return sparsejax.PolynomialSchedule(
       initial_sparsity=pruning.initial_sparsity, final_sparsity=pruning.sparsity,
-      begin_step=start, end_step=end, update_frequency=pruning.update_every,
-      power=pruning.power)
+      begin_step=start, end_step=end, update_frequency=every, power=pruning.power)
 
 
 def learning_rate(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -241,10 +275,40 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
   schedule = pruning_schedule(config.pruning, num_steps)
   if schedule is None:
     return tx
+  method = config.pruning.method
+  key = jax.random.key(config.seed)
+  regrowing = drop_and_grow(config, num_steps)
+  if regrowing is not None:
+    return regrowing.wrap(tx)
   pruner = sparsejax.GradualMagnitudePruning(
       schedule, allocation=config.pruning.allocation, leaf_filter=leaf_filter(config.pruning),
-      packed_masks=packed)
+      packed_masks=packed, score="random" if method == "static" else "magnitude",
+      key=key if method == "static" else None, straight_through=method == "ste")
   return pruner.wrap(tx)
+
+
+def drop_and_grow(config: ml_collections.ConfigDict,
+                  num_steps: int) -> sparsejax.DropAndGrow | None:
+  """The `DropAndGrow` of a set / rigl / granet config (None for other methods).
+
+  Raises:
+    ConfigError: a bad value, naming its key under config.pruning.
+  """
+  method = method_name(config)
+  if method not in DROP_AND_GROW:
+    return None
+  schedule = pruning_schedule(config.pruning, num_steps)
+  dst = config.pruning.dst
+  end = step_at(dst.end_fraction, num_steps, "pruning.dst.end_fraction")
+  if end < 1:
+    raise ConfigError(f"config.pruning.dst.end_fraction={dst.end_fraction} of {num_steps} "
+                      "steps leaves no step for drop and grow.")
+  sparse_start = method != "granet" or config.pruning.initial_sparsity > 0
+  return sparsejax.DropAndGrow(
+      schedule, end_step=end, grow="random" if method == "set" else "gradient",
+      update_every=dst.update_every, drop_fraction=dst.drop_fraction, decay=dst.decay,
+      allocation=config.pruning.allocation, initial_masks="random" if sparse_start else "dense",
+      leaf_filter=leaf_filter(config.pruning), key=jax.random.key(config.seed))
 
 
 def _packed_masks(config: ml_collections.ConfigDict) -> bool:
@@ -252,8 +316,8 @@ def _packed_masks(config: ml_collections.ConfigDict) -> bool:
   if "lottery" in config:
     return config.lottery.packed_masks
   packed = config.pruning.packed_masks  # a bool: ConfigDict refuses other types
-  if packed and method_name(config) == "nm":
+  if packed and method_name(config) in ("nm",) + DROP_AND_GROW:
     raise ConfigError(
-        "config.pruning.packed_masks=True is for magnitude pruning and lottery runs; N:M "
-        "training keeps bool masks (set it to False).")
+        "config.pruning.packed_masks=True is for magnitude pruning and lottery runs; N:M and "
+        "drop-and-grow training keep bool masks (set it to False).")
   return packed

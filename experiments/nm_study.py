@@ -1,14 +1,19 @@
-"""Runs an N:M study: every (method, pattern, seed) of config.study, plus dense.
+"""Runs a study: every (method, pattern, seed) of config.study, plus dense.
 
   python -m experiments.nm_study --config=experiments/configs/nm_study.py --workdir=runs/nm_study
+  python -m experiments.nm_study --config=experiments/configs/sparse_study_lenet5.py \
+      --workdir=runs/sparse_lenet5
 
-Each training is an `experiments.train` run of the base config with
-pruning.nm.method, n, m and seed set, in <workdir>/runs/<method>_<n>of<m>_seed<s>
-(dense: dense_seed<s>), so a killed study resumes: finished runs are read
-back, an unfinished one continues from its checkpoint. At the end the workdir
-gets summary.csv (one row per run), final.json (rows and the table) and
-nm_study.png (test accuracy per method and pattern, mean with min-max over
-seeds), and the table is printed.
+A study's patterns are either N:M pairs (`study.patterns`, the methods are
+N:M methods: pruning.nm.method, n and m are set) or unstructured sparsities
+(`study.sparsities`, the methods are pruning methods such as gradual, rigl
+or snip: pruning.method and pruning.sparsity are set). Each training is an
+`experiments.train` run of the base config in <workdir>/runs/<method>_<n>of<m>_seed<s>
+or <method>_<percent>pct_seed<s> (dense: dense_seed<s>), so a killed study
+resumes: finished runs are read back, an unfinished one continues from its
+checkpoint. At the end the workdir gets summary.csv (one row per run),
+final.json (rows and the table) and nm_study.png (test accuracy per method
+and pattern, mean with min-max over seeds), and the table is printed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sparsejax
 from experiments import cli
 from experiments import config_checks
 from experiments import distributed
+from experiments import methods as methods_lib
 from experiments import plots
 from experiments import train
 from experiments import trainer
@@ -50,14 +56,26 @@ def runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.Co
       or seed.
   """
   if "study" not in config:
-    raise config_checks.ConfigError("an N:M study config has a `study` section; start from "
-                                    "experiments/configs/nm_study.py.")
+    raise config_checks.ConfigError("a study config has a `study` section; start from "
+                                    "experiments/configs/nm_study.py or sparse_study_lenet5.py.")
   study = config.study
-  if not study.methods or not study.patterns or not study.seeds:
-    raise config_checks.ConfigError("config.study.methods, patterns and seeds must be non-empty.")
+  unstructured = "sparsities" in study
+  levels = "sparsities" if unstructured else "patterns"
+  if unstructured and "patterns" in study:
+    raise config_checks.ConfigError("config.study has both patterns (N:M) and sparsities "
+                                    "(unstructured): a study is one or the other.")
+  if not study.methods or not study[levels] or not study.seeds:
+    raise config_checks.ConfigError(
+        f"config.study.methods, {levels} and seeds must be non-empty.")
+  known = ([m for m in methods_lib.METHODS if m not in ("dense", "nm")] if unstructured
+           else tuple(sparsejax.nm.METHODS))
   for method in study.methods:
-    config_checks.choice(method, tuple(sparsejax.nm.METHODS), "study.methods")
-  for key in ("methods", "patterns", "seeds"):
+    config_checks.choice(method, tuple(known), "study.methods")
+  for sparsity in study[levels] if unstructured else ():
+    if not 0.0 < sparsity < 1.0:
+      raise config_checks.ConfigError(
+          f"config.study.sparsities holds {sparsity!r}: each must be in (0, 1).")
+  for key in ("methods", levels, "seeds"):
     values = [tuple(v) if isinstance(v, (list, tuple)) else v for v in study[key]]
     repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
     if repeated:
@@ -67,14 +85,21 @@ def runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.Co
   out = []
   base = ml_collections.ConfigDict(config.to_dict())
   del base["study"]
-  base.pruning.method = "nm"
+  if not unstructured:
+    base.pruning.method = "nm"
   base.dense_baseline = False
   for seed in study.seeds:
     if study.dense:
       dense = ml_collections.ConfigDict(base.to_dict())
       dense.pruning.method, dense.seed = "dense", seed
       out.append((f"dense_seed{seed}", dense))
-    for pattern in study.patterns:
+    for sparsity in study[levels] if unstructured else ():
+      for method in study.methods:
+        run_config = ml_collections.ConfigDict(base.to_dict())
+        run_config.seed = seed
+        run_config.pruning.method, run_config.pruning.sparsity = method, sparsity
+        out.append((f"{method}_{round(100 * sparsity)}pct_seed{seed}", run_config))
+    for pattern in () if unstructured else study.patterns:
       if len(pattern) != 2:
         raise config_checks.ConfigError(
             f"config.study.patterns holds {pattern!r}: each pattern is an (n, m) pair.")
@@ -89,11 +114,15 @@ def runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.Co
 
 
 def row(config: ml_collections.ConfigDict, summary: dict) -> dict:
-  dense = config.pruning.method == "dense"
+  """One run's line of summary.csv; `pattern` is the N:M pattern ('2:4') or the
+  unstructured sparsity ('90%')."""
+  method = config.pruning.method
   nm = config.pruning.nm
   worst = summary.get("nm", {}).get("max_nonzeros_per_group", {})
-  return {"method": "dense" if dense else nm.method,
-          "pattern": "dense" if dense else f"{nm.n}:{nm.m}", "seed": config.seed,
+  pattern = {"dense": "dense", "nm": f"{nm.n}:{nm.m}"}.get(
+      method, f"{round(100 * config.pruning.sparsity)}%")
+  return {"method": nm.method if method == "nm" else method,
+          "pattern": pattern, "seed": config.seed,
           "test_accuracy": summary["test"]["accuracy"],
           "best_test_accuracy": summary["best_test_accuracy"],
           "train_loss": summary["train"]["loss"], "sparsity": summary["sparsity"],
@@ -151,7 +180,7 @@ def plot(workdir: str, entries: list[dict]) -> str:
   ax.set_xticks(range(len(methods)), methods, rotation=20)
   seeds = max(e["seeds"] for e in entries)
   ax.set(ylabel="test accuracy at the end of training",
-         title=f"N:M methods ({seeds} seeds: mean, min to max)")
+         title=f"methods by pattern ({seeds} seeds: mean, min to max)")
   ax.grid(axis="y", alpha=0.3)
   ax.legend()
   return plots.save(fig, os.path.join(workdir, PLOT_FILE))

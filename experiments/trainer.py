@@ -124,12 +124,15 @@ def _dense_forward(params, opt_state):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    forward: Forward = _dense_forward) -> Callable:
+                    forward: Forward = _dense_forward,
+                    update_kwargs: dict | None = None) -> Callable:
   """(state, images, labels) -> (state, {'loss', 'accuracy'}), not yet jitted.
 
   The model sees `forward(params, opt_state)` (N:M training's masked and
   decayed weights); the gradient is taken with respect to the params.
+  `update_kwargs` go to `tx.update` (drop and grow's static `regrow`).
   """
+  update_kwargs = update_kwargs or {}
 
   def train_step(state: TrainState, images, labels):
     dropout = jax.random.fold_in(state.rng, state.step)
@@ -142,7 +145,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       return loss, (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **update_kwargs)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     new_state = state._replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -218,6 +221,8 @@ class Trainer:
       forward = nm.forward
     elif self.method == "dense":
       forward = _dense_forward
+    elif self.method in methods.STRAIGHT_THROUGH:  # masked forward, gradient to every weight
+      forward = sparsejax.ste_masked_params
     else:  # the masks decide what the model sees, whatever follows the wrapper
       forward = sparsejax.masked_params
     # best_test_accuracy counts evaluations from this step on: for N:M, those of
@@ -239,10 +244,17 @@ class Trainer:
     # Where each leaf of the state lives: large ones sharded along 'fsdp'.
     self.state_sharding = sparsejax.fsdp_shardings(
         jax.eval_shape(fresh_state, jax.random.PRNGKey(0)), self.mesh, "fsdp", config.mesh.fsdp_min_size)
-    self.train_step = jax.jit(make_train_step(self.model, self.tx, forward),
-                              in_shardings=(self.state_sharding, self.sharded, self.sharded),
-                              out_shardings=(self.state_sharding, self.replicated),
-                              donate_argnums=0)
+    step_jit = lambda **kwargs: jax.jit(
+        make_train_step(self.model, self.tx, forward, kwargs),
+        in_shardings=(self.state_sharding, self.sharded, self.sharded),
+        out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+    self.train_step = step_jit()
+    # Drop and grow: fit() picks one of two programs on the host, so the steps
+    # between updates carry no branch (see sparsejax.DropAndGrow.wrap).
+    self.regrowing = methods.drop_and_grow(config, self.num_steps)
+    self._regrow_steps = None
+    if self.regrowing is not None:
+      self._regrow_steps = {flag: step_jit(regrow=flag) for flag in (False, True)}
     self.eval_step = jax.jit(make_eval_step(self.model, forward),
                              in_shardings=(self.state_sharding,) + (self.sharded,) * 3,
                              out_shardings=self.replicated)
@@ -250,20 +262,59 @@ class Trainer:
     self._compiled_step = None  # the AOT-compiled train step, shared by every fit
     # Compiled once, for every initial state; each leaf is made where it lives.
     self._fresh_state = jax.jit(fresh_state, out_shardings=self.state_sharding)
+    self._prune_at_init = None
+    if self.method in methods.AT_INIT:
+      self._prune_at_init = jax.jit(
+          self._pruned_at_init, in_shardings=(self.state_sharding, self.sharded, self.sharded),
+          out_shardings=self.state_sharding)
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
                          out_shardings=self.state_sharding)
 
   def compiled_step(self, state: TrainState) -> Callable:
-    """`train_step` compiled once for this trainer's shapes (compiling excluded from steps/s)."""
+    """`train_step` compiled once for this trainer's shapes (compiling excluded
+    from steps/s), as (step, state, images, labels) -> (state, metrics)."""
     if self._compiled_step is None:
-      self._compiled_step = self.train_step.lower(state, *self.batch(0)).compile()
+      batch = self.batch(0)
+      if self._regrow_steps is None:
+        program = self.train_step.lower(state, *batch).compile()
+        self._compiled_step = lambda step, *args: program(*args)
+      else:
+        programs = {flag: fn.lower(state, *batch).compile()
+                    for flag, fn in self._regrow_steps.items()}
+        self._compiled_step = lambda step, *args: programs[
+            bool(self.regrowing.is_update_step(step))](*args)
     return self._compiled_step
 
   def initial_state(self, seed: int | None = None) -> TrainState:
     """A fresh state from `seed` (default: config.seed): params, BatchNorm
     statistics, optimizer state and dropout key, placed by `state_sharding`."""
     seed = self.config.seed if seed is None else seed
-    return self._fresh_state(jax.random.PRNGKey(seed))
+    state = self._fresh_state(jax.random.PRNGKey(seed))
+    if self._prune_at_init is not None:
+      state = self._prune_at_init(state, *self.batch(0))
+    return state
+
+  def _pruned_at_init(self, state: TrainState, images, labels) -> TrainState:
+    """`state` with SNIP's masks (|g * w| on the first training batch) or
+    SynFlow's (data-free) in its optimizer state."""
+    pruning = self.config.pruning
+    keep = methods.leaf_filter(pruning)
+    if self.method == "snip":
+      def loss(params):
+        logits, _ = self.model.apply(_variables(params, state.batch_stats), images, train=True,
+                                     mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.fold_in(state.rng, 0)})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      masks = sparsejax.snip_masks(state.params, jax.grad(loss)(state.params), pruning.sparsity,
+                                   allocation=pruning.allocation, leaf_filter=keep)
+    else:
+      apply = lambda params, x: self.model.apply(_variables(params, state.batch_stats), x,
+                                                 train=False)
+      masks = sparsejax.synflow_masks(apply, state.params, pruning.sparsity,
+                                      (1,) + self.data.image_shape,
+                                      iterations=pruning.synflow_iterations,
+                                      allocation=pruning.allocation, leaf_filter=keep)
+    return state._replace(opt_state=sparsejax.with_masks(state.opt_state, masks, state.params))
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The sharded training batch of `step` (read directly, not through the iterator)."""
@@ -394,7 +445,7 @@ class Trainer:
             train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
         for step in range(int(state.step), num_steps):
           tick = time.perf_counter()
-          state, step_metrics = step_fn(state, *self.global_batch(next(batches)))
+          state, step_metrics = step_fn(step, state, *self.global_batch(next(batches)))
           window.append(step_metrics)
           done = step + 1
           if done in callbacks:

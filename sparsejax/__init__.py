@@ -1,6 +1,8 @@
 """sparsejax: pure functional pruning and sparse training for JAX."""
 
 from sparsejax.allocation import erk_densities
+from sparsejax.at_init import snip_masks
+from sparsejax.at_init import synflow_masks
 from sparsejax.dst import DropAndGrow
 from sparsejax.dst import drop_and_grow
 from sparsejax.gradual import GradualMagnitudePruning
@@ -33,6 +35,7 @@ from sparsejax.schedules import OneShotSchedule
 from sparsejax.schedules import PolynomialSchedule
 from sparsejax.scores import magnitude_score
 from sparsejax.scores import random_score
+from sparsejax.scores import snip_score
 from sparsejax.selection import nm_mask
 from sparsejax.sharding import fsdp_shardings
 from sparsejax.selection import topk_mask
@@ -87,10 +90,13 @@ __all__ = [
     "pack_masks",
     "random_masks",
     "random_score",
+    "snip_score",
+    "snip_masks",
     "sparsity_report",
     "state_masks",
     "ste_masked_params",
     "structure_patterns",
+    "synflow_masks",
     "topk_mask",
     "topk_masks",
     "topk_masks_by_count",

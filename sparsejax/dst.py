@@ -38,6 +38,7 @@ import optax
 from sparsejax import allocation as allocation_lib
 from sparsejax import gradual
 from sparsejax import pruning
+from sparsejax import schedules
 from sparsejax import selection
 from sparsejax import trees
 
@@ -120,6 +121,9 @@ def reset_where(opt_state: optax.OptState, init_fn, where: PyTree) -> optax.OptS
 class DropAndGrow:
   """SET, RigL or GraNet around any optax optimizer.
 
+  With `regrow=True` passed to `update` the caller promises an update step
+  (`is_update_step`); see `wrap`.
+
   Example (RigL's defaults, 80% sparse, ERK, updates every 100 steps until
   75% of 10,000 steps):
     >>> tx = DropAndGrow(sparsejax.ConstantSchedule(0.8), end_step=7500,
@@ -199,13 +203,17 @@ class DropAndGrow:
     step = jnp.asarray(step)
     return (step > 0) & (step <= self.end_step) & (step % self.update_every == 0)
 
-  def update_masks(self, params: PyTree, masks: PyTree, grads: PyTree, step
-                   ) -> tuple[PyTree, PyTree]:
-    """(masks, grown) after `step`'s schedule and drop-and-grow update (traced
-    step allowed; unchanged masks and no growth off the update steps)."""
+  def _scheduled(self, params: PyTree, masks: PyTree, step) -> PyTree:
+    """The masks after the schedule's magnitude step (GraNet's pruning; a no-op
+    for a constant sparsity the masks already have)."""
+    if isinstance(self.schedule, schedules.ConstantSchedule) and self.initial_masks == "random":
+      return masks  # random initial masks already hold the schedule's counts
     magnitude = self._magnitude()
-    masks = jax.lax.cond(self.schedule.is_update_step(step),
-                         lambda: magnitude.masks_at(params, step, masks), lambda: masks)
+    return jax.lax.cond(self.schedule.is_update_step(step),
+                        lambda: magnitude.masks_at(params, step, masks), lambda: masks)
+
+  def _regrown(self, params: PyTree, masks: PyTree, grads: PyTree, step) -> tuple[PyTree, PyTree]:
+    """drop_and_grow at `step`, growing by |grads| or at random."""
     if self.grow == "random":
       key = jax.random.fold_in(self.key, step + 1)
       flat, treedef = jax.tree.flatten(grads, is_leaf=trees.is_empty)
@@ -214,16 +222,34 @@ class DropAndGrow:
           for i, g in enumerate(flat)])
     else:
       scores = jax.tree.map(jnp.abs, grads)
+    return drop_and_grow(params, masks, scores, self.fraction(step),
+                         shared=self.allocation == "global")
+
+  def update_masks(self, params: PyTree, masks: PyTree, grads: PyTree, step
+                   ) -> tuple[PyTree, PyTree]:
+    """(masks, grown) after `step`'s schedule and drop-and-grow update (traced
+    step allowed; unchanged masks and no growth off the update steps)."""
+    masks = self._scheduled(params, masks, step)
     no_growth = jax.tree.map(lambda m: None if m is None else jnp.zeros(m.shape, bool), masks,
                              is_leaf=lambda x: x is None)
-    return jax.lax.cond(
-        self.is_update_step(step),
-        lambda: drop_and_grow(params, masks, scores, self.fraction(step),
-                              shared=self.allocation == "global"),
-        lambda: (masks, no_growth))
+    return jax.lax.cond(self.is_update_step(step),
+                        lambda: self._regrown(params, masks, grads, step),
+                        lambda: (masks, no_growth))
 
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Wraps `inner`: its state becomes a `PruningState` holding the masks."""
+    """Wraps `inner`: its state becomes a `PruningState` holding the masks.
+
+    Each step trains with the current masks (as RigL's optimizer does); on
+    an update step, drop and grow follow in the same update: dropped
+    weights go to 0.0, grown ones stay 0.0 with their moments reset.
+
+    By default the update decides inside the step (`lax.cond`), which is
+    right for any caller but costs every step on CPU (the branch keeps XLA
+    from fusing the gradient with the optimizer). A training loop that
+    knows the step on the host can pass `regrow=bool(self.is_update_step(t))`
+    (a Python bool, static under jit) to `update` and compile two programs:
+    then the steps between updates cost what a fixed-mask step does.
+    """
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -235,20 +261,32 @@ class DropAndGrow:
       return gradual.PruningState(jnp.zeros((), jnp.int32), self.initial(params),
                                   inner.init(params))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, regrow: bool | None = None, **extra_args):
       if params is None:
         raise ValueError("DropAndGrow needs params: call tx.update(grads, opt_state, params).")
-      masks, grown = self.update_masks(params, state.masks, updates, state.count)
-      grads = gradual.zero_pruned(updates, masks)
-      inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-      inner_state = reset_where(inner_state, inner.init, grown)
-      # Grown weights become 0.0 (they are 0 already unless set from outside);
-      # every other active weight takes the inner update, pruned ones go to 0.
-      trained = jax.tree.map(lambda m, g: None if m is None else m & ~g, masks, grown,
-                             is_leaf=lambda x: x is None)
+      step = state.count
+      masks = self._scheduled(params, state.masks, step)
+      inner_updates, inner_state = inner.update(gradual.zero_pruned(updates, masks),
+                                                state.inner_state, params, **extra_args)
+
+      def regrow_fn():
+        new, grown = self._regrown(params, masks, updates, step)
+        # Grown weights had no gradient this step: their update is -w (they
+        # are 0.0 already unless set from outside) and their moments restart.
+        trained = jax.tree.map(lambda m, g: None if m is None else m & ~g, new, grown,
+                               is_leaf=lambda x: x is None)
+        return (new, reset_where(inner_state, inner.init, grown),
+                gradual.updates_to_zero(inner_updates, params, trained))
+
+      def keep():
+        return masks, inner_state, gradual.updates_to_zero(inner_updates, params, masks)
+
+      if regrow is None:
+        masks, inner_state, out = jax.lax.cond(self.is_update_step(step), regrow_fn, keep)
+      else:  # the caller knows: one of the branches, compiled alone
+        masks, inner_state, out = regrow_fn() if regrow else keep()
       count = optax.safe_int32_increment(state.count)
-      return (gradual.updates_to_zero(inner_updates, params, trained),
-              gradual.PruningState(count, masks, inner_state))
+      return out, gradual.PruningState(count, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -133,13 +133,25 @@ def ste_masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   weights with).
   """
   masks = state_masks(opt_state, params)
+  return trees.map_with_masks(lambda p, m: p if m is None else _straight_through(p, m),
+                              params, masks)
 
-  def straight_through(p, m):
-    if m is None:
-      return p
-    return p + jax.lax.stop_gradient(jnp.where(m, p, jnp.zeros((), p.dtype)) - p)
 
-  return trees.map_with_masks(straight_through, params, masks)
+@jax.custom_vjp
+def _straight_through(param: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.where(mask, param, jnp.zeros((), param.dtype))
+
+
+def _straight_through_fwd(param, mask):
+  return _straight_through(param, mask), None
+
+
+def _straight_through_bwd(residual, grad):
+  del residual
+  return grad, None
+
+
+_straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
 def zero_pruned(grads: PyTree, masks: PyTree) -> PyTree:
@@ -186,6 +198,11 @@ class GradualMagnitudePruning:
     packed_masks: keep the masks in the optimizer state at 1 bit per weight
       (uint8, packed along each leaf's last axis) instead of a bool byte;
       unpacked inside the update, where XLA fuses it with its use.
+    straight_through: STE training (as JaxPruner's STE pruners): pruned
+      weights keep their values and keep being updated with the gradient
+      of the masked network (use `ste_masked_params` in the forward), and
+      each mask update ranks all weights, so a pruned one can come back.
+      The params are then dense; `masked_params` gives the sparse network.
   """
 
   schedule: Any
@@ -194,6 +211,7 @@ class GradualMagnitudePruning:
   score: Any = "magnitude"
   key: jax.Array | None = None
   packed_masks: bool = False
+  straight_through: bool = False
 
   def __post_init__(self):
     allocation_lib.validate_allocation(self.allocation)
@@ -236,8 +254,14 @@ class GradualMagnitudePruning:
                          "tx.update(grads, opt_state, params).")
       previous = masks_lib.bool_masks(state.masks, params)
       masks = jax.lax.cond(self.schedule.is_update_step(state.count),
-                           lambda: self.masks_at(params, state.count, previous),
+                           lambda: self.masks_at(params, state.count,
+                                                 None if self.straight_through else previous),
                            lambda: previous)
+      if self.straight_through:  # dense weights, dense updates: only the forward is masked
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params,
+                                                  **extra_args)
+        count = optax.safe_int32_increment(state.count)
+        return inner_updates, PruningState(count, self._store(masks), inner_state)
       grads = zero_pruned(updates, masks)
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       count = optax.safe_int32_increment(state.count)

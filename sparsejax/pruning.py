@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import allocation as allocation_lib
@@ -34,7 +35,9 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
                   leaf_filter: trees.LeafFilter | None = None,
                   key: jax.Array | None = None,
                   previous_masks: PyTree | None = None,
-                  ramp: Callable[[Any], Any] | None = None) -> PyTree:
+                  ramp: Callable[[Any], Any] | None = None,
+                  grads: PyTree | None = None,
+                  normalize: bool = False) -> PyTree:
   """Masks for `params` at the given total sparsity: score -> allocate -> select.
 
   Args:
@@ -51,6 +54,11 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
     ramp: maps each leaf's allocated sparsity (for 'global', the total) to
       the sparsity used now, e.g. `lambda s: schedule.with_final(s)(step)`;
       default: use the allocation as is.
+    grads: a params-shaped tree of loss gradients, for scores that need
+      them ('snip'); a score function is then called as (param, key, grad).
+    normalize: divide each leaf's scores by their L2 norm (+1e-8) before
+      selecting, as JaxPruner's global pruners do, so that a global
+      threshold does not favour layers with large scores.
 
   Returns:
     A masks pytree: bool arrays for pruned leaves, None elsewhere.
@@ -69,7 +77,15 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   if previous_masks is not None:
     aligned = trees.leaves_with_masks(params, previous_masks, "previous_masks")
     previous = [leaf.mask for leaf in aligned]
-  scores = _scores(leaves, chosen, score_fn, key)
+  grad_leaves = None
+  if grads is not None:
+    trees.check_same_paths(params, grads, what="grads")
+    grad_leaves = trees.named_leaves(grads)
+  elif score in scores_lib.GRADIENT_SCORES:
+    raise ValueError(f"score {score!r} needs the loss gradient: pass grads= to compute_masks.")
+  scores = _scores(leaves, chosen, score_fn, key, grad_leaves)
+  if normalize:
+    scores = [s / (jnp.linalg.norm(s.astype(jnp.float32)) + 1e-8) for s in scores]
   targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
   current = ramp(sparsity) if targets is None else [ramp(t) for t in targets]
@@ -79,12 +95,15 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
 
 
 def _scores(leaves: Sequence[trees.Leaf], chosen: Sequence[int], score_fn: scores_lib.ScoreFn,
-            key: jax.Array | None) -> list[jax.Array]:
+            key: jax.Array | None, grads: Sequence[trees.Leaf] | None = None) -> list[jax.Array]:
   """The score of every chosen leaf; `key` is folded with each leaf's index."""
   scores = []
   for i in chosen:
     leaf_key = None if key is None else jax.random.fold_in(key, i)
-    scores.append(score_fn(leaves[i].value, leaf_key))
+    if grads is None:
+      scores.append(score_fn(leaves[i].value, leaf_key))
+    else:
+      scores.append(score_fn(leaves[i].value, leaf_key, grads[i].value))
     selection.check_no_nan(scores[-1], leaves[i].path)
   return scores
 

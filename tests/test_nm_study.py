@@ -8,6 +8,7 @@ import pytest
 from experiments import config_checks
 from experiments import nm_study
 from experiments.configs import nm_study as nm_study_config
+from experiments.configs import sparse_study_lenet5 as sparse_study_config
 
 
 def _rows():
@@ -94,3 +95,45 @@ def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_d
   mtime = os.path.getmtime(os.path.join(workdir, "final.json"))
   assert nm_study.run(config, workdir, log=lambda _: None) == result
   assert os.path.getmtime(os.path.join(workdir, "final.json")) == mtime
+
+
+def test_an_unstructured_study_trains_every_method_at_every_sparsity(digits_dir, tmp_path):
+  config = sparse_study_config.get_config()
+  config.data_dir = digits_dir
+  config.image_size = 0  # 8x8 digits: LeNet-5's convolutions still fit
+  config.model = {"name": "mlp", "features": (16,)}
+  config.num_train_steps = 6
+  config.log_every = 6
+  config.checkpoint_every = 6
+  config.pruning.dst.update_every = 2
+  config.pruning.synflow_iterations = 3
+  config.study.methods = ("rigl", "snip")
+  config.study.sparsities = (0.5, 0.75)
+  config.study.seeds = (1,)
+  workdir = str(tmp_path / "study")
+  result = nm_study.run(config, workdir, log=lambda _: None)
+  assert sorted(os.listdir(os.path.join(workdir, "runs"))) == [
+      "dense_seed1", "rigl_50pct_seed1", "rigl_75pct_seed1", "snip_50pct_seed1",
+      "snip_75pct_seed1"]
+  rows = result["rows"]
+  assert [(r["method"], r["pattern"]) for r in rows] == [
+      ("dense", "dense"), ("rigl", "50%"), ("snip", "50%"), ("rigl", "75%"), ("snip", "75%")]
+  # ERK over the MLP's two kernels (64x16, 16x10) keeps (1 - s) of their 1184 weights.
+  for r in rows[1:]:
+    assert r["sparsity"] == pytest.approx(1 - round((1 - int(r["pattern"][:-1]) / 100) * 1184)
+                                          / 1184, abs=2e-3)
+  assert "| rigl |" in result["markdown"] and "| 50% | 75% |" in result["markdown"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.study.update(methods=("rigl", "srste")), r"config.study.methods='srste'"),
+    (lambda c: c.study.update(sparsities=(0.9, 1.0)), r"config.study.sparsities holds 1.0"),
+    (lambda c: c.study.update(sparsities=(0.9, 0.9)), r"config.study.sparsities=.* repeats"),
+])
+def test_bad_unstructured_study_config_is_an_error_naming_the_key(edit, message, tmp_path,
+                                                                  digits_dir):
+  config = sparse_study_config.get_config()
+  config.data_dir = digits_dir
+  edit(config)
+  with pytest.raises(config_checks.ConfigError, match=message):
+    nm_study.run(config, str(tmp_path / "study"))

@@ -14,6 +14,7 @@ SMALL = {
     "quickstart.ipynb": {"TRAIN_STEPS": 40},
     "lottery.ipynb": {"TINY_LEVELS": 2, "TINY_EPOCHS": 2},
     "nm_sparsity.ipynb": {"TINY_METHODS": ("srste", "sdgf_geometric"), "TINY_STEPS": 24},
+    "sparse_training.ipynb": {"TRAIN_STEPS": 60, "UPDATE_EVERY": 10},
 }
 
 

@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2    # newest checkpoints kept (0: all)
 
   config.pruning = ml_collections.ConfigDict()
-  config.pruning.method = "gradual"    # dense | one_shot | gradual | nm
+  # dense | one_shot | gradual | nm | static | snip | synflow | ste | set | rigl | granet
+  config.pruning.method = "gradual"
   config.pruning.sparsity = 0.9        # final sparsity of the prunable kernels
   config.pruning.allocation = "uniform"  # uniform | erk | global
   config.pruning.initial_sparsity = 0.0  # gradual: sparsity at start_fraction
@@ -66,6 +67,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.include = ""          # regex: prune only kernels whose path matches
   config.pruning.exclude = ""          # regex: never prune kernels whose path matches
   config.pruning.packed_masks = False  # masks in the optimizer state at 1 bit per weight, not 8
+  config.pruning.synflow_iterations = 100  # synflow: rounds of pruning at initialisation
+  # set | rigl | granet: drop and grow every update_every steps until end_fraction of
+  # training, drop fraction decayed from drop_fraction (RigL: 0.3, 100, 0.75, cosine).
+  config.pruning.dst = ml_collections.ConfigDict()
+  config.pruning.dst.update_every = 100
+  config.pruning.dst.drop_fraction = 0.3
+  config.pruning.dst.end_fraction = 0.75
+  config.pruning.dst.decay = "cosine"  # cosine | constant
   # method 'nm': N:M structured sparsity (sparsity/allocation above are unused).
   config.pruning.nm = ml_collections.ConfigDict()
   config.pruning.nm.method = "srste"  # step | srste | mdgf_linear | mdgf_exp | sdgf_stepwise | sdgf_geometric
