@@ -1,6 +1,7 @@
 """Drop and grow (SET, RigL), GraNet and the straight-through forward, against NumPy."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,3 +232,45 @@ def test_drop_and_grow_options_that_cannot_work_are_errors(kwargs, message):
              "key": jax.random.key(0), **kwargs}
   with pytest.raises(ValueError, match=message):
     dst.DropAndGrow(**options)
+
+
+class _NnxAttention(nnx.Module):
+  """Flax NNX attention (3-D q/k/v/out kernels) and a head."""
+
+  def __init__(self, rngs):
+    self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
+                                            decode=False, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.attention(x).mean(axis=1))
+
+
+def test_rigl_on_an_nnx_attention_model_keeps_every_leaf_count():
+  model = _NnxAttention(nnx.Rngs(0))
+  tx = dst.DropAndGrow(sparsejax.ConstantSchedule(0.5), end_step=10, update_every=2,
+                       key=jax.random.key(0)).wrap(optax.adam(0.05))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (6, 5, 8))
+  y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+
+  @nnx.jit
+  def step(model, optimizer):
+    # The wrapper keeps pruned weights at exactly 0, so the gradient of the
+    # model as it is, is the dense gradient RigL grows by.
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  first = jax.tree.map(np.asarray, sparsejax.state_masks(optimizer.opt_state))
+  counts = dst.active_counts(first)
+  assert "attention/query/kernel" in counts and len(counts) == 5  # q, k, v, out, head
+  for _ in range(8):
+    step(model, optimizer)
+  masks = sparsejax.state_masks(optimizer.opt_state)
+  assert dst.active_counts(masks) == counts
+  assert any(bool(np.any(np.asarray(a) != b)) for a, b in zip(jax.tree.leaves(masks),
+                                                             jax.tree.leaves(first)))
+  params = nnx.state(model, nnx.Param)
+  for leaf in sparsejax.leaves_with_masks(params, masks):
+    if leaf.mask is not None:
+      assert np.all(np.asarray(leaf.param)[~np.asarray(leaf.mask)] == 0), leaf.path
