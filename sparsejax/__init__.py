@@ -50,6 +50,7 @@ from sparsejax import layouts
 from sparsejax import lottery
 from sparsejax import nm
 from sparsejax import nm_schedules
+from sparsejax import oneshot
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,7 @@ __all__ = [
     "nm_mask",
     "nm_masks",
     "nm_schedules",
+    "oneshot",
     "pack_bits",
     "pack_masks",
     "random_masks",

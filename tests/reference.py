@@ -114,3 +114,40 @@ def drop_and_grow(weights, mask, grow_scores, fraction):
   kept = top_count(np.abs(weights), active - drop, mask)
   grow = top_count(grow_scores, drop, ~kept)
   return kept | grow, grow & ~mask
+
+
+def wanda_mask(weights, inputs, sparsity):
+  """Wanda: per output unit (column of a (d_in, d_out) W), keep the largest |W_ij| * ||X_i||."""
+  x = np.asarray(inputs, np.float64).reshape(-1, np.shape(weights)[0])
+  scores = np.abs(np.asarray(weights, np.float64)) * np.sqrt((x ** 2).sum(axis=0))[:, None]
+  return np.stack([topk_mask(scores[:, j], sparsity) for j in range(scores.shape[1])], axis=1)
+
+
+def sparsegpt(weights, inputs, sparsity=None, nm=None, block_size=128, dampening=0.01):
+  """SparseGPT on a (d_in, d_out) W from inputs X (n, d_in): (W', keep-mask).
+
+  Written from the paper's algorithm, in float64, with every update applied
+  to all later inputs at once (no lazy batching) and an explicit inverse.
+  """
+  x = np.asarray(inputs, np.float64).reshape(-1, np.shape(weights)[0])
+  w = np.array(weights, np.float64).T           # rows: output units; columns: inputs
+  d = w.shape[1]
+  h = x.T @ x
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[:, dead] = 0.0
+  h += dampening * np.mean(np.diag(h)) * np.eye(d)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T    # upper: u.T @ u = inverse of h
+  keep = np.ones(w.shape, bool)
+  for start in range(0, d, block_size):
+    stop = min(start + block_size, d)
+    if nm is None:
+      saliency = w[:, start:stop] ** 2 / np.diag(u)[start:stop] ** 2
+      keep[:, start:stop] = topk_mask(saliency, sparsity)
+    for j in range(start, stop):
+      if nm is not None and (j - start) % nm[1] == 0:
+        group = w[:, j:j + nm[1]] ** 2 / np.diag(u)[j:j + nm[1]] ** 2
+        keep[:, j:j + nm[1]] = nm_mask(group, nm[0], nm[1], axis=1)
+      error = np.where(keep[:, j], 0.0, w[:, j]) / u[j, j]
+      w[:, j:] -= np.outer(error, u[j, j:])
+  return np.where(keep, w, 0.0).T, keep.T

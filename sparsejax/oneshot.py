@@ -1,0 +1,386 @@
+"""One-shot pruning of a trained model from calibration inputs: magnitude, Wanda, SparseGPT.
+
+Each kernel is pruned as a linear layer W (d_in x d_out, its contraction axes
+merged into d_in, see `layouts`) from the Gram matrix of its inputs,
+H = X^T X over the calibration tokens X (n x d_in):
+
+  magnitude  keep the largest |W_ij| (per output unit, or per layer);
+  wanda      keep the largest |W_ij| * ||X_i||_2 of each output unit
+             (Sun et al. 2023; ||X_i||^2 = H_ii);
+  sparsegpt  prune columns of W^T left to right in blocks, choosing each
+             block's mask by W^2 / [H^-1]_jj^2 and spreading each pruned
+             weight's error over the weights not yet visited with the
+             optimal brain surgeon update, through the upper Cholesky factor
+             of (H + lambda I)^-1 (Frantar & Alistarh 2023).
+
+Sparsity is unstructured (a fraction) or N:M along d_in. `prune_layer` prunes
+one kernel; `prune_sequentially` prunes a model group by group (transformer
+block by block), each group calibrated on the outputs of the groups already
+pruned, as both papers do. `linen_hessians` captures the Gram matrices of
+every Dense / DenseGeneral kernel of a Flax Linen model (Flax's attention
+included). Masks are selected by the library's exact top-k / N:M selection,
+so exactly round((1-s) n) weights survive where the reference code's
+threshold could keep fewer on ties.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax import counts
+from sparsejax import layouts
+from sparsejax import pruning
+from sparsejax import selection
+from sparsejax import trees
+
+PyTree = Any
+METHODS = ("magnitude", "wanda", "sparsegpt")
+HessiansFn = Callable[[PyTree], Mapping[str, jax.Array]]
+
+
+def check_target(sparsity=None, nm: tuple[int, int] | None = None) -> None:
+  """Exactly one of a sparsity in [0, 1) or an N:M pattern with 0 < N <= M."""
+  if (sparsity is None) == (nm is None):
+    raise ValueError(f"give either sparsity= or nm=(n, m), got sparsity={sparsity!r}, nm={nm!r}.")
+  if sparsity is not None:
+    counts.check_sparsity(sparsity)
+    if not 0.0 <= float(sparsity) < 1.0:
+      raise ValueError(f"one-shot sparsity must be in [0, 1), got {sparsity}.")
+  else:
+    n, m = nm
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 0 < n <= m:
+      raise ValueError(f"nm must be (N, M) with ints 0 < N <= M, got {nm!r}.")
+
+
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"unknown one-shot method {method!r}; use one of {METHODS}.")
+
+
+def as_matrix(kernel: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, Callable]:
+  """`kernel` as a (d_in, d_out) matrix with its contraction `axes` as rows, and the inverse map."""
+  view = layouts.GroupedView(kernel.shape, tuple(axes))
+  moved = jnp.moveaxis(view.to_view(kernel), view.axis, 0)
+  matrix = moved.reshape(view.length, -1)
+
+  def back(x):
+    return view.from_view(jnp.moveaxis(x.reshape(moved.shape), 0, view.axis))
+
+  return matrix, back
+
+
+def _per_output(scores: jax.Array, sparsity) -> jax.Array:
+  """Top-k mask of each column (output unit) of a (d_in, d_out) score matrix."""
+  return jax.vmap(lambda column: selection.topk_mask(column, sparsity), in_axes=1, out_axes=1)(scores)
+
+
+def _select(scores: jax.Array, sparsity, nm, per_output: bool) -> jax.Array:
+  """Keep-mask of a (d_in, d_out) score matrix: N:M along d_in, per column, or per layer."""
+  if nm is not None:
+    return selection.nm_mask(scores, nm[0], nm[1], axis=0)
+  return _per_output(scores, sparsity) if per_output else selection.topk_mask(scores, sparsity)
+
+
+def wanda_scores(weights: jax.Array, hessian: jax.Array) -> jax.Array:
+  """|W_ij| * ||X_i||_2 for a (d_in, d_out) W, from H = X^T X (its diagonal).
+
+  >>> wanda_scores(jnp.array([[1., -2.], [3., 1.]]), jnp.diag(jnp.array([4., 1.]))).tolist()
+  [[2.0, 4.0], [3.0, 1.0]]
+  """
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian).astype(jnp.float32), 0.0))
+  return jnp.abs(weights.astype(jnp.float32)) * norms[:, None]
+
+
+def inverse_cholesky(hessian: jax.Array, dampening: float = 0.01) -> jax.Array:
+  """Upper Cholesky factor U of (H + lambda I)^-1, U^T U = (H + lambda I)^-1.
+
+  lambda is `dampening` times the mean diagonal of H; inputs never seen
+  (H_ii = 0) get H_ii = 1 so that H stays invertible.
+  """
+  h = hessian.astype(jnp.float32)
+  diag = jnp.diagonal(h)
+  h = h + jnp.diag(jnp.where(diag == 0, 1.0, 0.0))
+  h = h + dampening * jnp.mean(jnp.diagonal(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
+  lower = jnp.linalg.cholesky(h)
+  inverse = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
+  return jnp.linalg.cholesky(inverse).T
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "nm", "block_size", "dampening"))
+def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None = None,
+              nm: tuple[int, int] | None = None, block_size: int = 128,
+              dampening: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """SparseGPT on one layer: (pruned and updated W, keep-mask), W of shape (d_in, d_out).
+
+  Columns of W^T (inputs) are visited in blocks of `block_size`; a block's
+  mask keeps the largest W^2 / [H^-1]_jj^2 (over the whole block: adaptive,
+  or of every m inputs for N:M), the error of each pruned input is spread
+  over the later inputs of the block at once and over the later blocks in
+  one lazy matrix product.
+  """
+  check_target(sparsity, nm)
+  d_in = weights.shape[0]
+  if nm is not None and (d_in % nm[1] or block_size % nm[1]):
+    raise ValueError(f"N:M {nm[0]}:{nm[1]} needs d_in ({d_in}) and block_size ({block_size}) "
+                     f"divisible by M={nm[1]}.")
+  dtype = weights.dtype
+  w = weights.astype(jnp.float32).T                       # (d_out, d_in): rows are output units
+  dead = jnp.diagonal(hessian) == 0
+  w = jnp.where(dead[None, :], 0.0, w)
+  u = inverse_cholesky(hessian, dampening)
+  keep = jnp.ones(w.shape, bool)
+  for start in range(0, d_in, block_size):
+    stop = min(start + block_size, d_in)
+    block, u_block = w[:, start:stop], u[start:stop, start:stop]
+    block_keep = None
+    if nm is None:
+      # Adaptive mask selection: one top-k over the whole block, before its updates.
+      block_keep = selection.topk_mask(block ** 2 / jnp.diagonal(u_block)[None, :] ** 2, sparsity)
+    block, errors, block_keep = _prune_block(block, u_block, block_keep, nm)
+    w = w.at[:, start:stop].set(jnp.where(block_keep, block, 0.0))
+    if stop < d_in:
+      w = w.at[:, stop:].add(-errors @ u[start:stop, stop:])   # the lazy update of later blocks
+    keep = keep.at[:, start:stop].set(block_keep)
+  return w.T.astype(dtype), keep.T
+
+
+def _prune_block(block: jax.Array, u_block: jax.Array, block_keep: jax.Array | None,
+                 nm: tuple[int, int] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The inputs (columns) of one block pruned in order: (updated block, errors, keep-mask).
+
+  Pruning input j moves every later input by error_j * u[j, j:]. Those
+  updates are themselves lazy: inputs are visited in sub-blocks of a few
+  columns, and the rest of the block is updated once per sub-block by a
+  matrix product, which reads the block once per sub-block instead of once
+  per input. With `block_keep` None, each group of m inputs gets its N:M mask
+  when reached, from the weights updated so far (as the reference code does).
+  """
+  rows, length = block.shape
+  sub = next((c for c in (16, 8, 4, 2, 1) if length % c == 0 and (nm is None or c % nm[1] == 0)),
+             None) or nm[1]
+  d = jnp.diagonal(u_block)
+  columns = jnp.arange(length)
+
+  def sub_block(s, carry):
+    block, errors, keep = carry
+    first = s * sub
+    local = jax.lax.dynamic_slice(block, (0, first), (rows, sub))
+    local_u = jax.lax.dynamic_slice(u_block, (first, first), (sub, sub))
+    local_d = jax.lax.dynamic_slice(d, (first,), (sub,))
+    local_keep = (jax.lax.dynamic_slice(keep, (0, first), (rows, sub)) if nm is None
+                  else jnp.ones((rows, sub), bool))
+    local_errors = jnp.zeros_like(local)
+    for t in range(sub):
+      if nm is not None and t % nm[1] == 0:
+        group = local[:, t:t + nm[1]] ** 2 / local_d[None, t:t + nm[1]] ** 2
+        local_keep = local_keep.at[:, t:t + nm[1]].set(selection.nm_mask(group, nm[0], nm[1], axis=1))
+      error = jnp.where(local_keep[:, t], 0.0, local[:, t]) / local_d[t]
+      local = local - error[:, None] * local_u[t][None, :]   # upper triangular: inputs >= t move
+      local_errors = local_errors.at[:, t].set(error)
+    later = jax.lax.dynamic_slice(u_block, (first, 0), (sub, length))
+    later = jnp.where(columns[None, :] >= first + sub, later, 0.0)
+    block = jax.lax.dynamic_update_slice(block - local_errors @ later, local, (0, first))
+    return (block, jax.lax.dynamic_update_slice(errors, local_errors, (0, first)),
+            jax.lax.dynamic_update_slice(keep, local_keep, (0, first)))
+
+  keep = jnp.ones(block.shape, bool) if block_keep is None else block_keep
+  return jax.lax.fori_loop(0, length // sub, sub_block, (block, jnp.zeros_like(block), keep))
+
+
+def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
+                sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                axes: Sequence[int] = (0,), per_output: bool = True, block_size: int = 128,
+                dampening: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """One kernel pruned by `method`: (new kernel, keep-mask), both of the kernel's shape.
+
+  `hessian` is X^T X of the layer's inputs, (d_in, d_in) with d_in the product
+  of the contraction `axes`; magnitude pruning ignores it (may be None).
+  Magnitude and Wanda only zero weights; SparseGPT also updates the kept ones.
+
+  >>> k, keep = prune_layer(jnp.array([[1., -4.], [3., 2.]]), None, 'magnitude', sparsity=0.5)
+  >>> keep.tolist(), k.tolist()
+  ([[False, True], [True, False]], [[0.0, -4.0], [3.0, 0.0]])
+  """
+  check_method(method)
+  check_target(sparsity, nm)
+  matrix, back = as_matrix(kernel, axes)
+  if method != "magnitude":
+    if hessian is None or hessian.shape != (matrix.shape[0],) * 2:
+      raise ValueError(f"{method} needs the inputs' Gram matrix of shape {(matrix.shape[0],) * 2} "
+                       f"for a kernel of shape {kernel.shape} (axes {tuple(axes)}), got "
+                       f"{None if hessian is None else hessian.shape}.")
+  if nm is not None and matrix.shape[0] % nm[1]:
+    raise ValueError(f"kernel of shape {kernel.shape}: its {matrix.shape[0]} inputs (axes "
+                     f"{tuple(axes)}) are not divisible by M={nm[1]}.")
+  if method == "sparsegpt":
+    new, keep = sparsegpt(matrix, hessian, sparsity=None if sparsity is None else float(sparsity),
+                          nm=nm, block_size=block_size, dampening=dampening)
+    return back(new), back(keep)
+  scores = jnp.abs(matrix) if method == "magnitude" else wanda_scores(matrix, hessian)
+  keep = _select(scores, sparsity, nm, per_output)
+  return back(jnp.where(keep, matrix, 0).astype(kernel.dtype)), back(keep)
+
+
+def block_group(pattern: str = r"^.*?_\d+(?=/)") -> Callable[[str], str]:
+  """Path -> group: the first match of `pattern` (default: up to the first `name_<i>` module).
+
+  >>> g = block_group()
+  >>> g('block_1/attention/query/kernel'), g('head/kernel')
+  ('block_1', 'head/kernel')
+  """
+  compiled = re.compile(pattern)
+
+  def group(path: str) -> str:
+    found = compiled.search(path)
+    return found.group(0) if found else path
+
+  return group
+
+
+def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: str, *,
+                       sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                       leaf_filter: trees.LeafFilter | None = None,
+                       axes: layouts.AxesSpec = None, group: Callable[[str], str] | None = None,
+                       per_output: bool = True, block_size: int = 128, dampening: float = 0.01,
+                       log: Callable[[str], None] | None = None) -> tuple[PyTree, PyTree]:
+  """Prunes every chosen kernel of `params`, group after group: (params, masks).
+
+  Groups (by default transformer blocks, see `block_group`) are pruned in the
+  order `hessians_fn` returns their kernels (the model's call order); before
+  each group, `hessians_fn(params)` runs the model with the groups before it
+  already pruned, so each group is calibrated on what it will see.
+  Magnitude needs no calibration (`hessians_fn` may be None).
+
+  Args:
+    params: any params pytree (Linen dict, NNX state).
+    hessians_fn: params -> {kernel path: X^T X of its inputs}, e.g. from
+      `linen_hessians`.
+    method: 'magnitude', 'wanda' or 'sparsegpt'.
+    sparsity: the fraction to prune from every chosen kernel, in [0, 1).
+    nm: (N, M): keep N of every M inputs instead.
+    leaf_filter: (path, leaf) -> bool; default: arrays of ndim >= 2.
+    axes: contraction axes of each kernel (`layouts`); default rule.
+    group: path -> group name; default `block_group()`.
+    per_output: magnitude compares within each output unit (True) or over
+      the layer; Wanda always compares within each output unit.
+    log: called with one line per group.
+
+  Returns:
+    The pruned params (SparseGPT also updates kept weights) and bool masks
+    (None on leaves not pruned).
+
+  Raises:
+    ValueError: for an unknown method, a bad target, or a chosen kernel whose
+      inputs `hessians_fn` did not capture (named).
+  """
+  check_method(method)
+  check_target(sparsity, nm)
+  if method != "magnitude" and hessians_fn is None:
+    raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...)).")
+  group = group or block_group()
+  rule = layouts.as_rule(axes)
+  leaves = trees.named_leaves(params)
+  chosen = pruning.prunable_leaves(params, leaf_filter)
+  index = {leaves[i].path: i for i in chosen}
+  if method == "magnitude":
+    order = list(index)
+  else:
+    hessians = hessians_fn(params)
+    missing = [p for p in index if p not in hessians]
+    if missing:
+      raise ValueError(f"no calibration inputs were captured for {missing}: their modules were not "
+                       "called, or hessians_fn names them differently (captured: "
+                       f"{list(hessians)[:8]}...). Exclude them with leaf_filter.")
+    order = [p for p in hessians if p in index]
+  groups: dict[str, list[str]] = {}
+  for path in order:
+    groups.setdefault(group(path), []).append(path)
+  values = [leaf.value for leaf in leaves]
+  masks: dict[int, jax.Array] = {}
+  first = True
+  for number, (name, paths) in enumerate(groups.items()):
+    if method != "magnitude" and not first:
+      hessians = hessians_fn(jax.tree.unflatten(jax.tree.structure(params), values))
+    first = False
+    for path in paths:
+      i = index[path]
+      kernel = values[i]
+      values[i], masks[i] = prune_layer(
+          kernel, None if method == "magnitude" else hessians[path], method, sparsity=sparsity,
+          nm=nm, axes=rule(path, kernel.shape), per_output=per_output, block_size=block_size,
+          dampening=dampening)
+    if log:
+      log(f"[{method}] group {number + 1}/{len(groups)} {name}: {len(paths)} kernel(s) pruned")
+  pruned = jax.tree.unflatten(jax.tree.structure(params), values)
+  return pruned, pruning.assemble_masks(params, chosen, [masks[i] for i in chosen])
+
+
+def _kernel_path(module: nn.Module) -> str:
+  return "/".join(module.scope.path) + "/kernel"
+
+
+def linen_hessians(model: nn.Module, batches: Iterable[Any], *,
+                   variables: Mapping[str, Any] | None = None,
+                   apply_kwargs: Mapping[str, Any] | None = None) -> HessiansFn:
+  """params -> {kernel path: X^T X} over `batches`, for every Dense / DenseGeneral of a Linen model.
+
+  The inputs of each call are captured with `nn.intercept_methods` (so
+  Flax's attention projections are seen), flattened to (tokens, d_in) and
+  accumulated in float32 over every batch, in one jitted forward per batch.
+  Kernels appear in call order. `variables` holds collections other than
+  'params' (e.g. batch_stats); `apply_kwargs` goes to `model.apply`.
+  Paths are relative to the 'params' collection.
+  """
+  batches = list(batches)
+  if not batches:
+    raise ValueError("linen_hessians needs at least one calibration batch.")
+  extra = dict(variables or {})
+  kwargs = dict(apply_kwargs or {})
+
+  order: list[str] = []   # kernels in call order, recorded while tracing
+
+  @jax.jit
+  def one_batch(params, batch):
+    captured: dict[str, jax.Array] = {}
+
+    def interceptor(next_fun, args, kw, context):
+      module = context.module
+      if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)) and args:
+        path = _kernel_path(module)
+        x = jnp.asarray(args[0])
+        kernel = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+        if kernel is not None:
+          d_in = math.prod(kernel.shape) // _out_size(module, kernel)
+          x = x.reshape(-1, d_in).astype(jnp.float32)
+          captured[path] = captured.get(path, 0.0) + x.T @ x
+          if path not in order:
+            order.append(path)
+      return next_fun(*args, **kw)
+
+    with nn.intercept_methods(interceptor):
+      model.apply({"params": params, **extra}, batch, **kwargs)
+    return captured
+
+  def hessians(params):
+    total: dict[str, jax.Array] = {}
+    for batch in batches:
+      for path, h in one_batch(params, batch).items():
+        total[path] = total[path] + h if path in total else h
+    return {path: total[path] for path in order if path in total}
+
+  return hessians
+
+
+def _out_size(module: nn.Module, kernel: jax.Array) -> int:
+  """Output entries of a Dense / DenseGeneral kernel (its trailing `features` axes)."""
+  features = module.features
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return int(np.prod(features))

@@ -1,0 +1,174 @@
+"""One-shot pruning (magnitude, Wanda, SparseGPT) against NumPy references."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import oneshot
+from tests import reference
+
+
+def correlated_inputs(rng, n, d, scale_spread=3.0):
+  """Inputs with correlated features of very different scales (as in LLM activations)."""
+  mixing = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+  scales = np.exp(rng.uniform(-scale_spread / 2, scale_spread / 2, size=d))
+  return (rng.normal(size=(n, d)) @ mixing) * scales
+
+
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.7), dict(nm=(2, 4)),
+                                    dict(nm=(4, 8))])
+def test_sparsegpt_equals_numpy_reference(target):
+  rng = np.random.default_rng(0)
+  x = correlated_inputs(rng, 256, 64)
+  w = rng.normal(size=(64, 24))
+  expected_w, expected_keep = reference.sparsegpt(w, x, block_size=16, **target)
+  h = jnp.asarray(x.T @ x, jnp.float32)
+  got_w, got_keep = oneshot.sparsegpt(jnp.asarray(w, jnp.float32), h, block_size=16, **target)
+  np.testing.assert_array_equal(np.asarray(got_keep), expected_keep)
+  np.testing.assert_allclose(np.asarray(got_w), expected_w, rtol=2e-3, atol=2e-4)
+  assert not np.any(np.asarray(got_w)[~expected_keep])
+
+
+def test_sparsegpt_dead_inputs_are_zeroed_and_count_exact():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(100, 32))
+  x[:, 5] = 0.0                                     # an input never active
+  w = rng.normal(size=(32, 8))
+  expected_w, _ = reference.sparsegpt(w, x, sparsity=0.5, block_size=32)
+  got_w, keep = oneshot.sparsegpt(jnp.asarray(w, jnp.float32), jnp.asarray(x.T @ x, jnp.float32),
+                                  sparsity=0.5)
+  np.testing.assert_allclose(np.asarray(got_w), expected_w, rtol=2e-3, atol=2e-4)
+  assert int(keep.sum()) == 128                     # exactly half of 256
+  assert not np.any(np.asarray(got_w)[5])
+
+
+def test_wanda_mask_equals_numpy():
+  rng = np.random.default_rng(2)
+  x = correlated_inputs(rng, 128, 48)
+  w = rng.normal(size=(48, 20))
+  h = jnp.asarray(x.T @ x, jnp.float32)
+  new, keep = oneshot.prune_layer(jnp.asarray(w, jnp.float32), h, "wanda", sparsity=0.6)
+  expected = reference.wanda_mask(w, x, 0.6)
+  np.testing.assert_array_equal(np.asarray(keep), expected)
+  np.testing.assert_allclose(np.asarray(new), np.where(expected, w, 0.0), rtol=1e-6)
+  assert (np.asarray(keep).sum(axis=0) == round(0.4 * 48)).all()   # per output unit
+
+
+def test_magnitude_per_output_and_per_layer():
+  w = np.array([[1., -8.], [2., 7.], [-3., 6.], [4., 5.]])
+  _, per_output = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5)
+  _, per_layer = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5,
+                                     per_output=False)
+  np.testing.assert_array_equal(per_output, [[0, 1], [0, 1], [1, 0], [1, 0]])
+  np.testing.assert_array_equal(per_layer, [[0, 1], [0, 1], [0, 1], [0, 1]])
+
+
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(nm=(2, 4))])
+def test_reconstruction_error_orders_sparsegpt_wanda_magnitude(target):
+  rng = np.random.default_rng(3)
+  x = correlated_inputs(rng, 512, 64)
+  w = rng.normal(size=(64, 32))
+  h = jnp.asarray(x.T @ x, jnp.float32)
+  errors = {}
+  for method in oneshot.METHODS:
+    new, _ = oneshot.prune_layer(jnp.asarray(w, jnp.float32), h, method, **target)
+    errors[method] = float(np.sum((x @ w - x @ np.asarray(new, np.float64)) ** 2))
+  assert errors["sparsegpt"] <= errors["wanda"] <= errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("method", oneshot.METHODS)
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_nm_keeps_n_of_every_m_along_the_contraction_axes(method, nm):
+  rng = np.random.default_rng(4)
+  kernel = rng.normal(size=(4, 8, 16)).astype(np.float32)   # attention out: (heads, head_dim, out)
+  x = rng.normal(size=(64, 32))
+  new, keep = oneshot.prune_layer(jnp.asarray(kernel), jnp.asarray(x.T @ x, jnp.float32), method,
+                                  nm=nm, axes=(0, 1))
+  groups = np.asarray(keep).reshape(32 // nm[1], nm[1], 16)   # (heads*head_dim) read in order
+  assert (groups.sum(axis=1) == nm[0]).all()
+  assert not np.any(np.asarray(new)[~np.asarray(keep)])
+
+
+class TwoLayers(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(8, name="second")(nn.relu(nn.Dense(16, name="first")(x)))
+
+
+def test_prune_sequentially_calibrates_each_layer_on_the_pruned_layers_before():
+  rng = np.random.default_rng(5)
+  x = correlated_inputs(rng, 96, 12).astype(np.float32)
+  model = TwoLayers()
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  hessians = oneshot.linen_hessians(model, [x[:48], x[48:]])
+  lines = []
+  pruned, masks = oneshot.prune_sequentially(params, hessians, "sparsegpt", sparsity=0.5,
+                                             group=lambda path: path, log=lines.append)
+  first = {k: np.asarray(v, np.float64) for k, v in params["first"].items()}
+  second = np.asarray(params["second"]["kernel"], np.float64)
+  w0, keep0 = reference.sparsegpt(first["kernel"], x, sparsity=0.5)
+  hidden = np.maximum(x @ w0 + first["bias"], 0.0)           # the pruned first layer's outputs
+  w1, keep1 = reference.sparsegpt(second, hidden, sparsity=0.5)
+  np.testing.assert_array_equal(masks["first"]["kernel"], keep0)
+  np.testing.assert_array_equal(masks["second"]["kernel"], keep1)
+  np.testing.assert_allclose(pruned["second"]["kernel"], w1, rtol=2e-3, atol=2e-4)
+  assert masks["first"]["bias"] is None
+  np.testing.assert_array_equal(pruned["first"]["bias"], params["first"]["bias"])
+  assert len(lines) == 2 and "group 1/2 first" in lines[0]
+
+
+class Attention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="attention")(x)
+    return nn.Dense(4, name="head")(y)
+
+
+def _softmax(z):
+  z = z - z.max(axis=-1, keepdims=True)
+  return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
+
+def test_linen_hessians_capture_flax_attention_projections():
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(3, 5, 8)).astype(np.float32)           # (batch, length, features)
+  model = Attention()
+  params = model.init(jax.random.key(0), x)["params"]
+  hessians = oneshot.linen_hessians(model, [x])(params)
+  assert list(hessians) == [f"attention/{n}/kernel" for n in ("query", "key", "value", "out")] + [
+      "head/kernel"]
+  tokens = x.reshape(-1, 8).astype(np.float64)
+  for name in ("query", "key", "value"):
+    np.testing.assert_allclose(hessians[f"attention/{name}/kernel"], tokens.T @ tokens, rtol=1e-5)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["attention"])
+  q, k, v = (np.einsum("bld,dhe->blhe", x, p[n]["kernel"]) + p[n]["bias"] for n in ("query", "key", "value"))
+  weights = _softmax(np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(4))
+  heads = np.einsum("bhqk,bkhe->bqhe", weights, v).reshape(-1, 8)
+  np.testing.assert_allclose(hessians["attention/out/kernel"], heads.T @ heads, rtol=1e-4, atol=1e-5)
+  pruned, masks = oneshot.prune_sequentially(params, oneshot.linen_hessians(model, [x]), "wanda",
+                                             nm=(2, 4))
+  out_keep = np.asarray(masks["attention"]["out"]["kernel"]).reshape(2, 4, 8)  # (8 inputs / M, M, 8 outputs)
+  assert (out_keep.sum(axis=1) == 2).all()
+
+
+def test_bad_input_is_named():
+  w = jnp.ones((8, 4))
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    oneshot.prune_layer(w, None, "magnitude", sparsity=1.0)
+  with pytest.raises(ValueError, match="0 < N <= M"):
+    oneshot.prune_layer(w, None, "magnitude", nm=(4, 2))
+  with pytest.raises(ValueError, match="either sparsity"):
+    oneshot.prune_layer(w, None, "magnitude", sparsity=0.5, nm=(2, 4))
+  with pytest.raises(ValueError, match="unknown one-shot method 'obs'"):
+    oneshot.prune_layer(w, None, "obs", sparsity=0.5)
+  with pytest.raises(ValueError, match="Gram matrix of shape"):
+    oneshot.prune_layer(w, jnp.eye(4), "wanda", sparsity=0.5)
+  with pytest.raises(ValueError, match="not divisible by M=8"):
+    oneshot.prune_layer(jnp.ones((12, 4)), jnp.eye(12), "sparsegpt", nm=(2, 8))
+  params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
+  with pytest.raises(ValueError, match=r"captured for \['b/kernel'\]"):
+    oneshot.prune_sequentially(params, lambda p: {"a/kernel": jnp.eye(4)}, "wanda", sparsity=0.5)
+  with pytest.raises(ValueError, match="needs calibration"):
+    oneshot.prune_sequentially(params, None, "sparsegpt", sparsity=0.5)
