@@ -3,7 +3,9 @@
 Every dataset goes through `tfds.data_source` (random-access ArrayRecord
 files, no TensorFlow needed): named TFDS datasets (mnist, cifar10,
 imagenet2012, ...) from `data_dir` when they are prepared there, and the
-bundled `sklearn_digits` (prepared on first use, offline). No split is held
+bundled `sklearn_digits` and `stdlib_text` (prepared on first use, offline;
+text examples are token sequences whose labels are the next token at every
+position). No split is held
 in memory: a Grain `MapDataset` over training steps reads each batch's
 examples from the files, decodes, augments and standardises them, in
 `worker_count` worker processes (0: threads of this process) with
@@ -31,9 +33,11 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from experiments import digits
+from experiments import stdlib_text
 
-# Datasets prepared locally from data that ships inside an installed package.
-BUNDLED = {digits.NAME: digits.SklearnDigits}
+# Datasets prepared locally from data that ships inside an installed package
+# (or, for stdlib_text, with the interpreter).
+BUNDLED = {digits.NAME: digits.SklearnDigits, stdlib_text.NAME: stdlib_text.StdlibText}
 AUGMENTATIONS = ("none", "cifar", "imagenet")
 STATS_EXAMPLES = 2000  # training examples the per-channel mean and std are estimated on
 CIFAR_PAD = 4
@@ -90,7 +94,10 @@ def data_source(name: str, split: str, data_dir: str | None = None):
     raise
 
 
-def _decode_example(example) -> tuple[np.ndarray, int]:
+def _decode_example(example) -> tuple[np.ndarray, int | np.ndarray]:
+  if "tokens" in example:  # a text example: the input and the same tokens shifted by one
+    tokens = np.asarray(example["tokens"])
+    return tokens[:-1], tokens[1:].astype(np.int32)
   image = np.asarray(example["image"])
   return (image[..., None] if image.ndim == 2 else image), int(example["label"])
 
@@ -150,6 +157,8 @@ class Split:
 
 
 def _num_classes(source) -> int:
+  if is_text(source):
+    return TOKEN_VALUES
   try:
     return int(source.dataset_info.features["label"].num_classes)
   except (AttributeError, KeyError, TypeError):
@@ -171,6 +180,28 @@ def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
   if have == 1:
     return np.repeat(images, channels, axis=-1)
   raise ValueError(f"Cannot turn {have}-channel images into {channels} channels.")
+
+
+TOKEN_VALUES = 256  # text datasets hold bytes: uint8 tokens
+
+
+def is_text(source) -> bool:
+  """A dataset of token sequences ('tokens' feature) rather than images."""
+  try:
+    return "tokens" in source.dataset_info.features
+  except (AttributeError, TypeError):
+    return "tokens" in source[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPreprocess:
+  """uint8 token batch -> int32 model input (text: nothing to scale or augment)."""
+  image_size: int = 0
+  mean: tuple[float, ...] = ()
+  std: tuple[float, ...] = ()
+
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(tokens, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,17 +297,26 @@ class Data(NamedTuple):
     train, eval: the splits.
     preprocess: uint8 batch -> standardised float32 model input.
     augment: 'none', 'cifar' or 'imagenet' (training batches only).
-    image_shape: (H, W, C) of the model input.
+    image_shape: shape of one model input: (H, W, C), or (length,) for text.
   """
   train: Split
   eval: Split
-  preprocess: Preprocess
+  preprocess: Preprocess | TokenPreprocess
   augment: str
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, ...]
 
   @property
   def num_classes(self) -> int:
     return self.train.num_classes
+
+  @property
+  def text(self) -> bool:
+    """Token sequences (labels: the next token at every position), not images."""
+    return isinstance(self.preprocess, TokenPreprocess)
+
+  @property
+  def input_dtype(self) -> np.dtype:
+    return np.dtype(np.int32 if self.text else np.float32)
 
 
 def load(name: str, data_dir: str | None = None, image_size: int = 0, channels: int = 0,
@@ -310,6 +350,10 @@ def load(name: str, data_dir: str | None = None, image_size: int = 0, channels: 
     raise ValueError("augment='imagenet' crops to image_size x image_size: set image_size > 0.")
   train = Split(name, train_split, data_dir, cache_mb)
   held_out = Split(name, eval_split, data_dir, cache_mb)
+  if is_text(train._source):  # pylint: disable=protected-access
+    if augment != "none" or image_size or channels:
+      raise ValueError(f"{name!r} is text: augment, image_size and channels do not apply.")
+    return Data(train, held_out, TokenPreprocess(), "none", train.example(0)[0].shape)
   if augment != "imagenet":  # the training images are resized, not cropped: sizes must agree
     shape = train.example(0)[0].shape
     other = held_out.example(0)[0].shape
@@ -412,11 +456,13 @@ class EvalBatch:
       images = [center_crop(image, self.data.preprocess.image_size) for image in images]
     weights = np.ones(len(real), np.float32)
     pad = len(positions) - len(real)
-    shape = self.data.image_shape
-    x = self.data.preprocess(np.stack(images)) if images else np.zeros((0,) + shape, np.float32)
+    shape, dtype = self.data.image_shape, self.data.input_dtype
+    x = self.data.preprocess(np.stack(images)) if images else np.zeros((0,) + shape, dtype)
     if pad:
-      x = np.concatenate([x, np.zeros((pad,) + shape, np.float32)])
-      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+      label_shape = shape if self.data.text else ()
+      labels = labels.reshape((len(real),) + label_shape)
+      x = np.concatenate([x, np.zeros((pad,) + shape, dtype)])
+      labels = np.concatenate([labels, np.zeros((pad,) + label_shape, np.int32)])
       weights = np.concatenate([weights, np.zeros(pad, np.float32)])
     return x, labels, weights
 

@@ -156,13 +156,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: nn.Module, forward: Forward = _dense_forward) -> Callable:
-  """(state, images, labels, weights) -> summed loss, correct and count."""
+  """(state, images, labels, weights) -> summed loss, correct and count.
+
+  Labels of several positions per example (a language model's next tokens)
+  count as their mean: every example has the same length.
+  """
+
+  def per_example(x):
+    return x.reshape(x.shape[0], -1).mean(axis=-1)
 
   def eval_step(state: TrainState, images, labels, weights):
     logits = model.apply(_variables(forward(state.params, state.opt_state), state.batch_stats),
                          images, train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    loss = per_example(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    correct = per_example((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
     return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
             "count": jnp.sum(weights)}
 
@@ -202,7 +209,7 @@ class Trainer:
       # Shapes only, no compute: a model that cannot take this data fails here,
       # before the run claims its workdir.
       shapes = jax.eval_shape(lambda: self.model.init(
-          jax.random.PRNGKey(0), jnp.zeros((1,) + data.image_shape), train=False))
+          jax.random.PRNGKey(0), jnp.zeros((1,) + data.image_shape, data.input_dtype), train=False))
     except (TypeError, ValueError) as e:
       raise config_checks.ConfigError(f"config.model: {e}") from e
     self.method = methods.method_name(config)
@@ -231,11 +238,11 @@ class Trainer:
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(self.mesh,
                                               jax.sharding.PartitionSpec(("data", "fsdp")))
-    image_shape = data.image_shape
+    image_shape, input_dtype = data.image_shape, data.input_dtype
 
     def fresh_state(key):
       init_key, dropout_key = jax.random.split(key)
-      variables = self.model.init(init_key, jnp.zeros((1,) + image_shape), train=False)
+      variables = self.model.init(init_key, jnp.zeros((1,) + image_shape, input_dtype), train=False)
       params = variables["params"]
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         batch_stats=variables.get("batch_stats", {}),
@@ -405,7 +412,8 @@ class Trainer:
     num_steps, per_epoch = self.num_steps, self.steps_per_epoch
     prefix = f"[{label}] " if label else ""
     log(f"{prefix}{config.model.name} on {config.dataset}: {len(self.data.train)} train / "
-        f"{len(self.data.eval)} {config.eval_split} images of shape {self.data.image_shape}"
+        f"{len(self.data.eval)} {config.eval_split} {'sequences' if self.data.text else 'images'} "
+        f"of shape {self.data.image_shape}"
         f"{'' if self.data.augment == 'none' else ' (' + self.data.augment + ' augmentation)'}, "
         f"{num_steps} steps ({per_epoch} per epoch), method {self.method}, "
         f"{self.mesh.devices.size} device(s)"

@@ -214,7 +214,9 @@ def _all_run_files() -> set[str]:
   """
   from experiments import lottery  # pylint: disable=g-import-not-at-top
   from experiments import nm_study  # pylint: disable=g-import-not-at-top
-  return set(RUN_FILES) | set(lottery.RUN_FILES) | set(nm_study.RUN_FILES)
+  from experiments import oneshot  # pylint: disable=g-import-not-at-top
+  return (set(RUN_FILES) | set(lottery.RUN_FILES) | set(nm_study.RUN_FILES)
+          | set(oneshot.RUN_FILES))
 
 
 def _present(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.std = ()
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "mlp"           # mlp | lenet5 | resnet20 | vit
+  config.model.name = "mlp"           # mlp | lenet5 | resnet20 | resnet50 | vit | lm (tokens)
   config.model.features = (300, 100)  # LeNet-300-100
 
   config.optimizer = "adam"   # adam | adamw | sgd

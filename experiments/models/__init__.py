@@ -1,7 +1,9 @@
 """Flax Linen models for the experiment binaries, built by name.
 
-Every model maps float32 NHWC images (batch, H, W, C) to logits
-(batch, num_classes) with `model.apply(variables, x, train=...)`, and names
+Every image model maps float32 NHWC images (batch, H, W, C) to logits
+(batch, num_classes) with `model.apply(variables, x, train=...)`; the
+language model 'lm' maps int tokens (batch, length) to next-token logits
+(batch, length, num_classes). Every model names
 its submodules explicitly so that pruning configs can select leaves by path.
 
 >>> model = create_model("mlp", num_classes=10, features=(32,))
@@ -16,6 +18,7 @@ import dataclasses
 import flax.linen as nn
 
 from experiments.models.lenet5 import LeNet5
+from experiments.models.lm import TransformerLM
 from experiments.models.mlp import MLP
 from experiments.models.resnet import ResNet20
 from experiments.models.resnet50 import ResNet50
@@ -27,6 +30,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet20": ResNet20,
     "resnet50": ResNet50,
     "vit": ViT,
+    "lm": TransformerLM,
 }
 
 
@@ -65,6 +69,7 @@ __all__ = [
     "MODELS",
     "ResNet20",
     "ResNet50",
+    "TransformerLM",
     "ViT",
     "create_model",
 ]

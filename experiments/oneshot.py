@@ -1,0 +1,304 @@
+"""One-shot pruning of a trained model: magnitude, Wanda and SparseGPT at every target.
+
+  python -m experiments.train --config=experiments/configs/lm_stdlib.py --workdir=runs/lm
+  python -m experiments.oneshot --config=experiments/configs/oneshot_lm.py \
+      --workdir=runs/lm_oneshot --config.train_workdir=runs/lm
+
+Restores the final checkpoint of the finished training run in
+`config.train_workdir`, calibrates on `config.calibration_sequences` training
+examples (seeded), and prunes it, without retraining, with every method of
+`config.methods` at every unstructured sparsity of `config.sparsities` and
+every N:M pattern of `config.patterns` (along each kernel's contraction
+axes), block by block (`sparsejax.oneshot.prune_sequentially`). Each pruned
+model is evaluated on the training run's evaluation split (for a language
+model: loss in bits per byte), checkpointed in <workdir>/pruned/<name>
+through `SparseCheckpointManager` and exported with `export_sparse` to
+<workdir>/pruned/<name>.npz; its row is saved to <workdir>/rows/<name>.json,
+so a killed run resumes at the first row not done. At the end the workdir
+gets summary.csv, final.json (rows and markdown table) and oneshot.png, and
+the table is printed. For text the table also gives a unigram model (byte
+frequencies of the training split): what a model that learned nothing about
+context scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import time
+
+from absl import app
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections
+import numpy as np
+
+import sparsejax
+from sparsejax import oneshot as oneshot_lib
+from sparsejax.checkpoint import SparseCheckpointManager
+from sparsejax.checkpoint import export_sparse
+from experiments import cli
+from experiments import config_checks
+from experiments import input_pipeline
+from experiments import plots
+from experiments import trainer as trainer_lib
+from experiments import workdir as workdir_lib
+
+CSV_FILE = "summary.csv"
+PLOT_FILE = "oneshot.png"
+ROWS_DIR = "rows"
+PRUNED_DIR = "pruned"
+RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, CSV_FILE, PLOT_FILE, ROWS_DIR,
+             PRUNED_DIR)
+ROW_FIELDS = ("method", "pattern", "test_loss", "test_bits_per_byte", "test_accuracy",
+              "sparsity", "max_nonzeros_per_group", "export_bytes", "prune_seconds")
+
+
+def targets(config: ml_collections.ConfigDict) -> list[tuple[str, dict]]:
+  """(row name, {'sparsity': s} or {'nm': (n, m)}) for every target, config order.
+
+  Raises:
+    ConfigError: naming the key, for a sparsity outside [0, 1) or a bad N:M pair.
+  """
+  out = []
+  for s in config.sparsities:
+    try:
+      oneshot_lib.check_target(sparsity=s)
+    except ValueError as e:
+      raise config_checks.ConfigError(f"config.sparsities: {e}") from e
+    out.append((f"{round(100 * s)}pct", {"sparsity": float(s)}))
+  for pattern in config.patterns:
+    if len(pattern) != 2:
+      raise config_checks.ConfigError(
+          f"config.patterns: {tuple(pattern)!r} is not an (N, M) pair.")
+    try:
+      oneshot_lib.check_target(nm=tuple(int(v) for v in pattern))
+    except ValueError as e:
+      raise config_checks.ConfigError(f"config.patterns: {e}") from e
+    out.append((f"{pattern[0]}of{pattern[1]}", {"nm": (int(pattern[0]), int(pattern[1]))}))
+  if not out:
+    raise config_checks.ConfigError("config.sparsities and config.patterns are both empty.")
+  return out
+
+
+def _pattern(target: dict) -> str:
+  return (f"{target['nm'][0]}:{target['nm'][1]}" if "nm" in target
+          else f"{round(100 * target['sparsity'])}%")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects, naming the key, what the run could not do."""
+  if not config.train_workdir:
+    raise config_checks.ConfigError(
+        "config.train_workdir is empty: give the workdir of a finished experiments.train run.")
+  for method in config.methods:
+    try:
+      oneshot_lib.check_method(method)
+    except ValueError as e:
+      raise config_checks.ConfigError(f"config.methods: {e}") from e
+  if not config.methods:
+    raise config_checks.ConfigError("config.methods is empty.")
+  config_checks.at_least(config.calibration_sequences, 1, "calibration_sequences")
+  config_checks.at_least(config.calibration_batch, 1, "calibration_batch")
+  config_checks.at_least(config.block_size, 1, "block_size")
+  if not 0 < config.dampening:
+    raise config_checks.ConfigError(f"config.dampening={config.dampening!r} must be positive.")
+  try:
+    re.compile(config.exclude)
+  except re.error as e:
+    raise config_checks.ConfigError(f"config.exclude={config.exclude!r}: {e}") from e
+  targets(config)
+
+
+def trained(train_workdir: str) -> trainer_lib.Trainer:
+  """A Trainer for the finished run in `train_workdir` (its own config, eval split).
+
+  Raises:
+    ConfigError: `train_workdir` holds no finished training run.
+  """
+  for name in (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE):
+    if not os.path.exists(os.path.join(train_workdir, name)):
+      raise config_checks.ConfigError(
+          f"config.train_workdir={train_workdir!r} holds no finished experiments.train run "
+          f"(no {name}); train the model first.")
+  config = ml_collections.ConfigDict(workdir_lib.load_json(train_workdir, workdir_lib.CONFIG_FILE))
+  return trainer_lib.Trainer(config)
+
+
+def calibration_batches(data: input_pipeline.Data, count: int, batch: int,
+                        seed: int) -> list[np.ndarray]:
+  """`count` training inputs, drawn without replacement by `seed`, in batches of `batch`."""
+  count = min(count, len(data.train))
+  chosen = np.sort(np.random.default_rng(seed).permutation(len(data.train))[:count])
+  inputs, _ = data.train.examples(chosen)
+  inputs = data.preprocess(np.stack(inputs))
+  return [inputs[i:i + batch] for i in range(0, count, batch)]
+
+
+def unigram_loss(data: input_pipeline.Data, chunk: int = 4096) -> float:
+  """Cross-entropy (nats per token) on the eval split of the training split's token
+  frequencies (add-one smoothed): the loss of a model that ignores context."""
+  def counts(split):
+    total = np.zeros(data.num_classes, np.int64)
+    for start in range(0, len(split), chunk):
+      _, labels = split.examples(range(start, min(start + chunk, len(split))))
+      total += np.bincount(labels.ravel(), minlength=data.num_classes)
+    return total
+  train, test = counts(data.train), counts(data.eval)
+  p = (train + 1) / (train + 1).sum()
+  return float(-(test * np.log(p)).sum() / test.sum())
+
+
+def _scores(test: dict, text: bool) -> dict:
+  return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+          "test_bits_per_byte": test["loss"] / math.log(2) if text else ""}
+
+
+def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessians_fn,
+              config: ml_collections.ConfigDict, method: str, target: dict, directory: str,
+              log=print) -> dict:
+  """Prunes `state`'s params by `method` to `target`, evaluates, checkpoints and exports."""
+  keep = lambda path, leaf: (sparsejax.default_filter(path, leaf)
+                             and not (config.exclude and re.search(config.exclude, path)))
+  start = time.perf_counter()
+  params, masks = oneshot_lib.prune_sequentially(
+      state.params, hessians_fn if method != "magnitude" else None, method,
+      leaf_filter=keep, per_output=config.magnitude_per_output if method == "magnitude" else True,
+      block_size=config.block_size, dampening=config.dampening,
+      log=lambda line: log(f"  {line}"), **target)
+  params = jax.block_until_ready(params)
+  seconds = time.perf_counter() - start
+  placed = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
+  test = trainer.evaluate(state._replace(params=placed))
+  kept = sum(int(m.sum()) for m in jax.tree.leaves(masks))
+  total = sum(m.size for m in jax.tree.leaves(masks))
+  worst = ""
+  nm = target.get("nm")
+  if nm is not None:
+    worst = max(sparsejax.nm.max_nonzeros_per_group(params, masks, nm[1]).values())
+    if worst > nm[0]:
+      raise RuntimeError(f"{method} {nm[0]}:{nm[1]} kept {worst} weights in a group (a bug)")
+  name = os.path.basename(directory)
+  with SparseCheckpointManager(directory, async_save=False) as manager:
+    manager.save(int(state.step), params=params, masks=masks, overwrite=True,
+                 meta={"train_config": workdir_lib.config_dict(trainer.config),
+                       "method": method, "pattern": _pattern(target)})
+  stats = export_sparse(params, masks, directory + ".npz", nm=nm)
+  log(f"  {name}: pruned in {seconds:.1f} s, test loss {test['loss']:.4f}")
+  return {"method": method, "pattern": _pattern(target), **_scores(test, trainer.data.text),
+          "sparsity": 1.0 - kept / total, "max_nonzeros_per_group": worst,
+          "export_bytes": stats.file_bytes, "prune_seconds": seconds}
+
+
+def format_table(rows: list[dict], dense: dict, unigram: float | None) -> str:
+  """Markdown: one row per method, one column per pattern; bits per byte for
+  text (lower is better), else test accuracy."""
+  key = "test_bits_per_byte" if unigram is not None else "test_accuracy"
+  patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+  cell = {(r["method"], r["pattern"]): r[key] for r in rows}
+  lines = ["| method | " + " | ".join(patterns) + " |",
+           "| --- | " + " | ".join("---" for _ in patterns) + " |",
+           "| dense (no pruning) | " + " | ".join(f"{dense[key]:.3f}" for _ in patterns) + " |"]
+  for method in dict.fromkeys(r["method"] for r in rows):
+    lines.append(f"| {method} | " + " | ".join(
+        f"{cell[(method, p)]:.3f}" if (method, p) in cell else "-" for p in patterns) + " |")
+  if unigram is not None:
+    lines.append("| unigram (no context) | " +
+                 " | ".join(f"{unigram / math.log(2):.3f}" for _ in patterns) + " |")
+  return "\n".join(lines)
+
+
+def plot(workdir: str, rows: list[dict], dense: dict, unigram: float | None) -> str:
+  """Bars per pattern, one colour per method; the dense (and unigram) levels as lines."""
+  key = "test_bits_per_byte" if unigram is not None else "test_accuracy"
+  patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  cell = {(r["method"], r["pattern"]): r[key] for r in rows}
+  fig, ax = plt.subplots(figsize=(8, 4.2))
+  width = 0.8 / len(methods)
+  for j, method in enumerate(methods):
+    xs = [i + (j - (len(methods) - 1) / 2) * width for i, p in enumerate(patterns)
+          if (method, p) in cell]
+    ax.bar(xs, [cell[(method, p)] for p in patterns if (method, p) in cell], width, label=method)
+  ax.axhline(dense[key], color="k", linestyle="--", linewidth=1, label="dense")
+  if unigram is not None:
+    ax.axhline(unigram / math.log(2), color="grey", linestyle=":", linewidth=1, label="unigram")
+  ax.set_xticks(range(len(patterns)), patterns)
+  ax.set(xlabel="target (unstructured fraction or N:M)",
+         ylabel="test bits per byte (lower is better)" if unigram is not None
+         else "test accuracy", title="one-shot pruning without retraining")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend()
+  return plots.save(fig, os.path.join(workdir, PLOT_FILE))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
+        log=print) -> dict:
+  """Prunes (or reads back) every (method, target) row; returns rows, dense and table."""
+  check_config(config)
+  planned = [(f"{method}_{name}", method, target)
+             for method in config.methods for name, target in targets(config)]
+  trainer = trained(config.train_workdir)
+  status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
+  if status is workdir_lib.Status.FINISHED:
+    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+  if status is workdir_lib.Status.NEW:
+    workdir_lib.start(workdir, config, overwrite, RUN_FILES)
+  manager = SparseCheckpointManager(os.path.join(config.train_workdir, trainer_lib.CHECKPOINT_DIR))
+  try:
+    state = trainer.restore(manager)
+  finally:
+    manager.close()
+  log(f"[oneshot] {trainer.config.model.name} from {config.train_workdir} at step "
+      f"{int(state.step)}; {len(planned)} pruned models, calibrated on "
+      f"{min(config.calibration_sequences, len(trainer.data.train))} training examples")
+  text = trainer.data.text
+  dense = _scores(trainer.evaluate(state), text)
+  unigram = unigram_loss(trainer.data) if text else None
+  log(f"[oneshot] dense test loss {dense['test_loss']:.4f}"
+      + (f" ({dense['test_bits_per_byte']:.3f} bits per byte; unigram "
+         f"{unigram / math.log(2):.3f})" if text else ""))
+  batches = calibration_batches(trainer.data, config.calibration_sequences,
+                                config.calibration_batch, config.seed)
+  hessians_fn = oneshot_lib.linen_hessians(trainer.model, batches, apply_kwargs={"train": False})
+  os.makedirs(os.path.join(workdir, ROWS_DIR), exist_ok=True)
+  rows = []
+  for i, (name, method, target) in enumerate(planned):
+    rows_dir, row_file = os.path.join(workdir, ROWS_DIR), f"{name}.json"
+    if os.path.exists(os.path.join(rows_dir, row_file)):
+      rows.append(workdir_lib.load_json(rows_dir, row_file))
+      continue
+    log(f"[oneshot] {i + 1}/{len(planned)}: {method} at {_pattern(target)}")
+    row = prune_row(trainer, state, hessians_fn, config, method, target,
+                    os.path.join(workdir, PRUNED_DIR, name), log)
+    workdir_lib.save_json(rows_dir, row_file, row)  # last: marks the row done
+    rows.append(row)
+  result = {"dense": dense, "unigram_loss": unigram, "rows": rows,
+            "markdown": format_table(rows, dense, unigram)}
+  with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+  plot(workdir, rows, dense, unigram)
+  workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # last: marks it done
+  return result
+
+
+def report(result: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  del config
+  what = ("test bits per byte (lower is better)" if result["unigram_loss"] is not None
+          else "test accuracy")
+  print(f"one-shot pruning without retraining, {what}:")
+  print(result["markdown"])
+  print(f"table: {os.path.join(workdir, CSV_FILE)}, plot: {os.path.join(workdir, PLOT_FILE)}")
+
+main = cli.main_for(run, report)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,148 @@
+"""The one-shot pruning binary: its config checks, unigram baseline, and a tiny LM end to end."""
+
+import json
+import math
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import config_checks
+from experiments import oneshot
+from experiments import train
+from experiments import trainer
+from experiments.configs import lm_stdlib
+from experiments.configs import oneshot_lm
+from sparsejax.checkpoint import SparseCheckpointManager
+from sparsejax.checkpoint import load_sparse
+
+
+class _FakeSplit:
+  def __init__(self, labels):
+    self.labels = np.asarray(labels)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def examples(self, indices):
+    indices = list(indices)
+    return [None] * len(indices), self.labels[indices]
+
+
+def test_unigram_loss_is_the_cross_entropy_of_smoothed_train_frequencies():
+  # Train bytes: 0 three times, 1 once (vocabulary of 3); add-one: p = (4, 2, 1) / 7.
+  data = types.SimpleNamespace(train=_FakeSplit([[0, 0], [0, 1]]), eval=_FakeSplit([[1, 2]]),
+                               num_classes=3)
+  expected = -(math.log(2 / 7) + math.log(1 / 7)) / 2
+  assert oneshot.unigram_loss(data, chunk=1) == pytest.approx(expected)
+
+
+def test_table_puts_methods_in_rows_and_targets_in_columns():
+  rows = [{"method": "magnitude", "pattern": "50%", "test_bits_per_byte": 3.0},
+          {"method": "magnitude", "pattern": "2:4", "test_bits_per_byte": 4.0},
+          {"method": "sparsegpt", "pattern": "50%", "test_bits_per_byte": 2.5}]
+  lines = oneshot.format_table(rows, {"test_bits_per_byte": 2.0}, 5 * math.log(2)).splitlines()
+  assert lines[0] == "| method | 50% | 2:4 |"
+  assert lines[2] == "| dense (no pruning) | 2.000 | 2.000 |"
+  assert lines[3] == "| magnitude | 3.000 | 4.000 |"
+  assert lines[4] == "| sparsegpt | 2.500 | - |"
+  assert lines[5] == "| unigram (no context) | 5.000 | 5.000 |"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(sparsities=(0.5, 1.0)), r"config.sparsities: .*\[0, 1\)"),
+    (lambda c: c.update(patterns=((5, 4),)), r"config.patterns: .*"),
+    (lambda c: c.update(patterns=((2, 4, 8),)), r"config.patterns: \(2, 4, 8\) is not an \(N, M\)"),
+    (lambda c: c.update(methods=("wanda", "obs")), r"config.methods: .*'obs'"),
+    (lambda c: c.update(calibration_sequences=0), r"config.calibration_sequences=0"),
+    (lambda c: c.update(exclude="head("), r"config.exclude='head\('"),
+    (lambda c: c.update(train_workdir=""), r"config.train_workdir is empty"),
+])
+def test_bad_config_is_an_error_naming_the_key(edit, message, tmp_path):
+  config = oneshot_lm.get_config()
+  edit(config)
+  with pytest.raises(config_checks.ConfigError, match=message):
+    oneshot.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_an_unfinished_training_workdir_is_refused(tmp_path):
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "nothing")
+  with pytest.raises(config_checks.ConfigError, match="holds no finished experiments.train run"):
+    oneshot.run(config, str(tmp_path / "w"))
+
+
+def _numpy_loss(model, params, inputs, labels, batch=128):
+  total = 0.0
+  for i in range(0, len(inputs), batch):
+    logits = np.asarray(model.apply({"params": params}, inputs[i:i + batch]), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    total += -np.take_along_axis(log_p, labels[i:i + batch, ..., None], -1).sum()
+  return float(total / labels.size)
+
+
+@pytest.mark.slow
+def test_tiny_lm_pruned_by_every_method_end_to_end_and_resumed(tmp_path):
+  lm = lm_stdlib.get_config()
+  lm.data_dir = str(tmp_path / "tfds")
+  lm.model.update(num_layers=2, width=16, num_heads=2, mlp_dim=32)
+  lm.num_train_steps, lm.warmup_steps, lm.batch_size, lm.log_every = 60, 10, 8, 30
+  lm.checkpoint_every = 0
+  lm.eval_batch_size = 256
+  train.run(lm, str(tmp_path / "lm"))
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "lm")
+  config.sparsities, config.patterns = (0.5,), ((2, 4),)
+  config.calibration_sequences = 16
+  workdir = str(tmp_path / "oneshot")
+  result = oneshot.run(config, workdir, log=lambda line: None)
+
+  rows = {(r["method"], r["pattern"]): r for r in result["rows"]}
+  assert set(rows) == {(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("50%", "2:4")}
+  for (method, pattern), row in rows.items():
+    assert row["sparsity"] == 0.5  # every pruned kernel has an even number of entries
+    assert row["test_bits_per_byte"] == pytest.approx(row["test_loss"] / math.log(2))
+    if pattern == "2:4":
+      assert row["max_nonzeros_per_group"] == 2
+    # The checkpoint and the export hold the same pruned model, the one evaluated.
+    name = {"50%": "50pct", "2:4": "2of4"}[pattern]
+    directory = os.path.join(workdir, "pruned", f"{method}_{name}")
+    exported, masks = load_sparse(directory + ".npz")
+    with SparseCheckpointManager(directory) as manager:
+      saved = manager.restore(params_like=exported, masks_like=exported)
+    for a, b in zip(jax.tree.leaves(saved.masks), jax.tree.leaves(masks)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(exported)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kernel = np.asarray(saved.params["block_1"]["fc_0"]["kernel"])
+    assert (kernel != 0).sum() <= kernel.size // 2
+    assert np.asarray(saved.params["head"]["kernel"]).all()  # excluded: dense
+  # Against an independent loss on the pruned model: the test loss recomputed
+  # from the export with a float64 NumPy softmax.
+  lm_trainer = trainer.Trainer(lm)
+  inputs, labels = lm_trainer.data.eval.examples(range(len(lm_trainer.data.eval)))
+  model = lm_trainer.model
+  params, _ = load_sparse(os.path.join(workdir, "pruned", "sparsegpt_2of4.npz"))
+  loss = _numpy_loss(model, params, np.stack(inputs).astype(np.int32), labels)
+  assert rows[("sparsegpt", "2:4")]["test_loss"] == pytest.approx(loss, rel=1e-4)
+  # SparseGPT reconstructs: at 50% it is not worse than magnitude pruning.
+  assert rows[("sparsegpt", "50%")]["test_loss"] <= rows[("magnitude", "50%")]["test_loss"]
+  with open(os.path.join(workdir, "summary.csv")) as f:
+    assert len(f.read().splitlines()) == 1 + 6
+  assert os.path.getsize(os.path.join(workdir, "oneshot.png")) > 0
+
+  # Resume: a run killed after its fifth row redoes only the sixth.
+  os.remove(os.path.join(workdir, "rows", "sparsegpt_2of4.json"))
+  os.remove(os.path.join(workdir, "final.json"))
+  lines = []
+  again = oneshot.run(config, workdir, log=lines.append)
+  assert [l for l in lines if l.startswith("[oneshot] ") and "/6:" in l] == [
+      "[oneshot] 6/6: sparsegpt at 2:4"]
+  assert again["markdown"] == result["markdown"]
+  timeless = lambda rows: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rows]
+  with open(os.path.join(workdir, "final.json")) as f:
+    assert timeless(json.load(f)["rows"]) == timeless(result["rows"])
