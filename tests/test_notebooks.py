@@ -15,6 +15,9 @@ SMALL = {
     "lottery.ipynb": {"TINY_LEVELS": 2, "TINY_EPOCHS": 2},
     "nm_sparsity.ipynb": {"TINY_METHODS": ("srste", "sdgf_geometric"), "TINY_STEPS": 24},
     "sparse_training.ipynb": {"TRAIN_STEPS": 60, "UPDATE_EVERY": 10},
+    "oneshot_lm.ipynb": {"TRAIN_STEPS": 40, "CALIBRATION_SEQUENCES": 16, "SPARSITIES": (0.5, 0.7),
+                         "PATTERNS": ((2, 4),),
+                         "MODEL": {"num_layers": 2, "width": 16, "num_heads": 2, "mlp_dim": 32}},
 }
 
 
@@ -47,6 +50,8 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, digits_dir):
   source = book.cells[index].source
   if "WORKDIR" in source:
     overrides["WORKDIR"] = str(tmp_path / "workdir")  # absolute: os.path.join keeps it
+  if "TRAIN_WORKDIR" in source:
+    overrides["TRAIN_WORKDIR"] = str(tmp_path / "train")
   if "DATA_DIR" in source:
     overrides["DATA_DIR"] = digits_dir
   lines = "\n".join(f"{key} = {value!r}" for key, value in overrides.items())
