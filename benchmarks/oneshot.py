@@ -18,7 +18,9 @@ and tracemalloc's peak for the NumPy run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import tracemalloc
 
@@ -27,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import oneshot
-from tests import reference
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def numpy_sparsegpt(w: np.ndarray, h: np.ndarray, sparsity=None, nm=None, block_size=128,

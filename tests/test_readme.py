@@ -37,3 +37,23 @@ def test_readme_nnx_attention_example_prunes_2_of_4_and_trains_with_the_wrapper(
   assert report.leaves["mlp/kernel"].sparsity == 0.5
   assert report.leaves["mlp/kernel"].zero_fraction == 0.5
   assert report.leaves["attention/out/bias"].kept == 64  # not pruned
+
+
+def test_readme_oneshot_example_prunes_2_of_4_and_updates_the_kept_weights():
+  namespace = {}
+  exec(_block("oneshot.prune_sequentially"), namespace)  # pylint: disable=exec-used
+  params, pruned, masks = namespace["params"], namespace["pruned"], namespace["masks"]
+  for path in ("block_0/mlp/kernel", "block_1/attention/query/kernel"):
+    module, name = path.rsplit("/", 1)
+    node, mask = pruned, masks
+    for key in path.split("/"):
+      node, mask = node[key], mask[key]
+    kernel, mask = np.asarray(node), np.asarray(mask)
+    groups = (kernel != 0).reshape(kernel.shape[0] // 4, 4, -1).sum(1)  # 4 inputs per group
+    assert np.all(groups == 2), (module, name)
+    assert np.array_equal(kernel != 0, mask)
+  before = np.asarray(params["block_1"]["mlp"]["kernel"])
+  after = np.asarray(pruned["block_1"]["mlp"]["kernel"])
+  kept = np.asarray(masks["block_1"]["mlp"]["kernel"])
+  assert not np.allclose(before[kept], after[kept])  # SparseGPT's update moved them
+  assert masks["block_0"]["mlp"]["bias"] is None
