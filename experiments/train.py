@@ -38,14 +38,19 @@ NM_EXPORT = "nm_export.npz"  # N:M runs: the final weights in sparsejax's compre
 
 
 def final_line(summary: dict, baseline: dict | None, config: ml_collections.ConfigDict) -> str:
-  """The one-line result: dense and pruned test accuracy, achieved sparsity."""
+  """The one-line result: dense and pruned test accuracy (a language model's
+  bits per byte), achieved sparsity."""
+  def score(run: dict, label: str) -> str:
+    test = run["test"]
+    if "bits_per_byte" in test:  # a language model
+      return (f"{label} test {test['bits_per_byte']:.4f} bits per byte "
+              f"(next-byte accuracy {test['accuracy']:.4f})")
+    return f"{label} test accuracy {test['accuracy']:.4f}"
+
   parts = []
   if baseline is not None:
-    parts.append(f"dense test accuracy {baseline['test']['accuracy']:.4f}")
-  if summary["method"] == "dense":
-    parts.append(f"dense test accuracy {summary['test']['accuracy']:.4f}")
-  else:
-    parts.append(f"pruned test accuracy {summary['test']['accuracy']:.4f}")
+    parts.append(score(baseline, "dense"))
+  parts.append(score(summary, "dense" if summary["method"] == "dense" else "pruned"))
   method = summary["method"]
   if method == "nm":
     nm = config.pruning.nm

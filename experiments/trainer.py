@@ -11,6 +11,7 @@ gives the same numbers on 1 or 4 devices, with or without FSDP.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -486,6 +487,8 @@ class Trainer:
       if batches is not None:
         batches.close()  # stops Grain's workers
       manager.close()  # waits for the last save, also when training fails
+    if self.data.text:  # a language model's loss, in the unit papers report
+      test = {**test, "bits_per_byte": test["loss"] / math.log(2)}
     summary = {
         "config": json.loads(config.to_json()),
         "method": self.method,

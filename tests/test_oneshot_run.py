@@ -93,7 +93,10 @@ def test_tiny_lm_pruned_by_every_method_end_to_end_and_resumed(tmp_path):
   lm.num_train_steps, lm.warmup_steps, lm.batch_size, lm.log_every = 60, 10, 8, 30
   lm.checkpoint_every = 0
   lm.eval_batch_size = 256
-  train.run(lm, str(tmp_path / "lm"))
+  trained = train.run(lm, str(tmp_path / "lm"))
+  assert trained["test"]["bits_per_byte"] == pytest.approx(trained["test"]["loss"] / math.log(2))
+  assert train.final_line(trained, None, lm).startswith(
+      f"dense test {trained['test']['bits_per_byte']:.4f} bits per byte (next-byte accuracy ")
   config = oneshot_lm.get_config()
   config.train_workdir = str(tmp_path / "lm")
   config.sparsities, config.patterns = (0.5,), ((2, 4),)
@@ -101,6 +104,7 @@ def test_tiny_lm_pruned_by_every_method_end_to_end_and_resumed(tmp_path):
   workdir = str(tmp_path / "oneshot")
   result = oneshot.run(config, workdir, log=lambda line: None)
 
+  assert result["dense"]["test_loss"] == pytest.approx(trained["test"]["loss"], rel=1e-6)
   rows = {(r["method"], r["pattern"]): r for r in result["rows"]}
   assert set(rows) == {(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("50%", "2:4")}
   for (method, pattern), row in rows.items():

@@ -117,7 +117,9 @@ def test_train_step_gives_same_loss_on_4_devices_and_on_1(tiny_config, model):
   four, state_four, _ = train_steps(tiny_config, jax.devices()[:4], steps=8)
   assert one[1] > one[-1]  # it trains (step 0 may prune, and the loss jump)
   np.testing.assert_allclose(four, one, rtol=2e-5, atol=1e-6)
-  chex.assert_trees_all_close(state_four.params, state_one.params, rtol=1e-4, atol=1e-5)
+  # Adam turns a near-zero gradient's rounding into a step of up to the learning
+  # rate: a BatchNorm bias of ~1e-3 was seen 2e-5 apart after 8 steps.
+  chex.assert_trees_all_close(state_four.params, state_one.params, rtol=1e-4, atol=5e-5)
   chex.assert_trees_all_close(state_four.batch_stats, state_one.batch_stats, rtol=1e-4, atol=1e-5)
   assert len(state_four.params[next(iter(state_four.params))]["kernel"].sharding.device_set) == 4
   # Pruned (masks updated at steps 0 and 5) on kernels only; BatchNorm scales,
