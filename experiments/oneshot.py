@@ -265,7 +265,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
          f"{unigram / math.log(2):.3f})" if text else ""))
   batches = calibration_batches(trainer.data, config.calibration_sequences,
                                 config.calibration_batch, config.seed)
-  hessians_fn = oneshot_lib.linen_hessians(trainer.model, batches, apply_kwargs={"train": False})
+  hessians_fn = oneshot_lib.linen_hessians(
+      trainer.model, batches, apply_kwargs={"train": False},
+      variables={"batch_stats": state.batch_stats} if state.batch_stats else None)
   os.makedirs(os.path.join(workdir, ROWS_DIR), exist_ok=True)
   rows = []
   for i, (name, method, target) in enumerate(planned):

@@ -150,3 +150,22 @@ def test_tiny_lm_pruned_by_every_method_end_to_end_and_resumed(tmp_path):
   timeless = lambda rows: [{k: v for k, v in r.items() if k != "prune_seconds"} for r in rows]
   with open(os.path.join(workdir, "final.json")) as f:
     assert timeless(json.load(f)["rows"]) == timeless(result["rows"])
+
+
+def test_image_model_rows_report_accuracy_and_keep_exact_counts(tiny_config, tmp_path):
+  tiny_config.pruning.method = "dense"
+  tiny_config.dense_baseline = False
+  train.run(tiny_config, str(tmp_path / "mlp"))
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "mlp")
+  config.methods = ("magnitude", "wanda", "sparsegpt")
+  config.sparsities, config.patterns = (0.75,), ((1, 4),)
+  config.calibration_sequences, config.exclude = 64, ""
+  result = oneshot.run(config, str(tmp_path / "oneshot"), log=lambda line: None)
+  assert result["unigram_loss"] is None
+  assert result["markdown"].splitlines()[0] == "| method | 75% | 1:4 |"
+  for row in result["rows"]:
+    assert row["test_bits_per_byte"] == "" and 0 < row["test_accuracy"] <= 1
+    assert row["sparsity"] == 0.75  # every kernel (64x32, 32x16, 16x10) exactly
+    if row["pattern"] == "1:4":
+      assert row["max_nonzeros_per_group"] == 1
