@@ -182,7 +182,7 @@ def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
   raise ValueError(f"Cannot turn {have}-channel images into {channels} channels.")
 
 
-TOKEN_VALUES = 256  # text datasets hold bytes: uint8 tokens
+TOKEN_VALUES = stdlib_text.VOCAB_SIZE  # text datasets hold bytes: uint8 tokens
 
 
 def is_text(source) -> bool:

@@ -67,10 +67,12 @@ def leaf_filter(pruning: ml_collections.ConfigDict,
                 section: str = "pruning") -> Callable[[str, object], bool]:
   """Prunable leaves: ndim >= 2, path matching `include`, not `exclude`.
 
-  `section` is the config section's name, for error messages.
+  `section` is the config section's name, for error messages ('' for keys
+  at the top of the config).
   """
-  include = _compile(pruning.include, f"{section}.include")
-  exclude = _compile(pruning.exclude, f"{section}.exclude")
+  prefix = f"{section}." if section else ""
+  include = _compile(pruning.include, f"{prefix}include")
+  exclude = _compile(pruning.exclude, f"{prefix}exclude")
 
   def keep(path: str, leaf) -> bool:
     if not sparsejax.default_filter(path, leaf):

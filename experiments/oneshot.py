@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 import time
 
 from absl import app
@@ -45,6 +44,7 @@ from sparsejax.checkpoint import export_sparse
 from experiments import cli
 from experiments import config_checks
 from experiments import input_pipeline
+from experiments import methods as methods_lib
 from experiments import plots
 from experiments import trainer as trainer_lib
 from experiments import workdir as workdir_lib
@@ -108,10 +108,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_checks.at_least(config.block_size, 1, "block_size")
   if not 0 < config.dampening:
     raise config_checks.ConfigError(f"config.dampening={config.dampening!r} must be positive.")
-  try:
-    re.compile(config.exclude)
-  except re.error as e:
-    raise config_checks.ConfigError(f"config.exclude={config.exclude!r}: {e}") from e
+  methods_lib.leaf_filter(config, section="")
   targets(config)
 
 
@@ -163,12 +160,10 @@ def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessi
               config: ml_collections.ConfigDict, method: str, target: dict, directory: str,
               log=print) -> dict:
   """Prunes `state`'s params by `method` to `target`, evaluates, checkpoints and exports."""
-  keep = lambda path, leaf: (sparsejax.default_filter(path, leaf)
-                             and not (config.exclude and re.search(config.exclude, path)))
   start = time.perf_counter()
   params, masks = oneshot_lib.prune_sequentially(
       state.params, hessians_fn if method != "magnitude" else None, method,
-      leaf_filter=keep, per_output=config.magnitude_per_output if method == "magnitude" else True,
+      leaf_filter=methods_lib.leaf_filter(config, section=""), per_output=config.magnitude_per_output if method == "magnitude" else True,
       block_size=config.block_size, dampening=config.dampening,
       log=lambda line: log(f"  {line}"), **target)
   params = jax.block_until_ready(params)

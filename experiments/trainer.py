@@ -214,6 +214,10 @@ class Trainer:
     except (TypeError, ValueError) as e:
       raise config_checks.ConfigError(f"config.model: {e}") from e
     self.method = methods.method_name(config)
+    if self.method == "synflow" and data.text:
+      raise config_checks.ConfigError(
+          "config.pruning.method='synflow' feeds the network all-ones float inputs, which a "
+          f"model of tokens ({config.dataset}) cannot take; use snip or static instead.")
     self.tx = methods.make_optimizer(config, self.num_steps)
     nm = methods.nm_sparsity(config, self.num_steps)
     try:  # also shapes only: e.g. a kernel N:M cannot group fails before the workdir is claimed

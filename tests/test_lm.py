@@ -85,3 +85,15 @@ def test_oneshot_prunes_the_lm_block_by_block(method):
   np.testing.assert_array_equal(pruned["head"]["kernel"], params["head"]["kernel"])
   logits = model.apply({"params": pruned}, calibration[0])
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_synflow_on_a_token_model_is_a_config_error(tmp_path):
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments.configs import lm_stdlib  # pylint: disable=g-import-not-at-top
+  config = lm_stdlib.get_config()
+  config.data_dir = str(tmp_path)
+  config.model.update(num_layers=1, width=16, num_heads=2, mlp_dim=32)
+  config.pruning.method = "synflow"
+  with pytest.raises(config_checks.ConfigError, match="'synflow' feeds the network all-ones"):
+    trainer.Trainer(config)

@@ -160,12 +160,14 @@ def test_image_model_rows_report_accuracy_and_keep_exact_counts(tiny_config, tmp
   config.train_workdir = str(tmp_path / "mlp")
   config.methods = ("magnitude", "wanda", "sparsegpt")
   config.sparsities, config.patterns = (0.75,), ((1, 4),)
-  config.calibration_sequences, config.exclude = 64, ""
+  config.calibration_sequences, config.exclude, config.include = 64, "", "hidden"
   result = oneshot.run(config, str(tmp_path / "oneshot"), log=lambda line: None)
   assert result["unigram_loss"] is None
   assert result["markdown"].splitlines()[0] == "| method | 75% | 1:4 |"
   for row in result["rows"]:
     assert row["test_bits_per_byte"] == "" and 0 < row["test_accuracy"] <= 1
-    assert row["sparsity"] == 0.75  # every kernel (64x32, 32x16, 16x10) exactly
+    assert row["sparsity"] == 0.75  # both hidden kernels (64x32, 32x16) exactly
     if row["pattern"] == "1:4":
       assert row["max_nonzeros_per_group"] == 1
+  _, masks = load_sparse(str(tmp_path / "oneshot" / "pruned" / "sparsegpt_75pct.npz"))
+  assert masks["head"]["kernel"] is None and masks["hidden_1"]["kernel"].mean() == 0.25

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.patterns = ((2, 4), (4, 8))   # N:M along each kernel's contraction axes
   config.calibration_sequences = 128
   config.calibration_batch = 32       # sequences per forward pass while calibrating
+  config.include = ""                 # regex: prune only kernels whose path matches ('' = all)
   config.exclude = "embed|position|head"  # regex: kernels never pruned
   config.magnitude_per_output = False
   config.block_size = 128             # sparsegpt: columns per lazy-update block
