@@ -53,7 +53,7 @@ DROP_AND_GROW = ("set", "rigl", "granet")  # sparsejax.DropAndGrow
 STRAIGHT_THROUGH = ("ste", "set", "rigl", "granet")  # forward: sparsejax.ste_masked_params
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
-ALLOCATIONS = ("uniform", "erk", "global")
+ALLOCATIONS = ("uniform", "erk", "global", "lamp")
 
 
 def _compile(pattern: str, key: str):

@@ -46,6 +46,7 @@ from sparsejax.trees import leaves_with_masks
 from sparsejax.trees import map_with_masks
 
 from sparsejax import dst
+from sparsejax import lamp
 from sparsejax import layouts
 from sparsejax import lottery
 from sparsejax import nm
@@ -75,6 +76,7 @@ __all__ = [
     "find_pruning_state",
     "fsdp_shardings",
     "gradient_flow",
+    "lamp",
     "layouts",
     "leaves_with_masks",
     "magnitude_masks",

@@ -7,6 +7,9 @@
   and the scale is solved again for the rest.
 - `global`: one threshold across all prunable leaves (no per-leaf split);
   `allocate` returns None and the selection compares scores across leaves.
+- `lamp`: LAMP (Lee et al. 2021): like `global`, after each leaf's scores
+  are LAMP-normalised (`sparsejax.lamp`), which makes the threshold fair
+  across leaves of different scale; `allocate` returns None.
 - a mapping {regex: sparsity}: a leaf whose '/'-joined path matches a regex
   (`re.search`, first match wins) gets that sparsity; other prunable leaves
   get the overall sparsity.
@@ -25,7 +28,8 @@ import numpy as np
 from sparsejax import counts
 
 Allocation = Union[str, Mapping[str, float]]
-ALLOCATIONS = ("uniform", "erk", "global")
+ALLOCATIONS = ("uniform", "erk", "global", "lamp")
+SHARED_THRESHOLD = ("global", "lamp")  # one threshold across leaves
 
 
 def validate_allocation(allocation: Allocation) -> None:
@@ -97,10 +101,11 @@ def _custom(mapping: Mapping[str, float], sparsity, paths: Sequence[str]) -> lis
 
 def allocate(allocation: Allocation, sparsity, paths: Sequence[str],
              shapes: Sequence[tuple[int, ...]]) -> list | None:
-  """Per-leaf sparsities for the prunable leaves, or None for `global`.
+  """Per-leaf sparsities for the prunable leaves, or None for `global`/`lamp`.
 
   Args:
-    allocation: 'uniform', 'erk', 'global' or a {regex: sparsity} mapping.
+    allocation: 'uniform', 'erk', 'global', 'lamp' or a {regex: sparsity}
+      mapping.
     sparsity: total sparsity in [0, 1]; may be traced.
     paths: the '/'-joined paths of the prunable leaves.
     shapes: their shapes.
@@ -115,7 +120,7 @@ def allocate(allocation: Allocation, sparsity, paths: Sequence[str],
   """
   validate_allocation(allocation)
   counts.check_sparsity(sparsity)
-  if allocation == "global":
+  if allocation in SHARED_THRESHOLD:
     return None
   if allocation == "uniform":
     return [sparsity] * len(paths)

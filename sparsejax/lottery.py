@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 PyTree = Any
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "lamp")
 
 
 def check_fraction(fraction, name: str = "fraction") -> float:
@@ -201,7 +201,8 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
     allocation: 'uniform' (each masked leaf keeps round((1 - p) * kept_l)
       of its weights) or 'global' (the leaves `layer_fractions` does not
       match keep round((1 - p) * their total kept), one magnitude threshold
-      across them).
+      across them) or 'lamp' (as 'global', ranking LAMP scores: Lee et al.
+      2021 use it inside IMP; see `sparsejax.lamp`).
     layer_fractions: {path_regex: fraction in [0, 1)}: a leaf whose
       '/'-joined path a regex `re.search`es (first match wins) keeps
       round((1 - fraction) * kept_l) of its own weights, under either
@@ -236,7 +237,7 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
   # the leaves that share one threshold ('global', unmatched): (path, size, kept).
   alone, pooled = [], []
   for path, size, kept in leaves:
-    shared = allocation == "global" and path not in own
+    shared = allocation in ("global", "lamp") and path not in own
     (pooled if shared else alone).append((path, size, kept))
   exact = _exact_map([path for path, _, _ in alone], [size for _, size, _ in alone],
                      [int(round((1.0 - own.get(path, p)) * kept)) for path, _, kept in alone])
@@ -249,7 +250,7 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
                                 previous_masks=m)
     if pooled:
       out = _merge(out, pruning.compute_masks(
-          w, 1.0 - pool_keep / pool_size if pool_size else 0.0, allocation="global",
+          w, 1.0 - pool_keep / pool_size if pool_size else 0.0, allocation=allocation,
           leaf_filter=_only([path for path, _, _ in pooled]), previous_masks=m))
     return out
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import counts
+from sparsejax import lamp
 from sparsejax import layouts
 from sparsejax import scores as scores_lib
 from sparsejax import selection
@@ -45,7 +46,8 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
     sparsity: fraction of the prunable weights to prune, in [0, 1]; may be
       traced (inside jit).
     score: 'magnitude', 'random' or a function (param, key) -> scores.
-    allocation: 'uniform', 'erk', 'global' or {path_regex: sparsity}.
+    allocation: 'uniform', 'erk', 'global', 'lamp' (LAMP-normalised scores,
+      one threshold: `sparsejax.lamp`) or {path_regex: sparsity}.
     leaf_filter: (path, leaf) -> bool choosing prunable leaves; default:
       arrays with ndim >= 2.
     key: PRNG key, required by random scores; folded with each leaf's index.
@@ -89,8 +91,13 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   targets = allocation_lib.allocate(
       allocation, sparsity, [leaves[i].path for i in chosen], [leaves[i].value.shape for i in chosen])
   current = ramp(sparsity) if targets is None else [ramp(t) for t in targets]
-  masks = selection.topk_masks(scores, current,
-                               candidates=None if previous is None else [previous[i] for i in chosen])
+  candidates = None if previous is None else [previous[i] for i in chosen]
+  if allocation == "lamp":  # per-leaf counts from LAMP scores, then each leaf's largest scores
+    keep = counts.keep_count(sum(int(np.size(s)) for s in scores), current)
+    masks = selection.topk_masks_by_count(scores, lamp.lamp_keep_counts(scores, keep, candidates),
+                                          candidates)
+  else:
+    masks = selection.topk_masks(scores, current, candidates=candidates)
   return assemble_masks(params, chosen, masks)
 
 

@@ -151,3 +151,31 @@ def sparsegpt(weights, inputs, sparsity=None, nm=None, block_size=128, dampening
       error = np.where(keep[:, j], 0.0, w[:, j]) / u[j, j]
       w[:, j:] -= np.outer(error, u[j, j:])
   return np.where(keep, w, 0.0).T, keep.T
+
+
+def lamp_masks(weights_list, amount):
+  """LAMP as the authors' code does it (jaeho-lee/layer-adaptive-sparsity,
+  tools/pruners.py: `_normalize_scores`, `_compute_lamp_amounts`), in NumPy.
+
+  Scores w^2 are sorted ascending per layer and divided by the sum of the
+  scores at and after each position; the survivors are the global top
+  round(n * (1 - amount)) of those scores; each layer then keeps its
+  survivors' count of its largest |w| (torch's `l1_unstructured`).
+  """
+  normalized = []
+  for w in weights_list:
+    squared = np.asarray(w, np.float64).ravel() ** 2
+    order = np.argsort(squared, kind="stable")
+    ascending = squared[order]
+    before = np.concatenate([[0.0], np.cumsum(ascending)[:-1]])
+    score = np.zeros_like(squared)
+    score[order] = ascending / (squared.sum() - before)
+    normalized.append(score)
+  total = sum(s.size for s in normalized)
+  survivors = int(np.round(total * (1.0 - amount)))
+  threshold = np.sort(np.concatenate(normalized))[::-1][survivors - 1]
+  out = []
+  for w, score in zip(weights_list, normalized):
+    keep = int((score >= threshold).sum())
+    out.append(topk_mask(np.abs(w), 1.0 - keep / np.size(w)))
+  return out

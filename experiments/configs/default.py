@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # dense | one_shot | gradual | nm | static | snip | synflow | ste | set | rigl | granet
   config.pruning.method = "gradual"
   config.pruning.sparsity = 0.9        # final sparsity of the prunable kernels
-  config.pruning.allocation = "uniform"  # uniform | erk | global
+  config.pruning.allocation = "uniform"  # uniform | erk | global | lamp
   config.pruning.initial_sparsity = 0.0  # gradual: sparsity at start_fraction
   config.pruning.start_fraction = 0.1  # gradual: first pruning step; one_shot: the pruning step
   config.pruning.end_fraction = 0.66   # gradual: final sparsity reached here
