@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import threading
+import time
 from typing import NamedTuple
 
 from absl import flags
@@ -467,9 +470,34 @@ class EvalBatch:
     return x, labels, weights
 
 
+PARENT_POLL_S = 0.5  # how often a worker process checks that its trainer is alive
+
+
+def _watch_parent(parent_pid: int) -> None:
+  while os.getppid() == parent_pid:
+    time.sleep(PARENT_POLL_S)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """Grain worker start-up: the worker ends when the process `parent_pid` dies.
+
+  A killed trainer (SIGKILL, the OOM killer) runs no clean-up, and Grain's
+  workers would then wait for it forever, each holding its memory. A thread
+  of the worker polls its parent instead: when the parent dies the worker is
+  re-parented (getppid changes) and exits. (Linux's PR_SET_PDEATHSIG is not
+  used: it fires when the *thread* that started the worker ends, and Grain
+  starts workers from short-lived threads.)
+  """
+  del worker_index, worker_count
+  threading.Thread(target=_watch_parent, args=(parent_pid,), name="exit-with-parent",
+                   daemon=True).start()
+
+
 class Batches:
   """Grain's iterator over a dataset of batches, started at construction
-  (worker processes included); `close` (or exhausting it) stops the workers."""
+  (worker processes included); `close` (or exhausting it) stops the workers,
+  and they exit by themselves within PARENT_POLL_S if this process dies."""
 
   def __init__(self, dataset: grain.MapDataset, worker_count: int, prefetch: int):
     if worker_count > 0:
@@ -477,7 +505,8 @@ class Batches:
         flags.FLAGS.mark_as_parsed()   # Grain's worker pool reads its flags' defaults
       it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                       per_worker_buffer_size=max(1, prefetch)))
+                                                       per_worker_buffer_size=max(1, prefetch)),
+                          worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
     else:
       it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
                                                      prefetch_buffer_size=max(1, prefetch)))
