@@ -124,9 +124,9 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
              report: Callable[[Any, ml_collections.ConfigDict, str], None]) -> Callable:
   """An absl `main` that runs `run(config, workdir, overwrite)` and `report`s its result.
 
-  Config, dataset, workdir, checkpoint and metrics-file errors, and OS
-  errors (a full disk, a permission), end the program with one line naming
-  the problem, not a traceback.
+  Config, dataset (missing or damaged files), workdir, checkpoint and
+  metrics-file errors, and OS errors (a full disk, a permission), end the
+  program with one line naming the problem, not a traceback.
   """
 
   def main(argv):
@@ -156,7 +156,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
         if os.path.exists(os.path.join(WORKDIR.value, workdir_lib.CONFIG_FILE)):
           workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
-    except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
+    except (config_checks.ConfigError, input_pipeline.DatasetError,
             workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError, OSError) as e:
       sys.exit(f"error: {e}")
     if distributed.is_primary():

@@ -2,13 +2,17 @@
 naming the file or port, or, for a killed trainer, in no leftover process."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
+
+from experiments import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +81,114 @@ def test_grain_workers_exit_when_the_trainer_is_killed(digits_dir):
     for w in workers:
       if _running(w):
         os.kill(w, signal.SIGKILL)
+
+
+# Damaged datasets: a copy of the bundled digits with one file broken.
+
+VERSION_DIR = os.path.join("sklearn_digits", "1.0.0")
+TRAIN_SHARD = "sklearn_digits-train.array_record-00000-of-00001"
+DIGITS_MEAN, DIGITS_STD = (0.3,), (0.4,)  # given: load() then reads no example beyond the first
+
+
+def _damage(path: str, how: str) -> None:
+  with open(path, "rb") as f:
+    data = f.read()
+  if how == "delete":
+    os.remove(path)
+    return
+  if how == "truncate":
+    data = data[:len(data) // 2]
+  elif how == "empty":
+    data = b""
+  elif how == "flip":  # one byte in the middle: inside a chunk of records or its header
+    data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+@pytest.fixture
+def damaged_digits(digits_dir, tmp_path):
+  """(data_dir, path) of a copy of the digits with the file `name` damaged `how`."""
+
+  def make(name: str, how: str) -> tuple[str, str]:
+    data_dir = str(tmp_path / "tfds")
+    shutil.copytree(digits_dir, data_dir)
+    path = os.path.join(data_dir, VERSION_DIR, name)
+    _damage(path, how)
+    return data_dir, path
+
+  return make
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty", "flip", "delete"])
+def test_damaged_dataset_info_is_one_line_naming_the_file(damaged_digits, how):
+  data_dir, path = damaged_digits("dataset_info.json", how)
+  with pytest.raises(input_pipeline.DatasetError) as e:
+    input_pipeline.load("sklearn_digits", data_dir)
+  message = str(e.value)
+  assert path in message and len(message.splitlines()) == 1, message
+  assert ("is missing" if how == "delete" else "is damaged") in message
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty", "flip", "delete"])
+def test_damaged_array_record_shard_is_one_line_naming_the_file(damaged_digits, how):
+  data_dir, path = damaged_digits(TRAIN_SHARD, how)
+  with pytest.raises(input_pipeline.DatasetError) as e:
+    data = input_pipeline.load("sklearn_digits", data_dir, mean=DIGITS_MEAN, std=DIGITS_STD)
+    input_pipeline.read_split(data, "train")
+  message = str(e.value)
+  assert f"Dataset file {path} is damaged, truncated or missing" in message, message
+  assert len(message.splitlines()) == 1, message
+
+
+def test_undamaged_split_reads_the_same_through_the_checked_reads(digits_dir):
+  """The checked reads change nothing: the digits equal scikit-learn's, by label counts and pixels."""
+  sklearn_datasets = pytest.importorskip("sklearn.datasets")
+  digits = sklearn_datasets.load_digits()
+  data = input_pipeline.load("sklearn_digits", digits_dir, mean=(0.0,), std=(1.0 / 255,))
+  train, test = input_pipeline.read_split(data, "train"), input_pipeline.read_split(data, "eval")
+  images = np.concatenate([train[0], test[0]])[..., 0]
+  labels = np.concatenate([train[1], test[1]])
+  np.testing.assert_array_equal(np.bincount(labels), np.bincount(digits.target))
+  ours = sorted(map(bytes, np.round(images).astype(np.uint8).reshape(len(images), -1)))
+  scaled = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+  theirs = sorted(map(bytes, scaled.reshape(len(images), -1)))
+  assert ours == theirs
+
+
+WORKER_READ = textwrap.dedent("""
+    import sys
+    from experiments import input_pipeline
+    if __name__ == "__main__":
+      data = input_pipeline.load("sklearn_digits", sys.argv[1], mean=(0.3,), std=(0.4,))
+      try:
+        for _ in input_pipeline.train_batches(data, 128, 0, 0, 40, worker_count=2):
+          pass
+      except input_pipeline.DatasetError as e:
+        print("DatasetError:", e)
+""")
+
+
+@pytest.mark.slow
+def test_damaged_shard_read_by_a_grain_worker_reaches_the_trainer_as_dataset_error(
+    damaged_digits):
+  data_dir, path = damaged_digits(TRAIN_SHARD, "flip")
+  script = os.path.join(os.path.dirname(data_dir), "read.py")
+  with open(script, "w") as f:
+    f.write(WORKER_READ)
+  out = subprocess.run([sys.executable, script, data_dir], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert f"DatasetError: Dataset file {path} is damaged" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_train_binary_reports_a_damaged_shard_in_one_line(damaged_digits, tmp_path):
+  data_dir, path = damaged_digits(TRAIN_SHARD, "truncate")
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py",
+       f"--workdir={tmp_path / 'run'}", f"--config.data_dir={data_dir}"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr, out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: Dataset file {path} is damaged, truncated or missing"), last
