@@ -4,6 +4,7 @@ naming the file or port, or, for a killed trainer, in no leftover process."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from experiments import distributed
 from experiments import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +194,76 @@ def test_train_binary_reports_a_damaged_shard_in_one_line(damaged_digits, tmp_pa
   assert "Traceback" not in out.stderr, out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: Dataset file {path} is damaged, truncated or missing"), last
+
+
+# A multi-process start whose coordinator port is taken.
+
+
+def _listener(host: str = "127.0.0.1") -> socket.socket:
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  s = socket.socket(family, socket.SOCK_STREAM)
+  s.bind((host, 0))
+  s.listen()
+  return s
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::"])
+def test_coordinator_port_in_use_is_named_before_jax_starts(host):
+  if ":" in host and not socket.has_ipv6:
+    pytest.skip("no IPv6")
+  with _listener(host) as busy:
+    port = busy.getsockname()[1]
+    with pytest.raises(distributed.StartupError) as e:
+      distributed.check_port_free(f"localhost:{port}")
+  message = str(e.value)
+  assert f"The coordinator port {port} (--coordinator_address=localhost:{port}) is in use" \
+      in message and len(message.splitlines()) == 1, message
+
+
+def test_a_port_left_in_time_wait_by_an_earlier_run_is_free():
+  """An earlier coordinator's port (gRPC sets SO_REUSEADDR) is free again: gRPC binds it."""
+  with socket.socket() as server:
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its port goes to TIME_WAIT
+    client.close()
+  distributed.check_port_free(f"127.0.0.1:{port}")  # no error
+
+
+def test_initialization_timeout_must_be_positive():
+  with pytest.raises(ValueError, match="--initialization_timeout must be positive, not 0"):
+    distributed.initialize("127.0.0.1:1", 2, 1, initialization_timeout=0)
+
+
+@pytest.mark.slow
+def test_a_coordinator_port_in_use_ends_both_processes_in_one_line_each(digits_dir, tmp_path):
+  timeout_s = 10
+  with _listener() as busy:
+    address = f"127.0.0.1:{busy.getsockname()[1]}"
+    start = time.monotonic()
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.data_dir={digits_dir}",
+         f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+         "--cpu_devices=1", f"--initialization_timeout={timeout_s}"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+      outs = [p.communicate(timeout=120) for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+    elapsed = time.monotonic() - start
+  for p, (_, err) in zip(processes, outs):
+    assert p.returncode == 1 and "Traceback" not in err, err
+  assert outs[0][1].strip().splitlines()[-1] == (
+      f"error: The coordinator port {address.split(':')[1]} (--coordinator_address={address}) "
+      "is in use on this host, by another program or run: choose a free port for every process.")
+  assert outs[1][1].strip().splitlines()[-1].startswith(
+      f"error: process 1 of 2 could not connect to the coordinator at {address} within "
+      f"{timeout_s} s (--initialization_timeout)")
+  assert elapsed < timeout_s + 60  # not JAX's 300 s
