@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from experiments import distributed
 from experiments import input_pipeline
@@ -267,3 +268,39 @@ def test_a_coordinator_port_in_use_ends_both_processes_in_one_line_each(digits_d
       f"error: process 1 of 2 could not connect to the coordinator at {address} within "
       f"{timeout_s} s (--initialization_timeout)")
   assert elapsed < timeout_s + 60  # not JAX's 300 s
+
+
+class ThreeShards(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """30 examples whose label is their own key, written as 3 shards of 10."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(2, 2, 1), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(num_classes=30)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(30):
+      yield i, {"image": np.full((2, 2, 1), i, np.uint8), "label": i}
+
+
+def test_the_error_names_the_damaged_one_of_several_shards(tmp_path, monkeypatch):
+  monkeypatch.setitem(input_pipeline.BUNDLED, "three_shards", ThreeShards)
+  builder = ThreeShards(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+  shards = sorted(str(p) for p in builder.data_path.glob("three_shards-train.array_record-*"))
+  assert len(shards) == 3 and builder.info.splits["train"].shard_lengths == [10, 10, 10]
+  data = input_pipeline.load("three_shards", str(tmp_path), mean=(0.0,), std=(1.0,),
+                             cache_mb=0)  # no cache: batched reads across the shards
+  _damage(shards[1], "empty")
+  with pytest.raises(input_pipeline.DatasetError) as e:
+    input_pipeline.read_split(data, "train")  # every example: the reads span the 3 shards
+  message = str(e.value)
+  assert f"Dataset file {shards[1]} is damaged" in message, message
+  first = int(message.split("reading example ")[1].split()[0])
+  assert 10 <= first < 20, message  # positions 10..19 of the split: the middle shard
