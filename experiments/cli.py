@@ -40,6 +40,10 @@ COORDINATOR = flags.DEFINE_string(
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's rank.")
 CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "On CPU: devices per process.")
+INIT_TIMEOUT = flags.DEFINE_float(
+    "initialization_timeout", distributed.INITIALIZATION_TIMEOUT_S, "Multi-process runs: "
+    "seconds each process waits for all of them to connect to the coordinator before it "
+    "ends with a one-line error.")
 OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a run of this binary already in --workdir: every file such a "
     "run writes is removed first (nothing else). A workdir holding another binary's run (a "
@@ -124,9 +128,9 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
              report: Callable[[Any, ml_collections.ConfigDict, str], None]) -> Callable:
   """An absl `main` that runs `run(config, workdir, overwrite)` and `report`s its result.
 
-  Config, dataset, workdir, checkpoint and metrics-file errors, and OS
-  errors (a full disk, a permission), end the program with one line naming
-  the problem, not a traceback.
+  Config, dataset (missing or damaged files), workdir, checkpoint and
+  metrics-file errors, and OS errors (a full disk, a permission), end the
+  program with one line naming the problem, not a traceback.
   """
 
   def main(argv):
@@ -139,9 +143,11 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
     tfds.disable_progress_bar()
     try:  # before any JAX computation
       distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
-                             CPU_DEVICES.value)
+                             CPU_DEVICES.value, INIT_TIMEOUT.value)
     except ValueError as e:
       raise app.UsageError(str(e)) from e
+    except distributed.StartupError as e:  # a coordinator port in use
+      sys.exit(f"error: {e}")
     processes = (f" in process {jax.process_index()} of {jax.process_count()}"
                  if jax.process_count() > 1 else "")
     print(f"JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} "
@@ -156,7 +162,7 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
         if os.path.exists(os.path.join(WORKDIR.value, workdir_lib.CONFIG_FILE)):
           workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
-    except (config_checks.ConfigError, input_pipeline.DatasetNotFoundError,
+    except (config_checks.ConfigError, input_pipeline.DatasetError,
             workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError, OSError) as e:
       sys.exit(f"error: {e}")
     if distributed.is_primary():

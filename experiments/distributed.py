@@ -14,9 +14,86 @@ devices, and the processes talk through gloo.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import sys
+import threading
 
 import jax
+
+INITIALIZATION_TIMEOUT_S = 120  # default of --initialization_timeout
+JAX_TIMEOUT_MARGIN_S = 30  # JAX's own (fatal, misleading) timeout comes this much later
+
+
+class StartupError(RuntimeError):
+  """The processes of a multi-process run cannot connect (the message says why)."""
+
+
+def _bind_address(coordinator_address: str) -> tuple[str, int]:
+  """(host, port) the coordinator binds: JAX's default '[::]:port' or its environment's."""
+  port = coordinator_address.rsplit(":", 1)[1]
+  bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", "[::]:" + port)
+  host, port = bind.rsplit(":", 1)
+  return host.strip("[]"), int(port)
+
+
+def check_port_free(coordinator_address: str) -> None:
+  """Raises StartupError if the coordinator's port is taken on this host.
+
+  JAX's coordinator would otherwise fail to bind with a log line and a crash,
+  and the other processes wait their whole timeout for it.
+  """
+  host, port = _bind_address(coordinator_address)
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  try:
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+      # As gRPC does: a port in TIME_WAIT from an earlier run is free to bind.
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      probe.bind((host, port))
+  except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+      raise StartupError(
+          f"The coordinator port {port} (--coordinator_address={coordinator_address}) is "
+          "in use on this host, by another program or run: choose a free port for every "
+          "process.") from e
+    if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):  # no IPv6 here: JAX tells
+      raise StartupError(f"The coordinator cannot bind {host}:{port}: {e.strerror}.") from e
+
+
+def _start_watchdog(coordinator_address: str, num_processes: int, process_id: int,
+                    timeout_s: float) -> threading.Timer:
+  """Ends this process with one line if the run is not connected within `timeout_s`.
+
+  JAX's own timeout aborts with a stack trace that blames "another task" that
+  died; this says which address was waited on, and what to check.
+  """
+
+  def give_up():
+    print(f"error: process {process_id} of {num_processes} could not connect to the "
+          f"coordinator at {coordinator_address} within {timeout_s:g} s "
+          "(--initialization_timeout): process 0 must be running there and every process "
+          "must have the same --coordinator_address and --num_processes (process 0 reports "
+          "a port in use).", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access  # the main thread is stuck inside JAX
+
+  timer = threading.Timer(timeout_s, give_up)
+  timer.daemon = True
+  timer.start()
+  return timer
+
+
+def _connect(coordinator_address: str, num_processes: int, process_id: int,
+             timeout_s: float) -> None:
+  if process_id == 0:
+    check_port_free(coordinator_address)
+  _use_gloo_on_cpu()
+  timer = _start_watchdog(coordinator_address, num_processes, process_id, timeout_s)
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=int(timeout_s) + JAX_TIMEOUT_MARGIN_S)
+  finally:
+    timer.cancel()
 
 def _cluster_size_from_environment() -> int:
   """The number of processes a cluster's environment announces (1 outside one)."""
@@ -28,7 +105,8 @@ def _cluster_size_from_environment() -> int:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_devices: int | None = None) -> None:
+               process_id: int | None = None, cpu_devices: int | None = None,
+               initialization_timeout: float = INITIALIZATION_TIMEOUT_S) -> None:
   """Connects this process to the others of a multi-process run, if there are any.
 
   Args:
@@ -37,20 +115,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       leaves the choice to the environment (a cluster JAX detects).
     num_processes, process_id: this run's size and this process's rank.
     cpu_devices: on CPU, the number of devices of each process.
+    initialization_timeout: seconds every process waits for all of them to
+      connect; then it ends with one line on stderr saying what to check
+      (exit status 1).
 
   Raises:
-    ValueError: some but not all of the three connection arguments.
+    ValueError: some but not all of the three connection arguments, or a
+      timeout that is not positive.
+    StartupError: process 0 finds the coordinator's port in use.
   """
   given = [v is not None for v in (coordinator_address, num_processes, process_id)]
   if any(given) and not all(given):
     raise ValueError("--coordinator_address, --num_processes and --process_id go together: "
                      "give all three (or none, to let JAX read the cluster's environment).")
+  if initialization_timeout <= 0:
+    raise ValueError(f"--initialization_timeout must be positive, not {initialization_timeout}.")
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
   if all(given):
     if num_processes > 1:
-      _use_gloo_on_cpu()
-      jax.distributed.initialize(coordinator_address, num_processes, process_id)
+      _connect(coordinator_address, num_processes, process_id, initialization_timeout)
   elif _cluster_size_from_environment() > 1:
     _use_gloo_on_cpu()
     jax.distributed.initialize()

@@ -23,9 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import threading
+import time
 from typing import NamedTuple
 
 from absl import flags
+from etils import epath
+from google.protobuf import json_format
 import grain
 import jax
 import numpy as np
@@ -44,8 +50,39 @@ CIFAR_PAD = 4
 IMAGENET_CROP_FRACTION = 0.875  # evaluation: resize to size / 0.875, then centre crop
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetError(Exception):
+  """A dataset cannot be read: a damaged file (named in the message), or missing."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
   """A dataset is not prepared in data_dir (and cannot be downloaded here)."""
+
+
+# What a damaged metadata file (dataset_info.json) raises while TFDS reads it.
+_METADATA_ERRORS = (json.JSONDecodeError, UnicodeDecodeError, json_format.ParseError)
+# What a damaged, truncated or missing ArrayRecord file raises on a read.
+_READ_ERRORS = (RuntimeError, OSError, ValueError, IndexError)
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _damaged_metadata(name: str, data_dir: str | None, error: BaseException) -> DatasetError:
+  """The error naming the metadata file of `name` that does not parse."""
+  root = epath.Path(data_dir) if data_dir else epath.Path(tfds.core.constants.DATA_DIR)
+  # data_dir/name/version/ or data_dir/name/config/version/
+  paths = [*(root / name).glob("*/dataset_info.json"), *(root / name).glob("*/*/dataset_info.json")]
+  for path in sorted(paths):
+    try:
+      json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+      return DatasetError(
+          f"Dataset file {path} is damaged ({_first_line(e)}); prepare the dataset again "
+          "or copy the file anew.")
+  return DatasetError(f"Dataset {name!r} in {root}: its metadata does not read "
+                      f"({_first_line(error)}).")
 
 
 def _not_found_message(name: str, data_dir: str | None) -> str:
@@ -64,7 +101,15 @@ def data_source(name: str, split: str, data_dir: str | None = None):
   Raises:
     DatasetNotFoundError: `name` is unknown or not prepared in `data_dir`, or
       has no split `split` (the message says how to provide it).
+    DatasetError: its dataset_info.json is damaged (the message names it).
   """
+  try:
+    return _data_source(name, split, data_dir)
+  except _METADATA_ERRORS as e:
+    raise _damaged_metadata(name, data_dir, e) from e
+
+
+def _data_source(name: str, split: str, data_dir: str | None):
   if name in BUNDLED:
     builder = BUNDLED[name](data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
@@ -80,6 +125,12 @@ def data_source(name: str, split: str, data_dir: str | None = None):
         if name not in BUNDLED else builder.as_data_source(split=split)
   except Exception as e:  # TFDS raises several types; explain the ones we can
     if not builder.is_prepared():
+      version_dir = epath.Path(builder.data_path)
+      if version_dir.exists() and any(version_dir.iterdir()):  # files there, but no metadata
+        raise DatasetError(
+            f"Dataset file {version_dir / 'dataset_info.json'} is missing (deleted, or the "
+            "copy of the dataset is incomplete); prepare the dataset again or copy the "
+            "file anew.") from e
       raise DatasetNotFoundError(_not_found_message(name, data_dir)) from e
     splits = sorted(builder.info.splits)
     if split not in splits:
@@ -138,10 +189,14 @@ class Split:
     self._source = data_source(self.name, self.split, self.data_dir)
 
   def example(self, index: int) -> tuple[np.ndarray, int]:
-    """(uint8 image (H, W, C), label) of one example."""
+    """(uint8 image (H, W, C), label) of one example.
+
+    Raises:
+      DatasetError: a file holding it is damaged, truncated or gone (named).
+    """
     if self._cache is not None and index in self._cache:
       return self._cache[index]
-    out = _decode_example(self._source[int(index)])
+    out = _decode_example(self._read([int(index)])[0])
     if self._cache is not None:
       self._cache[index] = out
     return out
@@ -150,10 +205,47 @@ class Split:
     """The uint8 images (a list: sizes may differ) and int32 labels of `indices`."""
     indices = [int(i) for i in indices]
     if self._cache is None:  # one batched read of the files
-      pairs = [_decode_example(e) for e in self._source.__getitems__(indices)] if indices else []
+      pairs = [_decode_example(e) for e in self._read(indices)] if indices else []
     else:
       pairs = [self.example(i) for i in indices]
     return [p[0] for p in pairs], np.asarray([p[1] for p in pairs], np.int32)
+
+  def _read(self, indices: list[int]) -> list:
+    """The decoded TFDS examples of `indices`; a failed read names its file."""
+    try:
+      return self._get(indices)
+    except _READ_ERRORS as e:
+      raise self._damaged(indices, e) from e
+
+  def _get(self, indices: list[int]) -> list:
+    return [self._source[indices[0]]] if len(indices) == 1 else self._source.__getitems__(indices)
+
+  def _files(self, indices: list[int]) -> dict[str, list[int]]:
+    """The files holding `indices` (from the split's file instructions), in order."""
+    instructions = self._source.dataset_info.splits[self._source.split].file_instructions
+    ends = np.cumsum([i.take for i in instructions])  # examples read from each file
+    files: dict[str, list[int]] = {}
+    for index in indices:
+      files.setdefault(os.fspath(instructions[int(np.searchsorted(ends, index, "right"))].filename),
+                       []).append(index)
+    return files
+
+  def _damaged(self, indices: list[int], error: BaseException) -> DatasetError:
+    """The error naming the first file whose examples among `indices` do not read."""
+    try:
+      files = self._files(indices)
+    except Exception:  # pylint: disable=broad-except  # no file list: name the split
+      files = {}
+    for path, ours in files.items():
+      try:
+        self._get(ours)
+      except _READ_ERRORS as e:
+        return DatasetError(
+            f"Dataset file {path} is damaged, truncated or missing: reading example {ours[0]} of "
+            f"split {self.split!r} of {self.name!r} fails ({_first_line(e)}). Prepare the "
+            "dataset again or copy the file anew.")
+    return DatasetError(f"Reading examples {indices[:4]}... of split {self.split!r} of "
+                        f"{self.name!r} fails ({_first_line(error)}).")
 
 
 def _num_classes(source) -> int:
@@ -467,9 +559,34 @@ class EvalBatch:
     return x, labels, weights
 
 
+PARENT_POLL_S = 0.5  # how often a worker process checks that its trainer is alive
+
+
+def _watch_parent(parent_pid: int) -> None:
+  while os.getppid() == parent_pid:
+    time.sleep(PARENT_POLL_S)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """Grain worker start-up: the worker ends when the process `parent_pid` dies.
+
+  A killed trainer (SIGKILL, the OOM killer) runs no clean-up, and Grain's
+  workers would then wait for it forever, each holding its memory. A thread
+  of the worker polls its parent instead: when the parent dies the worker is
+  re-parented (getppid changes) and exits. (Linux's PR_SET_PDEATHSIG is not
+  used: it fires when the *thread* that started the worker ends, and Grain
+  starts workers from short-lived threads.)
+  """
+  del worker_index, worker_count
+  threading.Thread(target=_watch_parent, args=(parent_pid,), name="exit-with-parent",
+                   daemon=True).start()
+
+
 class Batches:
   """Grain's iterator over a dataset of batches, started at construction
-  (worker processes included); `close` (or exhausting it) stops the workers."""
+  (worker processes included); `close` (or exhausting it) stops the workers,
+  and they exit by themselves within PARENT_POLL_S if this process dies."""
 
   def __init__(self, dataset: grain.MapDataset, worker_count: int, prefetch: int):
     if worker_count > 0:
@@ -477,7 +594,8 @@ class Batches:
         flags.FLAGS.mark_as_parsed()   # Grain's worker pool reads its flags' defaults
       it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                       per_worker_buffer_size=max(1, prefetch)))
+                                                       per_worker_buffer_size=max(1, prefetch)),
+                          worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
     else:
       it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
                                                      prefetch_buffer_size=max(1, prefetch)))
