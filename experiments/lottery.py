@@ -159,7 +159,9 @@ class Replicate:
           manager.close()
       return workdir_lib.load_json(directory, workdir_lib.FINAL_FILE), state
     os.makedirs(directory, exist_ok=True)
-    resume = os.path.exists(os.path.join(directory, "metrics.jsonl"))
+    # Cut off if it wrote metrics or checkpoints (either alone may have been lost).
+    resume = (os.path.exists(os.path.join(directory, "metrics.jsonl")) or
+              os.path.isdir(os.path.join(directory, trainer_lib.CHECKPOINT_DIR)))
     distributed.barrier(f"{directory} resume decided")  # before process 0 writes metrics
     run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
                            start=make_start(), callbacks=callbacks, level=level)

@@ -222,3 +222,34 @@ def test_a_workdir_that_is_not_writable_is_a_one_line_error():
                         r"by user \S+; choose a --workdir you can write to.", str(raised.value))
   finally:
     shutil.rmtree(parent)
+
+
+def _test_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if '"test"' in line]
+
+
+def test_results_come_from_the_checkpoint_when_metrics_are_lost_or_garbled(finished_run, capsys):
+  config, workdir, summary = finished_run
+  tests = _test_records(workdir)  # evals at steps 11 and 12
+  best = max(tests, key=lambda r: r["accuracy"])
+  assert summary["best_test_accuracy"] == best["accuracy"]
+  assert summary["best_step"] == best["step"]
+  assert summary["test"]["accuracy"] == tests[-1]["accuracy"] and summary["test_step"] == 12
+  # metrics.jsonl deleted before a resume: same results, and one line saying so.
+  os.remove(os.path.join(workdir, "final.json"))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  capsys.readouterr()
+  resumed = train.run(config, workdir)
+  for key in ("test", "train", "best_test_accuracy", "best_step", "test_step"):
+    assert resumed[key] == summary[key], key
+  lines = [l for l in capsys.readouterr().out.splitlines() if "is missing" in l]
+  assert lines == [f"[gradual] {workdir}/metrics.jsonl is missing: the records up to step 12 "
+                   "are lost; the results come from the checkpoint."]
+  # The best record garbled on disk: the best stays what the checkpoint recorded.
+  os.remove(os.path.join(workdir, "final.json"))
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({**best, "accuracy": 0.01}) + "\n" + '{"step": 1\x00\n')
+  resumed = train.run(config, workdir)
+  assert resumed["best_test_accuracy"] == best["accuracy"]
+  assert resumed["test"] == summary["test"]
