@@ -52,8 +52,7 @@ BRANCHES = ("random_reinit", "random_prune")
 REWIND_UNITS = ("steps", "epochs")
 REPLICATES_DIR = "replicates"
 REWIND_DIR = "rewind"
-RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, lottery_report.CSV_FILE,
-             lottery_report.PLOT_FILE, REPLICATES_DIR)
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.lottery"]
 
 
 def rewind_step(config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int) -> int:

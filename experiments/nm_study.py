@@ -42,7 +42,7 @@ from experiments import workdir as workdir_lib
 CSV_FILE = "summary.csv"
 PLOT_FILE = "nm_study.png"
 RUNS_DIR = "runs"
-RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, CSV_FILE, PLOT_FILE, RUNS_DIR)
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.nm_study"]
 ROW_FIELDS = ("method", "pattern", "seed", "test_accuracy", "best_test_accuracy", "train_loss",
               "sparsity", "max_nonzeros_per_group")
 

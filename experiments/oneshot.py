@@ -53,8 +53,7 @@ CSV_FILE = "summary.csv"
 PLOT_FILE = "oneshot.png"
 ROWS_DIR = "rows"
 PRUNED_DIR = "pruned"
-RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, CSV_FILE, PLOT_FILE, ROWS_DIR,
-             PRUNED_DIR)
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.oneshot"]
 ROW_FIELDS = ("method", "pattern", "test_loss", "test_bits_per_byte", "test_accuracy",
               "sparsity", "max_nonzeros_per_group", "export_bytes", "prune_seconds")
 

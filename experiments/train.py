@@ -35,6 +35,8 @@ from experiments import workdir as workdir_lib
 
 BASELINE_DIR = "dense_baseline"
 NM_EXPORT = "nm_export.npz"  # N:M runs: the final weights in sparsejax's compressed format
+CURVES_FILE = "curves.png"
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.train"]
 
 
 def final_line(summary: dict, baseline: dict | None, config: ml_collections.ConfigDict) -> str:
@@ -75,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     raise config_checks.ConfigError(
         "this is a lottery config (it has a `lottery` section): run it with "
         "python -m experiments.lottery.")
-  status = workdir_lib.check(workdir, config, overwrite)
+  status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
     print(f"{workdir} already holds this finished run; reporting its saved results.")
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
@@ -87,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     dense_config.dense_baseline = False
     dense = trainer.Trainer(dense_config, devices, data=pruned.data)
   if status is workdir_lib.Status.NEW and distributed.is_primary():
-    workdir_lib.start(workdir, config, overwrite)
+    workdir_lib.start(workdir, config, overwrite, RUN_FILES)
   distributed.barrier("workdir claimed")
   baseline = None
   if dense is not None:
@@ -100,7 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   if baseline is not None:
     summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
   if distributed.is_primary():
-    plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
+    plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None,
+                     CURVES_FILE)
     workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # last: marks the run done
   distributed.barrier("run finished")
   return summary

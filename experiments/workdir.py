@@ -23,9 +23,21 @@ import ml_collections
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 LOCK_FILE = ".lock"  # the OS lock of the process using the workdir, and who that is
-# Everything a run writes; --overwrite removes these and nothing else.
-RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "metrics.garbled.txt", "tensorboard",
-             "curves.png", "checkpoints", "dense_baseline")
+# Every name each binary writes at the top of its workdir, declared here once:
+# --overwrite removes these and nothing else, and a workdir holding names of
+# another binary is refused. The binaries' own constants (train.NM_EXPORT,
+# lottery_report.CSV_FILE, ...) must be listed here (tests/test_workdir.py
+# checks them, and what each binary's run leaves in its workdir).
+BINARY_RUN_FILES = {
+    "experiments.train": (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "metrics.garbled.txt",
+                          "tensorboard", "curves.png", "checkpoints", "dense_baseline",
+                          "nm_export.npz"),
+    "experiments.lottery": (CONFIG_FILE, FINAL_FILE, "summary.csv", "lottery.png", "replicates"),
+    "experiments.nm_study": (CONFIG_FILE, FINAL_FILE, "summary.csv", "nm_study.png", "runs"),
+    "experiments.oneshot": (CONFIG_FILE, FINAL_FILE, "summary.csv", "oneshot.png", "rows",
+                            "pruned"),
+}
+RUN_FILES = BINARY_RUN_FILES["experiments.train"]  # the default: experiments.train's
 
 
 class Status(enum.Enum):
@@ -208,15 +220,15 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
 
 
 def _all_run_files() -> set[str]:
-  """The names a run of any experiment binary writes.
+  """The names a run of any experiment binary writes."""
+  return set().union(*BINARY_RUN_FILES.values())
 
-  Imported here, not at the top: those binaries import this module.
-  """
-  from experiments import lottery  # pylint: disable=g-import-not-at-top
-  from experiments import nm_study  # pylint: disable=g-import-not-at-top
-  from experiments import oneshot  # pylint: disable=g-import-not-at-top
-  return (set(RUN_FILES) | set(lottery.RUN_FILES) | set(nm_study.RUN_FILES)
-          | set(oneshot.RUN_FILES))
+
+def undeclared(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:
+  """Names at the top of `workdir` that are not in `run_files` (its lock and
+  half-written temporaries aside): files --overwrite would leave behind."""
+  return sorted(name for name in os.listdir(workdir)
+                if name not in run_files and name != LOCK_FILE and not name.endswith(".tmp"))
 
 
 def _present(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:

@@ -21,6 +21,7 @@ from experiments import config_checks
 from experiments import lottery as lottery_run
 from experiments import metrics as metrics_lib
 from experiments import trainer as trainer_lib
+from experiments import workdir as workdir_lib
 from experiments.configs import lottery as lottery_config
 from tests import reference
 from sparsejax.checkpoint import SparseCheckpointManager
@@ -214,6 +215,7 @@ def test_summary_table_csv_and_plot(finished):
   assert len(rows) == 20
   assert {r["branch"] for r in rows} == {"ticket", "random_reinit", "random_prune"}
   assert os.path.getsize(os.path.join(workdir, "lottery.png")) > 10_000
+  assert workdir_lib.undeclared(workdir, lottery_run.RUN_FILES) == []
   table = {(e["branch"], e["level"]): e for e in result["table"]}
   for (branch, level), entry in table.items():
     accs = [r["test_accuracy"] for r in result["rows"]

@@ -7,6 +7,8 @@ import pytest
 
 from experiments import config_checks
 from experiments import nm_study
+from experiments import train
+from experiments import workdir as workdir_lib
 from experiments.configs import nm_study as nm_study_config
 from experiments.configs import sparse_study_lenet5 as sparse_study_config
 
@@ -84,6 +86,8 @@ def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_d
                                          "summary.csv"]
   assert sorted(os.listdir(os.path.join(workdir, "runs"))) == [
       "dense_seed3", "sdgf_stepwise_1of8_seed3", "srste_1of8_seed3"]
+  for name in os.listdir(os.path.join(workdir, "runs")):  # --overwrite removes all they hold
+    assert workdir_lib.undeclared(os.path.join(workdir, "runs", name), train.RUN_FILES) == []
   with open(os.path.join(workdir, "summary.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [(r["method"], r["pattern"], r["seed"]) for r in rows] == [

@@ -253,3 +253,33 @@ def test_results_come_from_the_checkpoint_when_metrics_are_lost_or_garbled(finis
   resumed = train.run(config, workdir)
   assert resumed["best_test_accuracy"] == best["accuracy"]
   assert resumed["test"] == summary["test"]
+
+
+def test_each_binarys_named_outputs_are_in_its_declared_run_files():
+  from experiments import lottery  # pylint: disable=g-import-not-at-top
+  from experiments import lottery_report  # pylint: disable=g-import-not-at-top
+  from experiments import nm_study  # pylint: disable=g-import-not-at-top
+  from experiments import oneshot  # pylint: disable=g-import-not-at-top
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  declared = workdir_lib.BINARY_RUN_FILES
+  assert train.RUN_FILES == declared["experiments.train"] == workdir_lib.RUN_FILES
+  assert {train.NM_EXPORT, train.CURVES_FILE, train.BASELINE_DIR, trainer.CHECKPOINT_DIR,
+          metrics_lib.METRICS_FILE, metrics_lib.GARBLED_FILE,
+          metrics_lib.TENSORBOARD_DIR} <= set(train.RUN_FILES)
+  assert set(lottery.RUN_FILES) == {"config.json", "final.json", lottery_report.CSV_FILE,
+                                    lottery_report.PLOT_FILE, lottery.REPLICATES_DIR}
+  assert set(nm_study.RUN_FILES) == {"config.json", "final.json", nm_study.CSV_FILE,
+                                     nm_study.PLOT_FILE, nm_study.RUNS_DIR}
+  assert set(oneshot.RUN_FILES) == {"config.json", "final.json", oneshot.CSV_FILE,
+                                    oneshot.PLOT_FILE, oneshot.ROWS_DIR, oneshot.PRUNED_DIR}
+
+
+def test_overwrite_removes_an_nm_runs_export_and_plot(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  for name in ("config.json", "nm_export.npz", "curves.png", "notes.txt"):
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write("{}")
+  assert workdir_lib.undeclared(workdir) == ["notes.txt"]
+  workdir_lib.start(workdir, tiny_config, overwrite=True)
+  assert sorted(os.listdir(workdir)) == ["config.json", "notes.txt"]
