@@ -37,6 +37,10 @@ CHECKPOINT_DIR = "checkpoints"
 RESULTS_META = "results"  # checkpoint meta key: the run's results up to that step (see fit)
 
 
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite (names the step; no checkpoint after it)."""
+
+
 class TrainState(NamedTuple):
   """Everything a training step reads and writes (a pytree).
 
@@ -404,6 +408,24 @@ class Trainer:
                        rng=extras["rng"])
     return self._copy(state), restored.meta or {}
 
+  def _check_finite(self, window: list[dict], done: int,
+                    manager: SparseCheckpointManager) -> None:
+    """Raises TrainingDiverged at the first step of `window` (ending at step
+    `done`) whose training loss is not finite."""
+    losses = [float(m["loss"]) for m in window]
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is None:
+      return
+    step = done - len(window) + bad + 1
+    manager.wait_until_finished()
+    kept = manager.latest_step()
+    kept = (f"the last checkpoint, step {kept}, is kept" if kept is not None
+            else "no checkpoint was written")
+    raise TrainingDiverged(
+        f"training diverged: the loss is {losses[bad]} at step {step} "
+        f"(config.learning_rate={self.config.learning_rate!r}); {kept} in "
+        f"{manager.directory}. Lower the learning rate (or add warmup) and start afresh.")
+
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
           resume: bool = False, start: TrainState | None = None,
           callbacks: dict[int, Callable[[TrainState], None]] | None = None,
@@ -496,6 +518,8 @@ class Trainer:
           eval_now = done % per_epoch == 0 or done == num_steps
           if log_now or eval_now:
             jax.block_until_ready(state)  # so the time below is the steps', not the eval's
+            # Before any eval, record or checkpoint of a state trained past a NaN loss.
+            self._check_finite(window, done, manager)
           window_time += time.perf_counter() - tick
           if eval_now:
             test = self.evaluate(state)
