@@ -246,6 +246,7 @@ def _rewind_tree(state: trainer_lib.TrainState) -> dict:
   return tree
 
 
+@workdir_lib.holds_workdirs
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         devices=None, log: Callable[[str], None] = print) -> dict:
   """Runs (or resumes, or reads back) a lottery experiment; returns final.json's content.

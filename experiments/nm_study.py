@@ -186,6 +186,7 @@ def plot(workdir: str, entries: list[dict]) -> str:
   return plots.save(fig, os.path.join(workdir, PLOT_FILE))
 
 
+@workdir_lib.holds_workdirs
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         log=print) -> dict:
   """Trains (or reads back) every run of the study; returns rows and table.

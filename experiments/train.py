@@ -63,6 +63,7 @@ def final_line(summary: dict, baseline: dict | None, config: ml_collections.Conf
   return " | ".join(parts)
 
 
+@workdir_lib.holds_workdirs
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         devices=None) -> dict:
   """Trains the dense baseline (if asked) and `config`; returns the final summary.
@@ -71,7 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   its saved summary is returned; an unfinished one is resumed from its latest
   checkpoint (the baseline first, if it had not finished). Data and config
   are checked before anything is written, so a run that cannot start leaves
-  the workdir as it was.
+  the workdir as it was. The workdir is locked during the call, as by the
+  binary: a second caller, in any process, is refused in one line.
   """
   if "lottery" in config:
     raise config_checks.ConfigError(

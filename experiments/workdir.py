@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import functools
 import json
 import os
 import pwd
 import shutil
 import socket
 import tempfile
+from typing import Callable
 
 import ml_collections
 
@@ -139,6 +141,47 @@ def lock(workdir: str) -> None:
   os.ftruncate(fd, 0)
   os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
   _held[key] = fd
+  if _call_locks and not _lock_on_start[0]:
+    _call_locks[-1].append(key)  # released when that library call returns
+
+
+def _release(key: str) -> None:
+  fd = _held.pop(key)
+  fcntl.flock(fd, fcntl.LOCK_UN)
+  os.close(fd)
+
+
+def _locking() -> bool:
+  """Whether `check` and `start` lock the workdirs they claim or find a run in."""
+  return _lock_on_start[0] or bool(_call_locks)
+
+
+_call_locks: list[list[str]] = []  # per library call in progress: the locks it took
+
+
+def holds_workdirs(run: Callable) -> Callable:
+  """Decorates a library `run(config, workdir, ...)`: during the call, `check`
+  and `start` lock each workdir they claim or find a run in, as a binary's do
+  (a second caller, in any process, is refused in one line), and the locks it
+  took are released when it returns or raises.
+
+  In a binary (`hold_workdirs`) the locks last for the process instead. In a
+  multi-process run the primary process, which writes the files, holds them.
+  """
+
+  @functools.wraps(run)
+  def wrapper(*args, **kwargs):
+    from experiments import distributed  # pylint: disable=g-import-not-at-top
+    if _lock_on_start[0] or not distributed.is_primary():
+      return run(*args, **kwargs)
+    _call_locks.append([])
+    try:
+      return run(*args, **kwargs)
+    finally:
+      for key in _call_locks.pop():
+        _release(key)
+
+  return wrapper
 
 
 def hold_workdirs() -> None:
@@ -184,7 +227,7 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
     raise WorkdirError(
         f"Workdir {workdir} holds run files {present} but no {CONFIG_FILE}; refusing to "
         "write over them. Pass --overwrite to replace them, or use another --workdir.")
-  if _lock_on_start[0]:  # a binary: claim the run here before resuming or reporting it
+  if _locking():  # claim the run here before resuming or reporting it
     lock(workdir)
   diff = config_diff(load_json(workdir, CONFIG_FILE), config_dict(config))
   if diff:
@@ -207,7 +250,7 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   if check(workdir, config, overwrite, run_files) is not Status.NEW:
     raise WorkdirError(f"Workdir {workdir} already holds a run of this config.")
   os.makedirs(workdir, exist_ok=True)
-  if _lock_on_start[0]:
+  if _locking():
     lock(workdir)  # before anything in it is removed
   for name in _present(workdir, run_files):
     path = os.path.join(workdir, name)

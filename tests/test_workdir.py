@@ -283,3 +283,51 @@ def test_overwrite_removes_an_nm_runs_export_and_plot(tiny_config, tmp_path):
   assert workdir_lib.undeclared(workdir) == ["notes.txt"]
   workdir_lib.start(workdir, tiny_config, overwrite=True)
   assert sorted(os.listdir(workdir)) == ["config.json", "notes.txt"]
+
+
+def _hold_lock(workdir):
+  """A process that holds `workdir`'s lock until killed."""
+  code = ("import sys, time; from experiments import workdir as w; w.lock(sys.argv[1]); "
+          "print('locked', flush=True); time.sleep(300)")
+  holder = subprocess.Popen([sys.executable, "-c", code, workdir], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  return holder
+
+
+def _can_lock(workdir):
+  code = "import sys; from experiments import workdir as w; w.lock(sys.argv[1]); print('ok')"
+  out = subprocess.run([sys.executable, "-c", code, workdir], cwd=ROOT, capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), text=True, timeout=120)
+  return out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("binary", ["train", "lottery", "nm_study"])
+def test_a_library_run_holds_the_workdir_lock_for_the_call_only(binary, tiny_config, tmp_path):
+  from experiments import lottery  # pylint: disable=g-import-not-at-top
+  from experiments import nm_study  # pylint: disable=g-import-not-at-top
+  from experiments.configs import lottery as lottery_config  # pylint: disable=g-import-not-at-top
+  from experiments.configs import nm_study as study_config  # pylint: disable=g-import-not-at-top
+  if binary == "lottery":
+    config, run = lottery_config.get_config(), lottery.run
+    config.data_dir = tiny_config.data_dir
+  elif binary == "nm_study":
+    config, run = study_config.get_config(), nm_study.run
+    config.data_dir = tiny_config.data_dir
+    config.study.methods, config.study.patterns, config.study.seeds = ("srste",), ((2, 4),), (0,)
+  else:
+    config, run = tiny_config, train.run
+  workdir = str(tmp_path / "run")  # a finished run: on main, a library call just read it back
+  os.makedirs(workdir)
+  workdir_lib.save_json(workdir, "config.json", workdir_lib.config_dict(config))
+  workdir_lib.save_json(workdir, "final.json", {"saved": True})
+  holder = _hold_lock(workdir)
+  try:
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"^Workdir {re.escape(workdir)} is in use "
+                                                       rf"by another run \(pid {holder.pid} on"):
+      run(config, workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert run(config, workdir) == {"saved": True}
+  assert _can_lock(workdir)  # released when the call returned
