@@ -148,6 +148,18 @@ class Replicate:
     final = os.path.join(directory, workdir_lib.FINAL_FILE)
     # Every process decides from the same files (process 0 writes them).
     distributed.barrier(f"{directory} checked")
+    checkpoints = os.path.join(directory, trainer_lib.CHECKPOINT_DIR)
+    if os.path.exists(final):
+      why = workdir_lib.identity_mismatch(
+          workdir_lib.load_json(directory, workdir_lib.FINAL_FILE).get(workdir_lib.IDENTITY_KEY),
+          workdir_lib.identity(workdir_lib.config_dict(self.config), checkpoints))
+      if why is not None:  # e.g. copied from another level: redone from the checkpoints
+        self.log(f"[{label}] {final} does not come from this level ({why}); redoing its "
+                 "results from its checkpoints.")
+        distributed.barrier(f"{directory} final.json read")
+        if distributed.is_primary():
+          os.remove(final)
+        distributed.barrier(f"{directory} final.json removed")
     if os.path.exists(final):
       state = None
       if branch == "ticket":
@@ -160,10 +172,12 @@ class Replicate:
     os.makedirs(directory, exist_ok=True)
     # Cut off if it wrote metrics or checkpoints (either alone may have been lost).
     resume = (os.path.exists(os.path.join(directory, "metrics.jsonl")) or
-              os.path.isdir(os.path.join(directory, trainer_lib.CHECKPOINT_DIR)))
+              os.path.isdir(checkpoints))
     distributed.barrier(f"{directory} resume decided")  # before process 0 writes metrics
     run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
                            start=make_start(), callbacks=callbacks, level=level)
+    run.summary[workdir_lib.IDENTITY_KEY] = workdir_lib.identity(
+        workdir_lib.config_dict(self.config), checkpoints)
     if distributed.is_primary():
       workdir_lib.save_json(directory, workdir_lib.FINAL_FILE, run.summary)
     density = 1.0 - run.summary["sparsity"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import pwd
@@ -21,6 +22,9 @@ import tempfile
 from typing import Callable
 
 import ml_collections
+
+from sparsejax.checkpoint import CheckpointError
+from sparsejax.checkpoint import SparseCheckpointManager
 
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
@@ -276,3 +280,39 @@ def undeclared(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str
 
 def _present(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:
   return [name for name in run_files if os.path.exists(os.path.join(workdir, name))]
+
+
+def config_digest(config: dict) -> str:
+  """A short SHA-256 of a config (plain JSON types), keys sorted."""
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(config: dict, checkpoints: str) -> dict:
+  """What a run's results come from: its config's digest, and the step and
+  checksum (of the checksummed meta, which holds every leaf's checksum) of the
+  latest checkpoint in `checkpoints`; step and checksum None if there is none
+  (or it cannot be read)."""
+  step = checksum = None
+  if os.path.isdir(checkpoints):
+    with SparseCheckpointManager(checkpoints) as manager:
+      step = manager.latest_step()
+      if step is not None:
+        try:
+          checksum = (manager.restore(step).meta or {}).get("meta_checksum")
+        except CheckpointError:
+          checksum = None
+  return {"config_digest": config_digest(config), "step": step, "checkpoint_checksum": checksum}
+
+
+IDENTITY_KEY = "identity"  # in a finished run's final.json (or a row): identity() of its source
+
+
+def identity_mismatch(recorded: dict | None, current: dict) -> str | None:
+  """Why results recorded from `recorded` do not come from `current`, in a
+  few words, or None when they do (or when nothing was recorded: results
+  written before identities were kept are trusted)."""
+  if recorded is None:
+    return None
+  differ = [f"{key} {recorded.get(key)!r} != {value!r}" for key, value in current.items()
+            if recorded.get(key) != value]
+  return "; ".join(differ) or None

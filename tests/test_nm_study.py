@@ -99,6 +99,14 @@ def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_d
   mtime = os.path.getmtime(os.path.join(workdir, "final.json"))
   assert nm_study.run(config, workdir, log=lambda _: None) == result
   assert os.path.getmtime(os.path.join(workdir, "final.json")) == mtime
+  # A run trained again since the table was made: the table is redone from the runs.
+  forged = {**result, "identities": {**result["identities"], "srste_1of8_seed3": {
+      **result["identities"]["srste_1of8_seed3"], "checkpoint_checksum": "deadbeef"}}}
+  workdir_lib.save_json(workdir, "final.json", forged)
+  lines = []
+  assert nm_study.run(config, workdir, log=lines.append) == result
+  assert lines[0].startswith(f"[study] {workdir}/final.json does not come from the runs now in "
+                             "runs/ (run srste_1of8_seed3: checkpoint_checksum 'deadbeef' != ")
 
 
 def test_an_unstructured_study_trains_every_method_at_every_sparsity(digits_dir, tmp_path):
