@@ -7,10 +7,13 @@ nothing and leaves nothing behind.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 import ml_collections
 import numpy as np
+
+import sparsejax
 
 
 class ConfigError(ValueError):
@@ -88,3 +91,21 @@ def check_training_fields(config: ml_collections.ConfigDict) -> None:
   if config.train_split == config.eval_split:
     raise ConfigError(f"config.train_split and config.eval_split are both "
                       f"{config.train_split!r}: evaluate on held-out data.")
+
+
+def check_leaf_filters(section: ml_collections.ConfigDict, params: Any, prefix: str) -> None:
+  """Raises ConfigError when `section.include` or `section.exclude` (regexes,
+  '' for none) matches none of the prunable leaves of `params` (arrays or
+  shapes): a typo would otherwise prune nothing, or everything, silently.
+  `prefix` is the section's key with its dot ('pruning.', '' at the top)."""
+  paths = [leaf.path for leaf in sparsejax.trees.named_leaves(params)
+           if sparsejax.default_filter(leaf.path, leaf.value)]
+  for name in ("include", "exclude"):
+    pattern = section[name]
+    try:
+      found = not pattern or any(re.search(pattern, path) for path in paths)
+    except re.error as e:
+      raise ConfigError(f"config.{prefix}{name}={pattern!r} is not a valid regex: {e}") from e
+    if not found:
+      raise ConfigError(f"config.{prefix}{name}={pattern!r} matches none of the prunable "
+                        f"leaves {paths}.")

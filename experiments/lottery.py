@@ -39,6 +39,7 @@ import numpy as np
 
 import sparsejax
 from sparsejax import lottery
+from sparsejax.checkpoint import CheckpointDamaged
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import cli
 from experiments import config_checks
@@ -128,8 +129,10 @@ class Replicate:
     with self._rewind_manager() as manager:
       if manager.latest_step() is None:
         raise workdir_lib.WorkdirError(
-            f"{self.directory}: level 0 has finished but its rewind point "
-            f"({REWIND_DIR}/) is missing; rerun with --overwrite.")
+            f"{self.directory}: level 0 has finished but its rewind point ({REWIND_DIR}/), "
+            f"which every level of this replicate starts from, is missing; `rm -r "
+            f"{self.directory}` and rerun the command to train this replicate again (the "
+            "others are kept).")
       like = _rewind_tree(self.trainer.initial_state())
       tree = manager.restore(rewind_like=like).rewind
     return jax.device_put(trainer_lib.TrainState(**{**{"batch_stats": {}}, **tree}),
@@ -166,6 +169,10 @@ class Replicate:
         manager = SparseCheckpointManager(os.path.join(directory, trainer_lib.CHECKPOINT_DIR))
         try:
           state = self.trainer.restore(manager)
+        except CheckpointDamaged as e:
+          raise CheckpointDamaged(
+              f"{e} The next level prunes this level's final weights: `rm {final}` and rerun "
+              "the command to resume this level from its newest intact checkpoint.") from e
         finally:
           manager.close()
       return workdir_lib.load_json(directory, workdir_lib.FINAL_FILE), state
@@ -174,8 +181,13 @@ class Replicate:
     resume = (os.path.exists(os.path.join(directory, "metrics.jsonl")) or
               os.path.isdir(checkpoints))
     distributed.barrier(f"{directory} resume decided")  # before process 0 writes metrics
-    run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
-                           start=make_start(), callbacks=callbacks, level=level)
+    try:
+      run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
+                             start=make_start(), callbacks=callbacks, level=level)
+    except CheckpointDamaged as e:  # every checkpoint damaged (moved aside): retrain the level
+      self.log(f"[{label}] {e.args[0].split(';')[0]}; retraining this level from its start.")
+      run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
+                             start=make_start(), callbacks=callbacks, level=level)
     run.summary[workdir_lib.IDENTITY_KEY] = workdir_lib.identity(
         workdir_lib.config_dict(self.config), checkpoints)
     if distributed.is_primary():

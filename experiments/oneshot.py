@@ -239,6 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   planned = [(f"{method}_{name}", method, target)
              for method in config.methods for name, target in targets(config)]
   trainer = trained(config.train_workdir)
+  config_checks.check_leaf_filters(config, jax.eval_shape(trainer.initial_state).params, "")
   # The trained model every row comes from: a row of another (the training redone since) is redone.
   source = workdir_lib.identity(workdir_lib.config_dict(trainer.config), os.path.join(
       config.train_workdir, trainer_lib.CHECKPOINT_DIR))

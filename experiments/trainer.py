@@ -224,6 +224,9 @@ class Trainer:
           "config.pruning.method='synflow' feeds the network all-ones float inputs, which a "
           f"model of tokens ({config.dataset}) cannot take; use snip or static instead.")
     self.tx = methods.make_optimizer(config, self.num_steps)
+    if self.method != "dense":
+      section = "lottery" if self.method == "lottery" else "pruning"
+      config_checks.check_leaf_filters(config[section], shapes["params"], f"{section}.")
     nm = methods.nm_sparsity(config, self.num_steps)
     try:  # also shapes only: e.g. a kernel N:M cannot group fails before the workdir is claimed
       jax.eval_shape(self.tx.init, shapes["params"])
@@ -424,7 +427,7 @@ class Trainer:
     raise TrainingDiverged(
         f"training diverged: the loss is {losses[bad]} at step {step} "
         f"(config.learning_rate={self.config.learning_rate!r}); {kept} in "
-        f"{manager.directory}. Lower the learning rate (or add warmup) and start afresh.")
+        f"{manager.directory}. Rerun with a lower --config.learning_rate (or warmup) and --overwrite.")
 
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
           resume: bool = False, start: TrainState | None = None,

@@ -94,8 +94,21 @@ def save_json(workdir: str, name: str, value) -> None:
 
 
 def load_json(workdir: str, name: str):
-  with open(os.path.join(workdir, name), encoding="utf-8") as f:
-    return json.load(f)
+  """The JSON value in `workdir/name`.
+
+  Raises:
+    WorkdirError: the file is not JSON (truncated or damaged), naming it.
+  """
+  path = os.path.join(workdir, name)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    where = (f"{e.msg} at line {e.lineno} column {e.colno}"
+             if isinstance(e, json.JSONDecodeError) else f"{e.reason} at byte {e.start}")
+    raise WorkdirError(
+        f"{path} is not valid JSON (truncated or damaged: {where}). Remove it to have it redone (a run's results from its checkpoints), or "
+        "replace the whole run with --overwrite.") from e
 
 
 def check_usable(workdir: str) -> None:

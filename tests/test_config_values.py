@@ -49,8 +49,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_naming_the_step(tiny_config, tmp_
   checkpoints = os.path.join(workdir, "checkpoints")
   assert str(raised.value) == (
       f"training diverged: the loss is nan at step 4 (config.learning_rate=10000.0); the last "
-      f"checkpoint, step 2, is kept in {checkpoints}. Lower the learning rate (or add warmup) "
-      "and start afresh.")
+      f"checkpoint, step 2, is kept in {checkpoints}. Rerun with a lower --config.learning_rate "
+      "(or warmup) and --overwrite.")
   with SparseCheckpointManager(checkpoints) as manager:
     assert manager.all_steps() == [2]
   assert not os.path.exists(os.path.join(workdir, "final.json"))

@@ -82,8 +82,8 @@ def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_d
   config.study.seeds = (3,)
   workdir = str(tmp_path / "study")
   result = nm_study.run(config, workdir, log=lambda _: None)
-  assert sorted(os.listdir(workdir)) == ["config.json", "final.json", "nm_study.png", "runs",
-                                         "summary.csv"]
+  assert sorted(os.listdir(workdir)) == [".lock", "config.json", "final.json", "nm_study.png",
+                                         "runs", "summary.csv"]
   assert sorted(os.listdir(os.path.join(workdir, "runs"))) == [
       "dense_seed3", "sdgf_stepwise_1of8_seed3", "srste_1of8_seed3"]
   for name in os.listdir(os.path.join(workdir, "runs")):  # --overwrite removes all they hold

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+from experiments import config_checks
 from experiments import metrics as metrics_lib
 from experiments import train
 from experiments import workdir as workdir_lib
@@ -331,3 +332,34 @@ def test_a_library_run_holds_the_workdir_lock_for_the_call_only(binary, tiny_con
     holder.wait()
   assert run(config, workdir) == {"saved": True}
   assert _can_lock(workdir)  # released when the call returned
+
+
+@pytest.mark.parametrize("name", ["config.json", "final.json"])
+def test_truncated_json_in_a_workdir_is_a_one_line_error_naming_the_file(tiny_config, tmp_path,
+                                                                         name):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  workdir_lib.save_json(workdir, "config.json", workdir_lib.config_dict(tiny_config))
+  with open(os.path.join(workdir, name), "w") as f:
+    f.write('{"test": {"loss": 0.3')  # cut off mid-write
+  before = _snapshot(workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as raised:
+    train.run(tiny_config, workdir)
+  assert re.fullmatch(rf"{re.escape(os.path.join(workdir, name))} is not valid JSON \(truncated or "
+                      r"damaged: .* at line 1 column \d+\)\. Remove it to have it redone \(a run's "
+                      r"results from its checkpoints\), or replace the whole run with "
+                      r"--overwrite\.", str(raised.value)), str(raised.value)
+  after = _snapshot(workdir)
+  after.pop(workdir_lib.LOCK_FILE)  # taken while the run was read, released since
+  assert after == before
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+def test_a_leaf_filter_matching_nothing_names_the_key_and_pattern(tiny_config, tmp_path, key):
+  tiny_config.pruning[key] = "hiden_0"  # a typo
+  with pytest.raises(config_checks.ConfigError) as raised:
+    train.run(tiny_config, str(tmp_path / "run"))
+  assert str(raised.value) == (
+      f"config.pruning.{key}='hiden_0' matches none of the prunable leaves "
+      "['head/kernel', 'hidden_0/kernel', 'hidden_1/kernel'].")
+  assert not os.path.exists(tmp_path / "run")
