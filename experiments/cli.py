@@ -27,6 +27,7 @@ from experiments import config_checks
 from experiments import distributed
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
+from experiments import trainer
 from experiments import workdir as workdir_lib
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -163,7 +164,8 @@ def main_for(run: Callable[[ml_collections.ConfigDict, str, bool], Any],
           workdir_lib.lock(WORKDIR.value)
       result = run(CONFIG.value, WORKDIR.value, OVERWRITE.value)
     except (config_checks.ConfigError, input_pipeline.DatasetError,
-            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError, OSError) as e:
+            workdir_lib.WorkdirError, CheckpointError, metrics_lib.MetricsError,
+            trainer.TrainingDiverged, OSError) as e:
       sys.exit(f"error: {e}")
     if distributed.is_primary():
       report(result, CONFIG.value, WORKDIR.value)

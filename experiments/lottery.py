@@ -39,6 +39,7 @@ import numpy as np
 
 import sparsejax
 from sparsejax import lottery
+from sparsejax.checkpoint import CheckpointDamaged
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import cli
 from experiments import config_checks
@@ -52,8 +53,7 @@ BRANCHES = ("random_reinit", "random_prune")
 REWIND_UNITS = ("steps", "epochs")
 REPLICATES_DIR = "replicates"
 REWIND_DIR = "rewind"
-RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, lottery_report.CSV_FILE,
-             lottery_report.PLOT_FILE, REPLICATES_DIR)
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.lottery"]
 
 
 def rewind_step(config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int) -> int:
@@ -129,8 +129,10 @@ class Replicate:
     with self._rewind_manager() as manager:
       if manager.latest_step() is None:
         raise workdir_lib.WorkdirError(
-            f"{self.directory}: level 0 has finished but its rewind point "
-            f"({REWIND_DIR}/) is missing; rerun with --overwrite.")
+            f"{self.directory}: level 0 has finished but its rewind point ({REWIND_DIR}/), "
+            f"which every level of this replicate starts from, is missing; `rm -r "
+            f"{self.directory}` and rerun the command to train this replicate again (the "
+            "others are kept).")
       like = _rewind_tree(self.trainer.initial_state())
       tree = manager.restore(rewind_like=like).rewind
     return jax.device_put(trainer_lib.TrainState(**{**{"batch_stats": {}}, **tree}),
@@ -149,20 +151,45 @@ class Replicate:
     final = os.path.join(directory, workdir_lib.FINAL_FILE)
     # Every process decides from the same files (process 0 writes them).
     distributed.barrier(f"{directory} checked")
+    checkpoints = os.path.join(directory, trainer_lib.CHECKPOINT_DIR)
+    if os.path.exists(final):
+      why = workdir_lib.identity_mismatch(
+          workdir_lib.load_json(directory, workdir_lib.FINAL_FILE).get(workdir_lib.IDENTITY_KEY),
+          workdir_lib.identity(workdir_lib.config_dict(self.config), checkpoints))
+      if why is not None:  # e.g. copied from another level: redone from the checkpoints
+        self.log(f"[{label}] {final} does not come from this level ({why}); redoing its "
+                 "results from its checkpoints.")
+        distributed.barrier(f"{directory} final.json read")
+        if distributed.is_primary():
+          os.remove(final)
+        distributed.barrier(f"{directory} final.json removed")
     if os.path.exists(final):
       state = None
       if branch == "ticket":
         manager = SparseCheckpointManager(os.path.join(directory, trainer_lib.CHECKPOINT_DIR))
         try:
           state = self.trainer.restore(manager)
+        except CheckpointDamaged as e:
+          raise CheckpointDamaged(
+              f"{e} The next level prunes this level's final weights: `rm {final}` and rerun "
+              "the command to resume this level from its newest intact checkpoint.") from e
         finally:
           manager.close()
       return workdir_lib.load_json(directory, workdir_lib.FINAL_FILE), state
     os.makedirs(directory, exist_ok=True)
-    resume = os.path.exists(os.path.join(directory, "metrics.jsonl"))
+    # Cut off if it wrote metrics or checkpoints (either alone may have been lost).
+    resume = (os.path.exists(os.path.join(directory, "metrics.jsonl")) or
+              os.path.isdir(checkpoints))
     distributed.barrier(f"{directory} resume decided")  # before process 0 writes metrics
-    run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
-                           start=make_start(), callbacks=callbacks, level=level)
+    try:
+      run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
+                             start=make_start(), callbacks=callbacks, level=level)
+    except CheckpointDamaged as e:  # every checkpoint damaged (moved aside): retrain the level
+      self.log(f"[{label}] {e.args[0].split(';')[0]}; retraining this level from its start.")
+      run = self.trainer.fit(directory, log=self.log, label=label, resume=resume,
+                             start=make_start(), callbacks=callbacks, level=level)
+    run.summary[workdir_lib.IDENTITY_KEY] = workdir_lib.identity(
+        workdir_lib.config_dict(self.config), checkpoints)
     if distributed.is_primary():
       workdir_lib.save_json(directory, workdir_lib.FINAL_FILE, run.summary)
     density = 1.0 - run.summary["sparsity"]
@@ -245,6 +272,7 @@ def _rewind_tree(state: trainer_lib.TrainState) -> dict:
   return tree
 
 
+@workdir_lib.holds_workdirs
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         devices=None, log: Callable[[str], None] = print) -> dict:
   """Runs (or resumes, or reads back) a lottery experiment; returns final.json's content.

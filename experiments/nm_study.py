@@ -42,7 +42,7 @@ from experiments import workdir as workdir_lib
 CSV_FILE = "summary.csv"
 PLOT_FILE = "nm_study.png"
 RUNS_DIR = "runs"
-RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, CSV_FILE, PLOT_FILE, RUNS_DIR)
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.nm_study"]
 ROW_FIELDS = ("method", "pattern", "seed", "test_accuracy", "best_test_accuracy", "train_loss",
               "sparsity", "max_nonzeros_per_group")
 
@@ -186,6 +186,7 @@ def plot(workdir: str, entries: list[dict]) -> str:
   return plots.save(fig, os.path.join(workdir, PLOT_FILE))
 
 
+@workdir_lib.holds_workdirs
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         log=print) -> dict:
   """Trains (or reads back) every run of the study; returns rows and table.
@@ -202,18 +203,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
       raise config_checks.ConfigError(f"study run {name}: {e}") from e
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
-    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    final = workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    why = _stale_run(workdir, planned, final.get("identities", {}))
+    if why is None:
+      return final
+    log(f"[study] {os.path.join(workdir, workdir_lib.FINAL_FILE)} does not come from the runs "
+        f"now in {RUNS_DIR}/ ({why}); redoing the table from them.")
   if status is workdir_lib.Status.NEW and distributed.is_primary():
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
   distributed.barrier("workdir claimed")
-  rows = []
+  rows, identities = [], {}
   for i, (name, run_config) in enumerate(planned):
     log(f"[study] run {i + 1}/{len(planned)}: {name}")
     summary = train.run(run_config, os.path.join(workdir, RUNS_DIR, name))
     rows.append(row(run_config, summary))
+    identities[name] = summary.get(workdir_lib.IDENTITY_KEY)
     log(f"[study] {name}: test accuracy {rows[-1]['test_accuracy']:.4f}")
   entries = table(rows)
-  result = {"rows": rows, "table": entries, "markdown": format_table(entries)}
+  result = {"rows": rows, "table": entries, "markdown": format_table(entries),
+            "identities": identities}
   if distributed.is_primary():  # the other processes computed the same rows
     with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
       writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
@@ -223,6 +231,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # last: marks it done
   distributed.barrier("study finished")
   return result
+
+
+def _stale_run(workdir: str, planned: list[tuple[str, ml_collections.ConfigDict]],
+               identities: dict) -> str | None:
+  """The first run whose recorded identity (config digest, final checkpoint
+  step and checksum) differs from the run now in the workdir, and how; None
+  if every one matches (a study written before identities were kept: None)."""
+  for name, run_config in planned:
+    current = workdir_lib.identity(workdir_lib.config_dict(run_config),
+                                   os.path.join(workdir, RUNS_DIR, name, trainer.CHECKPOINT_DIR))
+    why = workdir_lib.identity_mismatch(identities.get(name), current)
+    if why is not None:
+      return f"run {name}: {why}"
+  return None
 
 
 def report(result: dict, config: ml_collections.ConfigDict, workdir: str) -> None:

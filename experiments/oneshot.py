@@ -53,8 +53,8 @@ CSV_FILE = "summary.csv"
 PLOT_FILE = "oneshot.png"
 ROWS_DIR = "rows"
 PRUNED_DIR = "pruned"
-RUN_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.FINAL_FILE, CSV_FILE, PLOT_FILE, ROWS_DIR,
-             PRUNED_DIR)
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.oneshot"]
+SOURCE_KEY = "source"  # in each row file and final.json: workdir.identity of the trained model
 ROW_FIELDS = ("method", "pattern", "test_loss", "test_bits_per_byte", "test_accuracy",
               "sparsity", "max_nonzeros_per_group", "export_bytes", "prune_seconds")
 
@@ -239,9 +239,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   planned = [(f"{method}_{name}", method, target)
              for method in config.methods for name, target in targets(config)]
   trainer = trained(config.train_workdir)
+  config_checks.check_leaf_filters(config, jax.eval_shape(trainer.initial_state).params, "")
+  # The trained model every row comes from: a row of another (the training redone since) is redone.
+  source = workdir_lib.identity(workdir_lib.config_dict(trainer.config), os.path.join(
+      config.train_workdir, trainer_lib.CHECKPOINT_DIR))
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
-    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    final = workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    why = workdir_lib.identity_mismatch(final.get(SOURCE_KEY), source)
+    if why is None:
+      return final
+    log(f"[oneshot] {os.path.join(workdir, workdir_lib.FINAL_FILE)} comes from another trained "
+        f"model than {config.train_workdir} holds now ({why}); redoing its rows.")
   if status is workdir_lib.Status.NEW:
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
   manager = SparseCheckpointManager(os.path.join(config.train_workdir, trainer_lib.CHECKPOINT_DIR))
@@ -268,15 +277,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   for i, (name, method, target) in enumerate(planned):
     rows_dir, row_file = os.path.join(workdir, ROWS_DIR), f"{name}.json"
     if os.path.exists(os.path.join(rows_dir, row_file)):
-      rows.append(workdir_lib.load_json(rows_dir, row_file))
-      continue
+      saved = workdir_lib.load_json(rows_dir, row_file)
+      why = workdir_lib.identity_mismatch(saved.pop(SOURCE_KEY, None), source)
+      if why is None:
+        rows.append(saved)
+        continue
+      log(f"[oneshot] {row_file} comes from another trained model ({why}); redoing it.")
     log(f"[oneshot] {i + 1}/{len(planned)}: {method} at {_pattern(target)}")
     row = prune_row(trainer, state, hessians_fn, config, method, target,
                     os.path.join(workdir, PRUNED_DIR, name), log)
-    workdir_lib.save_json(rows_dir, row_file, row)  # last: marks the row done
+    workdir_lib.save_json(rows_dir, row_file, {**row, SOURCE_KEY: source})  # last: marks it done
     rows.append(row)
   result = {"dense": dense, "unigram_loss": unigram, "rows": rows,
-            "markdown": format_table(rows, dense, unigram)}
+            "markdown": format_table(rows, dense, unigram), SOURCE_KEY: source}
   with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
     writer.writeheader()

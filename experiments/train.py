@@ -17,6 +17,7 @@ compares dense and pruned test accuracy.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from absl import app
 import jax
@@ -35,6 +36,8 @@ from experiments import workdir as workdir_lib
 
 BASELINE_DIR = "dense_baseline"
 NM_EXPORT = "nm_export.npz"  # N:M runs: the final weights in sparsejax's compressed format
+CURVES_FILE = "curves.png"
+RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.train"]
 
 
 def final_line(summary: dict, baseline: dict | None, config: ml_collections.ConfigDict) -> str:
@@ -61,6 +64,7 @@ def final_line(summary: dict, baseline: dict | None, config: ml_collections.Conf
   return " | ".join(parts)
 
 
+@workdir_lib.holds_workdirs
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         devices=None) -> dict:
   """Trains the dense baseline (if asked) and `config`; returns the final summary.
@@ -69,16 +73,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   its saved summary is returned; an unfinished one is resumed from its latest
   checkpoint (the baseline first, if it had not finished). Data and config
   are checked before anything is written, so a run that cannot start leaves
-  the workdir as it was.
+  the workdir as it was. The workdir is locked during the call, as by the
+  binary: a second caller, in any process, is refused in one line.
   """
   if "lottery" in config:
     raise config_checks.ConfigError(
         "this is a lottery config (it has a `lottery` section): run it with "
         "python -m experiments.lottery.")
-  status = workdir_lib.check(workdir, config, overwrite)
+  status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
-    print(f"{workdir} already holds this finished run; reporting its saved results.")
-    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    final = read_finished(workdir, config)
+    if final is not None:
+      print(f"{workdir} already holds this finished run; reporting its saved results.")
+      return final
+    status = workdir_lib.Status.RESUME
   pruned = trainer.Trainer(config, devices)
   dense = None
   if config.pruning.method != "dense" and config.dense_baseline:
@@ -87,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     dense_config.dense_baseline = False
     dense = trainer.Trainer(dense_config, devices, data=pruned.data)
   if status is workdir_lib.Status.NEW and distributed.is_primary():
-    workdir_lib.start(workdir, config, overwrite)
+    workdir_lib.start(workdir, config, overwrite, RUN_FILES)
   distributed.barrier("workdir claimed")
   baseline = None
   if dense is not None:
@@ -99,8 +107,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     summary["nm"] = export_nm(result.state, config.pruning.nm, workdir)
   if baseline is not None:
     summary["dense_baseline"] = {k: baseline[k] for k in ("test", "best_test_accuracy", "train")}
+  summary[workdir_lib.IDENTITY_KEY] = workdir_lib.identity(
+      workdir_lib.config_dict(config), os.path.join(workdir, trainer.CHECKPOINT_DIR))
   if distributed.is_primary():
-    plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None)
+    plots.plot_curves(workdir, os.path.join(workdir, BASELINE_DIR) if baseline else None,
+                     CURVES_FILE)
     workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)  # last: marks the run done
   distributed.barrier("run finished")
   return summary
@@ -132,16 +143,42 @@ def export_nm(state: trainer.TrainState, nm: ml_collections.ConfigDict, workdir:
           "export_bytes": stats.file_bytes, "export_ratio": stats.ratio}
 
 
+def read_finished(workdir: str, config: ml_collections.ConfigDict,
+                  log: Callable[[str], None] = print) -> dict | None:
+  """The final.json of the finished run of `config` in `workdir`, or None when
+  it does not come from that run (its recorded identity: config digest, latest
+  checkpoint step and checksum, differs: a file copied from another run, or
+  the run redone since), after saying so in one line and removing it: the run
+  is then resumed from its latest checkpoint, which recomputes its results."""
+  final = workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+  current = workdir_lib.identity(workdir_lib.config_dict(config),
+                                 os.path.join(workdir, trainer.CHECKPOINT_DIR))
+  why = workdir_lib.identity_mismatch(final.get(workdir_lib.IDENTITY_KEY), current)
+  if why is None:
+    return final
+  log(f"{os.path.join(workdir, workdir_lib.FINAL_FILE)} does not come from this run ({why}); "
+      "redoing the run's results from its checkpoints.")
+  distributed.barrier(f"{workdir} final.json read")
+  if distributed.is_primary():
+    os.remove(os.path.join(workdir, workdir_lib.FINAL_FILE))
+  return None
+
+
 def _fit_or_load(run_trainer: trainer.Trainer, workdir: str, label: str) -> dict:
   """Trains (or resumes) the sub-run in `workdir`; a finished one is only read."""
   status = workdir_lib.check(workdir, run_trainer.config)
   if status is workdir_lib.Status.FINISHED:
-    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    final = read_finished(workdir, run_trainer.config)
+    if final is not None:
+      return final
+    status = workdir_lib.Status.RESUME
   if status is workdir_lib.Status.NEW and distributed.is_primary():
     workdir_lib.start(workdir, run_trainer.config)
   distributed.barrier(f"{workdir} claimed")
   summary = run_trainer.fit(workdir, label=label,
                             resume=status is workdir_lib.Status.RESUME).summary
+  summary[workdir_lib.IDENTITY_KEY] = workdir_lib.identity(
+      workdir_lib.config_dict(run_trainer.config), os.path.join(workdir, trainer.CHECKPOINT_DIR))
   if distributed.is_primary():
     workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, summary)
   distributed.barrier(f"{workdir} finished")

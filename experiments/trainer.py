@@ -34,6 +34,11 @@ from experiments import models
 
 
 CHECKPOINT_DIR = "checkpoints"
+RESULTS_META = "results"  # checkpoint meta key: the run's results up to that step (see fit)
+
+
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite (names the step; no checkpoint after it)."""
 
 
 class TrainState(NamedTuple):
@@ -219,6 +224,9 @@ class Trainer:
           "config.pruning.method='synflow' feeds the network all-ones float inputs, which a "
           f"model of tokens ({config.dataset}) cannot take; use snip or static instead.")
     self.tx = methods.make_optimizer(config, self.num_steps)
+    if self.method != "dense":
+      section = "lottery" if self.method == "lottery" else "pruning"
+      config_checks.check_leaf_filters(config[section], shapes["params"], f"{section}.")
     nm = methods.nm_sparsity(config, self.num_steps)
     try:  # also shapes only: e.g. a kernel N:M cannot group fails before the workdir is claimed
       jax.eval_shape(self.tx.init, shapes["params"])
@@ -364,11 +372,19 @@ class Trainer:
             "accuracy": totals["correct"] / totals["count"]}
 
   def save(self, manager: SparseCheckpointManager, state: TrainState,
-           level: int | None = None) -> None:
-    """Checkpoints `state` at its step: params, packed masks, optimizer, BN and RNG."""
+           level: int | None = None, results: dict | None = None) -> None:
+    """Checkpoints `state` at its step: params, packed masks, optimizer, BN and RNG.
+
+    `results` (the run's results so far, see `fit`) go into the step's meta,
+    which the checkpoint checksums: a resumed run's final results never
+    depend on metrics.jsonl being whole.
+    """
+    meta = {"config": json.loads(self.config.to_json())}
+    if results is not None:
+      meta[RESULTS_META] = results
     manager.save(int(state.step), params=state.params, masks=masks_of(state),
                  opt_state=state.opt_state, train_state=_train_extras(state),
-                 meta={"config": json.loads(self.config.to_json())}, level=level)
+                 meta=meta, level=level)
 
   def restore(self, manager: SparseCheckpointManager,
               log: Callable[[str], None] | None = None) -> TrainState:
@@ -379,6 +395,11 @@ class Trainer:
     steps are set aside and reported there, and the newest intact step is
     restored.
     """
+    return self._restore(manager, log)[0]
+
+  def _restore(self, manager: SparseCheckpointManager,
+               log: Callable[[str], None] | None = None) -> tuple[TrainState, dict]:
+    """`restore`, and the checkpoint's meta."""
     like = self.initial_state()
     targets = {"params_like": like.params, "opt_state_like": like.opt_state,
                "train_state_like": _train_extras(like)}
@@ -388,7 +409,25 @@ class Trainer:
     state = TrainState(step=np.int32(restored.step), params=restored.params,
                        batch_stats=extras.get("batch_stats", {}), opt_state=restored.opt_state,
                        rng=extras["rng"])
-    return self._copy(state)
+    return self._copy(state), restored.meta or {}
+
+  def _check_finite(self, window: list[dict], done: int,
+                    manager: SparseCheckpointManager) -> None:
+    """Raises TrainingDiverged at the first step of `window` (ending at step
+    `done`) whose training loss is not finite."""
+    losses = [float(m["loss"]) for m in window]
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is None:
+      return
+    step = done - len(window) + bad + 1
+    manager.wait_until_finished()
+    kept = manager.latest_step()
+    kept = (f"the last checkpoint, step {kept}, is kept" if kept is not None
+            else "no checkpoint was written")
+    raise TrainingDiverged(
+        f"training diverged: the loss is {losses[bad]} at step {step} "
+        f"(config.learning_rate={self.config.learning_rate!r}); {kept} in "
+        f"{manager.directory}. Rerun with a lower --config.learning_rate (or warmup) and --overwrite.")
 
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
           resume: bool = False, start: TrainState | None = None,
@@ -426,10 +465,17 @@ class Trainer:
     manager = SparseCheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
                                       max_to_keep=config.keep_checkpoints or None)
     batches = None
+    saved_results = None  # the results recorded in the checkpoint resumed from
     try:
       if resume and manager.latest_step() is not None:
-        state = self.restore(manager, log=lambda line: log(f"{prefix}{line}"))
+        state, meta = self._restore(manager, log=lambda line: log(f"{prefix}{line}"))
+        saved_results = meta.get(RESULTS_META)
         log(f"{prefix}resuming from the checkpoint at step {int(state.step)}")
+        if (distributed.is_primary() and
+            not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE))):
+          log(f"{prefix}{os.path.join(workdir, metrics_lib.METRICS_FILE)} is missing: the "
+              f"records up to step {int(state.step)} are lost; the results come from the "
+              "checkpoint.")
       else:
         # A copy: the step donates its input buffers, and `start` stays the caller's.
         state = self.initial_state() if start is None else self._copy(start)
@@ -442,20 +488,28 @@ class Trainer:
         callbacks[int(state.step)](state)
       train_start = time.perf_counter()
       window, window_time = [], 0.0  # steps since the last progress line, their time
-      test, best = {"loss": float("nan"), "accuracy": float("nan")}, 0.0
-      train_means = {}
+      # The results so far: last eval and its step, best eval from best_from on
+      # and its step, last train window's means. Checkpointed with the state.
+      results = {"test": None, "test_step": None, "best_test_accuracy": 0.0, "best_step": None,
+                 "train": {}}
       # Only the primary process writes metrics (every process computes them).
       writer = (metrics_lib.MetricWriter(workdir, resume_step,
                                          log=lambda line: log(f"{prefix}{line}"))
                 if distributed.is_primary() else metrics_lib.NullWriter())
       with writer:
-        for record in writer.history():  # a resumed run's
-          if record["split"] == "test":
-            test = {"loss": record["loss"], "accuracy": record["accuracy"]}
-            if record["step"] >= self.best_from:
-              best = max(best, record["accuracy"])
-          else:
-            train_means = {"loss": record["loss"], "accuracy": record["accuracy"]}
+        if saved_results is not None:
+          results = saved_results
+        else:  # a checkpoint written before results were kept in it: from the metrics
+          for record in writer.history():
+            if record["split"] == "test":
+              results["test"] = {"loss": record["loss"], "accuracy": record["accuracy"]}
+              results["test_step"] = record["step"]
+              if (record["step"] >= self.best_from and
+                  record["accuracy"] > results["best_test_accuracy"]):
+                results["best_test_accuracy"] = record["accuracy"]
+                results["best_step"] = record["step"]
+            else:
+              results["train"] = {"loss": record["loss"], "accuracy": record["accuracy"]}
         for step in range(int(state.step), num_steps):
           tick = time.perf_counter()
           state, step_metrics = step_fn(step, state, *self.global_batch(next(batches)))
@@ -467,30 +521,36 @@ class Trainer:
           eval_now = done % per_epoch == 0 or done == num_steps
           if log_now or eval_now:
             jax.block_until_ready(state)  # so the time below is the steps', not the eval's
+            # Before any eval, record or checkpoint of a state trained past a NaN loss.
+            self._check_finite(window, done, manager)
           window_time += time.perf_counter() - tick
           if eval_now:
             test = self.evaluate(state)
-            if done >= self.best_from:
-              best = max(best, test["accuracy"])
+            results["test"], results["test_step"] = test, done
+            if done >= self.best_from and test["accuracy"] > results["best_test_accuracy"]:
+              results["best_test_accuracy"], results["best_step"] = test["accuracy"], done
             writer.write(done, "test", {**test, "sparsity": sparsity_of(state)})
           if log_now:
             train_means = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+            results["train"] = train_means
             rate = len(window) / window_time  # training only: evals and compilation excluded
             sparsity = sparsity_of(state)
             writer.write(done, "train",
                          {**train_means, "sparsity": sparsity, "steps_per_second": rate})
             writer.flush()
+            test_accuracy = (results["test"] or {"accuracy": float("nan")})["accuracy"]
             log(f"{prefix}step {done:6d}/{num_steps} | loss {train_means['loss']:.4f} | "
-                f"train acc {train_means['accuracy']:.4f} | test acc {test['accuracy']:.4f} | "
+                f"train acc {train_means['accuracy']:.4f} | test acc {test_accuracy:.4f} | "
                 f"sparsity {sparsity:.4f} | {rate:.1f} steps/s")
             window, window_time = [], 0.0
           if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == num_steps:
             writer.flush()  # metrics up to this step are on disk before its checkpoint
-            self.save(manager, state, level)
+            self.save(manager, state, level, results)
     finally:
       if batches is not None:
         batches.close()  # stops Grain's workers
       manager.close()  # waits for the last save, also when training fails
+    test = results["test"] or {"loss": float("nan"), "accuracy": float("nan")}
     if self.data.text:  # a language model's loss, in the unit papers report
       test = {**test, "bits_per_byte": test["loss"] / math.log(2)}
     summary = {
@@ -500,9 +560,11 @@ class Trainer:
         "devices": int(self.mesh.devices.size),
         "compile_time_s": compile_s,
         "wall_time_s": time.perf_counter() - train_start,
-        "train": train_means,
+        "train": results["train"],
         "test": test,
-        "best_test_accuracy": best,
+        "test_step": results["test_step"],
+        "best_test_accuracy": results["best_test_accuracy"],
+        "best_step": results["best_step"],
         "target_sparsity": methods.target_sparsity(config, sparsity_of(state)),
         "sparsity": sparsity_of(state),
         "layers": layer_sparsity(state),

@@ -11,21 +11,39 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import pwd
 import shutil
 import socket
 import tempfile
+from typing import Callable
 
 import ml_collections
+
+from sparsejax.checkpoint import CheckpointError
+from sparsejax.checkpoint import SparseCheckpointManager
 
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 LOCK_FILE = ".lock"  # the OS lock of the process using the workdir, and who that is
-# Everything a run writes; --overwrite removes these and nothing else.
-RUN_FILES = (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "metrics.garbled.txt", "tensorboard",
-             "curves.png", "checkpoints", "dense_baseline")
+# Every name each binary writes at the top of its workdir, declared here once:
+# --overwrite removes these and nothing else, and a workdir holding names of
+# another binary is refused. The binaries' own constants (train.NM_EXPORT,
+# lottery_report.CSV_FILE, ...) must be listed here (tests/test_workdir.py
+# checks them, and what each binary's run leaves in its workdir).
+BINARY_RUN_FILES = {
+    "experiments.train": (CONFIG_FILE, FINAL_FILE, "metrics.jsonl", "metrics.garbled.txt",
+                          "tensorboard", "curves.png", "checkpoints", "dense_baseline",
+                          "nm_export.npz"),
+    "experiments.lottery": (CONFIG_FILE, FINAL_FILE, "summary.csv", "lottery.png", "replicates"),
+    "experiments.nm_study": (CONFIG_FILE, FINAL_FILE, "summary.csv", "nm_study.png", "runs"),
+    "experiments.oneshot": (CONFIG_FILE, FINAL_FILE, "summary.csv", "oneshot.png", "rows",
+                            "pruned"),
+}
+RUN_FILES = BINARY_RUN_FILES["experiments.train"]  # the default: experiments.train's
 
 
 class Status(enum.Enum):
@@ -76,8 +94,21 @@ def save_json(workdir: str, name: str, value) -> None:
 
 
 def load_json(workdir: str, name: str):
-  with open(os.path.join(workdir, name), encoding="utf-8") as f:
-    return json.load(f)
+  """The JSON value in `workdir/name`.
+
+  Raises:
+    WorkdirError: the file is not JSON (truncated or damaged), naming it.
+  """
+  path = os.path.join(workdir, name)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    where = (f"{e.msg} at line {e.lineno} column {e.colno}"
+             if isinstance(e, json.JSONDecodeError) else f"{e.reason} at byte {e.start}")
+    raise WorkdirError(
+        f"{path} is not valid JSON (truncated or damaged: {where}). Remove it to have it redone (a run's results from its checkpoints), or "
+        "replace the whole run with --overwrite.") from e
 
 
 def check_usable(workdir: str) -> None:
@@ -127,6 +158,47 @@ def lock(workdir: str) -> None:
   os.ftruncate(fd, 0)
   os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
   _held[key] = fd
+  if _call_locks and not _lock_on_start[0]:
+    _call_locks[-1].append(key)  # released when that library call returns
+
+
+def _release(key: str) -> None:
+  fd = _held.pop(key)
+  fcntl.flock(fd, fcntl.LOCK_UN)
+  os.close(fd)
+
+
+def _locking() -> bool:
+  """Whether `check` and `start` lock the workdirs they claim or find a run in."""
+  return _lock_on_start[0] or bool(_call_locks)
+
+
+_call_locks: list[list[str]] = []  # per library call in progress: the locks it took
+
+
+def holds_workdirs(run: Callable) -> Callable:
+  """Decorates a library `run(config, workdir, ...)`: during the call, `check`
+  and `start` lock each workdir they claim or find a run in, as a binary's do
+  (a second caller, in any process, is refused in one line), and the locks it
+  took are released when it returns or raises.
+
+  In a binary (`hold_workdirs`) the locks last for the process instead. In a
+  multi-process run the primary process, which writes the files, holds them.
+  """
+
+  @functools.wraps(run)
+  def wrapper(*args, **kwargs):
+    from experiments import distributed  # pylint: disable=g-import-not-at-top
+    if _lock_on_start[0] or not distributed.is_primary():
+      return run(*args, **kwargs)
+    _call_locks.append([])
+    try:
+      return run(*args, **kwargs)
+    finally:
+      for key in _call_locks.pop():
+        _release(key)
+
+  return wrapper
 
 
 def hold_workdirs() -> None:
@@ -172,7 +244,7 @@ def check(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
     raise WorkdirError(
         f"Workdir {workdir} holds run files {present} but no {CONFIG_FILE}; refusing to "
         "write over them. Pass --overwrite to replace them, or use another --workdir.")
-  if _lock_on_start[0]:  # a binary: claim the run here before resuming or reporting it
+  if _locking():  # claim the run here before resuming or reporting it
     lock(workdir)
   diff = config_diff(load_json(workdir, CONFIG_FILE), config_dict(config))
   if diff:
@@ -195,7 +267,7 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
   if check(workdir, config, overwrite, run_files) is not Status.NEW:
     raise WorkdirError(f"Workdir {workdir} already holds a run of this config.")
   os.makedirs(workdir, exist_ok=True)
-  if _lock_on_start[0]:
+  if _locking():
     lock(workdir)  # before anything in it is removed
   for name in _present(workdir, run_files):
     path = os.path.join(workdir, name)
@@ -208,16 +280,52 @@ def start(workdir: str, config: ml_collections.ConfigDict, overwrite: bool = Fal
 
 
 def _all_run_files() -> set[str]:
-  """The names a run of any experiment binary writes.
+  """The names a run of any experiment binary writes."""
+  return set().union(*BINARY_RUN_FILES.values())
 
-  Imported here, not at the top: those binaries import this module.
-  """
-  from experiments import lottery  # pylint: disable=g-import-not-at-top
-  from experiments import nm_study  # pylint: disable=g-import-not-at-top
-  from experiments import oneshot  # pylint: disable=g-import-not-at-top
-  return (set(RUN_FILES) | set(lottery.RUN_FILES) | set(nm_study.RUN_FILES)
-          | set(oneshot.RUN_FILES))
+
+def undeclared(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:
+  """Names at the top of `workdir` that are not in `run_files` (its lock and
+  half-written temporaries aside): files --overwrite would leave behind."""
+  return sorted(name for name in os.listdir(workdir)
+                if name not in run_files and name != LOCK_FILE and not name.endswith(".tmp"))
 
 
 def _present(workdir: str, run_files: tuple[str, ...] = RUN_FILES) -> list[str]:
   return [name for name in run_files if os.path.exists(os.path.join(workdir, name))]
+
+
+def config_digest(config: dict) -> str:
+  """A short SHA-256 of a config (plain JSON types), keys sorted."""
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(config: dict, checkpoints: str) -> dict:
+  """What a run's results come from: its config's digest, and the step and
+  checksum (of the checksummed meta, which holds every leaf's checksum) of the
+  latest checkpoint in `checkpoints`; step and checksum None if there is none
+  (or it cannot be read)."""
+  step = checksum = None
+  if os.path.isdir(checkpoints):
+    with SparseCheckpointManager(checkpoints) as manager:
+      step = manager.latest_step()
+      if step is not None:
+        try:
+          checksum = (manager.restore(step).meta or {}).get("meta_checksum")
+        except CheckpointError:
+          checksum = None
+  return {"config_digest": config_digest(config), "step": step, "checkpoint_checksum": checksum}
+
+
+IDENTITY_KEY = "identity"  # in a finished run's final.json (or a row): identity() of its source
+
+
+def identity_mismatch(recorded: dict | None, current: dict) -> str | None:
+  """Why results recorded from `recorded` do not come from `current`, in a
+  few words, or None when they do (or when nothing was recorded: results
+  written before identities were kept are trusted)."""
+  if recorded is None:
+    return None
+  differ = [f"{key} {recorded.get(key)!r} != {value!r}" for key, value in current.items()
+            if recorded.get(key) != value]
+  return "; ".join(differ) or None

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from experiments import config_checks
 from experiments import lottery as lottery_run
 from experiments import metrics as metrics_lib
 from experiments import trainer as trainer_lib
+from experiments import workdir as workdir_lib
 from experiments.configs import lottery as lottery_config
 from tests import reference
 from sparsejax.checkpoint import SparseCheckpointManager
@@ -214,6 +216,7 @@ def test_summary_table_csv_and_plot(finished):
   assert len(rows) == 20
   assert {r["branch"] for r in rows} == {"ticket", "random_reinit", "random_prune"}
   assert os.path.getsize(os.path.join(workdir, "lottery.png")) > 10_000
+  assert workdir_lib.undeclared(workdir, lottery_run.RUN_FILES) == []
   table = {(e["branch"], e["level"]): e for e in result["table"]}
   for (branch, level), entry in table.items():
     accs = [r["test_accuracy"] for r in result["rows"]
@@ -288,6 +291,10 @@ def test_fresh_optimizer_with_a_schedule_after_step_zero_is_an_error(
 
 def test_filters_that_leave_no_kernel_are_an_error(tiny_lottery, tmp_path):
   tiny_lottery.lottery.include = "no_such_layer"
+  with pytest.raises(config_checks.ConfigError, match=r"^config.lottery.include='no_such_layer' "
+                                                     r"matches none of the prunable leaves \['"):
+    lottery_run.run(tiny_lottery, str(tmp_path / "never"), log=_quiet)
+  tiny_lottery.lottery.include, tiny_lottery.lottery.exclude = "hidden_0", "hidden"
   with pytest.raises(config_checks.ConfigError, match="leave no kernel to prune"):
     lottery_run.run(tiny_lottery, str(tmp_path / "never"), log=_quiet)
   assert not os.path.exists(tmp_path / "never")
@@ -387,3 +394,21 @@ def test_killed_lottery_resumes_at_its_level_and_matches_an_uninterrupted_run(di
                                 _final_params(whole, level, branch))
   rows = lambda w: json.load(open(os.path.join(w, "final.json")))["rows"]
   assert rows(killed) == rows(whole)
+
+
+def test_a_level_whose_checkpoints_are_all_damaged_is_retrained_by_a_rerun(tiny_lottery, tmp_path):
+  tiny_lottery.num_epochs, tiny_lottery.lottery.levels = 2, 1
+  tiny_lottery.lottery.replicates, tiny_lottery.lottery.branches = 1, ()
+  workdir = str(tmp_path / "run")
+  result = lottery_run.run(tiny_lottery, workdir, log=_quiet)
+  level = _level_dir(workdir, 0, 1)
+  shutil.rmtree(os.path.join(level, "checkpoints", "22", "params"))  # its only checkpoint
+  for directory in (level, workdir):  # as if killed before the level finished
+    os.remove(os.path.join(directory, "final.json"))
+  lines = []
+  again = lottery_run.run(tiny_lottery, workdir, log=lines.append)
+  retrained = [l for l in lines if "retraining this level" in l]
+  assert len(retrained) == 1 and retrained[0].startswith(
+      f"[seed 0 level 1 ticket] Every checkpoint in {level}/checkpoints is damaged")
+  timeless = lambda rows: [{k: v for k, v in r.items() if "time" not in k} for r in rows]
+  assert timeless(again["rows"]) == timeless(result["rows"])  # the same training again

@@ -11,6 +11,7 @@ from sparsejax.checkpoint import SparseCheckpointManager
 from sparsejax.checkpoint import load_sparse
 from experiments import metrics as metrics_lib
 from experiments import train
+from experiments import workdir as workdir_lib
 from experiments import trainer
 from experiments.configs import nm_mlp
 from experiments.configs import nm_vit
@@ -66,6 +67,7 @@ def test_final_checkpoint_and_export_keep_at_most_n_of_every_m(digits_dir, tmp_p
   tests = {r["step"]: r["accuracy"] for r in metrics_lib.read_metrics(workdir, "test")}
   assert sorted(tests) == [11, 22, 33, 40]
   assert summary["best_test_accuracy"] == max(tests[33], tests[40])
+  assert workdir_lib.undeclared(workdir, train.RUN_FILES) == []  # --overwrite removes it all
 
 
 def test_mid_training_checkpoint_keeps_dense_weights_and_resume_matches(digits_dir, tmp_path):

@@ -7,6 +7,8 @@ import pytest
 
 from experiments import config_checks
 from experiments import nm_study
+from experiments import train
+from experiments import workdir as workdir_lib
 from experiments.configs import nm_study as nm_study_config
 from experiments.configs import sparse_study_lenet5 as sparse_study_config
 
@@ -80,10 +82,12 @@ def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_d
   config.study.seeds = (3,)
   workdir = str(tmp_path / "study")
   result = nm_study.run(config, workdir, log=lambda _: None)
-  assert sorted(os.listdir(workdir)) == ["config.json", "final.json", "nm_study.png", "runs",
-                                         "summary.csv"]
+  assert sorted(os.listdir(workdir)) == [".lock", "config.json", "final.json", "nm_study.png",
+                                         "runs", "summary.csv"]
   assert sorted(os.listdir(os.path.join(workdir, "runs"))) == [
       "dense_seed3", "sdgf_stepwise_1of8_seed3", "srste_1of8_seed3"]
+  for name in os.listdir(os.path.join(workdir, "runs")):  # --overwrite removes all they hold
+    assert workdir_lib.undeclared(os.path.join(workdir, "runs", name), train.RUN_FILES) == []
   with open(os.path.join(workdir, "summary.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [(r["method"], r["pattern"], r["seed"]) for r in rows] == [
@@ -95,6 +99,14 @@ def test_tiny_study_writes_csv_table_and_plot_and_reads_back_when_rerun(digits_d
   mtime = os.path.getmtime(os.path.join(workdir, "final.json"))
   assert nm_study.run(config, workdir, log=lambda _: None) == result
   assert os.path.getmtime(os.path.join(workdir, "final.json")) == mtime
+  # A run trained again since the table was made: the table is redone from the runs.
+  forged = {**result, "identities": {**result["identities"], "srste_1of8_seed3": {
+      **result["identities"]["srste_1of8_seed3"], "checkpoint_checksum": "deadbeef"}}}
+  workdir_lib.save_json(workdir, "final.json", forged)
+  lines = []
+  assert nm_study.run(config, workdir, log=lines.append) == result
+  assert lines[0].startswith(f"[study] {workdir}/final.json does not come from the runs now in "
+                             "runs/ (run srste_1of8_seed3: checkpoint_checksum 'deadbeef' != ")
 
 
 def test_an_unstructured_study_trains_every_method_at_every_sparsity(digits_dir, tmp_path):

@@ -13,6 +13,7 @@ from experiments import config_checks
 from experiments import oneshot
 from experiments import train
 from experiments import trainer
+from experiments import workdir as workdir_lib
 from experiments.configs import lm_stdlib
 from experiments.configs import oneshot_lm
 from sparsejax.checkpoint import SparseCheckpointManager
@@ -138,6 +139,8 @@ def test_tiny_lm_pruned_by_every_method_end_to_end_and_resumed(tmp_path):
   with open(os.path.join(workdir, "summary.csv")) as f:
     assert len(f.read().splitlines()) == 1 + 6
   assert os.path.getsize(os.path.join(workdir, "oneshot.png")) > 0
+  assert workdir_lib.undeclared(workdir, oneshot.RUN_FILES) == []
+  assert workdir_lib.undeclared(config.train_workdir, train.RUN_FILES) == []
 
   # Resume: a run killed after its fifth row redoes only the sixth.
   os.remove(os.path.join(workdir, "rows", "sparsegpt_2of4.json"))

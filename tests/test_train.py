@@ -22,7 +22,7 @@ def test_binary_writes_metrics_final_json_and_curves_and_reaches_target(tiny_con
   workdir = str(tmp_path / "run")
   summary = train.run(tiny_config, workdir)
 
-  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "curves.png",
+  assert sorted(os.listdir(workdir)) == [".lock", "checkpoints", "config.json", "curves.png",
                                          "dense_baseline", "final.json", "metrics.jsonl",
                                          "tensorboard"]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["40"]  # only the final one

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+from experiments import config_checks
 from experiments import metrics as metrics_lib
 from experiments import train
 from experiments import workdir as workdir_lib
@@ -222,3 +223,143 @@ def test_a_workdir_that_is_not_writable_is_a_one_line_error():
                         r"by user \S+; choose a --workdir you can write to.", str(raised.value))
   finally:
     shutil.rmtree(parent)
+
+
+def _test_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if '"test"' in line]
+
+
+def test_results_come_from_the_checkpoint_when_metrics_are_lost_or_garbled(finished_run, capsys):
+  config, workdir, summary = finished_run
+  tests = _test_records(workdir)  # evals at steps 11 and 12
+  best = max(tests, key=lambda r: r["accuracy"])
+  assert summary["best_test_accuracy"] == best["accuracy"]
+  assert summary["best_step"] == best["step"]
+  assert summary["test"]["accuracy"] == tests[-1]["accuracy"] and summary["test_step"] == 12
+  # metrics.jsonl deleted before a resume: same results, and one line saying so.
+  os.remove(os.path.join(workdir, "final.json"))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  capsys.readouterr()
+  resumed = train.run(config, workdir)
+  for key in ("test", "train", "best_test_accuracy", "best_step", "test_step"):
+    assert resumed[key] == summary[key], key
+  lines = [l for l in capsys.readouterr().out.splitlines() if "is missing" in l]
+  assert lines == [f"[gradual] {workdir}/metrics.jsonl is missing: the records up to step 12 "
+                   "are lost; the results come from the checkpoint."]
+  # The best record garbled on disk: the best stays what the checkpoint recorded.
+  os.remove(os.path.join(workdir, "final.json"))
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({**best, "accuracy": 0.01}) + "\n" + '{"step": 1\x00\n')
+  resumed = train.run(config, workdir)
+  assert resumed["best_test_accuracy"] == best["accuracy"]
+  assert resumed["test"] == summary["test"]
+
+
+def test_each_binarys_named_outputs_are_in_its_declared_run_files():
+  from experiments import lottery  # pylint: disable=g-import-not-at-top
+  from experiments import lottery_report  # pylint: disable=g-import-not-at-top
+  from experiments import nm_study  # pylint: disable=g-import-not-at-top
+  from experiments import oneshot  # pylint: disable=g-import-not-at-top
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  declared = workdir_lib.BINARY_RUN_FILES
+  assert train.RUN_FILES == declared["experiments.train"] == workdir_lib.RUN_FILES
+  assert {train.NM_EXPORT, train.CURVES_FILE, train.BASELINE_DIR, trainer.CHECKPOINT_DIR,
+          metrics_lib.METRICS_FILE, metrics_lib.GARBLED_FILE,
+          metrics_lib.TENSORBOARD_DIR} <= set(train.RUN_FILES)
+  assert set(lottery.RUN_FILES) == {"config.json", "final.json", lottery_report.CSV_FILE,
+                                    lottery_report.PLOT_FILE, lottery.REPLICATES_DIR}
+  assert set(nm_study.RUN_FILES) == {"config.json", "final.json", nm_study.CSV_FILE,
+                                     nm_study.PLOT_FILE, nm_study.RUNS_DIR}
+  assert set(oneshot.RUN_FILES) == {"config.json", "final.json", oneshot.CSV_FILE,
+                                    oneshot.PLOT_FILE, oneshot.ROWS_DIR, oneshot.PRUNED_DIR}
+
+
+def test_overwrite_removes_an_nm_runs_export_and_plot(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  for name in ("config.json", "nm_export.npz", "curves.png", "notes.txt"):
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write("{}")
+  assert workdir_lib.undeclared(workdir) == ["notes.txt"]
+  workdir_lib.start(workdir, tiny_config, overwrite=True)
+  assert sorted(os.listdir(workdir)) == ["config.json", "notes.txt"]
+
+
+def _hold_lock(workdir):
+  """A process that holds `workdir`'s lock until killed."""
+  code = ("import sys, time; from experiments import workdir as w; w.lock(sys.argv[1]); "
+          "print('locked', flush=True); time.sleep(300)")
+  holder = subprocess.Popen([sys.executable, "-c", code, workdir], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  return holder
+
+
+def _can_lock(workdir):
+  code = "import sys; from experiments import workdir as w; w.lock(sys.argv[1]); print('ok')"
+  out = subprocess.run([sys.executable, "-c", code, workdir], cwd=ROOT, capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), text=True, timeout=120)
+  return out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("binary", ["train", "lottery", "nm_study"])
+def test_a_library_run_holds_the_workdir_lock_for_the_call_only(binary, tiny_config, tmp_path):
+  from experiments import lottery  # pylint: disable=g-import-not-at-top
+  from experiments import nm_study  # pylint: disable=g-import-not-at-top
+  from experiments.configs import lottery as lottery_config  # pylint: disable=g-import-not-at-top
+  from experiments.configs import nm_study as study_config  # pylint: disable=g-import-not-at-top
+  if binary == "lottery":
+    config, run = lottery_config.get_config(), lottery.run
+    config.data_dir = tiny_config.data_dir
+  elif binary == "nm_study":
+    config, run = study_config.get_config(), nm_study.run
+    config.data_dir = tiny_config.data_dir
+    config.study.methods, config.study.patterns, config.study.seeds = ("srste",), ((2, 4),), (0,)
+  else:
+    config, run = tiny_config, train.run
+  workdir = str(tmp_path / "run")  # a finished run: on main, a library call just read it back
+  os.makedirs(workdir)
+  workdir_lib.save_json(workdir, "config.json", workdir_lib.config_dict(config))
+  workdir_lib.save_json(workdir, "final.json", {"saved": True})
+  holder = _hold_lock(workdir)
+  try:
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"^Workdir {re.escape(workdir)} is in use "
+                                                       rf"by another run \(pid {holder.pid} on"):
+      run(config, workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert run(config, workdir) == {"saved": True}
+  assert _can_lock(workdir)  # released when the call returned
+
+
+@pytest.mark.parametrize("name", ["config.json", "final.json"])
+def test_truncated_json_in_a_workdir_is_a_one_line_error_naming_the_file(tiny_config, tmp_path,
+                                                                         name):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  workdir_lib.save_json(workdir, "config.json", workdir_lib.config_dict(tiny_config))
+  with open(os.path.join(workdir, name), "w") as f:
+    f.write('{"test": {"loss": 0.3')  # cut off mid-write
+  before = _snapshot(workdir)
+  with pytest.raises(workdir_lib.WorkdirError) as raised:
+    train.run(tiny_config, workdir)
+  assert re.fullmatch(rf"{re.escape(os.path.join(workdir, name))} is not valid JSON \(truncated or "
+                      r"damaged: .* at line 1 column \d+\)\. Remove it to have it redone \(a run's "
+                      r"results from its checkpoints\), or replace the whole run with "
+                      r"--overwrite\.", str(raised.value)), str(raised.value)
+  after = _snapshot(workdir)
+  after.pop(workdir_lib.LOCK_FILE)  # taken while the run was read, released since
+  assert after == before
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+def test_a_leaf_filter_matching_nothing_names_the_key_and_pattern(tiny_config, tmp_path, key):
+  tiny_config.pruning[key] = "hiden_0"  # a typo
+  with pytest.raises(config_checks.ConfigError) as raised:
+    train.run(tiny_config, str(tmp_path / "run"))
+  assert str(raised.value) == (
+      f"config.pruning.{key}='hiden_0' matches none of the prunable leaves "
+      "['head/kernel', 'hidden_0/kernel', 'hidden_1/kernel'].")
+  assert not os.path.exists(tmp_path / "run")
