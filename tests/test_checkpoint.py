@@ -140,10 +140,11 @@ def test_restore_into_another_model_names_the_leaf_and_both_shapes(tmp_path):
 
 def test_packed_length_that_does_not_fit_the_params_names_the_leaf(tmp_path):
   with SparseCheckpointManager(str(tmp_path)) as manager:
-    # A masks item written by other code: 3 bytes cannot hold a 20x32 mask.
+    # A masks item written by other code (as before checksums): 3 bytes cannot
+    # hold a 20x32 mask.
     manager._manager.save(0, args=ocp.args.Composite(
         masks=ocp.args.StandardSave({"hidden/kernel": np.zeros(3, np.uint8)}),
-        meta=ocp.args.JsonSave({})))
+        meta=ocp.args.JsonSave({"step": 0, "level": None, "versions": {}})))
   with SparseCheckpointManager(str(tmp_path)) as manager:
     with pytest.raises(CheckpointError, match=r"'hidden/kernel' holds 3 packed bytes but a "
                                               r"\(20, 32\) weight needs 80"):

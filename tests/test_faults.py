@@ -278,19 +278,73 @@ def test_a_full_disk_is_one_error_and_the_earlier_steps_stay_intact(two_steps, t
       subprocess.run(["umount", mount], check=False)
 
 
+def _strip_format_record(directory: str, step: int) -> None:
+  """Removes the format record from Orbax's metadata of a step (as steps saved
+  before checksums have none)."""
+  path = os.path.join(directory, str(step), manager_lib.STEP_METADATA)
+  with open(path) as f:
+    record = json.load(f)
+  record["custom_metadata"] = {}
+  with open(path, "w") as f:
+    json.dump(record, f)
+
+
+def _as_before_checksums(meta: dict) -> dict:
+  """`meta` as a version before checksums wrote it (step, level, versions, fields)."""
+  return {key: value for key, value in meta.items()
+          if key not in ("checksums", "meta_checksum", "format")}
+
+
 def test_restore_without_checksums_reads_steps_saved_before_them(two_steps, tmp_path):
-  """Steps written before checksums existed restore (unchecked), as before."""
+  """Steps written before checksums existed restore (unchecked, with a warning), as before."""
   source, states = two_steps
   directory = str(tmp_path / "checkpoints")
   shutil.copytree(source, directory)
   with SparseCheckpointManager(directory) as manager:
     meta = manager.restore(1).meta
-  for key in ("checksums", "meta_checksum"):
-    del meta[key]
-  _rewrite_meta(directory, 1, meta)
+  assert meta["format"] == 2
+  _rewrite_meta(directory, 1, _as_before_checksums(meta))
+  _strip_format_record(directory, 1)
   with SparseCheckpointManager(directory) as manager:
-    manager.verify(1)
-    _assert_restored(manager.restore(1, **_targets(states[1])), states[1])
+    with pytest.warns(UserWarning, match=r"^Step 1 in .* was saved before checkpoints had "
+                                         r"checksums: it is read unchecked\.$"):
+      manager.verify(1)
+    with pytest.warns(UserWarning, match="read unchecked"):
+      _assert_restored(manager.restore(1, **_targets(states[1])), states[1])
+
+
+STRIPPED_METAS = {
+    # What is left of step 2's meta, and whether Orbax's record of its format is kept.
+    "checksum_keys_removed": (lambda meta: {k: v for k, v in meta.items()
+                                            if k not in ("checksums", "meta_checksum")}, True),
+    "old_looking_meta": (_as_before_checksums, True),
+    "empty_meta": (lambda meta: {}, True),
+    "empty_meta_and_no_orbax_record": (lambda meta: {}, False),
+    "old_looking_meta_and_no_orbax_metadata_file": (_as_before_checksums, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRIPPED_METAS))
+def test_a_meta_stripped_of_its_checksums_is_damage_and_falls_back(two_steps, case, tmp_path):
+  source, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(source, directory)
+  strip, keep_record = STRIPPED_METAS[case]
+  with SparseCheckpointManager(directory) as manager:
+    meta = manager.restore(2).meta
+  _rewrite_meta(directory, 2, strip(meta))  # valid JSON, no checksums
+  if keep_record is False:
+    _strip_format_record(directory, 2)
+  elif keep_record is None:
+    os.remove(os.path.join(directory, "2", manager_lib.STEP_METADATA))
+  _flip_data_of(directory, 2, "params")  # so restoring step 2 unchecked would be wrong
+  lines = []
+  with SparseCheckpointManager(directory) as manager:
+    restored = manager.restore_latest_intact(log=lines.append, **_targets(states[1]))
+  _assert_restored(restored, states[1])
+  assert len(lines) == 1 and re.match(
+      r"Step 2 in .*: item 'meta' has no checksums, but .*\(damaged meta\)\. Moved it to "
+      r".*damaged/2; trying step 1\.$", lines[0]), lines
 
 
 def test_checksums_are_crc32_of_the_array_bytes():

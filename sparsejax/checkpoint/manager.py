@@ -31,7 +31,10 @@ on both sides (`CheckpointError`).
 Damage is detected, not restored: `meta` records a CRC-32 of every leaf of
 every item and of itself (`integrity`), and a restore checks what it read
 against them. Unreadable, missing or corrupted data is a `CheckpointDamaged`
-naming the step, item and leaf. `restore_latest_intact` (what a resumed run
+naming the step, item and leaf. A step records its format (2: with checksums)
+in `meta` and in Orbax's metadata of the step; a meta without checksums is
+damage unless both show a step saved before checksums existed, which is read
+unchecked with a warning. `restore_latest_intact` (what a resumed run
 uses) moves damaged steps to `<directory>/damaged/` and restores the newest
 step that verifies. With `max_to_keep`, a new step is read back and verified
 before any older step is deleted for it, and at most one save is in flight:
@@ -41,6 +44,7 @@ each save first waits for the one before.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import warnings
@@ -61,6 +65,11 @@ ARRAY_ITEMS = ("params", "masks", "opt_state", "train_state", "rewind")
 ITEMS = ARRAY_ITEMS + ("meta",)
 _VERSIONED = ("sparsejax", "jax", "flax", "optax", "orbax-checkpoint")
 DAMAGED_DIR = "damaged"  # where damaged steps are moved, inside the manager's directory
+# Key of the checkpoint format in Orbax's own metadata of each step
+# (`<step>/_CHECKPOINT_METADATA`): a second record, outside `meta`, that the
+# step was written with checksums.
+FORMAT_RECORD = "sparsejax_checkpoint_format"
+STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's metadata file of a step (JSON)
 
 
 class CheckpointError(ValueError):
@@ -301,6 +310,7 @@ class SparseCheckpointManager:
     plain = {name: _plain(name, value) for name, value in items.items() if value is not None}
     meta = dict(meta or {})
     meta.update(step=step, level=level, versions=package_versions())
+    meta[integrity.FORMAT] = integrity.FORMAT_VERSION
     if masks is not None:
       if params is not None:
         trees.check_same_structure(params, masks)
@@ -320,7 +330,8 @@ class SparseCheckpointManager:
     args = {name: ocp.args.StandardSave(tree) for name, tree in plain.items()}
     args["meta"] = ocp.args.JsonSave(integrity.seal_meta(meta))
     try:
-      started = self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+      started = self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                                   custom_metadata={FORMAT_RECORD: integrity.FORMAT_VERSION})
     except OSError as e:
       raise CheckpointWriteError(
           f"Writing step {step} to {self.directory} failed: {e}; the steps saved before it "
@@ -456,12 +467,54 @@ class SparseCheckpointManager:
       if not isinstance(meta, dict) or not integrity.meta_is_intact(meta):
         raise CheckpointDamaged(
             f"Step {step} in {self.directory}: item 'meta' fails its checksum (corrupted).")
+      if integrity.CHECKSUMS not in meta:
+        self._check_pre_checksum(step, meta)
     except CheckpointDamaged as e:
       if verify:
         raise
       warnings.warn(f"{e}; restoring without it.")
       return None
     return meta
+
+  def _check_pre_checksum(self, step: int, meta: dict) -> None:
+    """Accepts a meta without checksums only from a step saved before they existed.
+
+    Such a step has every key old metas had, no format record in `meta`, and
+    Orbax's metadata of the step is readable and holds no format record
+    either; anything else is a meta that lost its checksums (stripped,
+    rewritten): damage, not an old step.
+
+    Raises:
+      CheckpointDamaged: naming the step and what shows it is not old.
+    """
+    missing = [key for key in integrity.PRE_CHECKSUM_KEYS if key not in meta]
+    if integrity.FORMAT in meta:
+      why = f"its meta says checkpoint format {meta[integrity.FORMAT]!r}, which records them"
+    elif missing:
+      why = f"it lacks {missing}, which every meta has"
+    else:
+      why = self._format_record_says_new(step)
+    if why:
+      raise CheckpointDamaged(
+          f"Step {step} in {self.directory}: item 'meta' has no checksums, but {why} "
+          "(damaged meta).")
+    warnings.warn(f"Step {step} in {self.directory} was saved before checkpoints had "
+                  "checksums: it is read unchecked.", stacklevel=4)
+
+  def _format_record_says_new(self, step: int) -> str | None:
+    """Why Orbax's metadata of `step` does not show a step from before checksums
+    (it records a format, or is missing or unreadable); None when it shows one."""
+    path = os.path.join(self.directory, str(step), STEP_METADATA)
+    try:
+      with open(path) as f:
+        record = json.load(f)
+      custom = record.get("custom_metadata") or {}
+    except (OSError, ValueError, AttributeError) as e:
+      return f"its {STEP_METADATA} cannot show it is older ({type(e).__name__})"
+    if FORMAT_RECORD in custom:
+      return (f"its {STEP_METADATA} says checkpoint format {custom[FORMAT_RECORD]!r}, which "
+              "records them")
+    return None
 
   def _check_checksums(self, step: int, meta: dict | None, restored: dict) -> None:
     """Raises CheckpointDamaged at the first restored leaf that differs from its checksum."""
