@@ -347,6 +347,23 @@ def test_a_meta_stripped_of_its_checksums_is_damage_and_falls_back(two_steps, ca
       r".*damaged/2; trying step 1\.$", lines[0]), lines
 
 
+def test_a_step_copied_to_another_number_is_damage_and_not_resumed_as_that_step(two_steps,
+                                                                               tmp_path):
+  source, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(source, directory)
+  shutil.copytree(os.path.join(directory, "1"), os.path.join(directory, "7"))
+  lines = []
+  with SparseCheckpointManager(directory) as manager:
+    with pytest.raises(CheckpointDamaged, match=r"^Step 7 in .*: item 'meta' records step 1: "
+                                                r"a step copied or renamed to another number\.$"):
+      manager.restore(7, params_like=states[1]["params"])
+    restored = manager.restore_latest_intact(log=lines.append, **_targets(states[1]))
+  assert restored.step == 2
+  _assert_restored(restored, states[2])
+  assert len(lines) == 1 and "Step 7 in" in lines[0] and "trying step 2" in lines[0], lines
+
+
 def test_checksums_are_crc32_of_the_array_bytes():
   x = np.arange(6, dtype=np.float32).reshape(2, 3)
   assert manager_lib.integrity.leaf_checksum(jnp.asarray(x)) == f"{zlib.crc32(x.tobytes()):08x}"

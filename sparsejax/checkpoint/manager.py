@@ -469,6 +469,10 @@ class SparseCheckpointManager:
             f"Step {step} in {self.directory}: item 'meta' fails its checksum (corrupted).")
       if integrity.CHECKSUMS not in meta:
         self._check_pre_checksum(step, meta)
+      if meta.get("step", step) != step:
+        raise CheckpointDamaged(
+            f"Step {step} in {self.directory}: item 'meta' records step {meta['step']!r}: "
+            "a step copied or renamed to another number.")
     except CheckpointDamaged as e:
       if verify:
         raise
