@@ -204,6 +204,21 @@ def test_an_unverified_new_step_never_costs_an_older_intact_one(two_steps, tmp_p
     _assert_restored(reopened.restore(**_targets(states[1])), states[2])
 
 
+def test_after_a_resume_the_steps_from_before_it_count_for_max_to_keep(two_steps, tmp_path):
+  _, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  killed = SparseCheckpointManager(directory, max_to_keep=3, async_save=False)
+  for step in (1, 2, 3, 4):  # step 4 is written, then the run is killed before verifying it
+    _save(killed, step, states[1 + step % 2])
+  assert killed.all_steps() == [1, 2, 3, 4]
+  with SparseCheckpointManager(directory, max_to_keep=3) as resumed:
+    restored = resumed.restore_latest_intact(**_targets(states[1]))
+  assert restored.step == 4
+  _assert_restored(restored, states[1])  # step 4 holds states[1 + 4 % 2]
+  with SparseCheckpointManager(directory) as reopened:
+    assert reopened.all_steps() == [2, 3, 4]  # 4 verified at the resume: step 1 is surplus
+
+
 def _flip_data_of(directory: str, step: int, item: str) -> None:
   """Flips a byte in every chunk file of one item's array data.
 

@@ -394,6 +394,10 @@ class SparseCheckpointManager:
   def verify(self, step: int) -> None:
     """Reads every item of `step` to the host and checks it against its checksums.
 
+    A step that verifies counts as verified for `max_to_keep`: once one is,
+    the steps beyond `max_to_keep` before it are deleted at the next save or
+    `close` (so after a resume, the steps from before it are too).
+
     Raises:
       CheckpointDamaged: naming the step, item and leaf that is missing,
         unreadable or corrupted.
@@ -407,6 +411,8 @@ class SparseCheckpointManager:
       args[name] = ocp.args.StandardRestore(host)
     if args:
       self._check_checksums(step, meta, self._read(step, args))
+    # Counts for `max_to_keep` (a step verified after a resume lets older ones go).
+    self._verified.add(step)
 
   def restore_latest_intact(self, log: Callable[[str], None] | None = None,
                             **targets: PyTree) -> Restored:
