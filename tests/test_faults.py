@@ -245,6 +245,60 @@ def test_saving_a_step_twice_is_an_error_unless_overwrite(two_steps, tmp_path):
     _assert_restored(manager.restore(**_targets(states[1])), states[2])
 
 
+def test_a_failed_overwrite_keeps_the_old_step(two_steps, tmp_path, monkeypatch):
+  _, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  with SparseCheckpointManager(directory) as manager:
+    _save(manager, 5, states[1])
+    saves = manager_lib.ocp.CheckpointManager.save
+
+    def half_written(self, step, *args, **kwargs):  # the write dies after it began
+      saves(self, step, *args, **kwargs)
+      if manager_lib.OVERWRITE_DIR in str(self.directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return True
+
+    monkeypatch.setattr(manager_lib.ocp.CheckpointManager, "save", half_written)
+    with pytest.raises(CheckpointWriteError, match=r"^Replacing step 5 in .* failed: .*No space "
+                                                   r"left on device.*; the step saved before "
+                                                   r"stays\.$"):
+      _save_overwriting(manager, 5, states[2])
+    monkeypatch.undo()
+    assert manager.all_steps() == [5]
+    _assert_restored(manager.restore(**_targets(states[1])), states[1])
+  assert sorted(os.listdir(directory)) == ["5"]  # the half-written step is gone
+
+
+def _save_overwriting(manager, step, state):
+  manager.save(step, params=state["params"], masks=state["masks"], opt_state=state["opt_state"],
+               train_state=state["train_state"], overwrite=True)
+
+
+@pytest.mark.parametrize("killed", ["before_the_swap", "between_the_renames", "after_the_swap"])
+def test_an_overwrite_killed_at_any_point_leaves_one_whole_step(two_steps, killed, tmp_path):
+  """The directory as a kill leaves it at each point of `save(2, overwrite=True)`
+  (the new step holds states[1], the old one states[2])."""
+  source, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(source, directory)
+  work = os.path.join(directory, manager_lib.OVERWRITE_DIR)
+  os.makedirs(os.path.join(work, "new"))
+  new = os.path.join(work, "new", "2")
+  shutil.copytree(os.path.join(directory, "2"), new)  # a whole new step 2...
+  with SparseCheckpointManager(os.path.join(work, "new")) as writer:  # ...holding states[1]
+    _save_overwriting(writer, 2, states[1])
+  if killed != "before_the_swap":
+    os.rename(os.path.join(directory, "2"), os.path.join(work, "2.replaced"))
+  if killed == "after_the_swap":
+    os.rename(new, os.path.join(directory, "2"))
+  with SparseCheckpointManager(directory) as manager:
+    assert manager.all_steps() == [1, 2]
+    manager.verify(2)
+    restored = manager.restore(2, **_targets(states[1]))
+  _assert_restored(restored, states[1] if killed == "after_the_swap" else states[2])
+  assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing left over
+
+
 def _mount_small_tmpfs(path: str, size: str) -> bool:
   """Mounts a size-limited tmpfs at `path` (needs root); False where not allowed."""
   if os.geteuid() != 0 or shutil.which("mount") is None:

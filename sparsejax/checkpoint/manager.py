@@ -70,6 +70,10 @@ DAMAGED_DIR = "damaged"  # where damaged steps are moved, inside the manager's d
 # step was written with checksums.
 FORMAT_RECORD = "sparsejax_checkpoint_format"
 STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's metadata file of a step (JSON)
+# `save(overwrite=True)` writes the new step in `<directory>/.overwrite/new/`
+# and swaps it in once verified; the old step waits there as `<step>.replaced`.
+OVERWRITE_DIR = ".overwrite"
+REPLACED = ".replaced"
 
 
 class CheckpointError(ValueError):
@@ -260,6 +264,7 @@ class SparseCheckpointManager:
     self._metric_values: dict[int, float | None] = {}  # step -> best_metric value
     self._pending: list[int] = []   # saved by this manager, not yet verified
     self._verified: set[int] = set()
+    self._finish_interrupted_overwrite()
     # Handlers named up front, so a new manager can read metadata of old steps.
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["meta"] = ocp.JsonCheckpointHandler()
@@ -288,6 +293,9 @@ class SparseCheckpointManager:
       metrics: {name: value}, used by `best_metric`.
       level: the pruning level (lottery runs).
       overwrite: replace `step` if it is already saved (otherwise an error).
+        The new step is written and verified beside the old one (waiting
+        for it, whatever `async_save`) and swapped in only then: if
+        anything fails, the old step stays.
 
     Returns:
       Whether a save was started (Orbax may skip one by its save policy).
@@ -304,7 +312,9 @@ class SparseCheckpointManager:
       if not overwrite:
         raise CheckpointError(f"Step {step} is already saved in {self.directory}; pass "
                               "overwrite=True to replace it.")
-      self._manager.delete(step)
+      return self._replace(step, dict(
+          params=params, masks=masks, opt_state=opt_state, train_state=train_state,
+          rewind=rewind, meta=meta, metrics=metrics, level=level))
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
              "rewind": rewind}
     plain = {name: _plain(name, value) for name, value in items.items() if value is not None}
@@ -340,6 +350,65 @@ class SparseCheckpointManager:
       self._pending.append(step)
       self._metric_values[step] = meta.get("best_metric")
     return started
+
+  def _replace(self, step: int, items: dict) -> bool:
+    """`save(step, **items)` of a saved step: the new one is written beside it,
+    verified, then swapped in; on any failure the old step stays."""
+    work = os.path.join(self.directory, OVERWRITE_DIR)
+    self._on_primary(f"overwrite {step}", lambda: shutil.rmtree(work, ignore_errors=True))
+    try:
+      with SparseCheckpointManager(os.path.join(work, "new"), best_metric=self._best_metric,
+                                   async_save=False) as writer:
+        writer.save(step, **items)
+        writer.verify(step)
+    except BaseException as e:
+      self._on_primary(f"overwrite {step} failed", lambda: shutil.rmtree(work, ignore_errors=True))
+      if isinstance(e, (CheckpointWriteError, CheckpointDamaged)):
+        raise type(e)(f"Replacing step {step} in {self.directory} failed: {e}; the step saved "
+                      "before stays.") from e
+      raise
+
+    def swap():
+      live = os.path.join(self.directory, str(step))
+      os.rename(live, os.path.join(work, f"{step}{REPLACED}"))
+      os.rename(os.path.join(work, "new", str(step)), live)
+      shutil.rmtree(work)
+
+    self._on_primary(f"swap {step}", swap)
+    self._manager.reload()
+    self._pending = [s for s in self._pending if s != step]
+    self._verified.add(step)
+    self._metric_values.pop(step, None)  # read again from the new meta
+    return True
+
+  def _finish_interrupted_overwrite(self) -> None:
+    """Cleans up after an overwrite that a crash interrupted (`_replace`).
+
+    Killed before its swap, the new step is incomplete or unswapped: it is
+    removed and the old one stays. Killed between the two renames of the
+    swap, the step is absent: the old one is put back. Killed after them, the
+    old one is removed.
+    """
+    work = os.path.join(self.directory, OVERWRITE_DIR)
+    if not os.path.isdir(work):
+      return
+
+    def finish():
+      for name in os.listdir(work):
+        live = os.path.join(self.directory, name[:-len(REPLACED)])
+        if name.endswith(REPLACED) and not os.path.exists(live):
+          os.rename(os.path.join(work, name), live)
+      shutil.rmtree(work)
+
+    self._on_primary("finish overwrite", finish)
+
+  @staticmethod
+  def _on_primary(name: str, change: Callable[[], None]) -> None:
+    """Runs `change` (to the directory) in process 0 only, between barriers."""
+    _barrier(name)
+    if jax.process_index() == 0:
+      change()
+    _barrier(f"{name} done")
 
   def restore(self, step: int | None = None, *, params_like: PyTree = None, masks_like: PyTree = None,
               opt_state_like: PyTree = None, train_state_like: PyTree = None,
