@@ -74,6 +74,8 @@ STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's metadata file of a step (JSON)
 # and swaps it in once verified; the old step waits there as `<step>.replaced`.
 OVERWRITE_DIR = ".overwrite"
 REPLACED = ".replaced"
+EMPTY_ITEMS = "empty_items"  # meta key: items given without leaves (not written)
+PRNG_KEYS = "prng_keys"      # meta key: {item: {path: PRNG impl}} of typed keys, stored as data
 
 
 class CheckpointError(ValueError):
@@ -116,6 +118,38 @@ def _plain(item: str, tree: PyTree) -> dict:
     return plain_tree.to_plain(tree)
   except ValueError as e:
     raise CheckpointError(f"Item {item!r}: {e}") from e
+
+
+def _is_key(leaf: Any) -> bool:
+  """Whether `leaf` is a typed PRNG key array (`jax.random.key`) or its struct."""
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impls(item: str, tree: PyTree) -> dict[str, str]:
+  """{path: PRNG implementation name} of the typed key leaves of `tree`."""
+  return {path: str(jax.random.key_impl(leaf))
+          for path, leaf in _path_leaves(item, tree).items() if _is_key(leaf)}
+
+
+def _key_data(tree: PyTree) -> PyTree:
+  """`tree` with each typed PRNG key (or its struct) replaced by its uint32 data."""
+  def data(leaf):
+    if not _is_key(leaf):
+      return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.eval_shape(jax.random.key_data, leaf)
+    return jax.random.key_data(leaf)
+  return jax.tree.map(data, tree)
+
+
+def _check_no_empty_arrays(item: str, tree: PyTree) -> None:
+  """Raises CheckpointError naming the first leaf with no elements (Orbax refuses them)."""
+  for path, leaf in _path_leaves(item, tree).items():
+    if np.size(leaf) == 0:
+      raise CheckpointError(
+          f"Item {item!r}: leaf {path!r} has no elements (shape {tuple(np.shape(leaf))}); "
+          "Orbax cannot store an empty array: leave it out of the tree.")
 
 
 def _pack(masks: PyTree) -> dict[str, np.ndarray]:
@@ -317,13 +351,23 @@ class SparseCheckpointManager:
           rewind=rewind, meta=meta, metrics=metrics, level=level))
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
              "rewind": rewind}
-    plain = {name: _plain(name, value) for name, value in items.items() if value is not None}
+    items = {name: value for name, value in items.items() if value is not None}
     meta = dict(meta or {})
     meta.update(step=step, level=level, versions=package_versions())
     meta[integrity.FORMAT] = integrity.FORMAT_VERSION
+    # Typed PRNG keys are stored as their data, rewrapped at restore.
+    keys = {name: impls for name, value in items.items() if (impls := _key_impls(name, value))}
+    if keys:
+      meta[PRNG_KEYS] = keys
+    plain = {name: _plain(name, _key_data(value)) for name, value in items.items()}
+    for name, tree in plain.items():
+      _check_no_empty_arrays(name, tree)
     if masks is not None:
       if params is not None:
-        trees.check_same_structure(params, masks)
+        try:
+          trees.check_same_structure(params, masks)
+        except ValueError as e:
+          raise CheckpointError(f"Item 'masks': {e}") from e
       plain["masks"] = _pack(masks)
       meta["mask_shapes"] = {leaf.path: list(np.shape(leaf.value))
                              for leaf in trees.named_leaves(masks)}
@@ -335,6 +379,12 @@ class SparseCheckpointManager:
     if self._best_metric is not None:
       value = (metrics or {}).get(self._best_metric)
       meta["best_metric"] = None if value is None else float(value)
+    # Orbax cannot write an item without leaves (`masks={}`, SGD's optimizer
+    # state): it is not written, and restores as its target's empty tree.
+    empty = sorted(name for name, tree in plain.items() if not tree)
+    plain = {name: tree for name, tree in plain.items() if tree}
+    if empty:
+      meta[EMPTY_ITEMS] = empty
     meta[integrity.CHECKSUMS] = {name: integrity.tree_checksums(_path_leaves(name, tree))
                                  for name, tree in plain.items()}
     args = {name: ocp.args.StandardSave(tree) for name, tree in plain.items()}
@@ -444,21 +494,55 @@ class SparseCheckpointManager:
                "train_state": train_state_like, "rewind": rewind_like}
     targets = {name: target for name, target in targets.items() if target is not None}
     meta = self._read_meta(step, verify)
+    empty = set((meta or {}).get(EMPTY_ITEMS, ()))
+    data_targets = {name: _key_data(target) for name, target in targets.items()}
     args = {}
-    for name, target in targets.items():
+    for name, target in data_targets.items():
+      if name in empty:  # saved without leaves: the target must have none either
+        _check_same_paths(name, {}, _path_leaves(name, target))
+        continue
       stored = self._stored_tree(step, name)
       _check_fits(name, stored, target)
       args[name] = ocp.args.StandardRestore(_restore_target(name, stored, target))
     if masks_like is not None:
       packed_target = self._packed_target(step, meta, masks_like)
-      args["masks"] = ocp.args.StandardRestore(packed_target)
-    restored = self._read(step, args) if args else None
-    if verify and restored is not None:
+      if packed_target:
+        args["masks"] = ocp.args.StandardRestore(packed_target)
+    restored = self._read(step, args) if args else {}
+    if verify and restored:
       self._check_checksums(step, meta, {name: restored[name] for name in args})
-    out = {name: plain_tree.from_plain(restored[name], target) for name, target in targets.items()}
+    out = {name: self._rewrap_keys(name, plain_tree.from_plain(restored.get(name, {}), target),
+                                   targets[name], meta)
+           for name, target in data_targets.items()}
     if masks_like is not None:
-      out["masks"] = self._unpack(restored["masks"], masks_like)
+      out["masks"] = self._unpack(restored.get("masks", {}), masks_like)
     return Restored(step=int(step), meta=meta, **out)
+
+  @staticmethod
+  def _rewrap_keys(item: str, tree: PyTree, target: PyTree, meta: dict | None) -> PyTree:
+    """`tree` with the key data at each typed-key leaf of `target` made a key again.
+
+    Raises:
+      CheckpointError: naming the leaf, when the checkpoint's PRNG
+        implementation of it differs from the target's.
+    """
+    if not any(_is_key(leaf) for leaf in jax.tree.leaves(target)):
+      return tree
+    saved = ((meta or {}).get(PRNG_KEYS) or {}).get(item, {})
+    paths = list(_path_leaves(item, target))
+    leaves, treedef = jax.tree.flatten(tree)
+    wanted = jax.tree.leaves(target)
+    out = []
+    for path, got, want in zip(paths, leaves, wanted):
+      if _is_key(want):
+        impl = None if isinstance(want, jax.ShapeDtypeStruct) else str(jax.random.key_impl(want))
+        if impl is not None and saved.get(path, impl) != impl:
+          raise CheckpointError(
+              f"Item {item!r}: leaf {path!r} is a {saved[path]} PRNG key in the checkpoint but "
+              f"a {impl} key in the target.")
+        got = jax.random.wrap_key_data(got, impl=impl or saved.get(path, "threefry2x32"))
+      out.append(got)
+    return jax.tree.unflatten(treedef, out)
 
   def verify(self, step: int) -> None:
     """Reads every item of `step` to the host and checks it against its checksums.
@@ -634,8 +718,9 @@ class SparseCheckpointManager:
 
   def _packed_target(self, step: int, meta: dict, masks_like: PyTree) -> dict:
     """The packed uint8 arrays to expect, checked against the target's shapes."""
-    stored = _path_leaves("masks", self._stored_tree(step, "masks"))
     meta = meta or {}
+    stored = ({} if "masks" in meta.get(EMPTY_ITEMS, ()) else
+              _path_leaves("masks", self._stored_tree(step, "masks")))
     stored_shapes = meta.get("mask_shapes", {})
     wanted = _path_leaves("masks", masks_like)
     if "mask_tree_paths" in meta:  # every leaf of the saved model, pruned or not
