@@ -140,10 +140,11 @@ def test_restore_into_another_model_names_the_leaf_and_both_shapes(tmp_path):
 
 def test_packed_length_that_does_not_fit_the_params_names_the_leaf(tmp_path):
   with SparseCheckpointManager(str(tmp_path)) as manager:
-    # A masks item written by other code: 3 bytes cannot hold a 20x32 mask.
+    # A masks item written by other code (as before checksums): 3 bytes cannot
+    # hold a 20x32 mask.
     manager._manager.save(0, args=ocp.args.Composite(
         masks=ocp.args.StandardSave({"hidden/kernel": np.zeros(3, np.uint8)}),
-        meta=ocp.args.JsonSave({})))
+        meta=ocp.args.JsonSave({"step": 0, "level": None, "versions": {}})))
   with SparseCheckpointManager(str(tmp_path)) as manager:
     with pytest.raises(CheckpointError, match=r"'hidden/kernel' holds 3 packed bytes but a "
                                               r"\(20, 32\) weight needs 80"):
@@ -223,3 +224,59 @@ def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
   with SparseCheckpointManager(str(tmp_path)) as manager:
     with pytest.raises(CheckpointError, match="No checkpoint in"):
       manager.restore(params_like=_params())
+
+
+def test_a_zero_size_leaf_is_a_one_line_error_naming_it(tmp_path):
+  params = {"dense": {"kernel": jnp.ones((2, 3)), "empty": jnp.zeros((0, 3))}}
+  with SparseCheckpointManager(str(tmp_path)) as manager:
+    with pytest.raises(CheckpointError, match=r"^Item 'params': leaf 'dense/empty' has no elements "
+                                              r"\(shape \(0, 3\)\); Orbax cannot store an empty "
+                                              r"array: leave it out of the tree\.$"):
+      manager.save(1, params=params)
+    assert manager.all_steps() == []
+
+
+def test_items_without_leaves_are_recorded_and_restore_as_their_empty_targets(tmp_path):
+  params = _params()
+  dense_masks = jax.tree.map(lambda _: None, params)  # nothing pruned: no packed leaf
+  sgd_state = optax.sgd(0.1).init(params)  # (EmptyState(), EmptyState()): no leaves
+  with SparseCheckpointManager(str(tmp_path)) as manager:
+    manager.save(1, params=params, masks=dense_masks, opt_state=sgd_state)
+  with SparseCheckpointManager(str(tmp_path)) as manager:
+    manager.verify(1)
+    restored = manager.restore(params_like=params, masks_like=params, opt_state_like=sgd_state)
+    assert restored.meta["empty_items"] == ["masks", "opt_state"]
+    chex.assert_trees_all_equal(restored.params, params)
+    assert jax.tree.leaves(restored.masks) == [] and restored.masks.keys() == params.keys()
+    assert restored.opt_state == sgd_state
+    with pytest.raises(CheckpointError, match=r"^Item 'opt_state': structure mismatch: leaf "
+                                              r"'0/count' of the target is not in the checkpoint"):
+      manager.restore(opt_state_like=optax.adam(0.1).init(params))
+  assert {"masks", "opt_state"}.isdisjoint(os.listdir(tmp_path / "1"))  # not written
+
+
+def test_typed_prng_keys_are_stored_as_their_data_and_restore_as_keys(tmp_path):
+  train_state = {"rng": jax.random.key(7), "rbg": jax.random.split(jax.random.key(3, impl="rbg"))}
+  with SparseCheckpointManager(str(tmp_path)) as manager:
+    manager.save(1, train_state=train_state)
+  stored = ocp.StandardCheckpointer().restore(str(tmp_path / "1" / "train_state"))
+  np.testing.assert_array_equal(stored["rng"], np.asarray(jax.random.key_data(train_state["rng"])))
+  assert stored["rbg"].shape == (2, 4) and stored["rbg"].dtype == np.uint32
+  with SparseCheckpointManager(str(tmp_path)) as manager:
+    assert manager.restore(1).meta["prng_keys"] == {
+        "train_state": {"rbg": "rbg", "rng": "threefry2x32"}}
+    for like in (train_state, jax.eval_shape(lambda: train_state)):
+      restored = manager.restore(train_state_like=like).train_state
+      for name, key in train_state.items():
+        assert restored[name].dtype == key.dtype, name
+        np.testing.assert_array_equal(jax.random.key_data(restored[name]),
+                                      jax.random.key_data(key))
+    # Usable as a key: the same draw as the saved one.
+    np.testing.assert_array_equal(jax.random.normal(restored["rng"], (3,)),
+                                  jax.random.normal(train_state["rng"], (3,)))
+    other = {"rng": train_state["rng"],
+             "rbg": jax.random.split(jax.random.key(3, impl="unsafe_rbg"))}  # same data shape
+    with pytest.raises(CheckpointError, match=r"^Item 'train_state': leaf 'rbg' is a rbg PRNG key "
+                                              r"in the checkpoint but a unsafe_rbg key in the "
+                                              r"target\.$"):
+      manager.restore(train_state_like=other)

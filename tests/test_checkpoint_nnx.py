@@ -263,7 +263,8 @@ def test_optimizer_state_written_before_the_plain_form_still_restores(tmp_path):
   _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
   with SparseCheckpointManager(str(tmp_path)) as manager:  # as Orbax stored it before
     manager._manager.save(1, args=ocp.args.Composite(
-        opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave({})))
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave({"step": 1, "level": None, "versions": {}})))
   restored = _restore(tmp_path, opt_state_like=tx.init(params)).opt_state
   assert type(restored) is type(opt_state)
   _assert_bitwise_equal(restored, opt_state)

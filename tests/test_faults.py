@@ -204,6 +204,21 @@ def test_an_unverified_new_step_never_costs_an_older_intact_one(two_steps, tmp_p
     _assert_restored(reopened.restore(**_targets(states[1])), states[2])
 
 
+def test_after_a_resume_the_steps_from_before_it_count_for_max_to_keep(two_steps, tmp_path):
+  _, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  killed = SparseCheckpointManager(directory, max_to_keep=3, async_save=False)
+  for step in (1, 2, 3, 4):  # step 4 is written, then the run is killed before verifying it
+    _save(killed, step, states[1 + step % 2])
+  assert killed.all_steps() == [1, 2, 3, 4]
+  with SparseCheckpointManager(directory, max_to_keep=3) as resumed:
+    restored = resumed.restore_latest_intact(**_targets(states[1]))
+  assert restored.step == 4
+  _assert_restored(restored, states[1])  # step 4 holds states[1 + 4 % 2]
+  with SparseCheckpointManager(directory) as reopened:
+    assert reopened.all_steps() == [2, 3, 4]  # 4 verified at the resume: step 1 is surplus
+
+
 def _flip_data_of(directory: str, step: int, item: str) -> None:
   """Flips a byte in every chunk file of one item's array data.
 
@@ -228,6 +243,60 @@ def test_saving_a_step_twice_is_an_error_unless_overwrite(two_steps, tmp_path):
                  opt_state=states[2]["opt_state"], train_state=states[2]["train_state"],
                  overwrite=True)
     _assert_restored(manager.restore(**_targets(states[1])), states[2])
+
+
+def test_a_failed_overwrite_keeps_the_old_step(two_steps, tmp_path, monkeypatch):
+  _, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  with SparseCheckpointManager(directory) as manager:
+    _save(manager, 5, states[1])
+    saves = manager_lib.ocp.CheckpointManager.save
+
+    def half_written(self, step, *args, **kwargs):  # the write dies after it began
+      saves(self, step, *args, **kwargs)
+      if manager_lib.OVERWRITE_DIR in str(self.directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return True
+
+    monkeypatch.setattr(manager_lib.ocp.CheckpointManager, "save", half_written)
+    with pytest.raises(CheckpointWriteError, match=r"^Replacing step 5 in .* failed: .*No space "
+                                                   r"left on device.*; the step saved before "
+                                                   r"stays\.$"):
+      _save_overwriting(manager, 5, states[2])
+    monkeypatch.undo()
+    assert manager.all_steps() == [5]
+    _assert_restored(manager.restore(**_targets(states[1])), states[1])
+  assert sorted(os.listdir(directory)) == ["5"]  # the half-written step is gone
+
+
+def _save_overwriting(manager, step, state):
+  manager.save(step, params=state["params"], masks=state["masks"], opt_state=state["opt_state"],
+               train_state=state["train_state"], overwrite=True)
+
+
+@pytest.mark.parametrize("killed", ["before_the_swap", "between_the_renames", "after_the_swap"])
+def test_an_overwrite_killed_at_any_point_leaves_one_whole_step(two_steps, killed, tmp_path):
+  """The directory as a kill leaves it at each point of `save(2, overwrite=True)`
+  (the new step holds states[1], the old one states[2])."""
+  source, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(source, directory)
+  work = os.path.join(directory, manager_lib.OVERWRITE_DIR)
+  os.makedirs(os.path.join(work, "new"))
+  new = os.path.join(work, "new", "2")
+  shutil.copytree(os.path.join(directory, "2"), new)  # a whole new step 2...
+  with SparseCheckpointManager(os.path.join(work, "new")) as writer:  # ...holding states[1]
+    _save_overwriting(writer, 2, states[1])
+  if killed != "before_the_swap":
+    os.rename(os.path.join(directory, "2"), os.path.join(work, "2.replaced"))
+  if killed == "after_the_swap":
+    os.rename(new, os.path.join(directory, "2"))
+  with SparseCheckpointManager(directory) as manager:
+    assert manager.all_steps() == [1, 2]
+    manager.verify(2)
+    restored = manager.restore(2, **_targets(states[1]))
+  _assert_restored(restored, states[1] if killed == "after_the_swap" else states[2])
+  assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing left over
 
 
 def _mount_small_tmpfs(path: str, size: str) -> bool:
@@ -278,19 +347,90 @@ def test_a_full_disk_is_one_error_and_the_earlier_steps_stay_intact(two_steps, t
       subprocess.run(["umount", mount], check=False)
 
 
+def _strip_format_record(directory: str, step: int) -> None:
+  """Removes the format record from Orbax's metadata of a step (as steps saved
+  before checksums have none)."""
+  path = os.path.join(directory, str(step), manager_lib.STEP_METADATA)
+  with open(path) as f:
+    record = json.load(f)
+  record["custom_metadata"] = {}
+  with open(path, "w") as f:
+    json.dump(record, f)
+
+
+def _as_before_checksums(meta: dict) -> dict:
+  """`meta` as a version before checksums wrote it (step, level, versions, fields)."""
+  return {key: value for key, value in meta.items()
+          if key not in ("checksums", "meta_checksum", "format")}
+
+
 def test_restore_without_checksums_reads_steps_saved_before_them(two_steps, tmp_path):
-  """Steps written before checksums existed restore (unchecked), as before."""
+  """Steps written before checksums existed restore (unchecked, with a warning), as before."""
   source, states = two_steps
   directory = str(tmp_path / "checkpoints")
   shutil.copytree(source, directory)
   with SparseCheckpointManager(directory) as manager:
     meta = manager.restore(1).meta
-  for key in ("checksums", "meta_checksum"):
-    del meta[key]
-  _rewrite_meta(directory, 1, meta)
+  assert meta["format"] == 2
+  _rewrite_meta(directory, 1, _as_before_checksums(meta))
+  _strip_format_record(directory, 1)
   with SparseCheckpointManager(directory) as manager:
-    manager.verify(1)
-    _assert_restored(manager.restore(1, **_targets(states[1])), states[1])
+    with pytest.warns(UserWarning, match=r"^Step 1 in .* was saved before checkpoints had "
+                                         r"checksums: it is read unchecked\.$"):
+      manager.verify(1)
+    with pytest.warns(UserWarning, match="read unchecked"):
+      _assert_restored(manager.restore(1, **_targets(states[1])), states[1])
+
+
+STRIPPED_METAS = {
+    # What is left of step 2's meta, and whether Orbax's record of its format is kept.
+    "checksum_keys_removed": (lambda meta: {k: v for k, v in meta.items()
+                                            if k not in ("checksums", "meta_checksum")}, True),
+    "old_looking_meta": (_as_before_checksums, True),
+    "empty_meta": (lambda meta: {}, True),
+    "empty_meta_and_no_orbax_record": (lambda meta: {}, False),
+    "old_looking_meta_and_no_orbax_metadata_file": (_as_before_checksums, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRIPPED_METAS))
+def test_a_meta_stripped_of_its_checksums_is_damage_and_falls_back(two_steps, case, tmp_path):
+  source, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(source, directory)
+  strip, keep_record = STRIPPED_METAS[case]
+  with SparseCheckpointManager(directory) as manager:
+    meta = manager.restore(2).meta
+  _rewrite_meta(directory, 2, strip(meta))  # valid JSON, no checksums
+  if keep_record is False:
+    _strip_format_record(directory, 2)
+  elif keep_record is None:
+    os.remove(os.path.join(directory, "2", manager_lib.STEP_METADATA))
+  _flip_data_of(directory, 2, "params")  # so restoring step 2 unchecked would be wrong
+  lines = []
+  with SparseCheckpointManager(directory) as manager:
+    restored = manager.restore_latest_intact(log=lines.append, **_targets(states[1]))
+  _assert_restored(restored, states[1])
+  assert len(lines) == 1 and re.match(
+      r"Step 2 in .*: item 'meta' has no checksums, but .*\(damaged meta\)\. Moved it to "
+      r".*damaged/2; trying step 1\.$", lines[0]), lines
+
+
+def test_a_step_copied_to_another_number_is_damage_and_not_resumed_as_that_step(two_steps,
+                                                                               tmp_path):
+  source, states = two_steps
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(source, directory)
+  shutil.copytree(os.path.join(directory, "1"), os.path.join(directory, "7"))
+  lines = []
+  with SparseCheckpointManager(directory) as manager:
+    with pytest.raises(CheckpointDamaged, match=r"^Step 7 in .*: item 'meta' records step 1: "
+                                                r"a step copied or renamed to another number\.$"):
+      manager.restore(7, params_like=states[1]["params"])
+    restored = manager.restore_latest_intact(log=lines.append, **_targets(states[1]))
+  assert restored.step == 2
+  _assert_restored(restored, states[2])
+  assert len(lines) == 1 and "Step 7 in" in lines[0] and "trying step 2" in lines[0], lines
 
 
 def test_checksums_are_crc32_of_the_array_bytes():

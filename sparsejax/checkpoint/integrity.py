@@ -31,6 +31,12 @@ import numpy as np
 
 CHECKSUMS = "checksums"          # meta key: {item: {leaf path: crc32 hex}}
 META_CHECKSUM = "meta_checksum"  # meta key: crc32 hex of the rest of meta
+FORMAT = "format"                # meta key: the checkpoint format version
+# 1: before checksums (steps carry no format record); 2: CRC-32s of every leaf
+# and of meta, the format also recorded outside meta (Orbax's step metadata).
+FORMAT_VERSION = 2
+# Keys every meta has had, before checksums too: a meta without them is not an old one.
+PRE_CHECKSUM_KEYS = ("level", "step", "versions")
 
 
 MIX32 = "mix32:"  # prefix of a position-hashed byte sum (multi-process arrays)

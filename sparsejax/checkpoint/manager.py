@@ -31,7 +31,10 @@ on both sides (`CheckpointError`).
 Damage is detected, not restored: `meta` records a CRC-32 of every leaf of
 every item and of itself (`integrity`), and a restore checks what it read
 against them. Unreadable, missing or corrupted data is a `CheckpointDamaged`
-naming the step, item and leaf. `restore_latest_intact` (what a resumed run
+naming the step, item and leaf. A step records its format (2: with checksums)
+in `meta` and in Orbax's metadata of the step; a meta without checksums is
+damage unless both show a step saved before checksums existed, which is read
+unchecked with a warning. `restore_latest_intact` (what a resumed run
 uses) moves damaged steps to `<directory>/damaged/` and restores the newest
 step that verifies. With `max_to_keep`, a new step is read back and verified
 before any older step is deleted for it, and at most one save is in flight:
@@ -41,6 +44,7 @@ each save first waits for the one before.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import warnings
@@ -61,6 +65,17 @@ ARRAY_ITEMS = ("params", "masks", "opt_state", "train_state", "rewind")
 ITEMS = ARRAY_ITEMS + ("meta",)
 _VERSIONED = ("sparsejax", "jax", "flax", "optax", "orbax-checkpoint")
 DAMAGED_DIR = "damaged"  # where damaged steps are moved, inside the manager's directory
+# Key of the checkpoint format in Orbax's own metadata of each step
+# (`<step>/_CHECKPOINT_METADATA`): a second record, outside `meta`, that the
+# step was written with checksums.
+FORMAT_RECORD = "sparsejax_checkpoint_format"
+STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's metadata file of a step (JSON)
+# `save(overwrite=True)` writes the new step in `<directory>/.overwrite/new/`
+# and swaps it in once verified; the old step waits there as `<step>.replaced`.
+OVERWRITE_DIR = ".overwrite"
+REPLACED = ".replaced"
+EMPTY_ITEMS = "empty_items"  # meta key: items given without leaves (not written)
+PRNG_KEYS = "prng_keys"      # meta key: {item: {path: PRNG impl}} of typed keys, stored as data
 
 
 class CheckpointError(ValueError):
@@ -103,6 +118,38 @@ def _plain(item: str, tree: PyTree) -> dict:
     return plain_tree.to_plain(tree)
   except ValueError as e:
     raise CheckpointError(f"Item {item!r}: {e}") from e
+
+
+def _is_key(leaf: Any) -> bool:
+  """Whether `leaf` is a typed PRNG key array (`jax.random.key`) or its struct."""
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impls(item: str, tree: PyTree) -> dict[str, str]:
+  """{path: PRNG implementation name} of the typed key leaves of `tree`."""
+  return {path: str(jax.random.key_impl(leaf))
+          for path, leaf in _path_leaves(item, tree).items() if _is_key(leaf)}
+
+
+def _key_data(tree: PyTree) -> PyTree:
+  """`tree` with each typed PRNG key (or its struct) replaced by its uint32 data."""
+  def data(leaf):
+    if not _is_key(leaf):
+      return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.eval_shape(jax.random.key_data, leaf)
+    return jax.random.key_data(leaf)
+  return jax.tree.map(data, tree)
+
+
+def _check_no_empty_arrays(item: str, tree: PyTree) -> None:
+  """Raises CheckpointError naming the first leaf with no elements (Orbax refuses them)."""
+  for path, leaf in _path_leaves(item, tree).items():
+    if np.size(leaf) == 0:
+      raise CheckpointError(
+          f"Item {item!r}: leaf {path!r} has no elements (shape {tuple(np.shape(leaf))}); "
+          "Orbax cannot store an empty array: leave it out of the tree.")
 
 
 def _pack(masks: PyTree) -> dict[str, np.ndarray]:
@@ -251,6 +298,7 @@ class SparseCheckpointManager:
     self._metric_values: dict[int, float | None] = {}  # step -> best_metric value
     self._pending: list[int] = []   # saved by this manager, not yet verified
     self._verified: set[int] = set()
+    self._finish_interrupted_overwrite()
     # Handlers named up front, so a new manager can read metadata of old steps.
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["meta"] = ocp.JsonCheckpointHandler()
@@ -279,6 +327,9 @@ class SparseCheckpointManager:
       metrics: {name: value}, used by `best_metric`.
       level: the pruning level (lottery runs).
       overwrite: replace `step` if it is already saved (otherwise an error).
+        The new step is written and verified beside the old one (waiting
+        for it, whatever `async_save`) and swapped in only then: if
+        anything fails, the old step stays.
 
     Returns:
       Whether a save was started (Orbax may skip one by its save policy).
@@ -295,15 +346,28 @@ class SparseCheckpointManager:
       if not overwrite:
         raise CheckpointError(f"Step {step} is already saved in {self.directory}; pass "
                               "overwrite=True to replace it.")
-      self._manager.delete(step)
+      return self._replace(step, dict(
+          params=params, masks=masks, opt_state=opt_state, train_state=train_state,
+          rewind=rewind, meta=meta, metrics=metrics, level=level))
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
              "rewind": rewind}
-    plain = {name: _plain(name, value) for name, value in items.items() if value is not None}
+    items = {name: value for name, value in items.items() if value is not None}
     meta = dict(meta or {})
     meta.update(step=step, level=level, versions=package_versions())
+    meta[integrity.FORMAT] = integrity.FORMAT_VERSION
+    # Typed PRNG keys are stored as their data, rewrapped at restore.
+    keys = {name: impls for name, value in items.items() if (impls := _key_impls(name, value))}
+    if keys:
+      meta[PRNG_KEYS] = keys
+    plain = {name: _plain(name, _key_data(value)) for name, value in items.items()}
+    for name, tree in plain.items():
+      _check_no_empty_arrays(name, tree)
     if masks is not None:
       if params is not None:
-        trees.check_same_structure(params, masks)
+        try:
+          trees.check_same_structure(params, masks)
+        except ValueError as e:
+          raise CheckpointError(f"Item 'masks': {e}") from e
       plain["masks"] = _pack(masks)
       meta["mask_shapes"] = {leaf.path: list(np.shape(leaf.value))
                              for leaf in trees.named_leaves(masks)}
@@ -315,12 +379,19 @@ class SparseCheckpointManager:
     if self._best_metric is not None:
       value = (metrics or {}).get(self._best_metric)
       meta["best_metric"] = None if value is None else float(value)
+    # Orbax cannot write an item without leaves (`masks={}`, SGD's optimizer
+    # state): it is not written, and restores as its target's empty tree.
+    empty = sorted(name for name, tree in plain.items() if not tree)
+    plain = {name: tree for name, tree in plain.items() if tree}
+    if empty:
+      meta[EMPTY_ITEMS] = empty
     meta[integrity.CHECKSUMS] = {name: integrity.tree_checksums(_path_leaves(name, tree))
                                  for name, tree in plain.items()}
     args = {name: ocp.args.StandardSave(tree) for name, tree in plain.items()}
     args["meta"] = ocp.args.JsonSave(integrity.seal_meta(meta))
     try:
-      started = self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+      started = self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                                   custom_metadata={FORMAT_RECORD: integrity.FORMAT_VERSION})
     except OSError as e:
       raise CheckpointWriteError(
           f"Writing step {step} to {self.directory} failed: {e}; the steps saved before it "
@@ -329,6 +400,65 @@ class SparseCheckpointManager:
       self._pending.append(step)
       self._metric_values[step] = meta.get("best_metric")
     return started
+
+  def _replace(self, step: int, items: dict) -> bool:
+    """`save(step, **items)` of a saved step: the new one is written beside it,
+    verified, then swapped in; on any failure the old step stays."""
+    work = os.path.join(self.directory, OVERWRITE_DIR)
+    self._on_primary(f"overwrite {step}", lambda: shutil.rmtree(work, ignore_errors=True))
+    try:
+      with SparseCheckpointManager(os.path.join(work, "new"), best_metric=self._best_metric,
+                                   async_save=False) as writer:
+        writer.save(step, **items)
+        writer.verify(step)
+    except BaseException as e:
+      self._on_primary(f"overwrite {step} failed", lambda: shutil.rmtree(work, ignore_errors=True))
+      if isinstance(e, (CheckpointWriteError, CheckpointDamaged)):
+        raise type(e)(f"Replacing step {step} in {self.directory} failed: {e}; the step saved "
+                      "before stays.") from e
+      raise
+
+    def swap():
+      live = os.path.join(self.directory, str(step))
+      os.rename(live, os.path.join(work, f"{step}{REPLACED}"))
+      os.rename(os.path.join(work, "new", str(step)), live)
+      shutil.rmtree(work)
+
+    self._on_primary(f"swap {step}", swap)
+    self._manager.reload()
+    self._pending = [s for s in self._pending if s != step]
+    self._verified.add(step)
+    self._metric_values.pop(step, None)  # read again from the new meta
+    return True
+
+  def _finish_interrupted_overwrite(self) -> None:
+    """Cleans up after an overwrite that a crash interrupted (`_replace`).
+
+    Killed before its swap, the new step is incomplete or unswapped: it is
+    removed and the old one stays. Killed between the two renames of the
+    swap, the step is absent: the old one is put back. Killed after them, the
+    old one is removed.
+    """
+    work = os.path.join(self.directory, OVERWRITE_DIR)
+    if not os.path.isdir(work):
+      return
+
+    def finish():
+      for name in os.listdir(work):
+        live = os.path.join(self.directory, name[:-len(REPLACED)])
+        if name.endswith(REPLACED) and not os.path.exists(live):
+          os.rename(os.path.join(work, name), live)
+      shutil.rmtree(work)
+
+    self._on_primary("finish overwrite", finish)
+
+  @staticmethod
+  def _on_primary(name: str, change: Callable[[], None]) -> None:
+    """Runs `change` (to the directory) in process 0 only, between barriers."""
+    _barrier(name)
+    if jax.process_index() == 0:
+      change()
+    _barrier(f"{name} done")
 
   def restore(self, step: int | None = None, *, params_like: PyTree = None, masks_like: PyTree = None,
               opt_state_like: PyTree = None, train_state_like: PyTree = None,
@@ -364,24 +494,62 @@ class SparseCheckpointManager:
                "train_state": train_state_like, "rewind": rewind_like}
     targets = {name: target for name, target in targets.items() if target is not None}
     meta = self._read_meta(step, verify)
+    empty = set((meta or {}).get(EMPTY_ITEMS, ()))
+    data_targets = {name: _key_data(target) for name, target in targets.items()}
     args = {}
-    for name, target in targets.items():
+    for name, target in data_targets.items():
+      if name in empty:  # saved without leaves: the target must have none either
+        _check_same_paths(name, {}, _path_leaves(name, target))
+        continue
       stored = self._stored_tree(step, name)
       _check_fits(name, stored, target)
       args[name] = ocp.args.StandardRestore(_restore_target(name, stored, target))
     if masks_like is not None:
       packed_target = self._packed_target(step, meta, masks_like)
-      args["masks"] = ocp.args.StandardRestore(packed_target)
-    restored = self._read(step, args) if args else None
-    if verify and restored is not None:
+      if packed_target:
+        args["masks"] = ocp.args.StandardRestore(packed_target)
+    restored = self._read(step, args) if args else {}
+    if verify and restored:
       self._check_checksums(step, meta, {name: restored[name] for name in args})
-    out = {name: plain_tree.from_plain(restored[name], target) for name, target in targets.items()}
+    out = {name: self._rewrap_keys(name, plain_tree.from_plain(restored.get(name, {}), target),
+                                   targets[name], meta)
+           for name, target in data_targets.items()}
     if masks_like is not None:
-      out["masks"] = self._unpack(restored["masks"], masks_like)
+      out["masks"] = self._unpack(restored.get("masks", {}), masks_like)
     return Restored(step=int(step), meta=meta, **out)
+
+  @staticmethod
+  def _rewrap_keys(item: str, tree: PyTree, target: PyTree, meta: dict | None) -> PyTree:
+    """`tree` with the key data at each typed-key leaf of `target` made a key again.
+
+    Raises:
+      CheckpointError: naming the leaf, when the checkpoint's PRNG
+        implementation of it differs from the target's.
+    """
+    if not any(_is_key(leaf) for leaf in jax.tree.leaves(target)):
+      return tree
+    saved = ((meta or {}).get(PRNG_KEYS) or {}).get(item, {})
+    paths = list(_path_leaves(item, target))
+    leaves, treedef = jax.tree.flatten(tree)
+    wanted = jax.tree.leaves(target)
+    out = []
+    for path, got, want in zip(paths, leaves, wanted):
+      if _is_key(want):
+        impl = None if isinstance(want, jax.ShapeDtypeStruct) else str(jax.random.key_impl(want))
+        if impl is not None and saved.get(path, impl) != impl:
+          raise CheckpointError(
+              f"Item {item!r}: leaf {path!r} is a {saved[path]} PRNG key in the checkpoint but "
+              f"a {impl} key in the target.")
+        got = jax.random.wrap_key_data(got, impl=impl or saved.get(path, "threefry2x32"))
+      out.append(got)
+    return jax.tree.unflatten(treedef, out)
 
   def verify(self, step: int) -> None:
     """Reads every item of `step` to the host and checks it against its checksums.
+
+    A step that verifies counts as verified for `max_to_keep`: once one is,
+    the steps beyond `max_to_keep` before it are deleted at the next save or
+    `close` (so after a resume, the steps from before it are too).
 
     Raises:
       CheckpointDamaged: naming the step, item and leaf that is missing,
@@ -396,6 +564,8 @@ class SparseCheckpointManager:
       args[name] = ocp.args.StandardRestore(host)
     if args:
       self._check_checksums(step, meta, self._read(step, args))
+    # Counts for `max_to_keep` (a step verified after a resume lets older ones go).
+    self._verified.add(step)
 
   def restore_latest_intact(self, log: Callable[[str], None] | None = None,
                             **targets: PyTree) -> Restored:
@@ -456,12 +626,58 @@ class SparseCheckpointManager:
       if not isinstance(meta, dict) or not integrity.meta_is_intact(meta):
         raise CheckpointDamaged(
             f"Step {step} in {self.directory}: item 'meta' fails its checksum (corrupted).")
+      if integrity.CHECKSUMS not in meta:
+        self._check_pre_checksum(step, meta)
+      if meta.get("step", step) != step:
+        raise CheckpointDamaged(
+            f"Step {step} in {self.directory}: item 'meta' records step {meta['step']!r}: "
+            "a step copied or renamed to another number.")
     except CheckpointDamaged as e:
       if verify:
         raise
       warnings.warn(f"{e}; restoring without it.")
       return None
     return meta
+
+  def _check_pre_checksum(self, step: int, meta: dict) -> None:
+    """Accepts a meta without checksums only from a step saved before they existed.
+
+    Such a step has every key old metas had, no format record in `meta`, and
+    Orbax's metadata of the step is readable and holds no format record
+    either; anything else is a meta that lost its checksums (stripped,
+    rewritten): damage, not an old step.
+
+    Raises:
+      CheckpointDamaged: naming the step and what shows it is not old.
+    """
+    missing = [key for key in integrity.PRE_CHECKSUM_KEYS if key not in meta]
+    if integrity.FORMAT in meta:
+      why = f"its meta says checkpoint format {meta[integrity.FORMAT]!r}, which records them"
+    elif missing:
+      why = f"it lacks {missing}, which every meta has"
+    else:
+      why = self._format_record_says_new(step)
+    if why:
+      raise CheckpointDamaged(
+          f"Step {step} in {self.directory}: item 'meta' has no checksums, but {why} "
+          "(damaged meta).")
+    warnings.warn(f"Step {step} in {self.directory} was saved before checkpoints had "
+                  "checksums: it is read unchecked.", stacklevel=4)
+
+  def _format_record_says_new(self, step: int) -> str | None:
+    """Why Orbax's metadata of `step` does not show a step from before checksums
+    (it records a format, or is missing or unreadable); None when it shows one."""
+    path = os.path.join(self.directory, str(step), STEP_METADATA)
+    try:
+      with open(path) as f:
+        record = json.load(f)
+      custom = record.get("custom_metadata") or {}
+    except (OSError, ValueError, AttributeError) as e:
+      return f"its {STEP_METADATA} cannot show it is older ({type(e).__name__})"
+    if FORMAT_RECORD in custom:
+      return (f"its {STEP_METADATA} says checkpoint format {custom[FORMAT_RECORD]!r}, which "
+              "records them")
+    return None
 
   def _check_checksums(self, step: int, meta: dict | None, restored: dict) -> None:
     """Raises CheckpointDamaged at the first restored leaf that differs from its checksum."""
@@ -502,8 +718,9 @@ class SparseCheckpointManager:
 
   def _packed_target(self, step: int, meta: dict, masks_like: PyTree) -> dict:
     """The packed uint8 arrays to expect, checked against the target's shapes."""
-    stored = _path_leaves("masks", self._stored_tree(step, "masks"))
     meta = meta or {}
+    stored = ({} if "masks" in meta.get(EMPTY_ITEMS, ()) else
+              _path_leaves("masks", self._stored_tree(step, "masks")))
     stored_shapes = meta.get("mask_shapes", {})
     wanted = _path_leaves("masks", masks_like)
     if "mask_tree_paths" in meta:  # every leaf of the saved model, pruned or not
