@@ -111,7 +111,8 @@ def test_granet_regrows_per_layer_after_global_pruning_and_until_the_end():
   tx = _granet()
   for step in (EVERY, FINAL_PRUNE + EVERY, TOTAL - EVERY):
     assert bool(tx.is_update_step(step))
-    pruned = tx._scheduled(weights, jax.tree.map(jnp.asarray, masks), step)  # pylint: disable=protected-access
+    pruned = tx._scheduled(  # pylint: disable=protected-access
+        weights, jax.tree.map(jnp.asarray, masks), step)
     new, _ = tx.update_masks(weights, masks, grads, step)
     for n in SHAPES:  # regrowth keeps each layer's count after the (global) pruning
       assert int(np.asarray(new[n]).sum()) == int(np.asarray(pruned[n]).sum()), (step, n)
