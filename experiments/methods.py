@@ -62,7 +62,7 @@ DST_DEFAULTS = {
     # RigL (Evci et al. 2020, google-research/rigl); SET runs with them too.
     "rigl": {"drop_fraction": 0.3, "end_fraction": 0.75, "min_drop_fraction": 0.0,
              "rounding": "floor", "regrow_scope": None},
-    # GraNet's code (VITA-Group/GraNet, sparselearning/core.py): `--death-rate 0.5`
+    # GraNet's code (VITA-Group/GraNet, sparselearning/core.py): `--prune-rate` 0.5
     # decayed by CosineDecay(eta_min=0.005) over all steps, with drop and grow to
     # the end; ceil counts; global pruning (method 'GraNet') regrows per layer.
     "granet": {"drop_fraction": 0.5, "end_fraction": 1.0, "min_drop_fraction": 0.005,

@@ -1,16 +1,17 @@
 """Dynamic sparse training: drop and grow (SET, RigL) and GraNet, as an optax wrapper.
 
 Every `update_every` steps until `end_step`, each masked leaf drops the
-floor(f * active) active weights of smallest magnitude and grows as many
-among the weights inactive after the drop: at random (SET, Mocanu et al.
-2018) or by largest |dense gradient| (RigL, Evci et al. 2020). The drop
-fraction f decays from `drop_fraction` (alpha) by a cosine to 0 at
-`end_step`, as in RigL. A grown weight starts at 0.0 with its optimizer
-moments reset to 0; a weight dropped and grown back in the same update is
-left as it was (RigL's rule), so per leaf the count of active weights never
-changes (with `allocation='global'`, the total count). As in RigL's code,
-an update step only drops and grows: the optimizer step is skipped there
-(`gradient_on_update=True` takes it too).
+floor(f * active) (or ceil) active weights of smallest magnitude and grows
+as many among the weights inactive after the drop: at random (SET, Mocanu
+et al. 2018) or by largest |dense gradient| (RigL, Evci et al. 2020). The
+drop fraction f decays from `drop_fraction` (alpha) by a cosine to
+`min_drop_fraction` (RigL: 0) at `end_step`, as in RigL. A grown weight
+starts at 0.0 with its optimizer moments reset to 0; a weight dropped and
+grown back in the same update is left as it was (RigL's rule), so per leaf
+the count of active weights never changes (with `regrow_scope='global'`,
+the total count). As in RigL's code, an update step only drops and grows:
+the optimizer step is skipped there (`gradient_on_update=True` takes it
+too).
 
 With a growing sparsity schedule this is GraNet (Liu et al. 2021): on the
 same update steps the masks first follow the schedule by magnitude (Zhu &
