@@ -12,7 +12,8 @@ Methods, chosen by `config.pruning.method`:
             fine-tune last, through `sparsejax.NMSparsity`.
   static:   random masks at `sparsity` (uniform or ERK) from step 0, fixed.
   snip:     SNIP (Lee et al. 2019): masks from |g * w| on the first batch at
-            initialisation, fixed.
+            initialisation (the model in evaluation mode unless
+            `snip_train_mode`), fixed.
   synflow:  SynFlow (Tanaka et al. 2020): data-free, `synflow_iterations`
             rounds at initialisation, fixed.
   ste:      the gradual schedule with straight-through training: the
@@ -20,10 +21,12 @@ Methods, chosen by `config.pruning.method`:
             pruned ones can come back (JaxPruner's STE).
   set, rigl: drop and grow (`config.pruning.dst`) at constant `sparsity`
             from a random sparse start: SET grows at random, RigL by
-            |dense gradient|.
+            |dense gradient|; RigL's settings (`DST_DEFAULTS`).
   granet:   GraNet (Liu et al. 2021): the gradual schedule from
-            `initial_sparsity` (0: from dense) plus RigL's regeneration,
-            both every `dst.update_every` steps.
+            `initial_sparsity` (0: from dense) plus regeneration, both
+            every `dst.update_every` steps, with its code's settings
+            (`DST_DEFAULTS`: death rate 0.5 to 0.005 by a cosine over the
+            whole run, ceil counts, per-layer regrowth).
 dense/one_shot/gradual/static/snip/synflow go through
 `sparsejax.GradualMagnitudePruning`, set/rigl/granet through
 `sparsejax.DropAndGrow`: the pruned weights are exactly zero in the params
@@ -54,6 +57,18 @@ STRAIGHT_THROUGH = ("ste", "set", "rigl", "granet")  # forward: sparsejax.ste_ma
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 ALLOCATIONS = ("uniform", "erk", "global", "lamp")
+# The values a `config.pruning.dst` field left None takes, per method.
+DST_DEFAULTS = {
+    # RigL (Evci et al. 2020, google-research/rigl); SET runs with them too.
+    "rigl": {"drop_fraction": 0.3, "end_fraction": 0.75, "min_drop_fraction": 0.0,
+             "rounding": "floor", "regrow_scope": None},
+    # GraNet's code (VITA-Group/GraNet, sparselearning/core.py): `--prune-rate` 0.5
+    # decayed by CosineDecay(eta_min=0.005) over all steps, with drop and grow to
+    # the end; ceil counts; global pruning (method 'GraNet') regrows per layer.
+    "granet": {"drop_fraction": 0.5, "end_fraction": 1.0, "min_drop_fraction": 0.005,
+               "rounding": "ceil", "regrow_scope": "leaf"},
+}
+DST_DEFAULTS["set"] = DST_DEFAULTS["rigl"]
 
 
 def _compile(pattern: str, key: str):
@@ -162,14 +177,12 @@ def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.pruning.{key}={pruning[key]!r} must be in [0, 1).")
   choice(pruning.allocation, ALLOCATIONS, "pruning.allocation")
   if pruning.method in DROP_AND_GROW:
-    dst = pruning.dst
-    at_least(dst.update_every, 1, "pruning.dst.update_every")
-    choice(dst.decay, sparsejax.dst.DECAYS, "pruning.dst.decay")
-    if not 0.0 <= dst.drop_fraction < 1.0:
-      raise ConfigError(f"config.pruning.dst.drop_fraction={dst.drop_fraction!r} must be in "
-                        "[0, 1).")
+    dst_options(pruning)
   if pruning.method == "synflow":
     at_least(pruning.synflow_iterations, 1, "pruning.synflow_iterations")
+  if pruning.method == "snip" and not isinstance(pruning.snip_train_mode, bool):
+    raise ConfigError(f"config.pruning.snip_train_mode={pruning.snip_train_mode!r} must be "
+                      "True or False.")
   if pruning.method in ("gradual", "ste", "granet"):
     at_least(pruning.update_every, 1, "pruning.update_every")
     if not pruning.power > 0:
@@ -178,6 +191,48 @@ def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           f"config.pruning.initial_sparsity={pruning.initial_sparsity} exceeds "
           f"config.pruning.sparsity={pruning.sparsity}: masks only shrink.")
+
+
+def dst_options(pruning: ml_collections.ConfigDict) -> dict:
+  """`config.pruning.dst` of a set / rigl / granet config, checked, with each
+  None field set to the method's `DST_DEFAULTS` value.
+
+  Raises:
+    ConfigError: a bad value or combination, naming its key.
+  """
+  dst = pruning.dst
+  defaults = DST_DEFAULTS[pruning.method]
+  value = lambda key: defaults[key] if dst[key] is None else dst[key]
+  options = {key: value(key) for key in defaults}
+  at_least(dst.update_every, 1, "pruning.dst.update_every")
+  choice(dst.decay, sparsejax.dst.DECAYS, "pruning.dst.decay")
+  if dst.decay == "constant" and dst.min_drop_fraction is None:
+    options["min_drop_fraction"] = 0.0  # the floor of a cosine; a constant has none
+  alpha, low = options["drop_fraction"], options["min_drop_fraction"]
+  if not 0.0 <= alpha < 1.0:
+    raise ConfigError(f"config.pruning.dst.drop_fraction={alpha!r} must be in [0, 1).")
+  if not 0.0 <= low <= alpha:
+    raise ConfigError(f"config.pruning.dst.min_drop_fraction={low!r} must be in [0, "
+                      f"drop_fraction={alpha!r}].")
+  if low and dst.decay != "cosine":
+    raise ConfigError(f"config.pruning.dst.min_drop_fraction={low!r} is where the cosine "
+                      f"decay ends; config.pruning.dst.decay={dst.decay!r} has none.")
+  if not 0.0 < options["end_fraction"] <= 1.0:
+    raise ConfigError(f"config.pruning.dst.end_fraction={options['end_fraction']!r} must be "
+                      "a fraction of training in (0, 1].")
+  choice(options["rounding"], sparsejax.dst.ROUNDINGS, "pruning.dst.rounding")
+  scope = options["regrow_scope"]
+  if scope is not None:
+    choice(scope, sparsejax.dst.REGROW_SCOPES, "pruning.dst.regrow_scope")
+    if scope == "global" and pruning.allocation != "global":
+      raise ConfigError(
+          f"config.pruning.dst.regrow_scope='global' needs config.pruning.allocation="
+          f"'global' (not {pruning.allocation!r}): regrowth across layers would undo its "
+          "per-layer counts.")
+  if not isinstance(dst.gradient_on_update, bool):
+    raise ConfigError(f"config.pruning.dst.gradient_on_update={dst.gradient_on_update!r} "
+                      "must be True or False.")
+  return options
 
 
 def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
@@ -301,16 +356,21 @@ def drop_and_grow(config: ml_collections.ConfigDict,
     return None
   schedule = pruning_schedule(config.pruning, num_steps)
   dst = config.pruning.dst
-  end = step_at(dst.end_fraction, num_steps, "pruning.dst.end_fraction")
+  options = dst_options(config.pruning)
+  # The cosine's end; 1.0 (GraNet): the end of training, updates to its last step.
+  end = int(round(options["end_fraction"] * num_steps))
   if end < 1:
-    raise ConfigError(f"config.pruning.dst.end_fraction={dst.end_fraction} of {num_steps} "
-                      "steps leaves no step for drop and grow.")
+    raise ConfigError(f"config.pruning.dst.end_fraction={options['end_fraction']} of "
+                      f"{num_steps} steps leaves no step for drop and grow.")
   sparse_start = method != "granet" or config.pruning.initial_sparsity > 0
   return sparsejax.DropAndGrow(
       schedule, end_step=end, grow="random" if method == "set" else "gradient",
-      update_every=dst.update_every, drop_fraction=dst.drop_fraction, decay=dst.decay,
+      update_every=dst.update_every, drop_fraction=options["drop_fraction"], decay=dst.decay,
       allocation=config.pruning.allocation, initial_masks="random" if sparse_start else "dense",
-      leaf_filter=leaf_filter(config.pruning), key=jax.random.key(config.seed))
+      leaf_filter=leaf_filter(config.pruning), key=jax.random.key(config.seed),
+      gradient_on_update=dst.gradient_on_update,
+      min_drop_fraction=options["min_drop_fraction"], rounding=options["rounding"],
+      regrow_scope=options["regrow_scope"])
 
 
 def _packed_masks(config: ml_collections.ConfigDict) -> bool:

@@ -316,14 +316,22 @@ class Trainer:
 
   def _pruned_at_init(self, state: TrainState, images, labels) -> TrainState:
     """`state` with SNIP's masks (|g * w| on the first training batch) or
-    SynFlow's (data-free) in its optimizer state."""
+    SynFlow's (data-free) in its optimizer state.
+
+    Both score the model in evaluation mode (BatchNorm's running statistics,
+    no dropout), as their reference code does; `pruning.snip_train_mode`
+    scores SNIP in training mode (batch statistics, dropout on) instead.
+    """
     pruning = self.config.pruning
     keep = methods.leaf_filter(pruning)
     if self.method == "snip":
       def loss(params):
-        logits, _ = self.model.apply(_variables(params, state.batch_stats), images, train=True,
-                                     mutable=["batch_stats"],
-                                     rngs={"dropout": jax.random.fold_in(state.rng, 0)})
+        variables = _variables(params, state.batch_stats)
+        if pruning.snip_train_mode:
+          logits, _ = self.model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                       rngs={"dropout": jax.random.fold_in(state.rng, 0)})
+        else:
+          logits = self.model.apply(variables, images, train=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       masks = sparsejax.snip_masks(state.params, jax.grad(loss)(state.params), pruning.sparsity,
                                    allocation=pruning.allocation, leaf_filter=keep)

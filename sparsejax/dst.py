@@ -1,18 +1,28 @@
 """Dynamic sparse training: drop and grow (SET, RigL) and GraNet, as an optax wrapper.
 
 Every `update_every` steps until `end_step`, each masked leaf drops the
-floor(f * active) active weights of smallest magnitude and grows as many
-among the weights inactive after the drop: at random (SET, Mocanu et al.
-2018) or by largest |dense gradient| (RigL, Evci et al. 2020). The drop
-fraction f decays from `drop_fraction` (alpha) by a cosine to 0 at
-`end_step`, as in RigL. A grown weight starts at 0.0 with its optimizer
-moments reset to 0; a weight dropped and grown back in the same update is
-left as it was (RigL's rule), so per leaf the count of active weights never
-changes (with `allocation='global'`, the total count).
+floor(f * active) (or ceil) active weights of smallest magnitude and grows
+as many among the weights inactive after the drop: at random (SET, Mocanu
+et al. 2018) or by largest |dense gradient| (RigL, Evci et al. 2020). The
+drop fraction f decays from `drop_fraction` (alpha) by a cosine to
+`min_drop_fraction` (RigL: 0) at `end_step`, as in RigL. A grown weight
+starts at 0.0 with its optimizer moments reset to 0; a weight dropped and
+grown back in the same update is left as it was (RigL's rule), so per leaf
+the count of active weights never changes (with `regrow_scope='global'`,
+the total count). As in RigL's code, an update step only drops and grows:
+the optimizer step is skipped there (`gradient_on_update=True` takes it
+too).
 
 With a growing sparsity schedule this is GraNet (Liu et al. 2021): on the
 same update steps the masks first follow the schedule by magnitude (Zhu &
-Gupta, `GradualMagnitudePruning.masks_at`), then drop and regrow.
+Gupta, `GradualMagnitudePruning.masks_at`), then drop and regrow. GraNet's
+code (VITA-Group/GraNet, `sparselearning/core.py`) sets three things
+differently from RigL, each an option here: its death rate decays by a
+cosine from 0.5 to 0.005 over the whole run and drop and grow go on to
+its end (`drop_fraction=0.5, min_drop_fraction=0.005, end_step=` the
+number of steps), it drops ceil(f * active) (`rounding='ceil'`), and its
+global variant prunes globally but regrows per layer
+(`allocation='global', regrow_scope='leaf'`).
 
 Both run the one pipeline: magnitude and gradient scores, the allocation's
 per-leaf counts, and `selection.topk_masks_by_count` for the exact counts
@@ -46,24 +56,34 @@ PyTree = Any
 
 GROW = ("gradient", "random")
 DECAYS = ("cosine", "constant")
+ROUNDINGS = ("floor", "ceil")
+REGROW_SCOPES = ("leaf", "global")
 
 
-def cosine_drop_fraction(alpha, step, end_step: int) -> jax.Array:
-  """RigL's drop fraction: alpha / 2 * (1 + cos(pi * min(step, end) / end)).
+def cosine_drop_fraction(alpha, step, end_step: int, minimum=0.0) -> jax.Array:
+  """minimum + (alpha - minimum) / 2 * (1 + cos(pi * min(step, end) / end)).
+
+  RigL's drop fraction (minimum 0); GraNet's death rate with minimum 0.005
+  (its `CosineDecay`, PyTorch's `CosineAnnealingLR` with eta_min=0.005).
 
   >>> [round(float(cosine_drop_fraction(0.3, t, 100)), 4) for t in (0, 50, 100, 150)]
   [0.3, 0.15, 0.0, 0.0]
+  >>> round(float(cosine_drop_fraction(0.5, 100, 100, minimum=0.005)), 4)
+  0.005
   """
   t = jnp.minimum(jnp.asarray(step, jnp.float32), end_step)
-  return jnp.float32(alpha) / 2 * (1 + jnp.cos(jnp.float32(math.pi) * t / end_step))
+  low = jnp.float32(minimum)
+  return low + (jnp.float32(alpha) - low) / 2 * (
+      1 + jnp.cos(jnp.float32(math.pi) * t / end_step))
 
 
 def drop_and_grow(params: PyTree, masks: PyTree, grow_scores: PyTree, fraction,
-                  shared: bool = False) -> tuple[PyTree, PyTree]:
+                  shared: bool = False, rounding: str = "floor") -> tuple[PyTree, PyTree]:
   """One drop-and-grow update of `masks`; returns (new masks, grown).
 
   Each masked leaf with n active weights drops the floor(fraction * n)
-  active ones of smallest |param| and grows as many, with the largest
+  (RigL; with rounding='ceil', GraNet's ceil(fraction * n), counted in
+  float32) active ones of smallest |param| and grows as many, with the largest
   `grow_scores`, among the entries inactive after the drop (a just-dropped
   weight may come back). `grown` marks the entries that were inactive and
   are now active (None where a leaf is not masked). With `shared`, counts
@@ -77,15 +97,19 @@ def drop_and_grow(params: PyTree, masks: PyTree, grow_scores: PyTree, fraction,
   ([[True, False], [True, True]], [[False, False], [True, False]])
 
   Raises:
-    ValueError: masks or grow scores whose tree does not match params.
+    ValueError: masks or grow scores whose tree does not match params, or an
+      unknown rounding.
   """
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding={rounding!r}: use one of {ROUNDINGS}.")
   leaves = [leaf for leaf in trees.leaves_with_masks(params, masks) if leaf.mask is not None]
   trees.check_same_paths(params, grow_scores, what="grow scores")
   score_of = {leaf.path: leaf.value for leaf in trees.named_leaves(grow_scores)}
   active = [leaf.mask for leaf in leaves]
   counts = [jnp.sum(m, dtype=jnp.int32) for m in active]
   fraction = jnp.asarray(fraction, jnp.float32)
-  drop = lambda n: (n.astype(jnp.float32) * fraction).astype(jnp.int32)  # floor, as RigL
+  round_fn = jnp.floor if rounding == "floor" else jnp.ceil
+  drop = lambda n: round_fn(n.astype(jnp.float32) * fraction).astype(jnp.int32)
   magnitudes = [jnp.abs(leaf.param) for leaf in leaves]
   grow_by = [jnp.asarray(score_of[leaf.path], jnp.float32) for leaf in leaves]
   if shared:
@@ -134,19 +158,42 @@ class DropAndGrow:
     schedule: the sparsity over time: `ConstantSchedule(s)` for SET and
       RigL; a `PolynomialSchedule` for GraNet (its update_frequency should
       be `update_every`).
-    end_step: the last step with a drop-and-grow update; the drop fraction
-      reaches 0 there (RigL: 75% of training).
+    end_step: the last step with a drop-and-grow update; the cosine drop
+      fraction reaches `min_drop_fraction` there (RigL: 75% of training;
+      GraNet: the end of training, its updates going on to the last step).
     grow: 'gradient' (RigL, GraNet) or 'random' (SET).
     update_every: delta_T, steps between updates (RigL: 100).
-    drop_fraction: alpha, the drop fraction at step 0 (RigL: 0.3).
+    drop_fraction: alpha, the drop fraction at step 0 (RigL: 0.3; GraNet's
+      death rate: 0.5).
     decay: 'cosine' (RigL) or 'constant' (SET's fixed zeta).
-    allocation: 'uniform', 'erk', 'global' (then drop and grow counts are
-      one total across leaves) or {path_regex: sparsity}.
+    min_drop_fraction: where the cosine ends (RigL: 0; GraNet: 0.005).
+    rounding: the drop count per update, 'floor' (RigL) or 'ceil' (GraNet)
+      of fraction * active.
+    allocation: 'uniform', 'erk', 'global' or {path_regex: sparsity}: the
+      per-leaf counts of the initial masks and of the schedule's pruning.
+    regrow_scope: 'leaf' (each leaf drops and regrows its own count, so
+      regrowth leaves per-leaf counts unchanged: RigL's layer-wise counts,
+      and GraNet's global variant, which prunes globally but regrows per
+      layer) or 'global' (one drop count and one regrowth across leaves;
+      needs allocation='global'). None: 'global' with
+      allocation='global', else 'leaf'.
     initial_masks: 'random' (sparse from step 0 at the schedule's step-0
       sparsity: SET, RigL, GraNet from a sparse start) or 'dense' (GraNet
       from dense).
     leaf_filter: (path, leaf) -> bool; default: arrays with ndim >= 2.
     key: PRNG key for the random initial masks and SET's growth.
+    gradient_on_update: False (RigL's code, `SparseRigLOptimizerBase`: the
+      mask update replaces the optimizer step): on an update step the inner
+      optimizer is not called; the kept weights keep their values, dropped
+      ones go to 0.0, grown ones start at 0.0, and the inner state is the
+      one from before the step (its step count, hence Adam's bias
+      correction and an optax learning-rate schedule, does not advance:
+      RigL's global_step does not either) except that the parameter-shaped
+      leaves (momentum, Adam's mu and nu) are 0 at the grown entries
+      (RigL's `reset_momentum`, initial_acc_scale=0). This wrapper's own
+      count advances, so update steps stay multiples of `update_every`.
+      True: the step also trains the weights kept by the update with this
+      step's gradient.
   """
 
   schedule: Any
@@ -159,6 +206,10 @@ class DropAndGrow:
   initial_masks: str = "random"
   leaf_filter: trees.LeafFilter | None = None
   key: jax.Array | None = None
+  gradient_on_update: bool = False
+  min_drop_fraction: float = 0.0
+  rounding: str = "floor"
+  regrow_scope: str | None = None
 
   def __post_init__(self):
     allocation_lib.validate_allocation(self.allocation)
@@ -170,10 +221,27 @@ class DropAndGrow:
       raise ValueError(f"initial_masks={self.initial_masks!r}: use 'random' or 'dense'.")
     if not 0.0 <= self.drop_fraction < 1.0:
       raise ValueError(f"drop_fraction={self.drop_fraction!r} must be in [0, 1).")
+    if not 0.0 <= self.min_drop_fraction <= self.drop_fraction:
+      raise ValueError(f"min_drop_fraction={self.min_drop_fraction!r} must be in [0, "
+                       f"drop_fraction={self.drop_fraction!r}].")
+    if self.min_drop_fraction and self.decay != "cosine":
+      raise ValueError(f"min_drop_fraction={self.min_drop_fraction!r} is the end of the cosine "
+                       f"decay; decay={self.decay!r} has none (set it to 0).")
+    if self.rounding not in ROUNDINGS:
+      raise ValueError(f"rounding={self.rounding!r}: use one of {ROUNDINGS}.")
+    if self.regrow_scope is not None and self.regrow_scope not in REGROW_SCOPES:
+      raise ValueError(f"regrow_scope={self.regrow_scope!r}: use one of {REGROW_SCOPES} "
+                       "or None.")
+    if self.regrow_scope == "global" and self.allocation != "global":
+      raise ValueError(f"regrow_scope='global' moves weights between leaves, which would undo "
+                       f"allocation={self.allocation!r}'s per-leaf counts; use "
+                       "allocation='global' or regrow_scope='leaf'.")
     for name in ("update_every", "end_step"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an int >= 1.")
+    if not isinstance(self.gradient_on_update, bool):
+      raise ValueError(f"gradient_on_update={self.gradient_on_update!r} must be a bool.")
     if self.key is None and (self.grow == "random" or self.initial_masks == "random"):
       raise ValueError("random initial masks and random growth need key=jax.random.key(seed).")
 
@@ -193,9 +261,11 @@ class DropAndGrow:
         ramp=lambda target: self.schedule.with_final(target)(0))
 
   def fraction(self, step) -> jax.Array:
-    """The drop fraction at `step` (0 after `end_step`)."""
+    """The drop fraction at `step` (`min_drop_fraction` at `end_step`; no
+    update after it)."""
     if self.decay == "cosine":
-      return cosine_drop_fraction(self.drop_fraction, step, self.end_step)
+      return cosine_drop_fraction(self.drop_fraction, step, self.end_step,
+                                  self.min_drop_fraction)
     return jnp.where(jnp.asarray(step) <= self.end_step, jnp.float32(self.drop_fraction), 0.0)
 
   def is_update_step(self, step) -> jax.Array:
@@ -222,8 +292,9 @@ class DropAndGrow:
           for i, g in enumerate(flat)])
     else:
       scores = jax.tree.map(jnp.abs, grads)
-    return drop_and_grow(params, masks, scores, self.fraction(step),
-                         shared=self.allocation == "global")
+    scope = self.regrow_scope or ("global" if self.allocation == "global" else "leaf")
+    return drop_and_grow(params, masks, scores, self.fraction(step), shared=scope == "global",
+                         rounding=self.rounding)
 
   def update_masks(self, params: PyTree, masks: PyTree, grads: PyTree, step
                    ) -> tuple[PyTree, PyTree]:
@@ -239,9 +310,10 @@ class DropAndGrow:
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Wraps `inner`: its state becomes a `PruningState` holding the masks.
 
-    Each step trains with the current masks (as RigL's optimizer does); on
-    an update step, drop and grow follow in the same update: dropped
-    weights go to 0.0, grown ones stay 0.0 with their moments reset.
+    A step off the update steps trains the weights active in the masks. On
+    an update step the masks change (drop and grow) and, by default, the
+    weights are not trained (RigL's code; see `gradient_on_update`):
+    dropped weights go to 0.0, grown ones stay 0.0 with their moments reset.
 
     By default the update decides inside the step (`lax.cond`), which is
     right for any caller but costs every step on CPU (the branch keeps XLA
@@ -266,19 +338,27 @@ class DropAndGrow:
         raise ValueError("DropAndGrow needs params: call tx.update(grads, opt_state, params).")
       step = state.count
       masks = self._scheduled(params, state.masks, step)
-      inner_updates, inner_state = inner.update(gradual.zero_pruned(updates, masks),
-                                                state.inner_state, params, **extra_args)
+
+      def train():  # the inner optimizer's step on the weights `masks` keep
+        return inner.update(gradual.zero_pruned(updates, masks), state.inner_state, params,
+                            **extra_args)
 
       def regrow_fn():
         new, grown = self._regrown(params, masks, updates, step)
-        # Grown weights had no gradient this step: their update is -w (they
-        # are 0.0 already unless set from outside) and their moments restart.
+        # Grown weights start at 0.0 (their update is -w: they are 0.0 already
+        # unless the schedule pruned them this step) and their moments restart.
         trained = jax.tree.map(lambda m, g: None if m is None else m & ~g, new, grown,
                                is_leaf=lambda x: x is None)
+        if not self.gradient_on_update:  # RigL: the mask update replaces the optimizer step
+          zeros = jax.tree.map(jnp.zeros_like, updates)
+          return (new, reset_where(state.inner_state, inner.init, grown),
+                  gradual.updates_to_zero(zeros, params, trained))
+        inner_updates, inner_state = train()
         return (new, reset_where(inner_state, inner.init, grown),
                 gradual.updates_to_zero(inner_updates, params, trained))
 
       def keep():
+        inner_updates, inner_state = train()
         return masks, inner_state, gradual.updates_to_zero(inner_updates, params, masks)
 
       if regrow is None:

@@ -158,6 +158,66 @@ def test_rigl_training_keeps_counts_and_starts_grown_weights_and_moments_at_zero
   assert dst.ever_active(history) > 0.25
 
 
+def _adam_numpy(p, g, mu, nu, t, lr=0.05, b1=0.9, b2=0.999, eps=1e-8):
+  """One optax.adam step in float64: (new p, mu, nu), t = the step count after it."""
+  mu = b1 * mu + (1 - b1) * g
+  nu = b2 * nu + (1 - b2) * g * g
+  return p - lr * (mu / (1 - b1 ** t)) / (np.sqrt(nu / (1 - b2 ** t)) + eps), mu, nu
+
+
+@pytest.mark.parametrize("gradient_on_update", [False, True])
+def test_rigl_update_steps_skip_the_optimizer_step_as_rigls_code_does(gradient_on_update):
+  params, _, _ = _layers(4)
+  rng = np.random.default_rng(5)
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+           for _ in range(4)]
+  tx = dst.DropAndGrow(sparsejax.ConstantSchedule(0.7), end_step=50, update_every=2,
+                       key=jax.random.key(0), gradient_on_update=gradient_on_update
+                       ).wrap(optax.adam(0.05))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  names = [("a", "kernel"), ("a", "bias"), ("b", "kernel")]
+  get = lambda tree, n: np.asarray(tree[n[0]][n[1]], np.float64)
+  want = {n: get(params, n) for n in names}
+  masks = {n: None if n[1] == "bias" else np.asarray(sparsejax.state_masks(state)[n[0]][n[1]])
+           for n in names}
+  mu = {n: np.zeros_like(want[n]) for n in names}
+  nu = {n: np.zeros_like(want[n]) for n in names}
+  adam_count = 0
+  for t, g in enumerate(grads):  # step 2 drops and grows
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    grown, before = {n: None for n in names}, dict(masks)
+    if t == 2:
+      fraction = float(dst.cosine_drop_fraction(0.3, t, 50))
+      for n in names:
+        if masks[n] is not None:
+          masks[n], grown[n] = reference.drop_and_grow(want[n], masks[n], np.abs(get(g, n)),
+                                                       fraction)
+    if t != 2 or gradient_on_update:
+      adam_count += 1
+      for n in names:
+        active = np.ones(want[n].shape, bool) if before[n] is None else before[n]
+        stepped, mu[n], nu[n] = _adam_numpy(want[n], np.where(active, get(g, n), 0), mu[n],
+                                            nu[n], adam_count)
+        want[n] = np.where(active, stepped, 0)  # (the new masks zero the dropped below)
+    for n in names:
+      if grown[n] is not None:  # grown: weight and moments start at 0
+        mu[n][grown[n]] = nu[n][grown[n]] = 0
+      if masks[n] is not None:
+        want[n] = np.where(masks[n], want[n], 0)
+    adam = state.inner_state[0]
+    assert int(adam.count) == adam_count, t
+    for n in names:
+      np.testing.assert_allclose(get(params, n), want[n], rtol=2e-5, atol=1e-6,
+                                 err_msg=f"step {t} {n}")
+      np.testing.assert_allclose(get(adam.mu, n), mu[n], rtol=2e-5, atol=1e-7)
+      if masks[n] is not None:
+        np.testing.assert_array_equal(np.asarray(sparsejax.state_masks(state)[n[0]][n[1]]),
+                                      masks[n], err_msg=f"step {t} {n}")
+  assert adam_count == (4 if gradient_on_update else 3)
+
+
 def test_granet_follows_the_zhu_gupta_schedule_while_it_regrows():
   params, _, _ = _layers()
   schedule = sparsejax.PolynomialSchedule(0.0, 0.8, begin_step=0, end_step=20,
@@ -226,6 +286,7 @@ def test_a_rigl_step_gives_the_same_numbers_with_and_without_jit_and_on_4_device
     (dict(update_every=0), "update_every=0 must be an int >= 1"),
     (dict(key=None), "need key=jax.random.key"),
     (dict(initial_masks="lottery"), "initial_masks='lottery'"),
+    (dict(gradient_on_update=1), "gradient_on_update=1 must be a bool"),
 ])
 def test_drop_and_grow_options_that_cannot_work_are_errors(kwargs, message):
   options = {"schedule": sparsejax.ConstantSchedule(0.5), "end_step": 10,

@@ -4,8 +4,10 @@ import os
 import shutil
 
 import chex
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -13,7 +15,9 @@ import pytest
 import sparsejax
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import config_checks
+from experiments import methods
 from experiments import metrics as metrics_lib
+from experiments import models
 from experiments import train
 from experiments import trainer
 from tests import reference
@@ -80,6 +84,60 @@ def test_snip_in_the_trainer_keeps_numpy_top_k_of_g_times_w_on_the_first_batch(t
     np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]), want, err_msg=name)
 
 
+class _BatchNormNet(nn.Module):
+  """A convolution and a hidden layer, each followed by BatchNorm (as ResNet-20's)."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)
+    x = nn.relu(norm("bn_0")(nn.Conv(8, (3, 3), name="conv")(x))).mean(axis=(1, 2))
+    x = nn.relu(norm("bn_1")(nn.Dense(16, name="hidden")(x)))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def test_snip_on_a_batchnorm_model_scores_in_evaluation_mode_unless_asked(tiny_config,
+                                                                          monkeypatch):
+  monkeypatch.setitem(models.MODELS, "batchnorm_net", _BatchNormNet)
+  config = _configure(tiny_config, "snip")
+  config.model = ml_collections.ConfigDict({"name": "batchnorm_net"})
+  config.pruning.allocation = "global"
+  run = trainer.Trainer(config, jax.devices()[:1])
+  fresh = run._fresh_state(jax.random.PRNGKey(config.seed))  # pylint: disable=protected-access
+  images, labels = run.batch(0)
+  variables = lambda p: {"params": p, "batch_stats": fresh.batch_stats}
+
+  def top_k(train):
+    def loss(params):
+      if train:  # BatchNorm on the batch's statistics
+        logits, _ = run.model.apply(variables(params), images, train=True,
+                                    mutable=["batch_stats"])
+      else:  # BatchNorm on its running statistics (mean 0, variance 1 at init)
+        logits = run.model.apply(variables(params), images, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    grads = jax.jit(jax.grad(loss))(fresh.params)
+    names = ("conv", "hidden", "head")
+    scores = [np.abs(np.asarray(grads[n]["kernel"]) * np.asarray(fresh.params[n]["kernel"]))
+              for n in names]
+    return dict(zip(names, reference.global_topk_masks(scores, 0.8)))
+
+  def masks_of(state):
+    return {n: np.asarray(m["kernel"]) for n, m in trainer.masks_of(state).items()
+            if m.get("kernel") is not None}
+
+  eval_mode, train_mode = top_k(False), top_k(True)
+  got = masks_of(run.initial_state())
+  for path, want in eval_mode.items():
+    np.testing.assert_array_equal(got[path], want, err_msg=path)
+  differ = sum(int(np.sum(eval_mode[p] != train_mode[p])) for p in eval_mode)
+  assert differ > 0.1 * sum(int(m.sum()) for m in eval_mode.values())
+  config.pruning.snip_train_mode = True
+  got = masks_of(trainer.Trainer(config, jax.devices()[:1]).initial_state())
+  for path, want in train_mode.items():
+    np.testing.assert_array_equal(got[path], want, err_msg=path)
+
+
 def test_a_resumed_rigl_run_ends_bitwise_where_an_uninterrupted_one_does(tiny_config, tmp_path):
   config = _configure(tiny_config, "rigl")
   config.checkpoint_every = 20
@@ -93,10 +151,32 @@ def test_a_resumed_rigl_run_ends_bitwise_where_an_uninterrupted_one_does(tiny_co
   chex.assert_trees_all_equal(_final_state(config, cut), _final_state(config, whole))
 
 
+def test_granet_and_rigl_configs_get_their_codes_drop_and_grow_settings(tiny_config):
+  config = _configure(tiny_config, "granet")
+  config.pruning.allocation = "global"
+  granet = methods.drop_and_grow(config, 40)
+  assert (granet.drop_fraction, granet.min_drop_fraction, granet.end_step, granet.rounding,
+          granet.regrow_scope, granet.gradient_on_update) == (0.5, 0.005, 40, "ceil", "leaf",
+                                                              False)
+  assert [t for t in range(40) if granet.is_update_step(t)] == [5, 10, 15, 20, 25, 30, 35]
+  config.pruning.dst.rounding = "floor"  # a field set overrides the method's value
+  config.pruning.dst.end_fraction = 0.5
+  assert (methods.drop_and_grow(config, 40).rounding,
+          methods.drop_and_grow(config, 40).end_step) == ("floor", 20)
+  config.pruning.dst.rounding = config.pruning.dst.end_fraction = None
+  rigl = methods.drop_and_grow(_configure(config, "rigl"), 40)
+  assert (rigl.drop_fraction, rigl.min_drop_fraction, rigl.end_step, rigl.rounding,
+          rigl.regrow_scope) == (0.3, 0.0, 30, "floor", None)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("dst.drop_fraction", 1.0, r"config.pruning.dst.drop_fraction=1.0 must be in \[0, 1\)"),
     ("dst.decay", "linear", "config.pruning.dst.decay='linear'"),
-    ("dst.end_fraction", 1.0, "config.pruning.dst.end_fraction=1.0 of 40 steps"),
+    ("dst.end_fraction", 1.5, r"config.pruning.dst.end_fraction=1.5 must be a fraction"),
+    ("dst.end_fraction", 0.01, "config.pruning.dst.end_fraction=0.01 of 40 steps leaves no"),
+    ("dst.rounding", "round", "config.pruning.dst.rounding='round' is not one of"),
+    ("dst.regrow_scope", "global", "config.pruning.dst.regrow_scope='global' needs config"),
+    ("dst.min_drop_fraction", 0.5, r"config.pruning.dst.min_drop_fraction=0.5 must be in \[0, "),
     ("synflow_iterations", 0, "config.pruning.synflow_iterations=0 must be an integer >= 1"),
     ("packed_masks", True, "drop-and-grow training keep bool masks"),
 ])

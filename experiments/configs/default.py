@@ -68,13 +68,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.exclude = ""          # regex: never prune kernels whose path matches
   config.pruning.packed_masks = False  # masks in the optimizer state at 1 bit per weight, not 8
   config.pruning.synflow_iterations = 100  # synflow: rounds of pruning at initialisation
+  # snip: score in training mode (BatchNorm batch statistics, dropout on); default:
+  # evaluation mode, as the SNIP and SynFlow reference code score it
+  config.pruning.snip_train_mode = False
   # set | rigl | granet: drop and grow every update_every steps until end_fraction of
-  # training, drop fraction decayed from drop_fraction (RigL: 0.3, 100, 0.75, cosine).
+  # training, drop fraction decayed from drop_fraction. A field left None takes the
+  # method's value (experiments.methods.DST_DEFAULTS): RigL's for set and rigl, GraNet's
+  # code's for granet.
+  placeholder = ml_collections.config_dict.placeholder
   config.pruning.dst = ml_collections.ConfigDict()
   config.pruning.dst.update_every = 100
-  config.pruning.dst.drop_fraction = 0.3
-  config.pruning.dst.end_fraction = 0.75
+  config.pruning.dst.drop_fraction = placeholder(float)  # alpha: rigl 0.3, granet 0.5
+  config.pruning.dst.end_fraction = placeholder(float)   # rigl 0.75; granet 1.0 (to the end)
   config.pruning.dst.decay = "cosine"  # cosine | constant
+  config.pruning.dst.min_drop_fraction = placeholder(float)  # cosine's end: rigl 0, granet 0.005
+  config.pruning.dst.rounding = placeholder(str)  # drop count floor (rigl) | ceil (granet)
+  # leaf | global (one drop count across layers, needs allocation 'global'); None:
+  # rigl global iff allocation is 'global', granet leaf (it prunes globally, regrows per layer)
+  config.pruning.dst.regrow_scope = placeholder(str)
+  config.pruning.dst.gradient_on_update = False  # True: update steps also take the gradient step
   # method 'nm': N:M structured sparsity (sparsity/allocation above are unused).
   config.pruning.nm = ml_collections.ConfigDict()
   config.pruning.nm.method = "srste"  # step | srste | mdgf_linear | mdgf_exp | sdgf_stepwise | sdgf_geometric

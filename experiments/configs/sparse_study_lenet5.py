@@ -24,7 +24,7 @@ def study_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   base.dense_baseline = False   # the study trains its own dense runs, one per seed
   base.pruning.allocation = "erk"
   base.pruning.update_every = 10   # gradual and ste: mask updates
-  base.pruning.dst.update_every = 30  # set, rigl, granet: 8 drop-and-grow updates by 75%
+  base.pruning.dst.update_every = 30  # set, rigl: 8 drop-and-grow updates by 75%; granet: 10
   base.pruning.synflow_iterations = 100
   base.study = ml_collections.ConfigDict()
   base.study.methods = ("gradual", "static", "snip", "synflow", "ste", "set", "rigl", "granet")
