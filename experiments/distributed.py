@@ -61,20 +61,15 @@ def check_port_free(coordinator_address: str) -> None:
       raise StartupError(f"The coordinator cannot bind {host}:{port}: {e.strerror}.") from e
 
 
-def _start_watchdog(coordinator_address: str, num_processes: int, process_id: int,
-                    timeout_s: float) -> threading.Timer:
-  """Ends this process with one line if the run is not connected within `timeout_s`.
+def _start_watchdog(message: str, timeout_s: float) -> threading.Timer:
+  """Ends this process with `message` if the run is not connected within `timeout_s`.
 
   JAX's own timeout aborts with a stack trace that blames "another task" that
-  died; this says which address was waited on, and what to check.
+  died; the message says which address was waited on, and what to check.
   """
 
   def give_up():
-    print(f"error: process {process_id} of {num_processes} could not connect to the "
-          f"coordinator at {coordinator_address} within {timeout_s:g} s "
-          "(--initialization_timeout): process 0 must be running there and every process "
-          "must have the same --coordinator_address and --num_processes (process 0 reports "
-          "a port in use).", file=sys.stderr, flush=True)
+    print(f"error: {message}", file=sys.stderr, flush=True)
     os._exit(1)  # pylint: disable=protected-access  # the main thread is stuck inside JAX
 
   timer = threading.Timer(timeout_s, give_up)
@@ -83,17 +78,27 @@ def _start_watchdog(coordinator_address: str, num_processes: int, process_id: in
   return timer
 
 
-def _connect(coordinator_address: str, num_processes: int, process_id: int,
-             timeout_s: float) -> None:
-  if process_id == 0:
-    check_port_free(coordinator_address)
+def _connect(coordinator_address: str | None, num_processes: int | None,
+             process_id: int | None, timeout_s: float) -> None:
+  """jax.distributed.initialize, bounded by the watchdog (None: from the environment)."""
+  if coordinator_address is None:
+    message = (f"this process could not connect to the other processes of the cluster within "
+               f"{timeout_s:g} s (--initialization_timeout).")
+  else:
+    if process_id == 0:
+      check_port_free(coordinator_address)
+    message = (f"process {process_id} of {num_processes} could not connect to the coordinator "
+               f"at {coordinator_address} within {timeout_s:g} s (--initialization_timeout): "
+               "process 0 must be running there and every process must have the same "
+               "--coordinator_address and --num_processes (process 0 reports a port in use).")
   _use_gloo_on_cpu()
-  timer = _start_watchdog(coordinator_address, num_processes, process_id, timeout_s)
+  timer = _start_watchdog(message, timeout_s)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=int(timeout_s) + JAX_TIMEOUT_MARGIN_S)
   finally:
     timer.cancel()
+
 
 def _cluster_size_from_environment() -> int:
   """The number of processes a cluster's environment announces (1 outside one)."""
@@ -136,8 +141,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes > 1:
       _connect(coordinator_address, num_processes, process_id, initialization_timeout)
   elif _cluster_size_from_environment() > 1:
-    _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    _connect(None, None, None, initialization_timeout)
 
 
 def _use_gloo_on_cpu() -> None:
