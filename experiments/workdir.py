@@ -107,8 +107,9 @@ def load_json(workdir: str, name: str):
     where = (f"{e.msg} at line {e.lineno} column {e.colno}"
              if isinstance(e, json.JSONDecodeError) else f"{e.reason} at byte {e.start}")
     raise WorkdirError(
-        f"{path} is not valid JSON (truncated or damaged: {where}). Remove it to have it redone (a run's results from its checkpoints), or "
-        "replace the whole run with --overwrite.") from e
+        f"{path} is not valid JSON (truncated or damaged: {where}). Remove it to have it "
+        "redone (a run's results from its checkpoints), or replace the whole run with "
+        "--overwrite.") from e
 
 
 def check_usable(workdir: str) -> None:
