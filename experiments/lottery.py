@@ -114,6 +114,7 @@ class Replicate:
     self.directory = directory
     self.rewind_at = rewind_at
     self.log = log
+    self.identities = {}  # level directory (relative to the workdir) -> identity of its results
 
   def _rewind_manager(self) -> SparseCheckpointManager:
     return SparseCheckpointManager(os.path.join(self.directory, REWIND_DIR), max_to_keep=1)
@@ -175,7 +176,9 @@ class Replicate:
               "the command to resume this level from its newest intact checkpoint.") from e
         finally:
           manager.close()
-      return workdir_lib.load_json(directory, workdir_lib.FINAL_FILE), state
+      summary = workdir_lib.load_json(directory, workdir_lib.FINAL_FILE)
+      self._record_identity(directory, summary)
+      return summary, state
     os.makedirs(directory, exist_ok=True)
     # Cut off if it wrote metrics or checkpoints (either alone may have been lost).
     resume = (os.path.exists(os.path.join(directory, "metrics.jsonl")) or
@@ -192,10 +195,15 @@ class Replicate:
         workdir_lib.config_dict(self.config), checkpoints)
     if distributed.is_primary():
       workdir_lib.save_json(directory, workdir_lib.FINAL_FILE, run.summary)
+    self._record_identity(directory, run.summary)
     density = 1.0 - run.summary["sparsity"]
     self.log(f"[{label}] {100 * density:.2f}% of weights remain | test accuracy "
              f"{run.summary['test']['accuracy']:.4f} (best {run.summary['best_test_accuracy']:.4f})")
     return run.summary, run.state
+
+  def _record_identity(self, directory: str, summary: dict) -> None:
+    workdir = os.path.dirname(os.path.dirname(self.directory))  # .../replicates/seed_<s>
+    self.identities[os.path.relpath(directory, workdir)] = summary.get(workdir_lib.IDENTITY_KEY)
 
   def _start(self, point: trainer_lib.TrainState, params, masks,
              rewind_optimizer: bool, batch_stats=None) -> trainer_lib.TrainState:
@@ -285,8 +293,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         "experiments/configs/lottery.py.")
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
-    log(f"{workdir} already holds this finished lottery run; reporting its saved results.")
-    return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    final = workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
+    why = _stale_level(workdir, config, final.get("identities") or {})
+    if why is None:
+      log(f"{workdir} already holds this finished lottery run; reporting its saved results.")
+      return final
+    log(f"{os.path.join(workdir, workdir_lib.FINAL_FILE)} does not come from the levels now in "
+        f"{REPLICATES_DIR}/ ({why}); redoing the table from them.")
   first = trainer_lib.Trainer(config, devices)
   k = rewind_step(config, first.steps_per_epoch, first.num_steps)
   masks = trainer_lib.masks_of(first.initial_state())
@@ -306,22 +319,43 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
       f" ({'optimizer rewound' if cfg.rewind_optimizer else 'optimizer reset'}); "
       f"{cfg.replicates} replicate(s); branches {list(cfg.branches) or 'none'}")
   begin = time.perf_counter()
-  rows = []
+  rows, identities = [], {}
   for r in range(cfg.replicates):
     replicate_config = ml_collections.ConfigDict(config.to_dict())
     replicate_config.seed = config.seed + r
     trainer = first if r == 0 else trainer_lib.Trainer(replicate_config, devices, data=first.data)
     directory = os.path.join(workdir, REPLICATES_DIR, f"seed_{config.seed + r}")
-    rows += Replicate(trainer, r, directory, k, log).run()
+    replicate = Replicate(trainer, r, directory, k, log)
+    rows += replicate.run()
+    identities.update(replicate.identities)
   table = lottery_report.aggregate(rows)
   result = {"config": workdir_lib.config_dict(config), "rewind_step": k, "rows": rows,
-            "table": table, "wall_time_s": time.perf_counter() - begin}
+            "table": table, "wall_time_s": time.perf_counter() - begin,
+            "identities": identities}
   if distributed.is_primary():
     lottery_report.write_csv(workdir, rows)
     lottery_report.plot(workdir, table)
     workdir_lib.save_json(workdir, workdir_lib.FINAL_FILE, result)  # last: marks the run done
   distributed.barrier("lottery finished")
   return result
+
+
+def _stale_level(workdir: str, config: ml_collections.ConfigDict,
+                 identities: dict) -> str | None:
+  """The first level directory whose recorded identity (config digest, final
+  checkpoint step and checksum) differs from what it holds now, and how; None
+  if all match (or none were recorded)."""
+  for level_dir, recorded in identities.items():
+    seed = int(level_dir.split(os.sep)[1][len("seed_"):])  # replicates/seed_<s>/level_<LL>/...
+    replicate_config = ml_collections.ConfigDict(config.to_dict())
+    replicate_config.seed = seed
+    current = workdir_lib.identity(
+        workdir_lib.config_dict(replicate_config),
+        os.path.join(workdir, level_dir, trainer_lib.CHECKPOINT_DIR))
+    why = workdir_lib.identity_mismatch(recorded, current)
+    if why is not None:
+      return f"{level_dir}: {why}"
+  return None
 
 
 def report(result: dict, config: ml_collections.ConfigDict, workdir: str) -> None:

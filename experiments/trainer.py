@@ -435,7 +435,8 @@ class Trainer:
     raise TrainingDiverged(
         f"training diverged: the loss is {losses[bad]} at step {step} "
         f"(config.learning_rate={self.config.learning_rate!r}); {kept} in "
-        f"{manager.directory}. Rerun with a lower --config.learning_rate (or warmup) and --overwrite.")
+        f"{manager.directory}. Rerun with a lower --config.learning_rate (or warmup) and "
+        "--overwrite.")
 
   def fit(self, workdir: str, log: Callable[[str], None] = print, label: str = "",
           resume: bool = False, start: TrainState | None = None,

@@ -106,9 +106,10 @@ def load_json(workdir: str, name: str):
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     where = (f"{e.msg} at line {e.lineno} column {e.colno}"
              if isinstance(e, json.JSONDecodeError) else f"{e.reason} at byte {e.start}")
-    raise WorkdirError(
-        f"{path} is not valid JSON (truncated or damaged: {where}). Remove it to have it redone (a run's results from its checkpoints), or "
-        "replace the whole run with --overwrite.") from e
+    todo = (f"`rm {path}` and rerun: it is redone (a run's results from its checkpoints)."
+            if os.path.basename(path) != CONFIG_FILE else
+            "Restore it, or replace the whole run with --overwrite.")
+    raise WorkdirError(f"{path} is not valid JSON (truncated or damaged: {where}). {todo}") from e
 
 
 def check_usable(workdir: str) -> None:

@@ -412,3 +412,14 @@ def test_a_level_whose_checkpoints_are_all_damaged_is_retrained_by_a_rerun(tiny_
       f"[seed 0 level 1 ticket] Every checkpoint in {level}/checkpoints is damaged")
   timeless = lambda rows: [{k: v for k, v in r.items() if "time" not in k} for r in rows]
   assert timeless(again["rows"]) == timeless(result["rows"])  # the same training again
+  # A level's recorded identity no longer matching (trained again since): the table is redone.
+  key = os.path.join("replicates", "seed_0", "level_01", "ticket")
+  forged = {**again, "identities": {**again["identities"],
+                                    key: {**again["identities"][key], "step": 11}}}
+  workdir_lib.save_json(workdir, "final.json", forged)
+  lines = []
+  third = lottery_run.run(tiny_lottery, workdir, log=lines.append)
+  assert lines[0] == (f"{workdir}/final.json does not come from the levels now in replicates/ "
+                      f"({key}: step 11 != 22); redoing the table from them.")
+  assert timeless(third["rows"]) == timeless(result["rows"])
+  assert third["identities"] == again["identities"]

@@ -345,10 +345,11 @@ def test_truncated_json_in_a_workdir_is_a_one_line_error_naming_the_file(tiny_co
   before = _snapshot(workdir)
   with pytest.raises(workdir_lib.WorkdirError) as raised:
     train.run(tiny_config, workdir)
-  assert re.fullmatch(rf"{re.escape(os.path.join(workdir, name))} is not valid JSON \(truncated or "
-                      r"damaged: .* at line 1 column \d+\)\. Remove it to have it redone \(a run's "
-                      r"results from its checkpoints\), or replace the whole run with "
-                      r"--overwrite\.", str(raised.value)), str(raised.value)
+  path = os.path.join(workdir, name)
+  todo = ("Restore it, or replace the whole run with --overwrite." if name == "config.json" else
+          f"`rm {path}` and rerun: it is redone (a run's results from its checkpoints).")
+  assert re.fullmatch(rf"{re.escape(path)} is not valid JSON \(truncated or damaged: .* at line 1 "
+                      rf"column \d+\)\. {re.escape(todo)}", str(raised.value)), str(raised.value)
   after = _snapshot(workdir)
   after.pop(workdir_lib.LOCK_FILE)  # taken while the run was read, released since
   assert after == before
