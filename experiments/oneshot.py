@@ -163,7 +163,8 @@ def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessi
   start = time.perf_counter()
   params, masks = oneshot_lib.prune_sequentially(
       state.params, hessians_fn if method != "magnitude" else None, method,
-      leaf_filter=methods_lib.leaf_filter(config, section=""), per_output=config.magnitude_per_output if method == "magnitude" else True,
+      leaf_filter=methods_lib.leaf_filter(config, section=""),
+      per_output=config.magnitude_per_output if method == "magnitude" else None,
       block_size=config.block_size, dampening=config.dampening,
       log=lambda line: log(f"  {line}"), **target)
   params = jax.block_until_ready(params)

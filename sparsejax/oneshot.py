@@ -4,7 +4,7 @@ Each kernel is pruned as a linear layer W (d_in x d_out, its contraction axes
 merged into d_in, see `layouts`) from the Gram matrix of its inputs,
 H = X^T X over the calibration tokens X (n x d_in):
 
-  magnitude  keep the largest |W_ij| (per output unit, or per layer);
+  magnitude  keep the largest |W_ij| of the layer (or of each output unit);
   wanda      keep the largest |W_ij| * ||X_i||_2 of each output unit
              (Sun et al. 2023; ||X_i||^2 = H_ii);
   sparsegpt  prune columns of W^T left to right in blocks, choosing each
@@ -195,15 +195,36 @@ def _prune_block(block: jax.Array, u_block: jax.Array, block_keep: jax.Array | N
   return jax.lax.fori_loop(0, length // sub, sub_block, (block, jnp.zeros_like(block), keep))
 
 
+def check_per_output(method: str, per_output: bool | None) -> bool:
+  """Whether `method` compares weights within each output unit; None: the method's rule.
+
+  Magnitude compares over the whole layer unless `per_output=True` (the
+  Wanda paper's magnitude baseline is per layer); Wanda always compares
+  within each output unit (as its authors' code does); SparseGPT chooses its
+  mask per column block and takes no `per_output`.
+  """
+  if per_output is not None and not isinstance(per_output, bool):
+    raise ValueError(f"per_output must be True, False or None, got {per_output!r}.")
+  if method == "wanda" and per_output is False:
+    raise ValueError("wanda compares scores within each output unit only (as its authors' code "
+                     "does); per_output=False is magnitude's option.")
+  if method == "sparsegpt" and per_output is not None:
+    raise ValueError(f"sparsegpt chooses its mask per column block; per_output={per_output} "
+                     "applies to magnitude only.")
+  return method == "wanda" or bool(per_output)
+
+
 def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
                 sparsity: float | None = None, nm: tuple[int, int] | None = None,
-                axes: Sequence[int] = (0,), per_output: bool = True, block_size: int = 128,
-                dampening: float = 0.01) -> tuple[jax.Array, jax.Array]:
+                axes: Sequence[int] = (0,), per_output: bool | None = None,
+                block_size: int = 128, dampening: float = 0.01) -> tuple[jax.Array, jax.Array]:
   """One kernel pruned by `method`: (new kernel, keep-mask), both of the kernel's shape.
 
   `hessian` is X^T X of the layer's inputs, (d_in, d_in) with d_in the product
   of the contraction `axes`; magnitude pruning ignores it (may be None).
   Magnitude and Wanda only zero weights; SparseGPT also updates the kept ones.
+  `per_output` (unstructured magnitude only): compare within each output
+  unit instead of over the layer (see `check_per_output`).
 
   >>> k, keep = prune_layer(jnp.array([[1., -4.], [3., 2.]]), None, 'magnitude', sparsity=0.5)
   >>> keep.tolist(), k.tolist()
@@ -211,6 +232,7 @@ def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
   """
   check_method(method)
   check_target(sparsity, nm)
+  per_output = check_per_output(method, per_output)
   matrix, back = as_matrix(kernel, axes)
   if method != "magnitude":
     if hessian is None or hessian.shape != (matrix.shape[0],) * 2:
@@ -249,7 +271,8 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
                        sparsity: float | None = None, nm: tuple[int, int] | None = None,
                        leaf_filter: trees.LeafFilter | None = None,
                        axes: layouts.AxesSpec = None, group: Callable[[str], str] | None = None,
-                       per_output: bool = True, block_size: int = 128, dampening: float = 0.01,
+                       per_output: bool | None = None, block_size: int = 128,
+                       dampening: float = 0.01,
                        log: Callable[[str], None] | None = None) -> tuple[PyTree, PyTree]:
   """Prunes every chosen kernel of `params`, group after group: (params, masks).
 
@@ -269,8 +292,9 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
     leaf_filter: (path, leaf) -> bool; default: arrays of ndim >= 2.
     axes: contraction axes of each kernel (`layouts`); default rule.
     group: path -> group name; default `block_group()`.
-    per_output: magnitude compares within each output unit (True) or over
-      the layer; Wanda always compares within each output unit.
+    per_output: magnitude compares over the whole layer (None, False) or
+      within each output unit (True); Wanda always compares within each
+      output unit (False is an error); SparseGPT takes None only.
     log: called with one line per group.
 
   Returns:
@@ -283,6 +307,7 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
   """
   check_method(method)
   check_target(sparsity, nm)
+  check_per_output(method, per_output)
   if method != "magnitude" and hessians_fn is None:
     raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...)).")
   group = group or block_group()

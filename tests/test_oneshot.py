@@ -56,13 +56,37 @@ def test_wanda_mask_equals_numpy():
   assert (np.asarray(keep).sum(axis=0) == round(0.4 * 48)).all()   # per output unit
 
 
-def test_magnitude_per_output_and_per_layer():
+def test_magnitude_is_per_layer_by_default_and_per_output_on_request():
   w = np.array([[1., -8.], [2., 7.], [-3., 6.], [4., 5.]])
-  _, per_output = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5)
+  _, default = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5)
+  _, per_output = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5,
+                                      per_output=True)
   _, per_layer = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5,
                                      per_output=False)
   np.testing.assert_array_equal(per_output, [[0, 1], [0, 1], [1, 0], [1, 0]])
   np.testing.assert_array_equal(per_layer, [[0, 1], [0, 1], [0, 1], [0, 1]])
+  np.testing.assert_array_equal(default, per_layer)
+  params = {"a": {"kernel": jnp.asarray(w)}}
+  _, masks = oneshot.prune_sequentially(params, None, "magnitude", sparsity=0.5)
+  np.testing.assert_array_equal(masks["a"]["kernel"], per_layer)
+
+
+def test_wanda_is_always_per_output_and_per_layer_wanda_is_an_error():
+  rng = np.random.default_rng(7)
+  x = correlated_inputs(rng, 64, 8)
+  w = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  h = jnp.asarray(x.T @ x, jnp.float32)
+  _, default = oneshot.prune_layer(w, h, "wanda", sparsity=0.5)
+  _, explicit = oneshot.prune_layer(w, h, "wanda", sparsity=0.5, per_output=True)
+  np.testing.assert_array_equal(default, reference.wanda_mask(np.asarray(w), x, 0.5))
+  np.testing.assert_array_equal(explicit, default)
+  with pytest.raises(ValueError, match="wanda compares scores within each output unit only"):
+    oneshot.prune_layer(w, h, "wanda", sparsity=0.5, per_output=False)
+  with pytest.raises(ValueError, match="wanda compares scores within each output unit only"):
+    oneshot.prune_sequentially({"a": {"kernel": w}}, lambda p: {"a/kernel": h}, "wanda",
+                               sparsity=0.5, per_output=False)
+  with pytest.raises(ValueError, match="applies to magnitude only"):
+    oneshot.prune_layer(w, h, "sparsegpt", sparsity=0.5, per_output=True)
 
 
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(nm=(2, 4))])

@@ -68,6 +68,14 @@ def test_bad_config_is_an_error_naming_the_key(edit, message, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_binary_magnitude_default_is_the_library_default_per_layer():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from sparsejax import oneshot as oneshot_lib  # pylint: disable=g-import-not-at-top
+  assert oneshot_lm.get_config().magnitude_per_output is False
+  default = inspect.signature(oneshot_lib.prune_layer).parameters["per_output"].default
+  assert oneshot_lib.check_per_output("magnitude", default) is False
+
+
 def test_an_unfinished_training_workdir_is_refused(tmp_path):
   config = oneshot_lm.get_config()
   config.train_workdir = str(tmp_path / "nothing")
