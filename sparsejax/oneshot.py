@@ -19,8 +19,10 @@ block by block), each group calibrated on the outputs of the groups already
 pruned, as both papers do. `linen_hessians` captures the Gram matrices of
 every Dense / DenseGeneral kernel of a Flax Linen model (Flax's attention
 included). Masks are selected by the library's exact top-k / N:M selection,
-so exactly round((1-s) n) weights survive where the reference code's
-threshold could keep fewer on ties.
+so exactly round((1-s) n) weights survive; the authors' SparseGPT and
+magnitude baseline prune the int(n s) + 1 (or more, on ties) scores `<=`
+the int(n s)-th smallest, and Wanda prunes exactly int(d_in s) per output
+(README, "One-shot pruning of a trained model").
 """
 
 from __future__ import annotations
