@@ -5,11 +5,13 @@
       --workdir=runs/lm_oneshot --config.train_workdir=runs/lm
 
 Restores the final checkpoint of the finished training run in
-`config.train_workdir`, calibrates on `config.calibration_sequences` training
+`config.train_workdir` (opened read-only; a damaged latest step falls back to
+the newest intact one, in one line), calibrates on `config.calibration_sequences` training
 examples (seeded), and prunes it, without retraining, with every method of
 `config.methods` at every unstructured sparsity of `config.sparsities` and
 every N:M pattern of `config.patterns` (along each kernel's contraction
-axes), block by block (`sparsejax.oneshot.prune_sequentially`). Each pruned
+axes; every kernel is checked against every pattern before the workdir is
+claimed), block by block (`sparsejax.oneshot.prune_sequentially`). Each pruned
 model is evaluated on the training run's evaluation split (for a language
 model: loss in bits per byte), checkpointed in <workdir>/pruned/<name>
 through `SparseCheckpointManager` and exported with `export_sparse` to
@@ -106,10 +108,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_checks.at_least(config.calibration_sequences, 1, "calibration_sequences")
   config_checks.at_least(config.calibration_batch, 1, "calibration_batch")
   config_checks.at_least(config.block_size, 1, "block_size")
-  if not 0 < config.dampening:
-    raise config_checks.ConfigError(f"config.dampening={config.dampening!r} must be positive.")
+  try:
+    oneshot_lib.check_solver(config.block_size, config.dampening)
+  except ValueError as e:
+    raise config_checks.ConfigError(f"config.{e}") from e
   methods_lib.leaf_filter(config, section="")
   targets(config)
+
+
+def check_layers(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer) -> None:
+  """Every (method, target) against every chosen kernel's shape, before the workdir is claimed.
+
+  Raises:
+    ConfigError: naming config.patterns (or block_size) and the kernel.
+  """
+  data = trainer.data
+  shapes = jax.eval_shape(lambda: trainer.model.init(
+      jax.random.PRNGKey(0), jax.numpy.zeros((1,) + data.image_shape, data.input_dtype),
+      train=False))["params"]
+  leaf_filter = methods_lib.leaf_filter(config, section="")
+  for method in config.methods:
+    for _, target in targets(config):
+      try:
+        oneshot_lib.check_layers(shapes, method, leaf_filter=leaf_filter,
+                                 block_size=config.block_size, **target)
+      except ValueError as e:
+        key = "block_size" if str(e).startswith("sparsegpt N:M") else "patterns"
+        raise config_checks.ConfigError(
+            f"config.{key}: {e} [config.include / config.exclude choose the kernels]") from e
 
 
 def trained(train_workdir: str) -> trainer_lib.Trainer:
@@ -240,14 +266,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   planned = [(f"{method}_{name}", method, target)
              for method in config.methods for name, target in targets(config)]
   trainer = trained(config.train_workdir)
+  check_layers(config, trainer)
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)
   if status is workdir_lib.Status.FINISHED:
     return workdir_lib.load_json(workdir, workdir_lib.FINAL_FILE)
   if status is workdir_lib.Status.NEW:
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
-  manager = SparseCheckpointManager(os.path.join(config.train_workdir, trainer_lib.CHECKPOINT_DIR))
+  # Read-only: the training run's checkpoints are never changed; a damaged
+  # latest step is skipped (one line) for the newest intact one.
+  manager = SparseCheckpointManager(
+      os.path.join(config.train_workdir, trainer_lib.CHECKPOINT_DIR), read_only=True)
   try:
-    state = trainer.restore(manager)
+    state = trainer.restore(manager, log=lambda line: log(f"[oneshot] {line}"))
   finally:
     manager.close()
   log(f"[oneshot] {trainer.config.model.name} from {config.train_workdir} at step "

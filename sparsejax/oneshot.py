@@ -62,6 +62,45 @@ def check_target(sparsity=None, nm: tuple[int, int] | None = None) -> None:
       raise ValueError(f"nm must be (N, M) with ints 0 < N <= M, got {nm!r}.")
 
 
+def check_solver(block_size, dampening) -> None:
+  """SparseGPT's settings: an int block_size >= 1 and a finite dampening > 0."""
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size={block_size!r} must be an integer >= 1.")
+  if (isinstance(dampening, bool) or not isinstance(dampening, (int, float))
+      or not math.isfinite(dampening) or dampening <= 0):
+    raise ValueError(f"dampening={dampening!r} must be a finite number > 0.")
+
+
+def check_layers(params: PyTree, method: str, *, sparsity: float | None = None,
+                 nm: tuple[int, int] | None = None, leaf_filter: trees.LeafFilter | None = None,
+                 axes: layouts.AxesSpec = None, block_size: int = 128) -> None:
+  """Raises, naming the first leaf, if `nm` cannot apply to a chosen kernel.
+
+  Reads only shapes (`params` may hold `jax.ShapeDtypeStruct`s), so a run can
+  check every layer before it prunes (or writes) anything.
+  """
+  check_target(sparsity, nm)
+  if nm is None:
+    return
+  if method == "sparsegpt" and block_size % nm[1]:
+    raise ValueError(f"sparsegpt N:M {nm[0]}:{nm[1]} needs block_size ({block_size}) divisible "
+                     f"by M={nm[1]}.")
+  rule = layouts.as_rule(axes)
+  leaves = trees.named_leaves(params)
+  for i in pruning.prunable_leaves(params, leaf_filter):
+    path, shape = leaves[i].path, tuple(leaves[i].value.shape)
+    contraction = tuple(rule(path, shape))
+    d_in = math.prod(shape[a] for a in contraction)
+    if d_in % nm[1]:
+      raise ValueError(f"{path}: kernel of shape {shape} has {d_in} inputs (axes {contraction}), "
+                       f"not divisible by M={nm[1]} of N:M {nm[0]}:{nm[1]}; exclude it.")
+
+
+def _check_finite(name: str, what: str, value: jax.Array) -> None:
+  if not bool(jnp.isfinite(value).all()):
+    raise ValueError(f"{name}: {what} hold NaN or inf.")
+
+
 def check_method(method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"unknown one-shot method {method!r}; use one of {METHODS}.")
@@ -151,7 +190,8 @@ def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None 
     if stop < d_in:
       w = w.at[:, stop:].add(-errors @ u[start:stop, stop:])   # the lazy update of later blocks
     keep = keep.at[:, start:stop].set(block_keep)
-  return w.T.astype(dtype), keep.T
+  # Inputs never seen were zeroed above (as the authors do): the mask says so.
+  return w.T.astype(dtype), (keep & ~dead[None, :]).T
 
 
 def _prune_block(block: jax.Array, u_block: jax.Array, block_keep: jax.Array | None,
@@ -219,7 +259,8 @@ def check_per_output(method: str, per_output: bool | None) -> bool:
 def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
                 sparsity: float | None = None, nm: tuple[int, int] | None = None,
                 axes: Sequence[int] = (0,), per_output: bool | None = None,
-                block_size: int = 128, dampening: float = 0.01) -> tuple[jax.Array, jax.Array]:
+                block_size: int = 128, dampening: float = 0.01,
+                name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """One kernel pruned by `method`: (new kernel, keep-mask), both of the kernel's shape.
 
   `hessian` is X^T X of the layer's inputs, (d_in, d_in) with d_in the product
@@ -228,25 +269,39 @@ def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
   `per_output` (unstructured magnitude only): compare within each output
   unit instead of over the layer (see `check_per_output`).
 
+  Inputs never seen (H_ii = 0) are handled as the authors do: SparseGPT sets
+  H_ii = 1 and zeroes their weights (and marks them pruned, so an all-zero H
+  prunes everything); Wanda scores them 0. NaN or inf in the kernel or H
+  (from the calibration inputs X, or overflow) is a ValueError naming the
+  layer (`name`, e.g. its path).
+
   >>> k, keep = prune_layer(jnp.array([[1., -4.], [3., 2.]]), None, 'magnitude', sparsity=0.5)
   >>> keep.tolist(), k.tolist()
   ([[False, True], [True, False]], [[0.0, -4.0], [3.0, 0.0]])
   """
   check_method(method)
   check_target(sparsity, nm)
+  check_solver(block_size, dampening)
   per_output = check_per_output(method, per_output)
+  name = name or f"kernel of shape {tuple(kernel.shape)}"
   matrix, back = as_matrix(kernel, axes)
   if method != "magnitude":
     if hessian is None or hessian.shape != (matrix.shape[0],) * 2:
-      raise ValueError(f"{method} needs the inputs' Gram matrix of shape {(matrix.shape[0],) * 2} "
-                       f"for a kernel of shape {kernel.shape} (axes {tuple(axes)}), got "
-                       f"{None if hessian is None else hessian.shape}.")
+      raise ValueError(f"{name}: {method} needs the inputs' Gram matrix of shape "
+                       f"{(matrix.shape[0],) * 2} for a kernel of shape {kernel.shape} (axes "
+                       f"{tuple(axes)}), got {None if hessian is None else hessian.shape}.")
   if nm is not None and matrix.shape[0] % nm[1]:
-    raise ValueError(f"kernel of shape {kernel.shape}: its {matrix.shape[0]} inputs (axes "
+    raise ValueError(f"{name}: kernel of shape {kernel.shape}: its {matrix.shape[0]} inputs (axes "
                      f"{tuple(axes)}) are not divisible by M={nm[1]}.")
+  _check_finite(name, "the weights", kernel)
+  if method != "magnitude":
+    _check_finite(name, "the inputs' Gram matrix X^T X (so the calibration inputs X)", hessian)
   if method == "sparsegpt":
     new, keep = sparsegpt(matrix, hessian, sparsity=None if sparsity is None else float(sparsity),
                           nm=nm, block_size=block_size, dampening=dampening)
+    if not bool(jnp.isfinite(new).all()):
+      raise ValueError(f"{name}: X^T X + lambda I is not positive definite (its Cholesky factor "
+                       f"is not finite); raise dampening (now {dampening}).")
     return back(new), back(keep)
   scores = jnp.abs(matrix) if method == "magnitude" else wanda_scores(matrix, hessian)
   keep = _select(scores, sparsity, nm, per_output)
@@ -304,14 +359,19 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
     (None on leaves not pruned).
 
   Raises:
-    ValueError: for an unknown method, a bad target, or a chosen kernel whose
-      inputs `hessians_fn` did not capture (named).
+    ValueError: for an unknown method, a bad target or setting, and, naming
+      the kernel: an N:M pattern a chosen kernel cannot take (every kernel is
+      checked before any is pruned), a kernel whose inputs `hessians_fn` did
+      not capture, NaN or inf in a kernel or its X^T X.
   """
   check_method(method)
   check_target(sparsity, nm)
+  check_solver(block_size, dampening)
   check_per_output(method, per_output)
   if method != "magnitude" and hessians_fn is None:
     raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...)).")
+  check_layers(params, method, sparsity=sparsity, nm=nm, leaf_filter=leaf_filter, axes=axes,
+               block_size=block_size)
   group = group or block_group()
   rule = layouts.as_rule(axes)
   leaves = trees.named_leaves(params)
@@ -343,7 +403,7 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
       values[i], masks[i] = prune_layer(
           kernel, None if method == "magnitude" else hessians[path], method, sparsity=sparsity,
           nm=nm, axes=rule(path, kernel.shape), per_output=per_output, block_size=block_size,
-          dampening=dampening)
+          dampening=dampening, name=path)
     if log:
       log(f"[{method}] group {number + 1}/{len(groups)} {name}: {len(paths)} kernel(s) pruned")
   pruned = jax.tree.unflatten(jax.tree.structure(params), values)

@@ -196,3 +196,84 @@ def test_bad_input_is_named():
     oneshot.prune_sequentially(params, lambda p: {"a/kernel": jnp.eye(4)}, "wanda", sparsity=0.5)
   with pytest.raises(ValueError, match="needs calibration"):
     oneshot.prune_sequentially(params, None, "sparsegpt", sparsity=0.5)
+
+
+def test_sparsegpt_all_zero_hessian_zeroes_every_weight_and_the_mask_says_so():
+  # The authors: H_ii = 0 -> H_ii = 1 and that input's weights zeroed; every input is dead.
+  w = jnp.asarray(np.arange(1.0, 33.0).reshape(8, 4), jnp.float32)
+  new, keep = oneshot.prune_layer(w, jnp.zeros((8, 8)), "sparsegpt", sparsity=0.5)
+  np.testing.assert_array_equal(np.asarray(new), np.zeros((8, 4)))
+  assert not np.asarray(keep).any()
+
+
+def test_sparsegpt_more_dead_inputs_than_the_target_prunes_them_all():
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(64, 8))
+  x[:, :6] = 0.0                                    # 6 of 8 inputs never active, target prunes 4
+  w = rng.normal(size=(8, 3))
+  new, keep = oneshot.prune_layer(jnp.asarray(w, jnp.float32), jnp.asarray(x.T @ x, jnp.float32),
+                                  "sparsegpt", sparsity=0.5, block_size=8)
+  new, keep = np.asarray(new), np.asarray(keep)
+  assert not keep[:6].any() and not new[:6].any()
+  np.testing.assert_array_equal(keep, new != 0)     # the mask is what the weights hold
+
+
+@pytest.mark.parametrize("method", oneshot.METHODS)
+def test_non_finite_weights_or_gram_matrix_is_an_error_naming_the_layer(method):
+  w = np.ones((8, 4), np.float32)
+  h = np.eye(8, dtype=np.float32)
+  bad_w = w.copy()
+  bad_w[2, 1] = np.inf
+  with pytest.raises(ValueError, match=r"^block_0/fc/kernel: the weights hold NaN or inf"):
+    oneshot.prune_layer(jnp.asarray(bad_w), jnp.asarray(h), method, sparsity=0.5,
+                        name="block_0/fc/kernel")
+  if method == "magnitude":
+    return
+  bad_h = h.copy()
+  bad_h[3, 3] = np.nan
+  with pytest.raises(ValueError, match=r"^kernel of shape \(8, 4\): the inputs' Gram matrix"):
+    oneshot.prune_layer(jnp.asarray(w), jnp.asarray(bad_h), method, sparsity=0.5)
+  # Through calibration: a NaN in the inputs X names the path of the layer that saw it.
+  model = TwoLayers()
+  x = np.ones((4, 12), np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  x[1, 3] = np.nan
+  with pytest.raises(ValueError, match=r"^first/kernel: the inputs' Gram matrix X\^T X \(so the "
+                                       r"calibration inputs X\) hold NaN or inf"):
+    oneshot.prune_sequentially(params, oneshot.linen_hessians(model, [x]), method, sparsity=0.5)
+
+
+def test_sparsegpt_indefinite_gram_matrix_is_an_error_naming_dampening():
+  with pytest.raises(ValueError, match=r"^q/kernel: X\^T X \+ lambda I is not positive definite"):
+    oneshot.prune_layer(jnp.ones((8, 4)), -jnp.eye(8), "sparsegpt", sparsity=0.5, name="q/kernel")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dampening=float("inf")), r"dampening=inf must be a finite number > 0"),
+    (dict(dampening=float("nan")), r"dampening=nan must be"),
+    (dict(dampening=0.0), r"dampening=0.0 must be"),
+    (dict(dampening=-0.1), r"dampening=-0.1 must be"),
+    (dict(block_size=0), r"block_size=0 must be an integer >= 1"),
+    (dict(block_size=16.0), r"block_size=16.0 must be an integer >= 1"),
+])
+def test_bad_solver_settings_are_one_line_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    oneshot.prune_layer(jnp.ones((8, 4)), jnp.eye(8), "sparsegpt", sparsity=0.5, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    oneshot.prune_sequentially({"a": {"kernel": jnp.ones((8, 4))}}, lambda p: {}, "sparsegpt",
+                               sparsity=0.5, **kwargs)
+
+
+def test_nm_that_a_kernel_cannot_take_fails_before_any_kernel_is_pruned():
+  params = {"a": {"kernel": jnp.ones((8, 4))}, "b": {"kernel": jnp.ones((6, 4))}}
+  calls, lines = [], []
+  with pytest.raises(ValueError, match=r"^b/kernel: kernel of shape \(6, 4\) has 6 inputs "
+                                       r"\(axes \(0,\)\), not divisible by M=4"):
+    oneshot.prune_sequentially(params, lambda p: calls.append(1) or {}, "wanda", nm=(2, 4),
+                               log=lines.append)
+  assert not calls and not lines
+  shapes = jax.eval_shape(lambda: params)
+  with pytest.raises(ValueError, match=r"^b/kernel"):
+    oneshot.check_layers(shapes, "magnitude", nm=(2, 4))
+  with pytest.raises(ValueError, match=r"block_size \(6\) divisible by M=4"):
+    oneshot.check_layers(shapes, "sparsegpt", nm=(2, 4), block_size=6)
