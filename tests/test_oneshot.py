@@ -277,3 +277,35 @@ def test_nm_that_a_kernel_cannot_take_fails_before_any_kernel_is_pruned():
     oneshot.check_layers(shapes, "magnitude", nm=(2, 4))
   with pytest.raises(ValueError, match=r"block_size \(6\) divisible by M=4"):
     oneshot.check_layers(shapes, "sparsegpt", nm=(2, 4), block_size=6)
+
+
+def test_wanda_from_squared_norms_alone_equals_wanda_from_the_gram_matrix():
+  rng = np.random.default_rng(9)
+  x = correlated_inputs(rng, 3 * 40, 16).astype(np.float32)
+  model = TwoLayers()
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  batches = [x[:40], x[40:80], x[80:]]
+  norms = oneshot.linen_hessians(model, batches, diagonal=True)(params)
+  np.testing.assert_allclose(norms["first/kernel"], (x.astype(np.float64) ** 2).sum(axis=0),
+                             rtol=1e-5)
+  assert norms["second/kernel"].shape == (16,)
+  from_norms, masks = oneshot.prune_sequentially(
+      params, oneshot.linen_hessians(model, batches, diagonal=True), "wanda", sparsity=0.5)
+  from_gram, gram_masks = oneshot.prune_sequentially(
+      params, oneshot.linen_hessians(model, batches), "wanda", sparsity=0.5)
+  jax.tree.map(np.testing.assert_array_equal, from_norms, from_gram)
+  np.testing.assert_array_equal(masks["first"]["kernel"],
+                                reference.wanda_mask(np.asarray(params["first"]["kernel"]), x, 0.5))
+  with pytest.raises(ValueError, match=r"sparsegpt needs the inputs' Gram matrix of shape \(16, 16\)"):
+    oneshot.prune_layer(params["second"]["kernel"], norms["second/kernel"], "sparsegpt",
+                        sparsity=0.5)
+
+
+def test_prune_layer_is_compiled_once_per_shape_and_target():
+  w = jnp.asarray(np.random.default_rng(10).normal(size=(16, 8)), jnp.float32)
+  h = jnp.eye(16)
+  oneshot.prune_layer(w, h, "wanda", sparsity=0.5)
+  before = oneshot._prune._cache_size()  # pylint: disable=protected-access
+  for _ in range(3):
+    oneshot.prune_layer(w + 1.0, h, "wanda", sparsity=0.5)
+  assert oneshot._prune._cache_size() == before  # pylint: disable=protected-access
