@@ -5,11 +5,13 @@
       --workdir=runs/lm_oneshot --config.train_workdir=runs/lm
 
 Restores the final checkpoint of the finished training run in
-`config.train_workdir`, calibrates on `config.calibration_sequences` training
+`config.train_workdir` (opened read-only; a damaged latest step falls back to
+the newest intact one, in one line), calibrates on `config.calibration_sequences` training
 examples (seeded), and prunes it, without retraining, with every method of
 `config.methods` at every unstructured sparsity of `config.sparsities` and
 every N:M pattern of `config.patterns` (along each kernel's contraction
-axes), block by block (`sparsejax.oneshot.prune_sequentially`). Each pruned
+axes; every kernel is checked against every pattern before the workdir is
+claimed), block by block (`sparsejax.oneshot.prune_sequentially`). Each pruned
 model is evaluated on the training run's evaluation split (for a language
 model: loss in bits per byte), checkpointed in <workdir>/pruned/<name>
 through `SparseCheckpointManager` and exported with `export_sparse` to
@@ -106,10 +108,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_checks.at_least(config.calibration_sequences, 1, "calibration_sequences")
   config_checks.at_least(config.calibration_batch, 1, "calibration_batch")
   config_checks.at_least(config.block_size, 1, "block_size")
-  if not 0 < config.dampening:
-    raise config_checks.ConfigError(f"config.dampening={config.dampening!r} must be positive.")
+  try:
+    oneshot_lib.check_solver(config.block_size, config.dampening)
+  except ValueError as e:
+    raise config_checks.ConfigError(f"config.{e}") from e
   methods_lib.leaf_filter(config, section="")
   targets(config)
+
+
+def check_layers(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer) -> None:
+  """Every (method, target) against every chosen kernel's shape, before the workdir is claimed.
+
+  Raises:
+    ConfigError: naming config.patterns (or block_size) and the kernel.
+  """
+  data = trainer.data
+  shapes = jax.eval_shape(lambda: trainer.model.init(
+      jax.random.PRNGKey(0), jax.numpy.zeros((1,) + data.image_shape, data.input_dtype),
+      train=False))["params"]
+  leaf_filter = methods_lib.leaf_filter(config, section="")
+  for method in config.methods:
+    for _, target in targets(config):
+      try:
+        oneshot_lib.check_layers(shapes, method, leaf_filter=leaf_filter,
+                                 block_size=config.block_size, **target)
+      except ValueError as e:
+        key = "block_size" if str(e).startswith("sparsegpt N:M") else "patterns"
+        raise config_checks.ConfigError(
+            f"config.{key}: {e} [config.include / config.exclude choose the kernels]") from e
 
 
 def trained(train_workdir: str) -> trainer_lib.Trainer:
@@ -163,7 +189,8 @@ def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessi
   start = time.perf_counter()
   params, masks = oneshot_lib.prune_sequentially(
       state.params, hessians_fn if method != "magnitude" else None, method,
-      leaf_filter=methods_lib.leaf_filter(config, section=""), per_output=config.magnitude_per_output if method == "magnitude" else True,
+      leaf_filter=methods_lib.leaf_filter(config, section=""),
+      per_output=config.magnitude_per_output if method == "magnitude" else None,
       block_size=config.block_size, dampening=config.dampening,
       log=lambda line: log(f"  {line}"), **target)
   params = jax.block_until_ready(params)
@@ -240,6 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
              for method in config.methods for name, target in targets(config)]
   trainer = trained(config.train_workdir)
   config_checks.check_leaf_filters(config, jax.eval_shape(trainer.initial_state).params, "")
+  check_layers(config, trainer)
   # The trained model every row comes from: a row of another (the training redone since) is redone.
   source = workdir_lib.identity(workdir_lib.config_dict(trainer.config), os.path.join(
       config.train_workdir, trainer_lib.CHECKPOINT_DIR))
@@ -253,9 +281,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         f"model than {config.train_workdir} holds now ({why}); redoing its rows.")
   if status is workdir_lib.Status.NEW:
     workdir_lib.start(workdir, config, overwrite, RUN_FILES)
-  manager = SparseCheckpointManager(os.path.join(config.train_workdir, trainer_lib.CHECKPOINT_DIR))
+  # Read-only: the training run's checkpoints are never changed; a damaged
+  # latest step is skipped (one line) for the newest intact one.
+  manager = SparseCheckpointManager(
+      os.path.join(config.train_workdir, trainer_lib.CHECKPOINT_DIR), read_only=True)
   try:
-    state = trainer.restore(manager)
+    state = trainer.restore(manager, log=lambda line: log(f"[oneshot] {line}"))
   finally:
     manager.close()
   log(f"[oneshot] {trainer.config.model.name} from {config.train_workdir} at step "
@@ -269,9 +300,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
          f"{unigram / math.log(2):.3f})" if text else ""))
   batches = calibration_batches(trainer.data, config.calibration_sequences,
                                 config.calibration_batch, config.seed)
-  hessians_fn = oneshot_lib.linen_hessians(
-      trainer.model, batches, apply_kwargs={"train": False},
+  # Wanda needs only each input's squared norm: diag(X^T X), d_in times less work.
+  hessians_fns = {diagonal: oneshot_lib.linen_hessians(
+      trainer.model, batches, apply_kwargs={"train": False}, diagonal=diagonal,
       variables={"batch_stats": state.batch_stats} if state.batch_stats else None)
+                  for diagonal in (False, True)}
   os.makedirs(os.path.join(workdir, ROWS_DIR), exist_ok=True)
   rows = []
   for i, (name, method, target) in enumerate(planned):
@@ -284,7 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         continue
       log(f"[oneshot] {row_file} comes from another trained model ({why}); redoing it.")
     log(f"[oneshot] {i + 1}/{len(planned)}: {method} at {_pattern(target)}")
-    row = prune_row(trainer, state, hessians_fn, config, method, target,
+    row = prune_row(trainer, state, hessians_fns[method == "wanda"], config, method, target,
                     os.path.join(workdir, PRUNED_DIR, name), log)
     workdir_lib.save_json(rows_dir, row_file, {**row, SOURCE_KEY: source})  # last: marks it done
     rows.append(row)

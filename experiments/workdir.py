@@ -308,7 +308,7 @@ def identity(config: dict, checkpoints: str) -> dict:
   (or it cannot be read)."""
   step = checksum = None
   if os.path.isdir(checkpoints):
-    with SparseCheckpointManager(checkpoints) as manager:
+    with SparseCheckpointManager(checkpoints, read_only=True) as manager:  # changes nothing there
       step = manager.latest_step()
       if step is not None:
         try:

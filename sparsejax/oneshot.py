@@ -4,7 +4,7 @@ Each kernel is pruned as a linear layer W (d_in x d_out, its contraction axes
 merged into d_in, see `layouts`) from the Gram matrix of its inputs,
 H = X^T X over the calibration tokens X (n x d_in):
 
-  magnitude  keep the largest |W_ij| (per output unit, or per layer);
+  magnitude  keep the largest |W_ij| of the layer (or of each output unit);
   wanda      keep the largest |W_ij| * ||X_i||_2 of each output unit
              (Sun et al. 2023; ||X_i||^2 = H_ii);
   sparsegpt  prune columns of W^T left to right in blocks, choosing each
@@ -19,8 +19,10 @@ block by block), each group calibrated on the outputs of the groups already
 pruned, as both papers do. `linen_hessians` captures the Gram matrices of
 every Dense / DenseGeneral kernel of a Flax Linen model (Flax's attention
 included). Masks are selected by the library's exact top-k / N:M selection,
-so exactly round((1-s) n) weights survive where the reference code's
-threshold could keep fewer on ties.
+so exactly round((1-s) n) weights survive; the authors' SparseGPT and
+magnitude baseline prune the int(n s) + 1 (or more, on ties) scores `<=`
+the int(n s)-th smallest, and Wanda prunes exactly int(d_in s) per output
+(README, "One-shot pruning of a trained model").
 """
 
 from __future__ import annotations
@@ -60,6 +62,40 @@ def check_target(sparsity=None, nm: tuple[int, int] | None = None) -> None:
       raise ValueError(f"nm must be (N, M) with ints 0 < N <= M, got {nm!r}.")
 
 
+def check_solver(block_size, dampening) -> None:
+  """SparseGPT's settings: an int block_size >= 1 and a finite dampening > 0."""
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size={block_size!r} must be an integer >= 1.")
+  if (isinstance(dampening, bool) or not isinstance(dampening, (int, float))
+      or not math.isfinite(dampening) or dampening <= 0):
+    raise ValueError(f"dampening={dampening!r} must be a finite number > 0.")
+
+
+def check_layers(params: PyTree, method: str, *, sparsity: float | None = None,
+                 nm: tuple[int, int] | None = None, leaf_filter: trees.LeafFilter | None = None,
+                 axes: layouts.AxesSpec = None, block_size: int = 128) -> None:
+  """Raises, naming the first leaf, if `nm` cannot apply to a chosen kernel.
+
+  Reads only shapes (`params` may hold `jax.ShapeDtypeStruct`s), so a run can
+  check every layer before it prunes (or writes) anything.
+  """
+  check_target(sparsity, nm)
+  if nm is None:
+    return
+  if method == "sparsegpt" and block_size % nm[1]:
+    raise ValueError(f"sparsegpt N:M {nm[0]}:{nm[1]} needs block_size ({block_size}) divisible "
+                     f"by M={nm[1]}.")
+  rule = layouts.as_rule(axes)
+  leaves = trees.named_leaves(params)
+  for i in pruning.prunable_leaves(params, leaf_filter):
+    path, shape = leaves[i].path, tuple(leaves[i].value.shape)
+    contraction = tuple(rule(path, shape))
+    d_in = math.prod(shape[a] for a in contraction)
+    if d_in % nm[1]:
+      raise ValueError(f"{path}: kernel of shape {shape} has {d_in} inputs (axes {contraction}), "
+                       f"not divisible by M={nm[1]} of N:M {nm[0]}:{nm[1]}; exclude it.")
+
+
 def check_method(method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"unknown one-shot method {method!r}; use one of {METHODS}.")
@@ -90,12 +126,13 @@ def _select(scores: jax.Array, sparsity, nm, per_output: bool) -> jax.Array:
 
 
 def wanda_scores(weights: jax.Array, hessian: jax.Array) -> jax.Array:
-  """|W_ij| * ||X_i||_2 for a (d_in, d_out) W, from H = X^T X (its diagonal).
+  """|W_ij| * ||X_i||_2 for a (d_in, d_out) W, from H = X^T X or its diagonal (d_in,).
 
-  >>> wanda_scores(jnp.array([[1., -2.], [3., 1.]]), jnp.diag(jnp.array([4., 1.]))).tolist()
+  >>> wanda_scores(jnp.array([[1., -2.], [3., 1.]]), jnp.array([4., 1.])).tolist()
   [[2.0, 4.0], [3.0, 1.0]]
   """
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian).astype(jnp.float32), 0.0))
+  squares = jnp.diagonal(hessian) if hessian.ndim == 2 else hessian
+  norms = jnp.sqrt(jnp.maximum(squares.astype(jnp.float32), 0.0))
   return jnp.abs(weights.astype(jnp.float32)) * norms[:, None]
 
 
@@ -103,15 +140,23 @@ def inverse_cholesky(hessian: jax.Array, dampening: float = 0.01) -> jax.Array:
   """Upper Cholesky factor U of (H + lambda I)^-1, U^T U = (H + lambda I)^-1.
 
   lambda is `dampening` times the mean diagonal of H; inputs never seen
-  (H_ii = 0) get H_ii = 1 so that H stays invertible.
+  (H_ii = 0) get H_ii = 1 so that H stays invertible. U comes from one
+  Cholesky factorisation and one triangular inverse, no explicit H^-1: with
+  P the reversal permutation, P H P = L L^T gives H = V V^T with V = P L P
+  upper triangular, so U = V^-1 (the same U as the authors' three steps,
+  Cholesky, `cholesky_inverse`, Cholesky, by uniqueness of the factor).
   """
   h = hessian.astype(jnp.float32)
+  n = h.shape[0]
   diag = jnp.diagonal(h)
   h = h + jnp.diag(jnp.where(diag == 0, 1.0, 0.0))
-  h = h + dampening * jnp.mean(jnp.diagonal(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
-  lower = jnp.linalg.cholesky(h)
-  inverse = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
-  return jnp.linalg.cholesky(inverse).T
+  h = h + dampening * jnp.mean(jnp.diagonal(h)) * jnp.eye(n, dtype=h.dtype)
+  upper = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]          # H = V V^T, V upper
+  return jnp.triu(jax.scipy.linalg.solve_triangular(upper, jnp.eye(n, dtype=h.dtype),
+                                                    lower=False))
+
+
+PANEL_BLOCKS = 4   # blocks per panel: one compiled loop each, exact lazy updates between panels
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "nm", "block_size", "dampening"))
@@ -124,7 +169,11 @@ def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None 
   mask keeps the largest W^2 / [H^-1]_jj^2 (over the whole block: adaptive,
   or of every m inputs for N:M), the error of each pruned input is spread
   over the later inputs of the block at once and over the later blocks in
-  one lazy matrix product.
+  one lazy matrix product. Blocks run in a `lax.fori_loop` inside panels of
+  `PANEL_BLOCKS` blocks (a loop updates the rest of its panel through a
+  masked product of fixed shape); the inputs after a panel get its errors in
+  one product. So the program holds one loop per panel, not one copy of the
+  block code per block. Inputs never seen (H_ii = 0) are zeroed and pruned.
   """
   check_target(sparsity, nm)
   d_in = weights.shape[0]
@@ -137,19 +186,47 @@ def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None 
   w = jnp.where(dead[None, :], 0.0, w)
   u = inverse_cholesky(hessian, dampening)
   keep = jnp.ones(w.shape, bool)
-  for start in range(0, d_in, block_size):
-    stop = min(start + block_size, d_in)
-    block, u_block = w[:, start:stop], u[start:stop, start:stop]
+  whole = d_in - d_in % block_size
+  start = 0
+  while start < d_in:
+    count = min(PANEL_BLOCKS, (whole - start) // block_size) if start < whole else 1
+    stop = min(start + count * block_size, d_in)
+    panel, panel_keep, errors = _prune_panel(w[:, start:stop], u[start:stop, start:stop],
+                                             sparsity, nm, min(block_size, stop - start))
+    w = w.at[:, start:stop].set(panel)
+    keep = keep.at[:, start:stop].set(panel_keep)
+    if stop < d_in:
+      w = w.at[:, stop:].add(-errors @ u[start:stop, stop:])   # the lazy update of later panels
+    start = stop
+  # Inputs never seen were zeroed above (as the authors do): the mask says so.
+  return w.T.astype(dtype), (keep & ~dead[None, :]).T
+
+
+def _prune_panel(panel: jax.Array, u_panel: jax.Array, sparsity, nm, block_size: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The blocks of one panel pruned in order: (pruned panel, keep-mask, errors)."""
+  rows, width = panel.shape
+  columns = jnp.arange(width)
+
+  def one_block(b, carry):
+    panel, keep, errors = carry
+    first = b * block_size
+    block = jax.lax.dynamic_slice(panel, (0, first), (rows, block_size))
+    u_block = jax.lax.dynamic_slice(u_panel, (first, first), (block_size, block_size))
     block_keep = None
     if nm is None:
       # Adaptive mask selection: one top-k over the whole block, before its updates.
       block_keep = selection.topk_mask(block ** 2 / jnp.diagonal(u_block)[None, :] ** 2, sparsity)
-    block, errors, block_keep = _prune_block(block, u_block, block_keep, nm)
-    w = w.at[:, start:stop].set(jnp.where(block_keep, block, 0.0))
-    if stop < d_in:
-      w = w.at[:, stop:].add(-errors @ u[start:stop, stop:])   # the lazy update of later blocks
-    keep = keep.at[:, start:stop].set(block_keep)
-  return w.T.astype(dtype), keep.T
+    block, block_errors, block_keep = _prune_block(block, u_block, block_keep, nm)
+    later = jax.lax.dynamic_slice(u_panel, (first, 0), (block_size, width))
+    later = jnp.where(columns[None, :] >= first + block_size, later, 0.0)
+    panel = jax.lax.dynamic_update_slice(panel - block_errors @ later,
+                                         jnp.where(block_keep, block, 0.0), (0, first))
+    return (panel, jax.lax.dynamic_update_slice(keep, block_keep, (0, first)),
+            jax.lax.dynamic_update_slice(errors, block_errors, (0, first)))
+
+  return jax.lax.fori_loop(0, width // block_size, one_block,
+                           (panel, jnp.ones(panel.shape, bool), jnp.zeros_like(panel)))
 
 
 def _prune_block(block: jax.Array, u_block: jax.Array, block_keep: jax.Array | None,
@@ -195,15 +272,46 @@ def _prune_block(block: jax.Array, u_block: jax.Array, block_keep: jax.Array | N
   return jax.lax.fori_loop(0, length // sub, sub_block, (block, jnp.zeros_like(block), keep))
 
 
+def check_per_output(method: str, per_output: bool | None) -> bool:
+  """Whether `method` compares weights within each output unit; None: the method's rule.
+
+  Magnitude compares over the whole layer unless `per_output=True` (the
+  Wanda paper's magnitude baseline is per layer); Wanda always compares
+  within each output unit (as its authors' code does); SparseGPT chooses its
+  mask per column block and takes no `per_output`.
+  """
+  if per_output is not None and not isinstance(per_output, bool):
+    raise ValueError(f"per_output must be True, False or None, got {per_output!r}.")
+  if method == "wanda" and per_output is False:
+    raise ValueError("wanda compares scores within each output unit only (as its authors' code "
+                     "does); per_output=False is magnitude's option.")
+  if method == "sparsegpt" and per_output is not None:
+    raise ValueError(f"sparsegpt chooses its mask per column block; per_output={per_output} "
+                     "applies to magnitude only.")
+  return method == "wanda" or bool(per_output)
+
+
 def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
                 sparsity: float | None = None, nm: tuple[int, int] | None = None,
-                axes: Sequence[int] = (0,), per_output: bool = True, block_size: int = 128,
-                dampening: float = 0.01) -> tuple[jax.Array, jax.Array]:
+                axes: Sequence[int] = (0,), per_output: bool | None = None,
+                block_size: int = 128, dampening: float = 0.01,
+                name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """One kernel pruned by `method`: (new kernel, keep-mask), both of the kernel's shape.
 
   `hessian` is X^T X of the layer's inputs, (d_in, d_in) with d_in the product
-  of the contraction `axes`; magnitude pruning ignores it (may be None).
+  of the contraction `axes`; Wanda also takes its diagonal alone (d_in,),
+  the inputs' squared norms (`linen_hessians(..., diagonal=True)`); magnitude
+  pruning ignores it (may be None). Jitted: one compiled program per shape,
+  method and target.
   Magnitude and Wanda only zero weights; SparseGPT also updates the kept ones.
+  `per_output` (unstructured magnitude only): compare within each output
+  unit instead of over the layer (see `check_per_output`).
+
+  Inputs never seen (H_ii = 0) are handled as the authors do: SparseGPT sets
+  H_ii = 1 and zeroes their weights (and marks them pruned, so an all-zero H
+  prunes everything); Wanda scores them 0. NaN or inf in the kernel or H
+  (from the calibration inputs X, or overflow) is a ValueError naming the
+  layer (`name`, e.g. its path).
 
   >>> k, keep = prune_layer(jnp.array([[1., -4.], [3., 2.]]), None, 'magnitude', sparsity=0.5)
   >>> keep.tolist(), k.tolist()
@@ -211,22 +319,50 @@ def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
   """
   check_method(method)
   check_target(sparsity, nm)
-  matrix, back = as_matrix(kernel, axes)
+  check_solver(block_size, dampening)
+  per_output = check_per_output(method, per_output)
+  name = name or f"kernel of shape {tuple(kernel.shape)}"
+  axes = tuple(layouts.leaf_axes(tuple(axes), name, kernel.shape))
+  d_in = math.prod(kernel.shape[a] for a in axes)
   if method != "magnitude":
-    if hessian is None or hessian.shape != (matrix.shape[0],) * 2:
-      raise ValueError(f"{method} needs the inputs' Gram matrix of shape {(matrix.shape[0],) * 2} "
-                       f"for a kernel of shape {kernel.shape} (axes {tuple(axes)}), got "
+    shapes = [(d_in, d_in)] + ([(d_in,)] if method == "wanda" else [])
+    if hessian is None or tuple(hessian.shape) not in shapes:
+      raise ValueError(f"{name}: {method} needs the inputs' Gram matrix of shape {shapes[0]}"
+                       f"{' (or its diagonal)' if method == 'wanda' else ''} for a kernel of "
+                       f"shape {kernel.shape} (axes {axes}), got "
                        f"{None if hessian is None else hessian.shape}.")
-  if nm is not None and matrix.shape[0] % nm[1]:
-    raise ValueError(f"kernel of shape {kernel.shape}: its {matrix.shape[0]} inputs (axes "
-                     f"{tuple(axes)}) are not divisible by M={nm[1]}.")
+  if nm is not None and d_in % nm[1]:
+    raise ValueError(f"{name}: kernel of shape {kernel.shape}: its {d_in} inputs (axes "
+                     f"{axes}) are not divisible by M={nm[1]}.")
+  new, keep, finite = _prune(kernel, hessian, method, None if sparsity is None else float(sparsity),
+                             nm, axes, per_output, block_size, float(dampening))
+  weights_finite, hessian_finite, result_finite = (bool(f) for f in finite)
+  if not weights_finite:
+    raise ValueError(f"{name}: the weights hold NaN or inf.")
+  if not hessian_finite:
+    raise ValueError(f"{name}: the inputs' Gram matrix X^T X (so the calibration inputs X) hold "
+                     "NaN or inf.")
+  if not result_finite:
+    raise ValueError(f"{name}: X^T X + lambda I is not positive definite (its Cholesky factor "
+                     f"is not finite); raise dampening (now {dampening}).")
+  return new, keep
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _prune(kernel, hessian, method, sparsity, nm, axes, per_output, block_size, dampening):
+  """prune_layer's work, one compiled program per (shape, method, target, setting)."""
+  matrix, back = as_matrix(kernel, axes)
+  finite = [jnp.isfinite(kernel).all(),
+            jnp.array(True) if hessian is None else jnp.isfinite(hessian).all()]
   if method == "sparsegpt":
-    new, keep = sparsegpt(matrix, hessian, sparsity=None if sparsity is None else float(sparsity),
-                          nm=nm, block_size=block_size, dampening=dampening)
-    return back(new), back(keep)
+    new, keep = sparsegpt(matrix, hessian, sparsity=sparsity, nm=nm, block_size=block_size,
+                          dampening=dampening)
+    finite.append(jnp.isfinite(new).all())
+    return back(new), back(keep), jnp.stack(finite)
   scores = jnp.abs(matrix) if method == "magnitude" else wanda_scores(matrix, hessian)
   keep = _select(scores, sparsity, nm, per_output)
-  return back(jnp.where(keep, matrix, 0).astype(kernel.dtype)), back(keep)
+  finite.append(jnp.array(True))
+  return (back(jnp.where(keep, matrix, 0).astype(kernel.dtype)), back(keep), jnp.stack(finite))
 
 
 def block_group(pattern: str = r"^.*?_\d+(?=/)") -> Callable[[str], str]:
@@ -249,7 +385,8 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
                        sparsity: float | None = None, nm: tuple[int, int] | None = None,
                        leaf_filter: trees.LeafFilter | None = None,
                        axes: layouts.AxesSpec = None, group: Callable[[str], str] | None = None,
-                       per_output: bool = True, block_size: int = 128, dampening: float = 0.01,
+                       per_output: bool | None = None, block_size: int = 128,
+                       dampening: float = 0.01,
                        log: Callable[[str], None] | None = None) -> tuple[PyTree, PyTree]:
   """Prunes every chosen kernel of `params`, group after group: (params, masks).
 
@@ -269,8 +406,9 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
     leaf_filter: (path, leaf) -> bool; default: arrays of ndim >= 2.
     axes: contraction axes of each kernel (`layouts`); default rule.
     group: path -> group name; default `block_group()`.
-    per_output: magnitude compares within each output unit (True) or over
-      the layer; Wanda always compares within each output unit.
+    per_output: magnitude compares over the whole layer (None, False) or
+      within each output unit (True); Wanda always compares within each
+      output unit (False is an error); SparseGPT takes None only.
     log: called with one line per group.
 
   Returns:
@@ -278,13 +416,19 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
     (None on leaves not pruned).
 
   Raises:
-    ValueError: for an unknown method, a bad target, or a chosen kernel whose
-      inputs `hessians_fn` did not capture (named).
+    ValueError: for an unknown method, a bad target or setting, and, naming
+      the kernel: an N:M pattern a chosen kernel cannot take (every kernel is
+      checked before any is pruned), a kernel whose inputs `hessians_fn` did
+      not capture, NaN or inf in a kernel or its X^T X.
   """
   check_method(method)
   check_target(sparsity, nm)
+  check_solver(block_size, dampening)
+  check_per_output(method, per_output)
   if method != "magnitude" and hessians_fn is None:
     raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...)).")
+  check_layers(params, method, sparsity=sparsity, nm=nm, leaf_filter=leaf_filter, axes=axes,
+               block_size=block_size)
   group = group or block_group()
   rule = layouts.as_rule(axes)
   leaves = trees.named_leaves(params)
@@ -316,7 +460,7 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
       values[i], masks[i] = prune_layer(
           kernel, None if method == "magnitude" else hessians[path], method, sparsity=sparsity,
           nm=nm, axes=rule(path, kernel.shape), per_output=per_output, block_size=block_size,
-          dampening=dampening)
+          dampening=dampening, name=path)
     if log:
       log(f"[{method}] group {number + 1}/{len(groups)} {name}: {len(paths)} kernel(s) pruned")
   pruned = jax.tree.unflatten(jax.tree.structure(params), values)
@@ -329,7 +473,8 @@ def _kernel_path(module: nn.Module) -> str:
 
 def linen_hessians(model: nn.Module, batches: Iterable[Any], *,
                    variables: Mapping[str, Any] | None = None,
-                   apply_kwargs: Mapping[str, Any] | None = None) -> HessiansFn:
+                   apply_kwargs: Mapping[str, Any] | None = None,
+                   diagonal: bool = False) -> HessiansFn:
   """params -> {kernel path: X^T X} over `batches`, for every Dense / DenseGeneral of a Linen model.
 
   The inputs of each call are captured with `nn.intercept_methods` (so
@@ -337,7 +482,9 @@ def linen_hessians(model: nn.Module, batches: Iterable[Any], *,
   accumulated in float32 over every batch, in one jitted forward per batch.
   Kernels appear in call order. `variables` holds collections other than
   'params' (e.g. batch_stats); `apply_kwargs` goes to `model.apply`.
-  Paths are relative to the 'params' collection.
+  Paths are relative to the 'params' collection. With `diagonal`, only the
+  diagonal of X^T X (each input's squared norm, shape (d_in,)) is
+  accumulated: all that Wanda needs, d_in times less work and memory.
   """
   batches = list(batches)
   if not batches:
@@ -360,7 +507,8 @@ def linen_hessians(model: nn.Module, batches: Iterable[Any], *,
         if kernel is not None:
           d_in = math.prod(kernel.shape) // _out_size(module, kernel)
           x = x.reshape(-1, d_in).astype(jnp.float32)
-          captured[path] = captured.get(path, 0.0) + x.T @ x
+          gram = jnp.sum(x * x, axis=0) if diagonal else x.T @ x
+          captured[path] = captured.get(path, 0.0) + gram
           if path not in order:
             order.append(path)
       return next_fun(*args, **kw)

@@ -56,13 +56,37 @@ def test_wanda_mask_equals_numpy():
   assert (np.asarray(keep).sum(axis=0) == round(0.4 * 48)).all()   # per output unit
 
 
-def test_magnitude_per_output_and_per_layer():
+def test_magnitude_is_per_layer_by_default_and_per_output_on_request():
   w = np.array([[1., -8.], [2., 7.], [-3., 6.], [4., 5.]])
-  _, per_output = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5)
+  _, default = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5)
+  _, per_output = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5,
+                                      per_output=True)
   _, per_layer = oneshot.prune_layer(jnp.asarray(w), None, "magnitude", sparsity=0.5,
                                      per_output=False)
   np.testing.assert_array_equal(per_output, [[0, 1], [0, 1], [1, 0], [1, 0]])
   np.testing.assert_array_equal(per_layer, [[0, 1], [0, 1], [0, 1], [0, 1]])
+  np.testing.assert_array_equal(default, per_layer)
+  params = {"a": {"kernel": jnp.asarray(w)}}
+  _, masks = oneshot.prune_sequentially(params, None, "magnitude", sparsity=0.5)
+  np.testing.assert_array_equal(masks["a"]["kernel"], per_layer)
+
+
+def test_wanda_is_always_per_output_and_per_layer_wanda_is_an_error():
+  rng = np.random.default_rng(7)
+  x = correlated_inputs(rng, 64, 8)
+  w = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  h = jnp.asarray(x.T @ x, jnp.float32)
+  _, default = oneshot.prune_layer(w, h, "wanda", sparsity=0.5)
+  _, explicit = oneshot.prune_layer(w, h, "wanda", sparsity=0.5, per_output=True)
+  np.testing.assert_array_equal(default, reference.wanda_mask(np.asarray(w), x, 0.5))
+  np.testing.assert_array_equal(explicit, default)
+  with pytest.raises(ValueError, match="wanda compares scores within each output unit only"):
+    oneshot.prune_layer(w, h, "wanda", sparsity=0.5, per_output=False)
+  with pytest.raises(ValueError, match="wanda compares scores within each output unit only"):
+    oneshot.prune_sequentially({"a": {"kernel": w}}, lambda p: {"a/kernel": h}, "wanda",
+                               sparsity=0.5, per_output=False)
+  with pytest.raises(ValueError, match="applies to magnitude only"):
+    oneshot.prune_layer(w, h, "sparsegpt", sparsity=0.5, per_output=True)
 
 
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(nm=(2, 4))])
@@ -172,3 +196,116 @@ def test_bad_input_is_named():
     oneshot.prune_sequentially(params, lambda p: {"a/kernel": jnp.eye(4)}, "wanda", sparsity=0.5)
   with pytest.raises(ValueError, match="needs calibration"):
     oneshot.prune_sequentially(params, None, "sparsegpt", sparsity=0.5)
+
+
+def test_sparsegpt_all_zero_hessian_zeroes_every_weight_and_the_mask_says_so():
+  # The authors: H_ii = 0 -> H_ii = 1 and that input's weights zeroed; every input is dead.
+  w = jnp.asarray(np.arange(1.0, 33.0).reshape(8, 4), jnp.float32)
+  new, keep = oneshot.prune_layer(w, jnp.zeros((8, 8)), "sparsegpt", sparsity=0.5)
+  np.testing.assert_array_equal(np.asarray(new), np.zeros((8, 4)))
+  assert not np.asarray(keep).any()
+
+
+def test_sparsegpt_more_dead_inputs_than_the_target_prunes_them_all():
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(64, 8))
+  x[:, :6] = 0.0                                    # 6 of 8 inputs never active, target prunes 4
+  w = rng.normal(size=(8, 3))
+  new, keep = oneshot.prune_layer(jnp.asarray(w, jnp.float32), jnp.asarray(x.T @ x, jnp.float32),
+                                  "sparsegpt", sparsity=0.5, block_size=8)
+  new, keep = np.asarray(new), np.asarray(keep)
+  assert not keep[:6].any() and not new[:6].any()
+  np.testing.assert_array_equal(keep, new != 0)     # the mask is what the weights hold
+
+
+@pytest.mark.parametrize("method", oneshot.METHODS)
+def test_non_finite_weights_or_gram_matrix_is_an_error_naming_the_layer(method):
+  w = np.ones((8, 4), np.float32)
+  h = np.eye(8, dtype=np.float32)
+  bad_w = w.copy()
+  bad_w[2, 1] = np.inf
+  with pytest.raises(ValueError, match=r"^block_0/fc/kernel: the weights hold NaN or inf"):
+    oneshot.prune_layer(jnp.asarray(bad_w), jnp.asarray(h), method, sparsity=0.5,
+                        name="block_0/fc/kernel")
+  if method == "magnitude":
+    return
+  bad_h = h.copy()
+  bad_h[3, 3] = np.nan
+  with pytest.raises(ValueError, match=r"^kernel of shape \(8, 4\): the inputs' Gram matrix"):
+    oneshot.prune_layer(jnp.asarray(w), jnp.asarray(bad_h), method, sparsity=0.5)
+  # Through calibration: a NaN in the inputs X names the path of the layer that saw it.
+  model = TwoLayers()
+  x = np.ones((4, 12), np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  x[1, 3] = np.nan
+  with pytest.raises(ValueError, match=r"^first/kernel: the inputs' Gram matrix X\^T X \(so the "
+                                       r"calibration inputs X\) hold NaN or inf"):
+    oneshot.prune_sequentially(params, oneshot.linen_hessians(model, [x]), method, sparsity=0.5)
+
+
+def test_sparsegpt_indefinite_gram_matrix_is_an_error_naming_dampening():
+  with pytest.raises(ValueError, match=r"^q/kernel: X\^T X \+ lambda I is not positive definite"):
+    oneshot.prune_layer(jnp.ones((8, 4)), -jnp.eye(8), "sparsegpt", sparsity=0.5, name="q/kernel")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dampening=float("inf")), r"dampening=inf must be a finite number > 0"),
+    (dict(dampening=float("nan")), r"dampening=nan must be"),
+    (dict(dampening=0.0), r"dampening=0.0 must be"),
+    (dict(dampening=-0.1), r"dampening=-0.1 must be"),
+    (dict(block_size=0), r"block_size=0 must be an integer >= 1"),
+    (dict(block_size=16.0), r"block_size=16.0 must be an integer >= 1"),
+])
+def test_bad_solver_settings_are_one_line_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    oneshot.prune_layer(jnp.ones((8, 4)), jnp.eye(8), "sparsegpt", sparsity=0.5, **kwargs)
+  with pytest.raises(ValueError, match=message):
+    oneshot.prune_sequentially({"a": {"kernel": jnp.ones((8, 4))}}, lambda p: {}, "sparsegpt",
+                               sparsity=0.5, **kwargs)
+
+
+def test_nm_that_a_kernel_cannot_take_fails_before_any_kernel_is_pruned():
+  params = {"a": {"kernel": jnp.ones((8, 4))}, "b": {"kernel": jnp.ones((6, 4))}}
+  calls, lines = [], []
+  with pytest.raises(ValueError, match=r"^b/kernel: kernel of shape \(6, 4\) has 6 inputs "
+                                       r"\(axes \(0,\)\), not divisible by M=4"):
+    oneshot.prune_sequentially(params, lambda p: calls.append(1) or {}, "wanda", nm=(2, 4),
+                               log=lines.append)
+  assert not calls and not lines
+  shapes = jax.eval_shape(lambda: params)
+  with pytest.raises(ValueError, match=r"^b/kernel"):
+    oneshot.check_layers(shapes, "magnitude", nm=(2, 4))
+  with pytest.raises(ValueError, match=r"block_size \(6\) divisible by M=4"):
+    oneshot.check_layers(shapes, "sparsegpt", nm=(2, 4), block_size=6)
+
+
+def test_wanda_from_squared_norms_alone_equals_wanda_from_the_gram_matrix():
+  rng = np.random.default_rng(9)
+  x = correlated_inputs(rng, 3 * 40, 16).astype(np.float32)
+  model = TwoLayers()
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  batches = [x[:40], x[40:80], x[80:]]
+  norms = oneshot.linen_hessians(model, batches, diagonal=True)(params)
+  np.testing.assert_allclose(norms["first/kernel"], (x.astype(np.float64) ** 2).sum(axis=0),
+                             rtol=1e-5)
+  assert norms["second/kernel"].shape == (16,)
+  from_norms, masks = oneshot.prune_sequentially(
+      params, oneshot.linen_hessians(model, batches, diagonal=True), "wanda", sparsity=0.5)
+  from_gram, gram_masks = oneshot.prune_sequentially(
+      params, oneshot.linen_hessians(model, batches), "wanda", sparsity=0.5)
+  jax.tree.map(np.testing.assert_array_equal, from_norms, from_gram)
+  np.testing.assert_array_equal(masks["first"]["kernel"],
+                                reference.wanda_mask(np.asarray(params["first"]["kernel"]), x, 0.5))
+  with pytest.raises(ValueError, match=r"sparsegpt needs the inputs' Gram matrix of shape \(16, 16\)"):
+    oneshot.prune_layer(params["second"]["kernel"], norms["second/kernel"], "sparsegpt",
+                        sparsity=0.5)
+
+
+def test_prune_layer_is_compiled_once_per_shape_and_target():
+  w = jnp.asarray(np.random.default_rng(10).normal(size=(16, 8)), jnp.float32)
+  h = jnp.eye(16)
+  oneshot.prune_layer(w, h, "wanda", sparsity=0.5)
+  before = oneshot._prune._cache_size()  # pylint: disable=protected-access
+  for _ in range(3):
+    oneshot.prune_layer(w + 1.0, h, "wanda", sparsity=0.5)
+  assert oneshot._prune._cache_size() == before  # pylint: disable=protected-access

@@ -60,6 +60,10 @@ def test_table_puts_methods_in_rows_and_targets_in_columns():
     (lambda c: c.update(calibration_sequences=0), r"config.calibration_sequences=0"),
     (lambda c: c.update(exclude="head("), r"config.exclude='head\('"),
     (lambda c: c.update(train_workdir=""), r"config.train_workdir is empty"),
+    (lambda c: c.update(dampening=float("inf")), r"^config.dampening=inf must be a finite number"),
+    (lambda c: c.update(dampening=float("nan")), r"^config.dampening=nan must be"),
+    (lambda c: c.update(dampening=0.0), r"^config.dampening=0.0 must be"),
+    (lambda c: c.update(block_size=0), r"^config.block_size=0 must be an integer >= 1"),
 ])
 def test_bad_config_is_an_error_naming_the_key(edit, message, tmp_path):
   config = oneshot_lm.get_config()
@@ -67,6 +71,14 @@ def test_bad_config_is_an_error_naming_the_key(edit, message, tmp_path):
   with pytest.raises(config_checks.ConfigError, match=message):
     oneshot.run(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_binary_magnitude_default_is_the_library_default_per_layer():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from sparsejax import oneshot as oneshot_lib  # pylint: disable=g-import-not-at-top
+  assert oneshot_lm.get_config().magnitude_per_output is False
+  default = inspect.signature(oneshot_lib.prune_layer).parameters["per_output"].default
+  assert oneshot_lib.check_per_output("magnitude", default) is False
 
 
 def test_an_unfinished_training_workdir_is_refused(tmp_path):
@@ -174,3 +186,72 @@ def test_image_model_rows_report_accuracy_and_keep_exact_counts(tiny_config, tmp
       assert row["max_nonzeros_per_group"] == 1
   _, masks = load_sparse(str(tmp_path / "oneshot" / "pruned" / "sparsegpt_75pct.npz"))
   assert masks["head"]["kernel"] is None and masks["hidden_1"]["kernel"].mean() == 0.25
+
+
+def _fake_training_workdir(config, path, steps=()):
+  """config.json, final.json and checkpoints at `steps` (fresh states) of a training run."""
+  from experiments import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(path)
+  workdir_lib.save_json(str(path), workdir_lib.CONFIG_FILE, workdir_lib.config_dict(config))
+  workdir_lib.save_json(str(path), workdir_lib.FINAL_FILE, {})
+  if steps:
+    lm_trainer = trainer.Trainer(config)
+    with SparseCheckpointManager(str(path / trainer.CHECKPOINT_DIR), async_save=False) as manager:
+      for step in steps:
+        state = lm_trainer.initial_state(seed=step)
+        lm_trainer.save(manager, state._replace(step=np.int32(step)))
+
+
+def _listing(root):
+  return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)),
+                 os.path.getmtime(os.path.join(d, f)))
+                for d, _, files in os.walk(root) for f in files + ["."])
+
+
+def test_nm_a_kernel_cannot_take_is_refused_before_the_workdir_is_claimed(tiny_config, tmp_path):
+  tiny_config.pruning.method = "dense"
+  _fake_training_workdir(tiny_config, tmp_path / "mlp")   # hidden_0: 64 inputs, hidden_1: 32
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "mlp")
+  config.sparsities, config.patterns, config.exclude = (), ((3, 6),), "head"
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"^config.patterns: hidden_0/kernel: kernel of shape \(64, 32\) has 64 "
+                           r"inputs \(axes \(0,\)\), not divisible by M=6"):
+    oneshot.run(config, str(tmp_path / "w"))
+  config.patterns, config.block_size = ((2, 4),), 6
+  with pytest.raises(config_checks.ConfigError, match=r"^config.block_size: sparsegpt N:M 2:4"):
+    oneshot.run(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+  assert not os.path.exists(tmp_path / "mlp" / "checkpoints")
+
+
+def test_training_checkpoints_are_read_only_and_a_damaged_latest_step_falls_back(tiny_config,
+                                                                                   tmp_path):
+  tiny_config.pruning.method = "dense"
+  _fake_training_workdir(tiny_config, tmp_path / "mlp", steps=(5, 10))
+  for root, _, files in os.walk(tmp_path / "mlp" / "checkpoints" / "10" / "params"):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:  # truncate every file of the item to half
+        f.truncate(os.path.getsize(path) // 2)
+  before = _listing(tmp_path / "mlp")
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "mlp")
+  config.methods, config.sparsities, config.patterns = ("magnitude",), (0.5,), ()
+  config.calibration_sequences, config.exclude = 8, "head"
+  lines = []
+  oneshot.run(config, str(tmp_path / "w"), log=lines.append)
+  notes = [l for l in lines if "Step 10" in l]
+  assert len(notes) == 1 and "Left in place (read-only); trying step 5." in notes[0]
+  assert any(l.startswith("[oneshot] mlp from ") and " at step 5;" in l for l in lines), lines
+  assert _listing(tmp_path / "mlp") == before   # nothing created, moved or cleaned up there
+  with SparseCheckpointManager(str(tmp_path / "mlp" / "checkpoints"), read_only=True) as manager:
+    with pytest.raises(Exception, match="opened read-only"):
+      manager.save(11, params={"a": np.ones(2)})
+
+
+def test_read_only_manager_creates_no_directory(tmp_path):
+  from sparsejax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(CheckpointError, match=r"No checkpoint directory .*none \(opened read-only\)"):
+    SparseCheckpointManager(str(tmp_path / "none"), read_only=True)
+  assert not os.path.exists(tmp_path / "none")

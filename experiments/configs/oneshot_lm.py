@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.calibration_batch = 32       # sequences per forward pass while calibrating
   config.include = ""                 # regex: prune only kernels whose path matches ('' = all)
   config.exclude = "embed|position|head"  # regex: kernels never pruned
-  config.magnitude_per_output = False
+  config.magnitude_per_output = False  # magnitude over the whole layer, the library's default
   config.block_size = 128             # sparsegpt: columns per lazy-update block
   config.dampening = 0.01             # sparsegpt: lambda as a fraction of mean diag(X^T X)
   return config

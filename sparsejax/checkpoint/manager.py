@@ -278,20 +278,28 @@ class SparseCheckpointManager:
     best_mode: 'max' or 'min' for `best_metric`.
     async_save: write in a background thread (call `wait_until_finished`
       before reading; closing the manager waits).
+    read_only: only read: the directory must exist and is never changed (no
+      directory created, no temporary one cleaned up, `save` refused, and
+      `restore_latest_intact` skips damaged steps instead of moving them).
   """
 
   def __init__(self, directory: str, max_to_keep: int | None = None,
-               best_metric: str | None = None, best_mode: str = "max", async_save: bool = True):
+               best_metric: str | None = None, best_mode: str = "max", async_save: bool = True,
+               read_only: bool = False):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be None or at least 1, got {max_to_keep!r}.")
     # Steps are deleted here, not by Orbax: only after a newer one is verified.
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=not read_only,
+                                           read_only=read_only, create=not read_only)
     self.directory = os.path.abspath(directory)  # Orbax refuses relative paths
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory.")
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"No checkpoint directory {self.directory} (opened read-only).")
+    self.read_only = read_only
     self._max_to_keep = max_to_keep
     self._best_metric = best_metric
     self._best_sign = 1.0 if best_mode == "max" else -1.0
@@ -340,6 +348,8 @@ class SparseCheckpointManager:
         lies under another.
       CheckpointWriteError: this or the previous save could not be written.
     """
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only; step {step} not saved.")
     step = int(step)
     self.wait_until_finished()
     if step in self.all_steps():
@@ -440,7 +450,7 @@ class SparseCheckpointManager:
     old one is removed.
     """
     work = os.path.join(self.directory, OVERWRITE_DIR)
-    if not os.path.isdir(work):
+    if self.read_only or not os.path.isdir(work):  # read-only: the owner finishes it
       return
 
     def finish():
@@ -591,10 +601,13 @@ class SparseCheckpointManager:
         self.verify(step)
         return self.restore(step, **targets)
       except CheckpointDamaged as e:
-        moved = self._set_aside(step)
+        where = ("Left in place (read-only)" if self.read_only
+                 else f"Moved it to {self._set_aside(step)}")
         older = [s for s in steps if s < step]
         then = (f"trying step {older[0]}" if older else "no older step is left")
-        log(f"{e} Moved it to {moved}; {then}.")
+        log(f"{e} {where}; {then}.")
+    if self.read_only:
+      raise CheckpointDamaged(f"Every checkpoint in {self.directory} is damaged (steps {steps}).")
     raise CheckpointDamaged(
         f"Every checkpoint in {self.directory} is damaged (steps {steps}, now in "
         f"{os.path.join(self.directory, DAMAGED_DIR)}); start the run afresh.")
