@@ -123,6 +123,16 @@ signals:
   the SIGKILL: run the same command again to resume from its newest intact
   checkpoint.
 
+your own loop (see experiments/own_loop.py):
+  Run the same jitted steps in the same order in every process, feed each its
+  slice of the batch (jax.make_array_from_process_local_data), and bound the
+  steps in flight: JAX dispatches asynchronously, and on CPU with gloo a loop
+  that enqueues more than about 30 steps without waiting hangs silently (the
+  processes wait in a collective until gloo's 30-minute timeout). Wait on an
+  output of an earlier step in the loop, e.g. keep the last losses in a
+  deque and call .block_until_ready() on the one from 1 step back (or on
+  every step's loss).
+
 example:
   python -m experiments.launch --processes 2 --devices_per_process 2 -- \\
       python -m experiments.train --config=experiments/configs/default.py \\

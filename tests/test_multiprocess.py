@@ -304,7 +304,7 @@ def test_launcher_help_prints_the_options_and_the_signal_behaviour():
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
   for text in ("--processes", "--devices_per_process", "--grace_s", "SIGTERM", "143",
-               "-- COMMAND"):
+               "-- COMMAND", "experiments/own_loop.py", "block_until_ready"):
     assert text in out.stdout, text
   missing = subprocess.run([sys.executable, "-m", "experiments.launch", "--processes", "2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -342,3 +342,33 @@ def test_sigterm_to_the_launcher_of_a_training_run_ends_it_and_the_same_command_
     assert f"[process {rank}] [gradual] resuming from the checkpoint at step" in resumed.stdout
   assert os.path.exists(os.path.join(workdir, "final.json"))
   assert str(steps) in os.listdir(checkpoints)
+
+
+def _own_loop_result(stdout, process=0):
+  """(final loss, {path: kept weights}) from experiments.own_loop's last line of `process`."""
+  line = [l for l in stdout.splitlines() if f"process {process} of" in l][-1]
+  loss = float(line.split("final loss ")[1].split(",")[0])
+  kept = json.loads(line.split("kept weights ")[1].replace("'", '"'))
+  return loss, kept
+
+
+@pytest.mark.slow
+def test_the_own_loop_example_runs_in_two_processes_as_in_one():
+  steps = ["--steps=30"]
+  launched = subprocess.run(
+      [sys.executable, "-m", "experiments.launch", "--processes", "2", "--devices_per_process",
+       "2", "--", sys.executable, "-m", "experiments.own_loop", *steps],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert launched.returncode == 0, launched.stdout[-3000:]
+  single = subprocess.run([sys.executable, "-m", "experiments.own_loop", *steps,
+                           "--cpu_devices=4"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  loss, kept = _own_loop_result(single.stdout)
+  assert kept == {"hidden/kernel": 32 * 64 // 4, "out/kernel": 64 * 10 // 4}  # 75% pruned
+  for process in (0, 1):
+    loss_p, kept_p = _own_loop_result(launched.stdout, process)
+    assert f"[process {process}] process {process} of 2, 4 devices" in launched.stdout
+    assert kept_p == kept
+    assert loss_p == pytest.approx(loss, rel=1e-5)  # gloo adds the gradient in another order
+  assert loss < 2.0  # it learned: log(10) = 2.30 at the start
