@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
+from flax.nnx.training import optimizer as nnx_optimizer
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import masks as masks_lib
@@ -96,8 +98,15 @@ def with_masks(opt_state: optax.OptState, masks: PyTree,
           f"new mask '{new.path}' has shape {shape(new.value)} but the optimizer state's has "
           f"{shape(old.value)} (None: not pruned).")
   masks_lib.check_bool(masks)
-  masks = jax.tree.map(lambda m: m if trees.is_empty(m) else (
-      masks_lib.pack_bits(m) if packed else jnp.asarray(m)), masks, is_leaf=trees.is_empty)
+  # Each new mask goes into the container the state already has there (an
+  # `nnx.Optimizer` keeps its masks in `OptVariable`s; given masks may be
+  # `nnx.Param`s or plain arrays), so the state keeps its tree structure.
+  flat_stored, treedef = jax.tree.flatten(find_pruning_state(opt_state).masks,
+                                          is_leaf=trees.is_empty)
+  flat_given = jax.tree.leaves(masks, is_leaf=trees.is_empty)
+  masks = jax.tree.unflatten(treedef, [
+      old if trees.is_empty(old) else (masks_lib.pack_bits(new) if packed else jnp.asarray(new))
+      for old, new in zip(flat_stored, flat_given, strict=True)])
   return jax.tree.map(lambda s: s._replace(masks=masks) if isinstance(s, PruningState) else s,
                       opt_state, is_leaf=lambda x: isinstance(x, PruningState))
 
@@ -107,12 +116,34 @@ def state_masks(opt_state: optax.OptState, params: PyTree = None) -> PyTree:
 
   Inside `optax.multi_transform` the leaves another transform owns are
   `optax.MaskedNode`s; they come back as None too. With `params`, masks kept
-  bit-packed (`packed_masks=True`) come back unpacked, as bool arrays.
+  bit-packed (`packed_masks=True`) come back unpacked, as bool arrays, and
+  the masks tree has the containers of `params`.
+
+  Masks of an `nnx.Optimizer` come back as an `nnx.State` of `nnx.Param`s
+  (the optimizer keeps them in its own `OptVariable`s), the type that
+  `magnitude_masks(nnx.state(model, nnx.Param), ...)` and a checkpoint
+  restored with `masks_like=nnx.state(model, nnx.Param)` give, so that masks
+  obtained either way combine with `jax.tree.map`.
+
+  Raises:
+    ValueError: if the state holds no PruningState, or `params` does not
+      match the masks (names the leaf).
   """
-  masks = jax.tree.map(lambda m: None if isinstance(m, optax.MaskedNode) else m,
-                       find_pruning_state(opt_state).masks,
-                       is_leaf=lambda m: m is None or isinstance(m, optax.MaskedNode))
-  return masks if params is None else masks_lib.bool_masks(masks, params)
+  masks = jax.tree.map(_mask_entry, find_pruning_state(opt_state).masks,
+                       is_leaf=lambda m: trees.is_empty(m) or isinstance(m, nnx.Variable))
+  if params is None:
+    return masks
+  masks = masks_lib.bool_masks(masks, params)
+  return jax.tree.unflatten(jax.tree.structure(params, is_leaf=trees.is_empty),
+                            jax.tree.leaves(masks, is_leaf=trees.is_empty))
+
+
+def _mask_entry(m: Any) -> Any:
+  """A stored mask as `state_masks` returns it: `MaskedNode` -> None and an
+  `nnx.Optimizer`'s `OptVariable` -> `nnx.Param` (same metadata)."""
+  if isinstance(m, nnx_optimizer.OptVariable):
+    return nnx.Param(_mask_entry(m.get_value()), **m.get_metadata())
+  return None if isinstance(m, optax.MaskedNode) else m
 
 
 def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:

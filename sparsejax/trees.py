@@ -148,12 +148,14 @@ class MaskedLeaf(NamedTuple):
   mask: Any
 
 
-def leaves_with_masks(params: PyTree, masks: PyTree, what: str = "masks") -> list[MaskedLeaf]:
+def leaves_with_masks(params: PyTree, masks: PyTree | None,
+                      what: str = "masks") -> list[MaskedLeaf]:
   """Every array of `params` with its path and mask (None: not pruned), in jax.tree order.
 
   Walk params and masks together with this rather than zipping
   `jax.tree.leaves` of both: those drop the None entries of a masks tree and
-  silently pair a weight with another leaf's mask.
+  silently pair a weight with another leaf's mask. `masks=None` (no masks at
+  all, e.g. a dense run) lists every array with mask None.
 
   >>> params = {'b': jnp.zeros(2), 'w': jnp.ones((2, 2))}
   >>> [(l.path, l.mask) for l in leaves_with_masks(params, sparsejax.magnitude_masks(params, 0.5))]
@@ -163,6 +165,8 @@ def leaves_with_masks(params: PyTree, masks: PyTree, what: str = "masks") -> lis
   Raises:
     ValueError: if the masks tree does not match params (names the leaf).
   """
+  if masks is None:
+    return [MaskedLeaf(p.path, p.value, None) for p in named_leaves(params)]
   check_same_structure(params, masks, what)
   return [MaskedLeaf(p.path, p.value, None if is_empty(m.value) else m.value)
           for p, m in zip(named_leaves(params, keep_none=True), named_leaves(masks, keep_none=True))

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import sparsejax
 from sparsejax.checkpoint import CheckpointError
 from sparsejax.checkpoint import SparseCheckpointManager
+from tests import models
 
 _X = jax.random.normal(jax.random.key(0), (2, 6, 3))  # (batch, length, channels)
 _Y = jax.random.normal(jax.random.key(1), (2, 5))
@@ -268,3 +269,48 @@ def test_optimizer_state_written_before_the_plain_form_still_restores(tmp_path):
   restored = _restore(tmp_path, opt_state_like=tx.init(params)).opt_state
   assert type(restored) is type(opt_state)
   _assert_bitwise_equal(restored, opt_state)
+
+
+def _is_none(x):
+  return x is None
+
+
+def test_masks_from_the_optimizer_and_from_a_checkpoint_are_one_type(tmp_path):
+  model = models.NnxMLP(nnx.Rngs(0))
+  schedule = sparsejax.PolynomialSchedule(0.0, 0.75, begin_step=0, end_step=2)
+  optimizer = nnx.Optimizer(model, sparsejax.GradualMagnitudePruning(schedule).wrap(optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  x, y = models.batch()
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean((m(x) - jax.nn.one_hot(y, 4)) ** 2))(model))
+
+  for _ in range(3):  # through the schedule's last mask update (step 2): 75% of each kernel pruned
+    step(model, optimizer)
+  params = _params(model)
+  from_optimizer = sparsejax.state_masks(optimizer.opt_state)
+  _save(tmp_path, params=params, masks=from_optimizer)
+  restored = _restore(tmp_path, masks_like=_params(models.NnxMLP(nnx.Rngs(1)))).masks
+  structure = jax.tree.structure(params, is_leaf=_is_none)  # as magnitude_masks(params) gives
+  for masks in (from_optimizer, restored, sparsejax.state_masks(optimizer.opt_state, params)):
+    assert jax.tree.structure(masks, is_leaf=_is_none) == structure  # nnx.Param-wrapped
+    assert type(masks["out"]["kernel"]) is nnx.Param
+  assert from_optimizer["out"]["bias"].get_value() is None
+  both = jax.tree.map(lambda a, b: None if a is None else a & b, from_optimizer, restored,
+                      is_leaf=_is_none)
+  for layer in ("hidden0", "hidden1", "out"):
+    kernel = np.asarray(params[layer]["kernel"][...])  # the wrapper zeroed exactly the pruned
+    np.testing.assert_array_equal(np.asarray(both[layer]["kernel"][...]), kernel != 0)
+    assert np.mean(kernel == 0) == 0.75, layer
+
+  new = jax.tree.map(lambda m: None if m is None else  # a new level: every other kept weight
+                     m & (np.arange(m.size).reshape(m.shape) % 2 == 0), restored, is_leaf=_is_none)
+  opt_state = sparsejax.with_masks(optimizer.opt_state, new)
+  assert jax.tree.structure(opt_state) == jax.tree.structure(optimizer.opt_state)  # OptVariables
+  optimizer.opt_state = opt_state
+  assert not jax.tree.leaves(nnx.state(optimizer, nnx.Param))  # masks are not model params
+  step(model, optimizer)
+  for layer in ("hidden0", "hidden1", "out"):
+    np.testing.assert_array_equal(np.asarray(_params(model)[layer]["kernel"][...]) != 0,
+                                  np.asarray(new[layer]["kernel"][...]), err_msg=layer)

@@ -184,3 +184,12 @@ def test_unpack_masks_runs_under_jit():
   for name in masks:
     if masks[name] is not None:
       np.testing.assert_array_equal(np.asarray(unpacked[name]), np.asarray(masks[name]))
+
+
+def test_leaves_with_masks_without_masks_lists_every_array_by_path_with_mask_none():
+  params = {"dense": {"bias": jnp.zeros(3), "kernel": jnp.ones((2, 3))}, "skip": None,
+            "head": {"kernel": jnp.full((3, 1), 2.0)}}
+  walked = sparsejax.leaves_with_masks(params, None)
+  assert [(leaf.path, leaf.mask) for leaf in walked] == [
+      ("dense/bias", None), ("dense/kernel", None), ("head/kernel", None)]
+  np.testing.assert_array_equal(walked[2].param, np.full((3, 1), 2.0))

@@ -187,15 +187,18 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(digits_dir, tmp_path)
 
 
 def test_the_launcher_reports_the_worst_exit_code_and_stops_the_others(tmp_path):
-  code = ("import sys, time\n"
+  code = ("import glob, os, sys, time\n"
           "rank = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1])\n"
           "print('up', rank, flush=True)\n"
-          "if rank == 1:\n  sys.exit(3)\n"
+          "open(os.path.join(sys.argv[1], f'{rank}.up'), 'w').close()\n"
+          "if rank == 1:\n"  # fail once every process is up (a loaded machine starts them slowly)
+          "  while len(glob.glob(os.path.join(sys.argv[1], '*.up'))) < 3:\n    time.sleep(0.05)\n"
+          "  sys.exit(3)\n"
           "time.sleep(120)\n")
   script = tmp_path / "worker.py"
   script.write_text(code)
   out = subprocess.run([sys.executable, "-m", "experiments.launch", "--processes", "3", "--",
-                        sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                        sys.executable, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
   assert out.returncode == 128 + 15  # the stopped sleepers' SIGTERM is worse than 3
   for rank in range(3):
@@ -249,3 +252,123 @@ def test_gloo_collectives_across_two_processes_agree_with_numpy_for_large_chunks
   assert out.returncode == 0, out.stdout[-3000:]
   for rank in (0, 1):
     assert f"[process {rank}] collectives with 2048 KiB chunks agree with numpy" in out.stdout
+
+
+_IGNORES_THE_SIGNAL = """\
+import os, signal, sys, time
+rank = int([a for a in sys.argv if a.startswith('--process_id=')][0].split('=')[1])
+signum = int(sys.argv[1])
+signal.signal(signum, lambda s, f: print('caught', s, flush=True))  # as JAX's SIGTERM notifier
+with open(f'{sys.argv[2]}/{rank}.pid', 'w') as f:
+  f.write(str(os.getpid()))
+for _ in range(600):
+  time.sleep(0.1)
+"""
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_every_process_after_the_grace_period(tmp_path, signum):
+  script = tmp_path / "worker.py"
+  script.write_text(_IGNORES_THE_SIGNAL)
+  launcher = subprocess.Popen(
+      [sys.executable, "-m", "experiments.launch", "--processes", "3", "--grace_s", "1", "--",
+       sys.executable, str(script), str(int(signum)), str(tmp_path)],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 60
+  while len(list(tmp_path.glob("*.pid"))) < 3:
+    assert launcher.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  time.sleep(0.2)  # the pid file is written after the handler is installed
+  pids = [int((tmp_path / f"{rank}.pid").read_text()) for rank in range(3)]
+  start = time.time()
+  launcher.send_signal(signum)
+  out, _ = launcher.communicate(timeout=30)  # the workers alone would sleep for 60 s
+  assert launcher.returncode == 128 + signum, out
+  assert time.time() - start < 10
+  for rank in range(3):
+    assert f"[process {rank}] caught {int(signum)}" in out  # forwarded to each
+  assert not any(_alive(pid) for pid in pids)
+
+
+def test_launcher_help_prints_the_options_and_the_signal_behaviour():
+  out = subprocess.run([sys.executable, "-m", "experiments.launch", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  for text in ("--processes", "--devices_per_process", "--grace_s", "SIGTERM", "143",
+               "-- COMMAND", "experiments/own_loop.py", "block_until_ready"):
+    assert text in out.stdout, text
+  missing = subprocess.run([sys.executable, "-m", "experiments.launch", "--processes", "2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert missing.returncode == 2 and "no command" in missing.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_of_a_training_run_ends_it_and_the_same_command_resumes(
+    digits_dir, tmp_path):
+  steps = 400
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "experiments.launch", "--processes", "2",
+             "--devices_per_process", "2", "--grace_s", "2", "--", sys.executable,
+             *_train_args(workdir, digits_dir, steps=steps)]
+  launcher = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while not (os.path.isdir(checkpoints) and "40" in os.listdir(checkpoints)):
+    assert launcher.poll() is None, "the run ended before it could be stopped"
+    assert time.time() < deadline
+    time.sleep(0.02)
+  children = [_child_with_rank(launcher.pid, rank) for rank in (0, 1)]
+  assert None not in children
+  start = time.time()
+  launcher.send_signal(signal.SIGTERM)
+  assert launcher.wait(timeout=60) == 143
+  assert time.time() - start < 2 + 5  # the grace period, then SIGKILL
+  assert not any(_alive(pid) for pid in children)
+  assert not os.path.exists(os.path.join(workdir, "final.json"))  # it did not train on
+  resumed = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stdout[-3000:]
+  for rank in (0, 1):
+    assert f"[process {rank}] [gradual] resuming from the checkpoint at step" in resumed.stdout
+  assert os.path.exists(os.path.join(workdir, "final.json"))
+  assert str(steps) in os.listdir(checkpoints)
+
+
+def _own_loop_result(stdout, process=0):
+  """(final loss, {path: kept weights}) from experiments.own_loop's last line of `process`."""
+  line = [l for l in stdout.splitlines() if f"process {process} of" in l][-1]
+  loss = float(line.split("final loss ")[1].split(",")[0])
+  kept = json.loads(line.split("kept weights ")[1].replace("'", '"'))
+  return loss, kept
+
+
+@pytest.mark.slow
+def test_the_own_loop_example_runs_in_two_processes_as_in_one():
+  steps = ["--steps=30"]
+  launched = subprocess.run(
+      [sys.executable, "-m", "experiments.launch", "--processes", "2", "--devices_per_process",
+       "2", "--", sys.executable, "-m", "experiments.own_loop", *steps],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert launched.returncode == 0, launched.stdout[-3000:]
+  single = subprocess.run([sys.executable, "-m", "experiments.own_loop", *steps,
+                           "--cpu_devices=4"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  loss, kept = _own_loop_result(single.stdout)
+  assert kept == {"hidden/kernel": 32 * 64 // 4, "out/kernel": 64 * 10 // 4}  # 75% pruned
+  for process in (0, 1):
+    loss_p, kept_p = _own_loop_result(launched.stdout, process)
+    assert f"[process {process}] process {process} of 2, 4 devices" in launched.stdout
+    assert kept_p == kept
+    assert loss_p == pytest.approx(loss, rel=1e-5)  # gloo adds the gradient in another order
+  assert loss < 2.0  # it learned: log(10) = 2.30 at the start
