@@ -406,7 +406,10 @@ def test_a_meta_stripped_of_its_checksums_is_damage_and_falls_back(two_steps, ca
     _strip_format_record(directory, 2)
   elif keep_record is None:
     os.remove(os.path.join(directory, "2", manager_lib.STEP_METADATA))
-  _flip_data_of(directory, 2, "params")  # so restoring step 2 unchecked would be wrong
+  # Weights that read back without error but are wrong (step 1's): restoring
+  # step 2 unchecked would resume from them.
+  shutil.rmtree(os.path.join(directory, "2", "params"))
+  shutil.copytree(os.path.join(directory, "1", "params"), os.path.join(directory, "2", "params"))
   lines = []
   with SparseCheckpointManager(directory) as manager:
     restored = manager.restore_latest_intact(log=lines.append, **_targets(states[1]))

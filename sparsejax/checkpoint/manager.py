@@ -26,7 +26,9 @@ Every item is readable with plain Orbax, for example
 written to a temporary directory and renamed when complete, so a killed save
 never becomes the latest step. A target whose leaf paths differ from the
 stored ones is a structure mismatch, reported with the first differing leaf
-on both sides (`CheckpointError`).
+on both sides (`CheckpointError`). `save(overwrite=True)` writes the new step
+in `.overwrite/`, verifies it and only then swaps it for the old one; a
+start-up finishes a swap that a crash interrupted.
 
 Damage is detected, not restored: `meta` records a CRC-32 of every leaf of
 every item and of itself (`integrity`), and a restore checks what it read
@@ -328,6 +330,8 @@ class SparseCheckpointManager:
       step: the step number.
       params, opt_state, train_state, rewind: pytrees of arrays (Linen dicts,
         `nnx.State`s, pure dicts, optax states), saved in their plain form.
+        Typed PRNG keys are saved as their `key_data`; an item without
+        leaves is not written (`meta['empty_items']` records it).
       masks: bool masks (None for unpruned leaves), packed to 1 bit per weight.
       meta: JSON-serialisable fields (the config, ...), completed with the
         step, level, mask shapes, per-leaf sparsity, package versions and
@@ -345,7 +349,7 @@ class SparseCheckpointManager:
     Raises:
       CheckpointError: `step` exists and `overwrite` is False; or, naming the
         item and path, two leaves of an item share a '/'-joined path or one
-        lies under another.
+        lies under another, or a leaf has no elements.
       CheckpointWriteError: this or the previous save could not be written.
     """
     if self.read_only:
@@ -551,6 +555,10 @@ class SparseCheckpointManager:
               f"Item {item!r}: leaf {path!r} is a {saved[path]} PRNG key in the checkpoint but "
               f"a {impl} key in the target.")
         got = jax.random.wrap_key_data(got, impl=impl or saved.get(path, "threefry2x32"))
+        if got.dtype != want.dtype:  # an abstract target of another implementation
+          raise CheckpointError(
+              f"Item {item!r}: leaf {path!r} restores as a {got.dtype} PRNG key but the target "
+              f"is {want.dtype}.")
       out.append(got)
     return jax.tree.unflatten(treedef, out)
 
@@ -820,7 +828,7 @@ class SparseCheckpointManager:
 
   def _collect_garbage(self) -> None:
     """Deletes steps beyond `max_to_keep`, never one newer than the newest verified step."""
-    if not self._verified:
+    if self.read_only or not self._verified:
       return
     newest = max(self._verified)
     candidates = [step for step in self.all_steps() if step <= newest]
