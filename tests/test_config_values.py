@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -54,3 +56,21 @@ def test_a_loss_that_becomes_nan_stops_the_run_naming_the_step(tiny_config, tmp_
   with SparseCheckpointManager(checkpoints) as manager:
     assert manager.all_steps() == [2]
   assert not os.path.exists(os.path.join(workdir, "final.json"))
+
+
+def test_cli_a_diverging_run_ends_in_one_line_with_a_nonzero_status(digits_dir, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/default.py",
+       f"--workdir={workdir}", f"--config.data_dir={digits_dir}", "--config.model.features=(32,16)",
+       "--config.optimizer=sgd", "--config.learning_rate=1e4", "--config.pruning.method=dense",
+       "--config.dense_baseline=False", "--config.num_train_steps=8", "--config.log_every=1",
+       "--config.checkpoint_every=2"],
+      cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root), capture_output=True,
+      text=True, timeout=600)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: training diverged: the loss is nan at step 4 (config.learning_rate=10000.0); the "
+      f"last checkpoint, step 2, is kept in {workdir}/checkpoints.")
+  assert not (workdir / "final.json").exists()
