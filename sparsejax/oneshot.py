@@ -334,8 +334,10 @@ def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
   if nm is not None and d_in % nm[1]:
     raise ValueError(f"{name}: kernel of shape {kernel.shape}: its {d_in} inputs (axes "
                      f"{axes}) are not divisible by M={nm[1]}.")
+  hessian = None if method == "magnitude" else hessian   # magnitude reads no statistics
   new, keep, finite = _prune(kernel, hessian, method, None if sparsity is None else float(sparsity),
-                             nm, axes, per_output, block_size, float(dampening))
+                             None if nm is None else tuple(nm), axes, per_output, block_size,
+                             float(dampening))
   weights_finite, hessian_finite, result_finite = (bool(f) for f in finite)
   if not weights_finite:
     raise ValueError(f"{name}: the weights hold NaN or inf.")
