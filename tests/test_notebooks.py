@@ -1,7 +1,10 @@
-"""Every notebook runs top to bottom (small settings, offline) and is stored without outputs."""
+"""Every notebook runs top to bottom (small settings, offline) from notebooks/, as Jupyter
+opens it, and is stored without outputs."""
 
 import json
 import os
+import subprocess
+import sys
 
 import nbclient
 import nbformat
@@ -41,6 +44,31 @@ def test_notebook_is_stored_without_outputs(name):
           f"{name} cell {i} has stored outputs: clear them before committing")
 
 
+def _user_env():
+  """The environment of a user who opens Jupyter: no PYTHONPATH pointing at the repository."""
+  return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+_PATH_CELL_END = "  sys.path.insert(0, ROOT)\n"
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_notebook_imports_experiments_from_the_repository_root_and_from_notebooks(name):
+  book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  index = next(i for i, c in enumerate(book.cells) if "parameters" in c.metadata.get("tags", []))
+  source = book.cells[index + 1].source  # the first cell after the parameters
+  assert _PATH_CELL_END in source, f"{name}: its first code cell must put the root on sys.path"
+  prefix = source[:source.index(_PATH_CELL_END) + len(_PATH_CELL_END)]
+  check = prefix + ("import importlib.util\n"  # where the imports resolve, without importing jax
+                    "print(*(importlib.util.find_spec(m).origin for m in ('experiments', 'sparsejax')))")
+  for cwd in (ROOT, NOTEBOOKS):
+    out = subprocess.run([sys.executable, "-c", check], cwd=cwd, env=_user_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, (name, cwd, out.stderr[-2000:])
+    assert out.stdout.split() == [os.path.join(ROOT, "experiments", "__init__.py"),
+                                  os.path.join(ROOT, "sparsejax", "__init__.py")], (name, cwd)
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 @pytest.mark.slow  # each notebook runs for 25-60 s
 def test_notebook_runs_top_to_bottom(name, tmp_path, digits_dir):
@@ -56,9 +84,10 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, digits_dir):
     overrides["DATA_DIR"] = digits_dir
   lines = "\n".join(f"{key} = {value!r}" for key, value in overrides.items())
   book.cells.insert(index + 1, nbformat.v4.new_code_cell("# test settings\n" + lines))
+  # From notebooks/, without PYTHONPATH: as a user opens it in Jupyter.
   client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
-  client.execute()  # raises CellExecutionError, with the failing cell and traceback
+                                   resources={"metadata": {"path": NOTEBOOKS}})
+  client.execute(env=_user_env())  # raises CellExecutionError, with the failing cell and traceback
   images = sum(1 for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])
                if "image/png" in o.get("data", {}))
   assert images >= 2, f"{name} showed {images} plots"
