@@ -84,8 +84,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, digits_dir):
     overrides["DATA_DIR"] = digits_dir
   lines = "\n".join(f"{key} = {value!r}" for key, value in overrides.items())
   book.cells.insert(index + 1, nbformat.v4.new_code_cell("# test settings\n" + lines))
-  # From notebooks/, without PYTHONPATH: as a user opens it in Jupyter.
-  client = nbclient.NotebookClient(book, timeout=600, kernel_name="python3",
+  # From notebooks/, without PYTHONPATH: as a user opens it in Jupyter. oneshot_lm's first
+  # cell took 550 s on a loaded 2-core machine: hence 1200 s per cell.
+  client = nbclient.NotebookClient(book, timeout=1200, kernel_name="python3",  # per cell
                                    resources={"metadata": {"path": NOTEBOOKS}})
   client.execute(env=_user_env())  # raises CellExecutionError, with the failing cell and traceback
   images = sum(1 for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])
