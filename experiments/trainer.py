@@ -34,6 +34,7 @@ from experiments import models
 
 
 CHECKPOINT_DIR = "checkpoints"
+MAX_STEPS_IN_FLIGHT = 8  # several processes: at most this many steps dispatched ahead
 RESULTS_META = "results"  # checkpoint meta key: the run's results up to that step (see fit)
 
 
@@ -532,6 +533,10 @@ class Trainer:
             jax.block_until_ready(state)  # so the time below is the steps', not the eval's
             # Before any eval, record or checkpoint of a state trained past a NaN loss.
             self._check_finite(window, done, manager)
+          elif jax.process_count() > 1 and done % MAX_STEPS_IN_FLIGHT == 0:
+            # Several CPU processes (gloo) hang with ~30 steps dispatched ahead
+            # (README, "Your own loop under the launcher"): keep fewer in flight.
+            jax.block_until_ready(step_metrics)
           window_time += time.perf_counter() - tick
           if eval_now:
             test = self.evaluate(state)
