@@ -17,7 +17,11 @@ strict (score > M * mean); the ratio is in percent; the shift uses the
 unweighted mean over blocks (so the overall sparsity is exactly S only when
 the blocks are of equal size, as in a transformer); the scores come from
 the dense model's inputs, each block seeing the outputs of the dense blocks
-before it (`linen_hessians(...)(params)` on the unpruned params).
+before it (`linen_hessians(...)(params)` on the unpruned params). The authors
+score and prune only the blocks' linear layers: a kernel outside the blocks
+(an output head) here forms a group of its own and gets a sparsity too
+unless `leaf_filter` (the same in `outlier_ratios` and `prune_sequentially`)
+leaves it out.
 
 Where this differs, on purpose: when every block has the same ratio (or
 there is one block) the authors divide by zero (NaN sparsities); here every
