@@ -52,6 +52,7 @@ from sparsejax import lottery
 from sparsejax import nm
 from sparsejax import nm_schedules
 from sparsejax import oneshot
+from sparsejax import owl
 
 __version__ = "0.1.0"
 
@@ -90,6 +91,7 @@ __all__ = [
     "nm_masks",
     "nm_schedules",
     "oneshot",
+    "owl",
     "pack_bits",
     "pack_masks",
     "random_masks",

@@ -46,6 +46,8 @@ from sparsejax import trees
 PyTree = Any
 METHODS = ("magnitude", "wanda", "sparsegpt")
 HessiansFn = Callable[[PyTree], Mapping[str, jax.Array]]
+# One sparsity for every kernel, or one per group: {group name: sparsity} or group -> sparsity.
+GroupSparsity = float | Mapping[str, float] | Callable[[str], float]
 
 
 def check_target(sparsity=None, nm: tuple[int, int] | None = None) -> None:
@@ -71,14 +73,63 @@ def check_solver(block_size, dampening) -> None:
     raise ValueError(f"dampening={dampening!r} must be a finite number > 0.")
 
 
-def check_layers(params: PyTree, method: str, *, sparsity: float | None = None,
-                 nm: tuple[int, int] | None = None, leaf_filter: trees.LeafFilter | None = None,
-                 axes: layouts.AxesSpec = None, block_size: int = 128) -> None:
-  """Raises, naming the first leaf, if `nm` cannot apply to a chosen kernel.
+def group_sparsities(sparsity: GroupSparsity, names: Iterable[str]) -> dict[str, float]:
+  """{group: its sparsity} for the groups `names`, from one sparsity, a dict or a callable.
 
-  Reads only shapes (`params` may hold `jax.ShapeDtypeStruct`s), so a run can
-  check every layer before it prunes (or writes) anything.
+  A dict must name every group and no other (a ValueError names the first
+  missing or unknown one); a callable is asked once per group. Every value
+  must be in [0, 1) (the error names the group).
+
+  >>> group_sparsities({'block_0': 0.4, 'block_1': 0.6}, ['block_0', 'block_1'])
+  {'block_0': 0.4, 'block_1': 0.6}
   """
+  names = list(dict.fromkeys(names))
+  if isinstance(sparsity, Mapping):
+    missing = [n for n in names if n not in sparsity]
+    unknown = [k for k in sparsity if k not in names]
+    if missing:
+      raise ValueError(f"sparsity has no entry for group {missing[0]!r} ({len(missing)} missing; "
+                       f"groups: {names[:8]}{'...' if len(names) > 8 else ''}).")
+    if unknown:
+      raise ValueError(f"sparsity names group {unknown[0]!r}, which holds no chosen kernel "
+                       f"(groups: {names[:8]}{'...' if len(names) > 8 else ''}).")
+    values = {n: sparsity[n] for n in names}
+  elif callable(sparsity):
+    values = {n: sparsity(n) for n in names}
+  else:
+    values = {n: sparsity for n in names}
+  for name, value in values.items():
+    try:
+      check_target(value)
+    except ValueError as e:
+      raise ValueError(f"group {name!r}: {e}") from None
+  return {n: float(v) for n, v in values.items()}
+
+
+def _per_group(sparsity) -> bool:
+  return isinstance(sparsity, Mapping) or callable(sparsity)
+
+
+def check_layers(params: PyTree, method: str, *, sparsity: GroupSparsity | None = None,
+                 nm: tuple[int, int] | None = None, leaf_filter: trees.LeafFilter | None = None,
+                 axes: layouts.AxesSpec = None, block_size: int = 128,
+                 group: Callable[[str], str] | None = None) -> None:
+  """Raises, naming the first leaf (or group), if the target cannot apply to a chosen kernel.
+
+  `sparsity` may be one value or, per group (`group`, default
+  `block_group()`), a dict or callable (`group_sparsities`): each group's own
+  target is checked. Reads only shapes (`params` may hold
+  `jax.ShapeDtypeStruct`s), so a run can check every layer before it prunes
+  (or writes) anything.
+  """
+  if _per_group(sparsity):
+    if nm is not None:
+      check_target(sparsity, nm)   # raises: both given
+    leaves = trees.named_leaves(params)
+    group = group or block_group()
+    group_sparsities(sparsity, [group(leaves[i].path)
+                                for i in pruning.prunable_leaves(params, leaf_filter)])
+    return
   check_target(sparsity, nm)
   if nm is None:
     return
@@ -384,7 +435,7 @@ def block_group(pattern: str = r"^.*?_\d+(?=/)") -> Callable[[str], str]:
 
 
 def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: str, *,
-                       sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                       sparsity: GroupSparsity | None = None, nm: tuple[int, int] | None = None,
                        leaf_filter: trees.LeafFilter | None = None,
                        axes: layouts.AxesSpec = None, group: Callable[[str], str] | None = None,
                        per_output: bool | None = None, block_size: int = 128,
@@ -398,12 +449,27 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
   already pruned, so each group is calibrated on what it will see.
   Magnitude needs no calibration (`hessians_fn` may be None).
 
+  Each group may have its own sparsity (a dict or callable, see
+  `group_sparsities`), e.g. OWL's (Yin et al. 2024, `sparsejax.owl`): from
+  the dense model's input norms, blocks with more outlier Wanda scores keep
+  more weights, the mean density staying 1 - S:
+
+    norms = linen_hessians(model, batches, diagonal=True)(params)
+    targets = owl.owl_sparsities(owl.outlier_ratios(params, norms), 0.7)
+    pruned, masks = prune_sequentially(params, linen_hessians(model, batches, diagonal=True),
+                                       'wanda', sparsity=targets)
+
+  (SparseGPT the same way, with `linen_hessians(model, batches)` in the last
+  line.) Each distinct sparsity compiles its own program per kernel shape.
+
   Args:
     params: any params pytree (Linen dict, NNX state).
     hessians_fn: params -> {kernel path: X^T X of its inputs}, e.g. from
       `linen_hessians`.
     method: 'magnitude', 'wanda' or 'sparsegpt'.
-    sparsity: the fraction to prune from every chosen kernel, in [0, 1).
+    sparsity: the fraction to prune from every chosen kernel, in [0, 1), or
+      per group: {group name: sparsity} naming every group and no other, or
+      a callable group name -> sparsity.
     nm: (N, M): keep N of every M inputs instead.
     leaf_filter: (path, leaf) -> bool; default: arrays of ndim >= 2.
     axes: contraction axes of each kernel (`layouts`); default rule.
@@ -418,24 +484,29 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
     (None on leaves not pruned).
 
   Raises:
-    ValueError: for an unknown method, a bad target or setting, and, naming
+    ValueError: for an unknown method, a bad target or setting, a group
+      missing from (or unknown to) a per-group sparsity dict, and, naming
       the kernel: an N:M pattern a chosen kernel cannot take (every kernel is
       checked before any is pruned), a kernel whose inputs `hessians_fn` did
       not capture, NaN or inf in a kernel or its X^T X.
   """
   check_method(method)
-  check_target(sparsity, nm)
+  per_group = _per_group(sparsity)
+  if not per_group:
+    check_target(sparsity, nm)
   check_solver(block_size, dampening)
   check_per_output(method, per_output)
   if method != "magnitude" and hessians_fn is None:
     raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...)).")
-  check_layers(params, method, sparsity=sparsity, nm=nm, leaf_filter=leaf_filter, axes=axes,
-               block_size=block_size)
   group = group or block_group()
+  check_layers(params, method, sparsity=sparsity, nm=nm, leaf_filter=leaf_filter, axes=axes,
+               block_size=block_size, group=group)
   rule = layouts.as_rule(axes)
   leaves = trees.named_leaves(params)
   chosen = pruning.prunable_leaves(params, leaf_filter)
   index = {leaves[i].path: i for i in chosen}
+  targets = (None if sparsity is None
+             else group_sparsities(sparsity, [group(path) for path in index]))
   if method == "magnitude":
     order = list(index)
   else:
@@ -460,11 +531,13 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
       i = index[path]
       kernel = values[i]
       values[i], masks[i] = prune_layer(
-          kernel, None if method == "magnitude" else hessians[path], method, sparsity=sparsity,
-          nm=nm, axes=rule(path, kernel.shape), per_output=per_output, block_size=block_size,
+          kernel, None if method == "magnitude" else hessians[path], method,
+          sparsity=None if targets is None else targets[name], nm=nm, axes=rule(path, kernel.shape), per_output=per_output, block_size=block_size,
           dampening=dampening, name=path)
     if log:
-      log(f"[{method}] group {number + 1}/{len(groups)} {name}: {len(paths)} kernel(s) pruned")
+      target = f" at sparsity {targets[name]:.4g}" if per_group else ""
+      log(f"[{method}] group {number + 1}/{len(groups)} {name}: {len(paths)} kernel(s) pruned"
+          f"{target}")
   pruned = jax.tree.unflatten(jax.tree.structure(params), values)
   return pruned, pruning.assemble_masks(params, chosen, [masks[i] for i in chosen])
 
