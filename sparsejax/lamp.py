@@ -39,7 +39,7 @@ def lamp_normalize(scores: jax.Array) -> jax.Array:
   its surviving entries. A leaf of zeros scores 0 everywhere (the authors'
   code divides 0 by 0 there).
 
-  >>> lamp_normalize(jnp.array([1., 2., 3.])).round(4).tolist()
+  >>> [round(float(x), 4) for x in lamp_normalize(jnp.array([1., 2., 3.]))]
   [0.0714, 0.3077, 1.0]
 
   (1 / (1 + 4 + 9), 4 / (4 + 9), 9 / 9.)
