@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -252,6 +253,14 @@ def _restore_target(item: str, stored: PyTree, target: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, [wanted[trees.path_name(path)] for path, _ in flat])
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warnings that a manager opened read-only is read-only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return "Given directory is read only" not in message and "read_only=True" not in message
+
+
 class SparseCheckpointManager:
   """Saves and restores sparse-training state in one directory.
 
@@ -292,10 +301,6 @@ class SparseCheckpointManager:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be None or at least 1, got {max_to_keep!r}.")
-    # Steps are deleted here, not by Orbax: only after a newer one is verified.
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=not read_only,
-                                           read_only=read_only, create=not read_only)
     self.directory = os.path.abspath(directory)  # Orbax refuses relative paths
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory} is a file, not a checkpoint directory.")
@@ -312,11 +317,19 @@ class SparseCheckpointManager:
     # Handlers named up front, so a new manager can read metadata of old steps.
     handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
     handlers["meta"] = ocp.JsonCheckpointHandler()
+    quiet = _DropReadOnlyNotice()  # read-only is asked for here: Orbax's warnings are noise
+    logging.getLogger("absl").addFilter(quiet)
     try:
+      # Steps are deleted here, not by Orbax: only after a newer one is verified.
+      options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=not read_only,
+                                             read_only=read_only, create=not read_only)
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_handlers=handlers)
     except OSError as e:
       raise CheckpointWriteError(f"Cannot use {self.directory} for checkpoints: {e}") from e
+    finally:
+      logging.getLogger("absl").removeFilter(quiet)
 
   def save(self, step: int, *, params: PyTree = None, masks: PyTree = None, opt_state: PyTree = None,
            train_state: PyTree = None, rewind: PyTree = None, meta: dict | None = None,
