@@ -32,6 +32,7 @@ from sparsejax.checkpoint import CheckpointWriteError
 from sparsejax.checkpoint import SparseCheckpointManager
 from sparsejax.checkpoint import manager as manager_lib
 from tests import reference
+from tests import one_device_env
 
 ITEMS = ("params", "masks", "opt_state", "train_state", "meta")
 
@@ -518,7 +519,7 @@ def test_cli_on_a_full_disk_ends_in_one_line_and_keeps_its_earlier_steps(digits_
          f"--workdir={workdir}", f"--config.data_dir={digits_dir}",
          "--config.num_train_steps=600", "--config.checkpoint_every=100",
          "--config.log_every=50", "--config.dense_baseline=False"],
-        cwd=root, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), capture_output=True,
+        cwd=root, env=one_device_env(), capture_output=True,
         text=True, timeout=600)
     assert out.returncode != 0
     errors = out.stderr.strip().splitlines()

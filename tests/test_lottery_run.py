@@ -26,6 +26,7 @@ from experiments import workdir as workdir_lib
 from experiments.configs import lottery as lottery_config
 from tests import reference
 from sparsejax.checkpoint import SparseCheckpointManager
+from tests import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny MLP's kernels: 64x32, 32x16, 16x10.
@@ -307,7 +308,7 @@ def _command(workdir, data_dir, *extra):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return one_device_env()
 
 
 def test_cli_prints_the_table_and_rejects_unknown_keys(digits_dir, tmp_path):

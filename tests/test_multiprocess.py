@@ -25,6 +25,7 @@ import pytest
 from sparsejax.checkpoint import SparseCheckpointManager
 from experiments import launch
 from experiments import metrics as metrics_lib
+from tests import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -52,7 +53,7 @@ def _launch(workdir, data_dir, *extra, steps=STEPS, wait=True):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return one_device_env()
 
 
 def _final(workdir, steps=STEPS):

@@ -12,6 +12,7 @@ import pytest
 
 from experiments import metrics as metrics_lib
 from experiments import workdir as workdir_lib
+from tests import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def _command(workdir, data_dir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return one_device_env()
 
 
 def _finished_steps(directory):

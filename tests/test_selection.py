@@ -13,6 +13,7 @@ import pytest
 import sparsejax
 from sparsejax import counts
 from tests import reference
+from tests import one_device_env
 
 
 def _scores(kind, shape, seed=0):
@@ -170,7 +171,7 @@ for scores in cases:
 print("ok")
 """
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_ENABLE_X64="1", XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = one_device_env(JAX_ENABLE_X64="1")
   result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

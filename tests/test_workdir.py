@@ -14,6 +14,7 @@ from experiments import config_checks
 from experiments import metrics as metrics_lib
 from experiments import train
 from experiments import workdir as workdir_lib
+from tests import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,7 @@ def test_overwrite_replaces_run_files_only(finished_run):
 
 
 def _cli(*args, cwd=ROOT):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = one_device_env(PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
