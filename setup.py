@@ -8,7 +8,7 @@ setuptools.setup(
     description="Pure functional mask transforms for pruning and sparse training in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["sparsejax", "sparsejax.*"]),
+    packages=setuptools.find_packages(include=["sparsejax", "sparsejax.*", "experiments", "experiments.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax",
