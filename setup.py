@@ -28,5 +28,5 @@ setuptools.setup(
         "matplotlib",
         "pillow",  # TFDS decodes PNG-encoded Image features with it (no TensorFlow)
     ],
-    extras_require={"test": ["pytest", "nbclient", "nbformat", "ipykernel"]},
+    extras_require={"test": ["pytest", "nbclient", "nbformat", "ipykernel", "sphinx", "myst-parser"]},
 )

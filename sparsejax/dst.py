@@ -150,6 +150,7 @@ class DropAndGrow:
 
   Example (RigL's defaults, 80% sparse, ERK, updates every 100 steps until
   75% of 10,000 steps):
+
     >>> tx = DropAndGrow(sparsejax.ConstantSchedule(0.8), end_step=7500,
     ...                  allocation='erk', key=jax.random.key(0)).wrap(optax.adam(1e-3))
     >>> # forward on sparsejax.ste_masked_params(params, opt_state)

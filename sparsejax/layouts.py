@@ -4,7 +4,7 @@ N:M sparsity keeps n of every m consecutive weights along a kernel's
 contraction (input) dimensions, so that every output unit's input vector,
 read in contraction order, is N:M: the structure sparse tensor cores consume.
 Where those dimensions lie depends on the layer, and Flax stores it only in
-the module, not in the params, so the default rule reads the path and shape:
+the module, not in the params, so the default rule reads the path and shape::
 
   Dense / nnx.Linear (in, out)                         (0,)
   Conv (..., Cin, Cout), a path part containing 'conv' (Cin,), or with
@@ -20,12 +20,14 @@ NNX `MultiHeadAttention`: a 3-D `kernel` whose parent is `query`, `key`,
 says how to name its axes, never guesses. Several contraction axes are read
 in row-major order, as the layer flattens them (head-major for `out`).
 
-A rule is given as `axes=`:
+A rule is given as `axes=`::
+
   None          the default rule above;
   {regex: v}    v for leaves whose path matches (re.search, first match),
                 the default rule for the others;
   int or tuple  the same axes for every leaf;
   callable      (path, shape) -> int or tuple of ints;
+
 where v is an int, a tuple of ints, or one of the names in `NAMED`.
 """
 
@@ -131,7 +133,7 @@ class ContractionRule:
 
   Attributes:
     rules: {path_regex: int | tuple of ints | name in NAMED}; the first
-      regex that `re.search`es the path wins.
+      regex that `re.search` matches the path wins.
     conv_flat: convolutions group along the flattened (..., Cin) instead of
       Cin alone.
   """
@@ -198,9 +200,11 @@ class GroupedView:
     return self.shape[self.axis]
 
   def to_view(self, x):
+    """An array of the leaf's shape with its contraction axes merged into `axis`."""
     return (x if self.identity else x.transpose(self.perm)).reshape(self.shape)
 
   def from_view(self, y):
+    """The inverse of `to_view`: an array of the view's shape back in the leaf's shape."""
     y = y.reshape(self.moved_shape)
     if self.identity:
       return y

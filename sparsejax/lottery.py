@@ -134,7 +134,7 @@ def match_layer_fractions(paths: Sequence[str],
                           layer_fractions: Mapping[str, float] | None) -> dict[str, float]:
   """The leaves of `paths` that `layer_fractions` gives their own fraction.
 
-  A path takes the fraction of the first regex that `re.search`es it.
+  A path takes the fraction of the first regex that `re.search` matches it.
 
   >>> match_layer_fractions(['hidden_0/kernel', 'head/kernel'], {'^head/': 0.0})
   {'head/kernel': 0.0}
@@ -204,7 +204,7 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
       across them) or 'lamp' (as 'global', ranking LAMP scores: Lee et al.
       2021 use it inside IMP; see `sparsejax.lamp`).
     layer_fractions: {path_regex: fraction in [0, 1)}: a leaf whose
-      '/'-joined path a regex `re.search`es (first match wins) keeps
+      '/'-joined path a regex `re.search` matches (first match wins) keeps
       round((1 - fraction) * kept_l) of its own weights, under either
       allocation; fraction 0 leaves it at its current mask (e.g. an output
       layer kept dense). Every regex must match a masked leaf.

@@ -18,7 +18,7 @@ with the phases of `NMSchedule`: dense first (beta = 1), hard mask last
 exactly 0 by the optimizer; `finetune_mask='recompute'` instead recomputes it
 from the dense weights every step with STE, as the authors' code does).
 
-Usage inside any jitted step:
+Usage inside any jitted step::
 
   nm = NMSparsity.from_method('srste', NMSchedule(2, 4, num_steps))
   tx = nm.wrap(optax.adam(1e-3))

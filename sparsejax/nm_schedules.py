@@ -1,6 +1,6 @@
 """When N:M training is dense, sparse or fine-tuning, with which pattern and decay.
 
-Training of `num_steps` steps falls into three phases (step = updates done):
+Training of `num_steps` steps falls into three phases (step = updates done)::
 
   dense     [0, dense_steps)                  forward uses the dense weights;
   sparse    [dense_steps, finetune_start)     forward uses the N:M-masked
@@ -162,6 +162,7 @@ class NMSchedule:
 
   @property
   def finetune_start(self) -> int:
+    """The first step of the fine-tune phase (`num_steps - finetune_steps`)."""
     return self.num_steps - self.finetune_steps
 
   @property
@@ -171,9 +172,11 @@ class NMSchedule:
 
   @property
   def patterns(self) -> tuple[tuple[int, int], ...]:
+    """The (n, m) pattern of each structure frame, in order (see `structure_patterns`)."""
     return structure_patterns(self.n, self.m, self.structure)
 
   def pattern_names(self) -> list[str]:
+    """The patterns as "n:m" strings, for logs and errors."""
     return [f"{n}:{m}" for n, m in self.patterns]
 
   @property
@@ -190,9 +193,11 @@ class NMSchedule:
     return jnp.sum(step >= starts, dtype=jnp.int32)
 
   def is_dense(self, step) -> jax.Array:
+    """Whether `step` is in the dense phase, before any mask."""
     return jnp.asarray(step) < self.dense_steps
 
   def is_finetune(self, step) -> jax.Array:
+    """Whether `step` is in the fine-tune phase at the final pattern."""
     return jnp.asarray(step) >= self.finetune_start
 
   def is_hard(self, step) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Each kernel is pruned as a linear layer W (d_in x d_out, its contraction axes
 merged into d_in, see `layouts`) from the Gram matrix of its inputs,
-H = X^T X over the calibration tokens X (n x d_in):
+H = X^T X over the calibration tokens X (n x d_in)::
 
   magnitude  keep the largest |W_ij| of the layer (or of each output unit);
   wanda      keep the largest |W_ij| * ||X_i||_2 of each output unit
@@ -119,7 +119,7 @@ def check_layers(params: PyTree, method: str, *, sparsity: GroupSparsity | None 
   `sparsity` may be one value or, per group (`group`, default
   `block_group()`), a dict or callable (`group_sparsities`): each group's own
   target is checked. Reads only shapes (`params` may hold
-  `jax.ShapeDtypeStruct`s), so a run can check every layer before it prunes
+  `jax.ShapeDtypeStruct` values), so a run can check every layer before it prunes
   (or writes) anything.
   """
   if _per_group(sparsity):
@@ -148,6 +148,7 @@ def check_layers(params: PyTree, method: str, *, sparsity: GroupSparsity | None 
 
 
 def check_method(method: str) -> None:
+  """A ValueError naming the one-shot methods unless `method` is one of them."""
   if method not in METHODS:
     raise ValueError(f"unknown one-shot method {method!r}; use one of {METHODS}.")
 
@@ -452,7 +453,7 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
   Each group may have its own sparsity (a dict or callable, see
   `group_sparsities`), e.g. OWL's (Yin et al. 2024, `sparsejax.owl`): from
   the dense model's input norms, blocks with more outlier Wanda scores keep
-  more weights, the mean density staying 1 - S:
+  more weights, the mean density staying 1 - S::
 
     norms = linen_hessians(model, batches, diagonal=True)(params)
     targets = owl.owl_sparsities(owl.outlier_ratios(params, norms), 0.7)

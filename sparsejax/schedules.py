@@ -38,15 +38,18 @@ class ConstantSchedule:
 
   @property
   def final_sparsity(self) -> float:
+    """The sparsity the schedule ends at (the wrappers size per-leaf targets by it)."""
     return self.sparsity
 
   def with_final(self, sparsity) -> "ConstantSchedule":
+    """This schedule at another sparsity (a leaf's own target under non-uniform allocation)."""
     return dataclasses.replace(self, sparsity=sparsity)
 
   def __call__(self, step) -> jax.Array:
     return jnp.full((), self.sparsity, jnp.float32) + 0 * jnp.asarray(step, jnp.float32)
 
   def is_update_step(self, step) -> jax.Array:
+    """Whether masks are recomputed at `step`: at step 0 only."""
     return jnp.asarray(step) == 0
 
 
@@ -65,9 +68,11 @@ class FixedMaskSchedule:
 
   @property
   def final_sparsity(self) -> float:
+    """0: the masks come from elsewhere, so no per-leaf target is ever asked for."""
     return 0.0  # per-leaf targets are unused: no update step ever asks for them
 
   def with_final(self, sparsity) -> "FixedMaskSchedule":
+    """This schedule unchanged: fixed masks have no target to change."""
     del sparsity
     return self
 
@@ -75,6 +80,7 @@ class FixedMaskSchedule:
     return 0 * jnp.asarray(step, jnp.float32)
 
   def is_update_step(self, step) -> jax.Array:
+    """Never: the masks stay what the pruning state holds."""
     return jnp.zeros(jnp.shape(step), bool)
 
 
@@ -95,15 +101,18 @@ class OneShotSchedule:
 
   @property
   def final_sparsity(self) -> float:
+    """The sparsity the schedule ends at (the wrappers size per-leaf targets by it)."""
     return self.sparsity
 
   def with_final(self, sparsity) -> "OneShotSchedule":
+    """This schedule at another sparsity (a leaf's own target under non-uniform allocation)."""
     return dataclasses.replace(self, sparsity=sparsity)
 
   def __call__(self, step) -> jax.Array:
     return jnp.where(jnp.asarray(step) >= self.step, jnp.float32(self.sparsity), jnp.float32(0))
 
   def is_update_step(self, step) -> jax.Array:
+    """Whether masks are recomputed at `step`: at `self.step` only."""
     return jnp.asarray(step) == self.step
 
 
@@ -142,6 +151,7 @@ class PolynomialSchedule:
       raise ValueError(f"power must be > 0, got {self.power!r}.")
 
   def with_final(self, sparsity) -> "PolynomialSchedule":
+    """This schedule ending at another sparsity (a leaf's own target, non-uniform allocation)."""
     return dataclasses.replace(self, final_sparsity=sparsity)
 
   def __call__(self, step) -> jax.Array:
@@ -156,6 +166,7 @@ class PolynomialSchedule:
     return jnp.where(step >= self.end_step, s_f, value)
 
   def is_update_step(self, step) -> jax.Array:
+    """Whether masks are recomputed at `step`: every `update_frequency` steps from t0, and at t1."""
     step = jnp.asarray(step, jnp.int32)
     in_range = (step >= self.begin_step) & (step <= self.end_step)
     on_grid = ((step - self.begin_step) % self.update_frequency == 0) | (step == self.end_step)

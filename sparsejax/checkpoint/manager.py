@@ -788,9 +788,11 @@ class SparseCheckpointManager:
                                   masks_like)
 
   def latest_step(self) -> int | None:
+    """The newest saved step (None when there is none); it may be damaged: `restore` checks."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Every saved step, in increasing order."""
     return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
@@ -858,6 +860,7 @@ class SparseCheckpointManager:
         self._metric_values.pop(step, None)
 
   def close(self) -> None:
+    """Waits for writes in progress, then releases the manager (also on leaving a `with`)."""
     try:
       self.wait_until_finished()
     finally:

@@ -1,0 +1,61 @@
+"""The documentation site: every public name documented, built offline with warnings as errors."""
+
+import importlib
+import inspect
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+
+import sparsejax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _public_modules():
+  names = ["sparsejax"] + [m.name for m in pkgutil.walk_packages(sparsejax.__path__, "sparsejax.")
+                           if not any(p.startswith("_") for p in m.name.split("."))]
+  return [importlib.import_module(name) for name in names]
+
+
+def _public_objects(module):
+  """(qualified name, object) of each public function and class a module defines or exports."""
+  names = getattr(module, "__all__", None) or [
+      n for n, v in vars(module).items() if not n.startswith("_")
+      and (inspect.isfunction(v) or inspect.isclass(v)) and v.__module__ == module.__name__]
+  for name in names:
+    value = getattr(module, name)
+    if not (inspect.isfunction(value) or inspect.isclass(value)):
+      continue
+    yield f"{module.__name__}.{name}", value
+    if inspect.isclass(value) and value.__module__.startswith("sparsejax"):
+      for attribute, member in vars(value).items():
+        function = member.fget if isinstance(member, property) else getattr(
+            member, "__func__", member)
+        if not attribute.startswith("_") and inspect.isfunction(function):
+          yield f"{module.__name__}.{name}.{attribute}", getattr(value, attribute)
+
+
+def test_every_public_function_class_and_method_has_a_docstring():
+  undocumented = sorted({name for module in _public_modules()
+                         for name, value in _public_objects(module) if not inspect.getdoc(value)})
+  assert not undocumented, f"public names without a docstring: {undocumented}"
+
+
+def test_the_api_reference_lists_every_public_submodule():
+  listed = set(re.findall(r"\.\. automodule:: (\S+)", open(os.path.join(ROOT, "docs", "api.md")).read()))
+  public = {f"sparsejax.{name}" for name in sparsejax.__all__
+            if inspect.ismodule(getattr(sparsejax, name))} | {"sparsejax", "sparsejax.checkpoint"}
+  assert public <= listed, f"missing from docs/api.md: {sorted(public - listed)}"
+
+
+def test_docs_build_offline_with_warnings_as_errors(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q", "docs",
+       str(tmp_path / "html")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  api = (tmp_path / "html" / "api.html").read_text()
+  for name in ("sparsejax.GradualMagnitudePruning", "sparsejax.oneshot.prune_sequentially",
+               "sparsejax.checkpoint.SparseCheckpointManager.latest_step"):
+    assert f'id="{name}"' in api, name
