@@ -27,6 +27,11 @@ Methods, chosen by `config.pruning.method`:
             every `dst.update_every` steps, with its code's settings
             (`DST_DEFAULTS`: death rate 0.5 to 0.005 by a cosine over the
             whole run, ceil counts, per-layer regrowth).
+  maskllm, jackpots (also spelled 'jackpot'), bip: learned masks
+            (`config.pruning.learned`, see `learned_method`): dense training
+            for start_fraction of the run, then MaskLLM's n:m logits or
+            Lottery Jackpots' scores over the frozen weights, or BiP's
+            alternating weight and score updates.
 dense/one_shot/gradual/static/snip/synflow go through
 `sparsejax.GradualMagnitudePruning`, set/rigl/granet through
 `sparsejax.DropAndGrow`: the pruned weights are exactly zero in the params
@@ -48,9 +53,11 @@ import sparsejax
 from experiments.config_checks import ConfigError
 from experiments.config_checks import at_least
 from experiments.config_checks import choice
+from experiments.config_checks import number
 
 METHODS = ("dense", "one_shot", "gradual", "nm", "static", "snip", "synflow", "ste", "set",
-           "rigl", "granet")
+           "rigl", "granet", "maskllm", "jackpots", "jackpot", "bip")
+LEARNED = ("maskllm", "jackpots", "jackpot", "bip")  # sparsejax.learned: scores in the state
 AT_INIT = ("snip", "synflow")              # masks computed by the trainer at initialisation
 DROP_AND_GROW = ("set", "rigl", "granet")  # sparsejax.DropAndGrow
 STRAIGHT_THROUGH = ("ste", "set", "rigl", "granet")  # forward: sparsejax.ste_masked_params
@@ -236,9 +243,10 @@ def dst_options(pruning: ml_collections.ConfigDict) -> dict:
 
 
 def pruning_schedule(pruning: ml_collections.ConfigDict, num_steps: int):
-  """The sparsity schedule of `pruning.method`, or None for 'dense' and 'nm'."""
+  """The sparsity schedule of `pruning.method`, or None for 'dense', 'nm' and
+  the learned-mask methods."""
   method = choice(pruning.method, METHODS, "pruning.method")
-  if method in ("dense", "nm"):
+  if method in ("dense", "nm") + LEARNED:
     return None
   _check_pruning(pruning)
   if method in ("static", "set", "rigl"):
@@ -306,6 +314,8 @@ def target_sparsity(config: ml_collections.ConfigDict, achieved: float) -> float
     return achieved
   if method == "nm":
     return 1.0 - config.pruning.nm.n / config.pruning.nm.m
+  if method == "maskllm":
+    return 1.0 - config.pruning.learned.n / config.pruning.learned.m
   return 0.0 if method == "dense" else config.pruning.sparsity
 
 
@@ -325,6 +335,9 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
   nm = nm_sparsity(config, num_steps)
   if nm is not None:
     return nm.wrap(tx)
+  learned = learned_method(config, num_steps)
+  if learned is not None:
+    return learned.wrap(tx, score_optimizer(config.pruning.learned))
   if method_name(config) == "lottery":
     return sparsejax.GradualMagnitudePruning(
         sparsejax.FixedMaskSchedule(), leaf_filter=leaf_filter(config.lottery, "lottery"),
@@ -342,6 +355,74 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
       packed_masks=packed, score="random" if method == "static" else "magnitude",
       key=key if method == "static" else None, straight_through=method == "ste")
   return pruner.wrap(tx)
+
+
+def score_optimizer(learned: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The scores' optimizer of `config.pruning.learned`: adam, or sgd with momentum 0.9."""
+  kind = choice(learned.score_optimizer, ("adam", "sgd"), "pruning.learned.score_optimizer")
+  lr = number(learned.score_lr, "pruning.learned.score_lr", 0.0, low_open=True)
+  return optax.adam(lr) if kind == "adam" else optax.sgd(lr, momentum=0.9)
+
+
+def _pair(value, key: str) -> tuple[float, float]:
+  if not isinstance(value, (tuple, list)) or len(value) != 2:
+    raise ConfigError(f"config.{key}={value!r} must be a (start, end) pair.")
+  return tuple(number(v, key, 0.0, low_open=True) for v in value)
+
+
+def learned_method(config: ml_collections.ConfigDict,
+                   num_steps: int) -> sparsejax.learned.LearnedMask | None:
+  """The MaskLLM / LotteryJackpots / BiP of a learned-mask config (None for
+  other methods), its hyperparameters from `config.pruning.learned`.
+
+  Raises:
+    ConfigError: a bad value, naming its key.
+  """
+  method = method_name(config)
+  if method not in LEARNED:
+    return None
+  pruning, learned = config.pruning, config.pruning.learned
+  fraction = number(learned.start_fraction, "pruning.learned.start_fraction", 0.0, 1.0,
+                    high_open=True)
+  start = int(round(fraction * num_steps))
+  if start >= num_steps:
+    raise ConfigError(f"config.pruning.learned.start_fraction={fraction} of {num_steps} steps "
+                      "leaves no step to learn the mask.")
+  score_optimizer(learned)
+  keep = leaf_filter(pruning)
+  if method == "maskllm":
+    at_least(learned.m, 1, "pruning.learned.m")
+    at_least(learned.n, 1, "pruning.learned.n")
+    if learned.n > learned.m:
+      raise ConfigError(f"config.pruning.learned.n={learned.n} exceeds "
+                        f"config.pruning.learned.m={learned.m}.")
+    prior = choice(learned.prior, ("magnitude", "none"), "pruning.learned.prior")
+    try:
+      return sparsejax.MaskLLM(
+          learned.n, learned.m, num_steps=num_steps, start_step=start,
+          temperature=_pair(learned.temperature, "pruning.learned.temperature"),
+          scale=_pair(learned.scale, "pruning.learned.scale"),
+          prior=None if prior == "none" else prior,
+          prior_strength=number(learned.prior_strength, "pruning.learned.prior_strength", 0.0),
+          init_std=number(learned.init_std, "pruning.learned.init_std", 0.0, low_open=True),
+          seed=config.seed, axes=nm_axes(pruning.nm), leaf_filter=keep)
+    except ValueError as e:
+      raise ConfigError(f"config.pruning.learned (n={learned.n}, m={learned.m}): {e}") from e
+  if not 0.0 < pruning.sparsity < 1.0:
+    raise ConfigError(f"config.pruning.sparsity={pruning.sparsity!r} must be in (0, 1).")
+  if method in ("jackpots", "jackpot"):
+    end = number(learned.swap_end_fraction, "pruning.learned.swap_end_fraction", fraction, 1.0)
+    return sparsejax.LotteryJackpots(
+        pruning.sparsity, num_steps=num_steps, start_step=start,
+        swap_end_step=int(round(end * num_steps)),
+        swap_rate=number(learned.swap_rate, "pruning.learned.swap_rate", 0.0, 1.0, low_open=True),
+        leaf_filter=keep)
+  return sparsejax.BiP(
+      pruning.sparsity, lr2=number(learned.lr2, "pruning.learned.lr2", 0.0),
+      num_steps=num_steps, start_step=start,
+      score_init_scale=number(learned.score_init_scale, "pruning.learned.score_init_scale", 0.0,
+                              low_open=True),
+      leaf_filter=keep)
 
 
 def drop_and_grow(config: ml_collections.ConfigDict,
@@ -378,8 +459,8 @@ def _packed_masks(config: ml_collections.ConfigDict) -> bool:
   if "lottery" in config:
     return config.lottery.packed_masks
   packed = config.pruning.packed_masks  # a bool: ConfigDict refuses other types
-  if packed and method_name(config) in ("nm",) + DROP_AND_GROW:
+  if packed and method_name(config) in ("nm",) + DROP_AND_GROW + LEARNED:
     raise ConfigError(
-        "config.pruning.packed_masks=True is for magnitude pruning and lottery runs; N:M and "
-        "drop-and-grow training keep bool masks (set it to False).")
+        "config.pruning.packed_masks=True is for magnitude pruning and lottery runs; N:M, "
+        "drop-and-grow and learned-mask training keep bool masks (set it to False).")
   return packed

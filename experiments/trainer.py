@@ -238,7 +238,11 @@ class Trainer:
           f"config.pruning.nm: {e} [config keys: pruning.include / pruning.exclude choose the "
           f"kernels, pruning.nm.axes / flatten the contraction axes, pruning.nm.non_divisible="
           f"'dense' leaves such kernels unpruned]") from e
-    if nm is not None:
+    self.learned = methods.learned_method(config, self.num_steps)
+    eval_forward = None
+    if self.learned is not None:  # learned masks: soft or top-k in training, hard in evaluation
+      forward, eval_forward = self.learned.forward, self.learned.eval_forward
+    elif nm is not None:
       forward = nm.forward
     elif self.method == "dense":
       forward = _dense_forward
@@ -249,6 +253,8 @@ class Trainer:
     # best_test_accuracy counts evaluations from this step on: for N:M, those of
     # the hard-masked network (earlier ones are dense, or decayed with beta > 0).
     self.best_from = 0 if nm is None else nm.schedule.finetune_start
+    if self.learned is not None:  # and for learned masks, those after dense training
+      self.best_from = self.learned.start_step
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.sharded = jax.sharding.NamedSharding(self.mesh,
                                               jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -276,7 +282,7 @@ class Trainer:
     self._regrow_steps = None
     if self.regrowing is not None:
       self._regrow_steps = {flag: step_jit(regrow=flag) for flag in (False, True)}
-    self.eval_step = jax.jit(make_eval_step(self.model, forward),
+    self.eval_step = jax.jit(make_eval_step(self.model, eval_forward or forward),
                              in_shardings=(self.state_sharding,) + (self.sharded,) * 3,
                              out_shardings=self.replicated)
     self.eval_batch_size = -(-config.eval_batch_size // num_devices) * num_devices
@@ -393,7 +399,7 @@ class Trainer:
       meta[RESULTS_META] = results
     manager.save(int(state.step), params=state.params, masks=masks_of(state),
                  opt_state=state.opt_state, train_state=_train_extras(state),
-                 meta=meta, level=level)
+                 meta=meta, level=level, scores=scores_of(state))
 
   def restore(self, manager: SparseCheckpointManager,
               log: Callable[[str], None] | None = None) -> TrainState:
@@ -594,8 +600,20 @@ def _train_extras(state: TrainState) -> dict:
   return extras
 
 
+def scores_of(state: TrainState):
+  """A learned-mask method's scores (MaskLLM logits), or None for other methods."""
+  try:
+    return sparsejax.find_learned_state(state.opt_state).scores
+  except ValueError:
+    return None
+
+
 def masks_of(state: TrainState):
   """The pruning masks in the optimizer state, or None for dense training."""
+  try:
+    return sparsejax.find_learned_state(state.opt_state).masks
+  except ValueError:
+    pass
   try:
     sparsejax.find_pruning_state(state.opt_state)
   except ValueError:

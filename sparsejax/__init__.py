@@ -2,6 +2,7 @@
 
 from sparsejax.allocation import erk_densities
 from sparsejax.at_init import snip_masks
+from sparsejax.bip import BiP
 from sparsejax.at_init import synflow_masks
 from sparsejax.dst import DropAndGrow
 from sparsejax.dst import drop_and_grow
@@ -12,6 +13,9 @@ from sparsejax.gradual import masked_params
 from sparsejax.gradual import state_masks
 from sparsejax.gradual import ste_masked_params
 from sparsejax.gradual import with_masks
+from sparsejax.jackpots import LotteryJackpots
+from sparsejax.learned import LearnedMaskState
+from sparsejax.learned import find_learned_state
 from sparsejax.masks import SparsityReport
 from sparsejax.masks import apply_masks
 from sparsejax.masks import bool_masks
@@ -20,6 +24,7 @@ from sparsejax.masks import pack_masks
 from sparsejax.masks import sparsity_report
 from sparsejax.masks import unpack_bits
 from sparsejax.masks import unpack_masks
+from sparsejax.maskllm import MaskLLM
 from sparsejax.nm import NMSparsity
 from sparsejax.nm import gradient_flow
 from sparsejax.nm_schedules import NMSchedule
@@ -45,10 +50,14 @@ from sparsejax.trees import default_filter
 from sparsejax.trees import leaves_with_masks
 from sparsejax.trees import map_with_masks
 
+from sparsejax import bip
 from sparsejax import dst
+from sparsejax import jackpots
 from sparsejax import lamp
 from sparsejax import layouts
+from sparsejax import learned
 from sparsejax import lottery
+from sparsejax import maskllm
 from sparsejax import nm
 from sparsejax import nm_schedules
 from sparsejax import oneshot
@@ -57,10 +66,14 @@ from sparsejax import owl
 __version__ = "0.1.0"
 
 __all__ = [
+    "BiP",
     "ConstantSchedule",
     "DropAndGrow",
     "FixedMaskSchedule",
     "GradualMagnitudePruning",
+    "LearnedMaskState",
+    "LotteryJackpots",
+    "MaskLLM",
     "NMSchedule",
     "NMSparsity",
     "OneShotSchedule",
@@ -68,17 +81,21 @@ __all__ = [
     "PruningState",
     "SparsityReport",
     "apply_masks",
+    "bip",
     "bool_masks",
     "compute_masks",
     "default_filter",
     "drop_and_grow",
     "dst",
     "erk_densities",
+    "find_learned_state",
     "find_pruning_state",
     "fsdp_shardings",
     "gradient_flow",
+    "jackpots",
     "lamp",
     "layouts",
+    "learned",
     "leaves_with_masks",
     "magnitude_masks",
     "lottery",
@@ -86,6 +103,7 @@ __all__ = [
     "map_with_masks",
     "mask_decay",
     "masked_params",
+    "maskllm",
     "nm",
     "nm_mask",
     "nm_masks",

@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2    # newest checkpoints kept (0: all)
 
   config.pruning = ml_collections.ConfigDict()
-  # dense | one_shot | gradual | nm | static | snip | synflow | ste | set | rigl | granet
+  # dense | one_shot | gradual | nm | static | snip | synflow | ste | set | rigl | granet |
+  # maskllm | jackpots | bip
   config.pruning.method = "gradual"
   config.pruning.sparsity = 0.9        # final sparsity of the prunable kernels
   config.pruning.allocation = "uniform"  # uniform | erk | global | lamp
@@ -104,5 +105,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.nm.flatten = False     # convolutions: group along the flattened H*W*Cin instead
   config.pruning.nm.axes = {}           # {path_regex: axis or tuple of axes or 'conv'...}: per leaf
   config.pruning.nm.non_divisible = "error"  # error | dense: kernels whose axis M does not divide
+  # maskllm | jackpots (or 'jackpot') | bip: learned masks (sparsejax.maskllm / jackpots / bip).
+  # Dense training with the optimizer above for start_fraction of the run, then mask
+  # learning from the weights reached (MaskLLM and Jackpots freeze them; BiP keeps training
+  # them in its lower level); `sparsity` is the target (MaskLLM: n:m below).
+  config.pruning.learned = ml_collections.ConfigDict()
+  config.pruning.learned.start_fraction = 0.5
+  config.pruning.learned.score_optimizer = "adam"  # adam | sgd (momentum 0.9): the scores' optimizer
+  config.pruning.learned.score_lr = 0.01
+  config.pruning.learned.n = 2                     # maskllm: n:m candidates
+  config.pruning.learned.m = 4
+  config.pruning.learned.temperature = (4.0, 0.05)  # maskllm: tau, linear from first to last
+  config.pruning.learned.scale = (100.0, 500.0)     # maskllm: kappa, the logits' multiplier
+  config.pruning.learned.prior = "magnitude"        # maskllm: magnitude | none
+  config.pruning.learned.prior_strength = 3.0       # maskllm
+  config.pruning.learned.init_std = 0.01            # maskllm: logits ~ N(0, init_std)
+  config.pruning.learned.swap_rate = 1.0            # jackpots: fraction of crossings swapped per step
+  config.pruning.learned.swap_end_fraction = 0.9    # jackpots: no swaps from here (the last epochs)
+  config.pruning.learned.lr2 = 1e-4                 # bip: implicit-gradient coefficient (0: Hydra)
+  config.pruning.learned.score_init_scale = 1.0     # bip: scores start at this times |theta|
   config.dense_baseline = True         # also train the dense model, in workdir/dense_baseline
   return config

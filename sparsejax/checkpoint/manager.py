@@ -64,7 +64,7 @@ from sparsejax.checkpoint import integrity
 from sparsejax.checkpoint import plain_tree
 
 PyTree = Any
-ARRAY_ITEMS = ("params", "masks", "opt_state", "train_state", "rewind")
+ARRAY_ITEMS = ("params", "masks", "opt_state", "train_state", "rewind", "scores")
 ITEMS = ARRAY_ITEMS + ("meta",)
 _VERSIONED = ("sparsejax", "jax", "flax", "optax", "orbax-checkpoint")
 DAMAGED_DIR = "damaged"  # where damaged steps are moved, inside the manager's directory
@@ -102,6 +102,7 @@ class Restored(NamedTuple):
   train_state: PyTree = None
   rewind: PyTree = None
   meta: dict | None = None
+  scores: PyTree = None
 
 
 def package_versions() -> dict[str, str]:
@@ -333,7 +334,8 @@ class SparseCheckpointManager:
 
   def save(self, step: int, *, params: PyTree = None, masks: PyTree = None, opt_state: PyTree = None,
            train_state: PyTree = None, rewind: PyTree = None, meta: dict | None = None,
-           metrics: dict | None = None, level: int | None = None, overwrite: bool = False) -> bool:
+           metrics: dict | None = None, level: int | None = None, overwrite: bool = False,
+           scores: PyTree = None) -> bool:
     """Saves the given items at `step` (asynchronously unless disabled).
 
     The save in flight before it, if any, is waited for first: at most one
@@ -341,11 +343,13 @@ class SparseCheckpointManager:
 
     Args:
       step: the step number.
-      params, opt_state, train_state, rewind: pytrees of arrays (Linen dicts,
+      params, opt_state, train_state, rewind, scores: pytrees of arrays (Linen dicts,
         `nnx.State`s, pure dicts, optax states), saved in their plain form.
         Typed PRNG keys are saved as their `key_data`; an item without
         leaves is not written (`meta['empty_items']` records it).
       masks: bool masks (None for unpruned leaves), packed to 1 bit per weight.
+        `scores` are a learned-mask method's scores or logits
+        (`sparsejax.learned`), kept apart from weights and masks.
       meta: JSON-serialisable fields (the config, ...), completed with the
         step, level, mask shapes, per-leaf sparsity, package versions and
         the checksums of every item.
@@ -375,9 +379,9 @@ class SparseCheckpointManager:
                               "overwrite=True to replace it.")
       return self._replace(step, dict(
           params=params, masks=masks, opt_state=opt_state, train_state=train_state,
-          rewind=rewind, meta=meta, metrics=metrics, level=level))
+          rewind=rewind, meta=meta, metrics=metrics, level=level, scores=scores))
     items = {"params": params, "opt_state": opt_state, "train_state": train_state,
-             "rewind": rewind}
+             "rewind": rewind, "scores": scores}
     items = {name: value for name, value in items.items() if value is not None}
     meta = dict(meta or {})
     meta.update(step=step, level=level, versions=package_versions())
@@ -489,7 +493,8 @@ class SparseCheckpointManager:
 
   def restore(self, step: int | None = None, *, params_like: PyTree = None, masks_like: PyTree = None,
               opt_state_like: PyTree = None, train_state_like: PyTree = None,
-              rewind_like: PyTree = None, verify: bool = True) -> Restored:
+              rewind_like: PyTree = None, verify: bool = True,
+              scores_like: PyTree = None) -> Restored:
     """Restores the items whose targets are given (and always `meta`).
 
     Each `*_like` is a target pytree (arrays or `jax.ShapeDtypeStruct`s, with
@@ -498,6 +503,9 @@ class SparseCheckpointManager:
     (a Linen dict, an `nnx.State` or a pure dict, whichever form was saved).
     `masks_like` is a params tree whose shapes the packed masks unpack to, so
     masks transfer into a freshly initialised model.
+
+    A step saved without `scores` (older checkpoints; runs without learned
+    masks) restores with `scores` None, whatever `scores_like`.
 
     Args:
       step: the step to read; None for the latest.
@@ -518,9 +526,13 @@ class SparseCheckpointManager:
       if step is None:
         raise CheckpointError(f"No checkpoint in {self.directory}.")
     targets = {"params": params_like, "opt_state": opt_state_like,
-               "train_state": train_state_like, "rewind": rewind_like}
+               "train_state": train_state_like, "rewind": rewind_like, "scores": scores_like}
     targets = {name: target for name, target in targets.items() if target is not None}
     meta = self._read_meta(step, verify)
+    if ("scores" in targets and not os.path.isdir(self._item_dir(step, "scores"))
+        and "scores" not in (meta or {}).get(integrity.CHECKSUMS, {})
+        and "scores" not in (meta or {}).get(EMPTY_ITEMS, ())):
+      del targets["scores"]  # saved before the item existed, or by a run without scores
     empty = set((meta or {}).get(EMPTY_ITEMS, ()))
     data_targets = {name: _key_data(target) for name, target in targets.items()}
     args = {}
