@@ -75,7 +75,7 @@ def test_fsdp_shardings_shard_same_shapes_alike_and_name_a_missing_axis():
     sparsejax.fsdp_shardings(shapes, mesh, axis="model")
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global", "erk"])
+@pytest.mark.parametrize("allocation", ["uniform", "global", "erk", "lamp"])
 def test_magnitude_masks_on_fsdp_shards_gather_no_kernel_and_equal_numpy(allocation):
   mesh = _mesh()
   params = _params()
@@ -93,6 +93,8 @@ def test_magnitude_masks_on_fsdp_shards_gather_no_kernel_and_equal_numpy(allocat
     want = reference.global_topk_masks(scores, 0.9)
   elif allocation == "uniform":
     want = [reference.topk_mask(s, 0.9) for s in scores]
+  elif allocation == "lamp":   # 'auto' bisects on several devices: no kernel is sorted
+    want = reference.lamp_masks(scores, 0.9)
   else:  # ERK's per-layer counts are checked in test_allocation; here: the same as one device
     one = jax.jit(lambda p: sparsejax.magnitude_masks(p, 0.9, "erk"))(params)
     want = [np.asarray(one[name]["kernel"]) for name in kernels]

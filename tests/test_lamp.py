@@ -102,3 +102,59 @@ def test_gradual_pruning_takes_the_lamp_allocation():
 def test_an_unknown_allocation_lists_lamp():
   with pytest.raises(ValueError, match="lamp"):
     sparsejax.compute_masks(_params(), 0.5, allocation="lamb")
+
+
+# --- Keep counts by bisection (no sort, no kernel gathered) against the sort and the authors. ---
+
+def _count_kernels(seed=0):
+  return [k for k in _kernels(_params(seed))]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.999])
+def test_lamp_keep_counts_by_bisection_equal_the_sort_path_and_the_authors_rule(sparsity):
+  kernels = _count_kernels()
+  total = sum(k.size for k in kernels)
+  keep = round((1 - sparsity) * total)
+  by_sort = [int(c) for c in lamp.lamp_keep_counts(kernels, keep, method="sort")]
+  by_bisection = [int(c) for c in lamp.lamp_keep_counts(kernels, keep, method="bisection")]
+  authors = [int(m.sum()) for m in reference.lamp_masks(kernels, sparsity)]
+  assert by_bisection == by_sort == authors
+  assert sum(by_bisection) == keep
+
+
+def test_lamp_keep_counts_by_bisection_split_ties_like_one_top_k_over_the_sorted_scores():
+  # Hand-worked: leaf a = squares 4, 4, 4, 1, 0, 0 scores 4/4, 4/8, 4/12, 1/13, 0, 0 (equal
+  # values scored in sorted order, as the authors' cumsum does); leaf b = 9, 9, 0 scores 1, 1/2,
+  # 0; leaf c is all zeros (scores 0). Ties (the two 1s, the 1/2s, the zeros) go to the earlier
+  # leaf.
+  leaves = [jnp.array([2., 2., 2., 1., 0., 0.]), jnp.array([3., -3., 0.]), jnp.zeros(4)]
+  want = {0: [0, 0, 0], 1: [1, 0, 0], 2: [1, 1, 0], 3: [2, 1, 0], 4: [2, 2, 0], 5: [3, 2, 0],
+          8: [6, 2, 0], 9: [6, 3, 0], 10: [6, 3, 1], 13: [6, 3, 4]}
+  for keep, counts in want.items():
+    for method in ("sort", "bisection"):
+      got = [int(c) for c in lamp.lamp_keep_counts(leaves, keep, method=method)]
+      assert got == counts, (method, keep)
+
+
+def test_lamp_keep_counts_by_bisection_skip_pruned_entries_and_ignore_a_layers_scale():
+  kernels = _count_kernels(4)
+  rng = np.random.default_rng(5)
+  alive = [rng.random(k.shape) < 0.6 for k in kernels]
+  keep = sum(int(a.sum()) for a in alive) // 5
+  got = [int(c) for c in lamp.lamp_keep_counts(kernels, keep, alive, method="bisection")]
+  want = [int(m.sum()) for m in reference.lamp_masks(
+      [k * a for k, a in zip(kernels, alive)], 1 - keep / sum(k.size for k in kernels))]
+  assert got == want
+  for layer in range(len(kernels)):
+    scaled = [k * (64.0 if i == layer else 1.0) for i, k in enumerate(kernels)]
+    assert [int(c) for c in lamp.lamp_keep_counts(scaled, keep, alive, method="bisection")] == got
+
+
+def test_lamp_keep_counts_method_is_checked_and_auto_bisects_on_several_devices():
+  with pytest.raises(ValueError, match=r"method='radix': LAMP keep counts are computed by one of"):
+    lamp.lamp_keep_counts([jnp.ones(3)], 1, method="radix")
+  assert jax.device_count() > 1   # the test run's 4 CPU devices: 'auto' is the bisection
+  kernels = _count_kernels()
+  auto = jax.make_jaxpr(lambda k: lamp.lamp_keep_counts(k, 100))(kernels)
+  assert "sort" not in str(auto) and "sort" in str(
+      jax.make_jaxpr(lambda k: lamp.lamp_keep_counts(k, 100, method="sort"))(kernels))

@@ -424,3 +424,30 @@ def test_a_level_whose_checkpoints_are_all_damaged_is_retrained_by_a_rerun(tiny_
                       f"({key}: step 11 != 22); redoing the table from them.")
   assert timeless(third["rows"]) == timeless(result["rows"])
   assert third["identities"] == again["identities"]
+
+
+@pytest.mark.slow
+def test_lamp_levels_prune_the_trained_hidden_kernels_like_the_authors_rule(tiny_lottery, tmp_path,
+                                                                           monkeypatch):
+  # One level of 50% with allocation='lamp': the binary's masks are LAMP's (Lee et al.) on the
+  # trained level-0 kernels (the head is kept by layer_fractions).
+  tiny_lottery.lottery.levels = 1
+  tiny_lottery.lottery.replicates = 1
+  tiny_lottery.lottery.branches = ()
+  tiny_lottery.lottery.allocation = "lamp"
+  calls = []
+  prune_level = sparsejax.lottery.prune_level
+
+  def spy(params, masks, fraction, **kwargs):
+    out = prune_level(params, masks, fraction, **kwargs)
+    calls.append((jax.tree.map(np.asarray, params), out, kwargs["allocation"]))
+    return out
+
+  monkeypatch.setattr(lottery_run.lottery, "prune_level", spy)
+  lottery_run.run(tiny_lottery, str(tmp_path / "run"), log=_quiet)
+  (params, masks, allocation), = calls
+  assert allocation == "lamp"
+  want = reference.lamp_masks([params[name]["kernel"] for name in ("hidden_0", "hidden_1")], 0.5)
+  for name, expected in zip(("hidden_0", "hidden_1"), want):
+    np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]), expected, err_msg=name)
+  assert np.asarray(masks["head"]["kernel"]).all()

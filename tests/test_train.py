@@ -215,3 +215,21 @@ def test_metrics_of_two_runs_are_never_mixed_in_one_workdir(tiny_config, tmp_pat
     trainer.train_and_evaluate(tiny_config, str(tmp_path), log=lambda _: None)
   with open(tmp_path / "metrics.jsonl") as f:
     assert f.read() == before
+
+
+@pytest.mark.slow
+def test_lamp_allocation_prunes_the_trainers_kernels_like_the_authors_rule(tiny_config):
+  # One-shot at step 0: the masks are LAMP's (Lee et al.) on the initial kernels.
+  tiny_config.pruning.method = "one_shot"
+  tiny_config.pruning.allocation = "lamp"
+  tiny_config.pruning.start_fraction = 0.0
+  run = trainer.Trainer(tiny_config, jax.devices()[:1])
+  state = run.initial_state()
+  kernels = {name: np.asarray(layer["kernel"]) for name, layer in state.params.items()}
+  state, _ = run.train_step(state, *run.batch(0))
+  masks = sparsejax.find_pruning_state(state.opt_state).masks
+  names = sorted(name for name in masks if masks[name]["kernel"] is not None)
+  assert names == sorted(kernels)
+  want = reference.lamp_masks([kernels[name] for name in names], tiny_config.pruning.sparsity)
+  for name, expected in zip(names, want):
+    np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]), expected, err_msg=name)
