@@ -2,7 +2,8 @@
 
 Every image model maps float32 NHWC images (batch, H, W, C) to logits
 (batch, num_classes) with `model.apply(variables, x, train=...)`; the
-language model 'lm' maps int tokens (batch, length) to next-token logits
+language models 'lm' and 'llama' (an NNX model
+bridged to Linen) map int tokens (batch, length) to next-token logits
 (batch, length, num_classes). Every model names
 its submodules explicitly so that pruning configs can select leaves by path.
 
@@ -18,6 +19,7 @@ import dataclasses
 import flax.linen as nn
 
 from experiments.models.lenet5 import LeNet5
+from experiments.models.llama import LlamaLM
 from experiments.models.lm import TransformerLM
 from experiments.models.mlp import MLP
 from experiments.models.resnet import ResNet20
@@ -31,6 +33,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet50": ResNet50,
     "vit": ViT,
     "lm": TransformerLM,
+    "llama": LlamaLM,
 }
 
 
@@ -65,6 +68,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 __all__ = [
     "LeNet5",
+    "LlamaLM",
     "MLP",
     "MODELS",
     "ResNet20",
