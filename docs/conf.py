@@ -1,9 +1,31 @@
 """Sphinx configuration of sparsejax's documentation (built offline, warnings as errors)."""
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
+
+import sparsejax  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _write_api_page() -> None:
+  """docs/api.md: the package and every public submodule, so none can be left out."""
+  modules = ["sparsejax"] + sorted(
+      {f"sparsejax.{name}" for name in sparsejax.__all__
+       if isinstance(getattr(sparsejax, name), type(sparsejax))} | {"sparsejax.checkpoint"})
+  lines = ["# API reference", "", "Every public name of `sparsejax`, from its docstring.", ""]
+  for module in modules:
+    lines += [f"## `{module}`", "", "```{eval-rst}", f".. automodule:: {module}", "   :members:",
+              "```", ""]
+  text = "\n".join(lines)
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
+  if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+_write_api_page()
 
 project = "sparsejax"
 author = "the sparsejax authors"
@@ -29,8 +51,8 @@ suppress_warnings = ["myst.header"]
 def _escape_plain_text(app, what, name, obj, options, lines):
   """Docstrings are plain text with |w| and a * b: keep RST from reading them as markup.
 
-  `|` starts a substitution and `*` emphasis in reStructuredText; both are
-  escaped outside doctest lines and literal blocks.
+  `|` starts a substitution, `*` emphasis and a trailing `_` a link in
+  reStructuredText; all are escaped outside doctest lines and literal blocks.
   """
   del app, what, name, obj, options
   literal = False
@@ -42,6 +64,7 @@ def _escape_plain_text(app, what, name, obj, options, lines):
       literal = False
     if not literal:
       lines[i] = line.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+      lines[i] = re.sub(r"(\w)_(?=\W|$)", r"\1\\_", lines[i])  # s_ is no link target
     if stripped.endswith("::"):
       literal = True
 

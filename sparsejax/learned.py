@@ -252,16 +252,20 @@ class LearnedMask:
   start_step: int = 0
 
   def init_scores(self, params: PyTree) -> PyTree:
+    """The learned scores (or logits) at the start, a tree over the pruned leaves."""
     raise NotImplementedError
 
   def hard_masks(self, scores: PyTree, params: PyTree) -> PyTree:
+    """The bool masks the scores select (used for evaluation and saved with the weights)."""
     raise NotImplementedError
 
   def train_masks(self, state: LearnedMaskState, params: PyTree) -> PyTree:
+    """The masks the training forward uses: the hard masks unless a method relaxes them."""
     del params
     return state.masks
 
   def learn(self, grads, state, params, tx, score_tx):
+    """One step of the method: (weight updates, new state) from the step's gradients."""
     raise NotImplementedError
 
   def wrap(self, tx: optax.GradientTransformation | None,
