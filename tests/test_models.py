@@ -441,7 +441,7 @@ def test_vit_dropout_is_random_in_train_mode_and_off_in_eval():
 
 
 def test_create_model_builds_each_registered_class_with_its_fields():
-  assert sorted(models.MODELS) == ["lenet5", "lm", "mlp", "resnet20", "resnet50", "vit"]
+  assert sorted(models.MODELS) == ["lenet5", "llama", "lm", "mlp", "resnet20", "resnet50", "vit"]
   for name, cls in models.MODELS.items():
     model = models.create_model(name, num_classes=3)
     assert type(model) is cls and model.num_classes == 3
@@ -451,7 +451,7 @@ def test_create_model_builds_each_registered_class_with_its_fields():
 
 def test_create_model_unknown_name_raises_listing_known_names():
   with pytest.raises(ValueError, match=re.escape(
-      "unknown model 'resnet18'; known models: lenet5, lm, mlp, resnet20, resnet50, vit")):
+      "unknown model 'resnet18'; known models: lenet5, llama, lm, mlp, resnet20, resnet50, vit")):
     models.create_model("resnet18", 10)
 
 

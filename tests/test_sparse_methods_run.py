@@ -178,7 +178,7 @@ def test_granet_and_rigl_configs_get_their_codes_drop_and_grow_settings(tiny_con
     ("dst.regrow_scope", "global", "config.pruning.dst.regrow_scope='global' needs config"),
     ("dst.min_drop_fraction", 0.5, r"config.pruning.dst.min_drop_fraction=0.5 must be in \[0, "),
     ("synflow_iterations", 0, "config.pruning.synflow_iterations=0 must be an integer >= 1"),
-    ("packed_masks", True, "drop-and-grow training keep bool masks"),
+    ("packed_masks", True, "drop-and-grow and learned-mask training keep bool masks"),
 ])
 def test_bad_sparse_training_options_are_config_errors_naming_the_key(tiny_config, key, value,
                                                                       message):
