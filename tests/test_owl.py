@@ -9,6 +9,7 @@ import pytest
 
 from sparsejax import oneshot
 from sparsejax import owl
+import tests
 
 
 # --- NumPy port of the authors' code (luuyin/OWL lib/prune_all.py), written independently. -------
@@ -187,10 +188,8 @@ def test_owl_bad_input_is_a_one_line_error():
 
 
 def test_readme_owl_example_runs_and_prunes_each_block_at_its_sparsity():
-  readme = open("README.md", encoding="utf-8").read()
-  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-  model_block = next(b for b in blocks if "oneshot.prune_sequentially" in b)
-  owl_block = next(b for b in blocks if "owl.owl_sparsities" in b)
+  model_block = tests.doc_code_block("oneshot.prune_sequentially")
+  owl_block = tests.doc_code_block("owl.owl_sparsities")
   model_block = model_block.split("pruned, masks =")[0]   # the model, not its SparseGPT run
   namespace = {}
   exec(model_block, namespace)  # pylint: disable=exec-used

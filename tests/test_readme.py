@@ -1,7 +1,5 @@
 """The README's NNX + attention example runs as written."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +7,10 @@ import optax
 from flax import nnx
 
 import sparsejax
+import tests
 
 
-def _block(marker):
-  readme = open("README.md", encoding="utf-8").read()
-  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-  return next(b for b in blocks if marker in b)
+_block = tests.doc_code_block
 
 
 def test_readme_nnx_attention_example_prunes_2_of_4_and_trains_with_the_wrapper():
@@ -57,3 +53,17 @@ def test_readme_oneshot_example_prunes_2_of_4_and_updates_the_kept_weights():
   kept = np.asarray(masks["block_1"]["mlp"]["kernel"])
   assert not np.allclose(before[kept], after[kept])  # SparseGPT's update moved them
   assert masks["block_0"]["mlp"]["bias"] is None
+
+
+def test_front_page_example_prunes_the_largest_weights_and_trains_to_exactly_205_kept(capsys):
+  namespace = {}
+  exec(_block("sparsejax.magnitude_masks(params, 0.9)            # one-shot"), namespace)  # pylint: disable=exec-used
+  kernel = np.asarray(jax.random.normal(jax.random.key(0), (64, 32)))
+  expected = np.zeros(kernel.size, bool)
+  expected[np.argsort(-np.abs(kernel), axis=None, kind="stable")[:205]] = True  # round(0.1 * 2048)
+  np.testing.assert_array_equal(np.asarray(namespace["masks"]["dense"]["kernel"]).ravel(), expected)
+  assert namespace["masks"]["dense"]["bias"] is None                  # not pruned
+  assert "dense/kernel        2048         205    0.8999" in capsys.readouterr().out
+  trained = namespace["params"]["dense"]
+  assert int(np.count_nonzero(np.asarray(trained["kernel"]))) == 205
+  assert int(np.count_nonzero(np.asarray(trained["bias"]))) == 32     # left dense, and trained
