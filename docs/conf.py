@@ -19,13 +19,37 @@ def _write_api_page() -> None:
     lines += [f"## `{module}`", "", "```{eval-rst}", f".. automodule:: {module}", "   :members:",
               "```", ""]
   text = "\n".join(lines)
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
+  _write_if_changed(os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md"), text)
+
+
+def _write_config_page() -> None:
+  """docs/configs.md: every config of experiments/configs, its keys commented in its source."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  folder = os.path.join(here, "..", "experiments", "configs")
+  names = sorted(name for name in os.listdir(folder)
+                 if name.endswith(".py") and name != "__init__.py")
+  lines = ["# Experiment configs", "",
+           "Every key of the binaries' ml_collections configs, as the config files set and "
+           "comment them. `default.py` holds every key `experiments.train` reads; the others "
+           "override some of them (or, for the other binaries, add their own). Override any "
+           "key on the command line: `--config.pruning.sparsity=0.95`; a key that does not "
+           "exist is an error naming it.", ""]
+  lines += [f"- [`{name}`](#{name.replace('.', '')})" for name in names]
+  lines.append("")
+  for name in names:
+    lines += [f"## {name}", "", "```{literalinclude} ../experiments/configs/" + name,
+              ":language: python", "```", ""]
+  _write_if_changed(os.path.join(here, "configs.md"), "\n".join(lines))
+
+
+def _write_if_changed(path: str, text: str) -> None:
   if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
     with open(path, "w", encoding="utf-8") as f:
       f.write(text)
 
 
 _write_api_page()
+_write_config_page()
 
 project = "sparsejax"
 author = "the sparsejax authors"

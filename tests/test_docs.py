@@ -55,3 +55,10 @@ def test_docs_build_offline_with_warnings_as_errors(tmp_path):
   for name in ("sparsejax.GradualMagnitudePruning", "sparsejax.oneshot.prune_sequentially",
                "sparsejax.checkpoint.SparseCheckpointManager.latest_step"):
     assert f'id="{name}"' in api, name
+  configs = (tmp_path / "html" / "configs.html").read_text()
+  config_files = sorted(p for p in os.listdir(os.path.join(ROOT, "experiments", "configs"))
+                        if p.endswith(".py") and p != "__init__.py")
+  for name in config_files:
+    assert f'id="{name.replace(".", "")}"' in configs, name
+  for key in ("swap_end_fraction", "fsdp_min_size", "regrow_scope"):   # keys deep in default.py
+    assert key in configs, key
