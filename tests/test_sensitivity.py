@@ -1,5 +1,6 @@
 """The per-layer sensitivity sweep and its rates, on a hand-worked example."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,3 +72,71 @@ def test_bad_input_is_a_one_line_error_naming_it():
     sensitivity.sweep(PARAMS, lambda p: 1 / (jnp.sum(p["a"]["kernel"]) - 7.0), (0.5,))
   with pytest.raises(ValueError, match=r"max_increase=-1 must be a finite number >= 0"):
     sensitivity.rates(sensitivity.sweep(PARAMS, loss_fn, (0.5,)), -1)
+
+
+def test_binary_writes_csv_heatmap_rates_and_table(tiny_config, tmp_path):
+  import csv  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments import sensitivity as binary  # pylint: disable=g-import-not-at-top
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sensitivity_lm  # pylint: disable=g-import-not-at-top
+  from tests.test_oneshot_run import _fake_training_workdir  # pylint: disable=g-import-not-at-top
+  tiny_config.pruning.method = "dense"
+  _fake_training_workdir(tiny_config, tmp_path / "mlp", steps=(2,))
+  config = sensitivity_lm.get_config()
+  config.train_workdir = str(tmp_path / "mlp")
+  config.groups, config.exclude, config.sparsities = (), "head", (0.5, 0.9)
+  config.eval_examples, config.max_increase = 100, 0.01
+  workdir = tmp_path / "w"
+  result = binary.run(config, str(workdir), log=lambda line: None)
+  assert result["groups"] == ["hidden_0/kernel", "hidden_1/kernel"]
+  assert result["sizes"] == [64 * 32, 32 * 16]
+  # Against the loss computed here: hidden_1 at 90% by hand-made NumPy magnitude pruning,
+  # on the same first 100 test examples.
+  lm_trainer = trainer.Trainer(tiny_config)
+  params = jax.tree.map(np.asarray, lm_trainer.initial_state(seed=2).params)
+  w = params["hidden_1"]["kernel"]
+  keep = round(0.1 * w.size)
+  order = np.argsort(-np.abs(w).ravel(), kind="stable")[:keep]
+  pruned = np.zeros(w.size, w.dtype)
+  pruned[order] = w.ravel()[order]
+  params["hidden_1"]["kernel"] = pruned.reshape(w.shape)
+  inputs, labels = lm_trainer.data.eval.examples(range(100))
+  x = lm_trainer.data.preprocess(np.stack(inputs)).reshape(100, -1).astype(np.float64)
+  for name in ("hidden_0", "hidden_1"):
+    x = np.maximum(x @ params[name]["kernel"] + params[name]["bias"], 0)
+  logits = x @ params["head"]["kernel"] + params["head"]["bias"]
+  logits -= logits.max(-1, keepdims=True)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  loss = -log_p[np.arange(100), np.asarray(labels)].mean()
+  assert result["losses"][1][1] == pytest.approx(loss, rel=1e-5)
+  with open(workdir / "sensitivity.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 4 and rows[3]["group"] == "hidden_1/kernel" and rows[3]["sparsity"] == "0.9"
+  assert float(rows[3]["increase"]) == pytest.approx(result["losses"][1][1] - result["dense_loss"])
+  assert os.path.getsize(workdir / "sensitivity.png") > 0
+  with open(workdir / "rates.json") as f:
+    assert json.load(f) == result["rates"]
+  assert result["markdown"].splitlines()[0] == "| group | weights | 50% | 90% |"
+  assert workdir_lib.undeclared(str(workdir), binary.RUN_FILES) == []
+  assert binary.run(config, str(workdir), log=lambda line: None) == result   # finished: read back
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sparsities", (0.5, 1.5), r"^config.sparsities\[1\]=1.5 must be a finite number in \[0, 1\]"),
+    ("sparsities", (), r"^config.sparsities is empty"),
+    ("max_increase", -0.1, r"^config.max_increase=-0.1 must be"),
+    ("eval_examples", -1, r"^config.eval_examples=-1 must be an integer >= 0"),
+    ("train_workdir", "", r"^config.train_workdir is empty"),
+])
+def test_binary_bad_values_name_the_key(key, value, message, tmp_path):
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  from experiments import sensitivity as binary  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sensitivity_lm  # pylint: disable=g-import-not-at-top
+  config = sensitivity_lm.get_config()
+  config[key] = value
+  with pytest.raises(config_checks.ConfigError, match=message):
+    binary.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
