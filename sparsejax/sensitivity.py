@@ -89,7 +89,7 @@ def groups_of(params: PyTree, groups: Sequence[str] | None = None,
               ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...]]:
   """(names, patterns, paths) of the groups: one per prunable leaf, or one per regex of `groups`.
 
-  A leaf joins the first regex that `re.search`es its path (the rule of a
+  A leaf joins the first regex that matches its path (`re.search`; the rule of a
   custom allocation); leaves no regex matches are left out of the sweep.
 
   Raises:
