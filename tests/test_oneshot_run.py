@@ -327,3 +327,13 @@ def test_bad_owl_values_name_the_key(edit, message, tmp_path):
     oneshot.run(config, str(tmp_path / "w"))
   assert "\n" not in str(raised.value)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_rates_config_compares_owl_and_lamp_with_their_plain_methods_unstructured():
+  from experiments.configs import oneshot_lm_rates  # pylint: disable=g-import-not-at-top
+  config = oneshot_lm_rates.get_config()
+  oneshot.check_config(config)
+  assert set(config.methods) == {"magnitude", "lamp", "wanda", "owl_wanda", "sparsegpt",
+                                 "owl_sparsegpt"}
+  assert [name for name, _ in oneshot.targets(config)] == ["50pct", "60pct", "70pct"]
+  assert (config.owl.m, config.owl.lam) == (5.0, 0.08)
