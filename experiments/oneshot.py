@@ -1,4 +1,4 @@
-"""One-shot pruning of a trained model: magnitude, Wanda and SparseGPT at every target.
+"""One-shot pruning of a trained model: magnitude, Wanda, SparseGPT, LAMP, OWL at every target.
 
   python -m experiments.train --config=experiments/configs/lm_stdlib.py --workdir=runs/lm
   python -m experiments.oneshot --config=experiments/configs/oneshot_lm.py \
@@ -21,6 +21,17 @@ gets summary.csv, final.json (rows and markdown table) and oneshot.png, and
 the table is printed. For text the table also gives a unigram model (byte
 frequencies of the training split): what a model that learned nothing about
 context scores.
+
+Besides the library's methods, three layer-adaptive rows (unstructured
+targets only; their N:M rows are left out, '-' in the table):
+
+  lamp           magnitude pruning with LAMP's allocation (Lee et al. 2021):
+                 one global top-k over the LAMP scores of every chosen kernel
+                 gives each kernel its count (`allocation='lamp'`);
+  owl_wanda      Wanda, and SparseGPT, with OWL's per-block sparsities (Yin
+  owl_sparsegpt  et al. 2024): from the dense model's outlier ratios
+                 (`config.owl.m`, `config.owl.lam`), recorded in the row's
+                 JSON as `group_sparsities` and `outlier_ratios`.
 """
 
 from __future__ import annotations
@@ -41,6 +52,8 @@ import numpy as np
 
 import sparsejax
 from sparsejax import oneshot as oneshot_lib
+from sparsejax import owl as owl_lib
+from sparsejax import pruning as pruning_lib
 from sparsejax.checkpoint import SparseCheckpointManager
 from sparsejax.checkpoint import export_sparse
 from experiments import cli
@@ -57,6 +70,9 @@ ROWS_DIR = "rows"
 PRUNED_DIR = "pruned"
 RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.oneshot"]
 SOURCE_KEY = "source"  # in each row file and final.json: workdir.identity of the trained model
+# Rows of the binary beyond the library's methods: name -> the one-shot method that prunes.
+ADAPTIVE = {"lamp": "magnitude", "owl_wanda": "wanda", "owl_sparsegpt": "sparsegpt"}
+METHODS = oneshot_lib.METHODS + tuple(ADAPTIVE)
 ROW_FIELDS = ("method", "pattern", "test_loss", "test_bits_per_byte", "test_accuracy",
               "sparsity", "max_nonzeros_per_group", "export_bytes", "prune_seconds")
 
@@ -99,12 +115,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_checks.ConfigError(
         "config.train_workdir is empty: give the workdir of a finished experiments.train run.")
   for method in config.methods:
-    try:
-      oneshot_lib.check_method(method)
-    except ValueError as e:
-      raise config_checks.ConfigError(f"config.methods: {e}") from e
+    if method not in METHODS:
+      raise config_checks.ConfigError(
+          f"config.methods: unknown one-shot method {method!r}; use one of {METHODS}.")
   if not config.methods:
     raise config_checks.ConfigError("config.methods is empty.")
+  if any(m.startswith("owl_") for m in config.methods):
+    if "owl" not in config:
+      raise config_checks.ConfigError("config.owl is missing: OWL rows need config.owl.m and "
+                                      "config.owl.lam (see experiments/configs/oneshot_lm.py).")
+    config_checks.number(config.owl.m, "owl.m", 0.0, low_open=True)
+    config_checks.number(config.owl.lam, "owl.lam", 0.0, 0.5, high_open=True)
   config_checks.at_least(config.calibration_sequences, 1, "calibration_sequences")
   config_checks.at_least(config.calibration_batch, 1, "calibration_batch")
   config_checks.at_least(config.block_size, 1, "block_size")
@@ -129,8 +150,10 @@ def check_layers(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer
   leaf_filter = methods_lib.leaf_filter(config, section="")
   for method in config.methods:
     for _, target in targets(config):
+      if method in ADAPTIVE and "nm" in target:
+        continue
       try:
-        oneshot_lib.check_layers(shapes, method, leaf_filter=leaf_filter,
+        oneshot_lib.check_layers(shapes, ADAPTIVE.get(method, method), leaf_filter=leaf_filter,
                                  block_size=config.block_size, **target)
       except ValueError as e:
         key = "block_size" if str(e).startswith("sparsegpt N:M") else "patterns"
@@ -182,17 +205,52 @@ def _scores(test: dict, text: bool) -> dict:
           "test_bits_per_byte": test["loss"] / math.log(2) if text else ""}
 
 
+def owl_targets(params, dense_norms, config: ml_collections.ConfigDict, sparsity: float,
+                leaf_filter) -> tuple[dict[str, float], dict[str, float]]:
+  """OWL's (outlier ratios, per-block sparsities) of the dense `params` at `sparsity`.
+
+  `dense_norms` holds diag(X^T X) of every kernel's inputs in the dense model.
+
+  Raises:
+    ConfigError: naming config.owl.lam, when a block's sparsity would leave [0, 1).
+  """
+  ratios = owl_lib.outlier_ratios(params, dense_norms, m=config.owl.m, leaf_filter=leaf_filter)
+  try:
+    return ratios, owl_lib.owl_sparsities(ratios, sparsity, lam=config.owl.lam)
+  except ValueError as e:
+    raise config_checks.ConfigError(f"config.owl.lam: {e}") from e
+
+
 def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessians_fn,
               config: ml_collections.ConfigDict, method: str, target: dict, directory: str,
-              log=print) -> dict:
-  """Prunes `state`'s params by `method` to `target`, evaluates, checkpoints and exports."""
+              log=print, dense_norms=None) -> dict:
+  """Prunes `state`'s params by `method` to `target`, evaluates, checkpoints and exports.
+
+  `method` is a library method or one of `ADAPTIVE`; OWL rows need
+  `dense_norms`, a callable returning diag(X^T X) of the dense model's inputs.
+  """
   start = time.perf_counter()
-  params, masks = oneshot_lib.prune_sequentially(
-      state.params, hessians_fn if method != "magnitude" else None, method,
-      leaf_filter=methods_lib.leaf_filter(config, section=""),
-      per_output=config.magnitude_per_output if method == "magnitude" else None,
-      block_size=config.block_size, dampening=config.dampening,
-      log=lambda line: log(f"  {line}"), **target)
+  leaf_filter = methods_lib.leaf_filter(config, section="")
+  base = ADAPTIVE.get(method, method)
+  extra = {}
+  if method == "lamp":
+    masks = pruning_lib.compute_masks(state.params, target["sparsity"], allocation="lamp",
+                                      leaf_filter=leaf_filter)
+    params = sparsejax.apply_masks(state.params, masks)
+  else:
+    kwargs = dict(target)
+    if method.startswith("owl_"):
+      ratios, groups = owl_targets(state.params, dense_norms(), config, target["sparsity"],
+                                   leaf_filter)
+      log("  [owl] outlier ratios (%): " + ", ".join(f"{g} {r:.3f}" for g, r in ratios.items()))
+      kwargs["sparsity"] = groups
+      extra = {"outlier_ratios": ratios, "group_sparsities": groups}
+    params, masks = oneshot_lib.prune_sequentially(
+        state.params, hessians_fn if base != "magnitude" else None, base,
+        leaf_filter=leaf_filter,
+        per_output=config.magnitude_per_output if method == "magnitude" else None,
+        block_size=config.block_size, dampening=config.dampening,
+        log=lambda line: log(f"  {line}"), **kwargs)
   params = jax.block_until_ready(params)
   seconds = time.perf_counter() - start
   placed = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
@@ -214,7 +272,7 @@ def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessi
   log(f"  {name}: pruned in {seconds:.1f} s, test loss {test['loss']:.4f}")
   return {"method": method, "pattern": _pattern(target), **_scores(test, trainer.data.text),
           "sparsity": 1.0 - kept / total, "max_nonzeros_per_group": worst,
-          "export_bytes": stats.file_bytes, "prune_seconds": seconds}
+          "export_bytes": stats.file_bytes, "prune_seconds": seconds, **extra}
 
 
 def format_table(rows: list[dict], dense: dict, unigram: float | None) -> str:
@@ -264,7 +322,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   """Prunes (or reads back) every (method, target) row; returns rows, dense and table."""
   check_config(config)
   planned = [(f"{method}_{name}", method, target)
-             for method in config.methods for name, target in targets(config)]
+             for method in config.methods for name, target in targets(config)
+             if not (method in ADAPTIVE and "nm" in target)]   # unstructured only
   trainer = trained(config.train_workdir)
   config_checks.check_leaf_filters(config, jax.eval_shape(trainer.initial_state).params, "")
   check_layers(config, trainer)
@@ -305,6 +364,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
       trainer.model, batches, apply_kwargs={"train": False}, diagonal=diagonal,
       variables={"batch_stats": state.batch_stats} if state.batch_stats else None)
                   for diagonal in (False, True)}
+  dense_cache = []
+
+  def dense_norms():   # OWL's statistics: the dense model's input norms, computed once
+    if not dense_cache:
+      dense_cache.append(hessians_fns[True](state.params))
+    return dense_cache[0]
+
   os.makedirs(os.path.join(workdir, ROWS_DIR), exist_ok=True)
   rows = []
   for i, (name, method, target) in enumerate(planned):
@@ -317,14 +383,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         continue
       log(f"[oneshot] {row_file} comes from another trained model ({why}); redoing it.")
     log(f"[oneshot] {i + 1}/{len(planned)}: {method} at {_pattern(target)}")
-    row = prune_row(trainer, state, hessians_fns[method == "wanda"], config, method, target,
-                    os.path.join(workdir, PRUNED_DIR, name), log)
+    row = prune_row(trainer, state, hessians_fns[ADAPTIVE.get(method, method) == "wanda"], config,
+                    method, target, os.path.join(workdir, PRUNED_DIR, name), log,
+                    dense_norms=dense_norms)
     workdir_lib.save_json(rows_dir, row_file, {**row, SOURCE_KEY: source})  # last: marks it done
     rows.append(row)
   result = {"dense": dense, "unigram_loss": unigram, "rows": rows,
             "markdown": format_table(rows, dense, unigram), SOURCE_KEY: source}
   with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+    writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   plot(workdir, rows, dense, unigram)

@@ -42,6 +42,8 @@ BINARY_RUN_FILES = {
     "experiments.nm_study": (CONFIG_FILE, FINAL_FILE, "summary.csv", "nm_study.png", "runs"),
     "experiments.oneshot": (CONFIG_FILE, FINAL_FILE, "summary.csv", "oneshot.png", "rows",
                             "pruned"),
+    "experiments.sensitivity": (CONFIG_FILE, FINAL_FILE, "sensitivity.csv", "sensitivity.png",
+                                "rates.json"),
 }
 RUN_FILES = BINARY_RUN_FILES["experiments.train"]  # the default: experiments.train's
 

@@ -62,6 +62,7 @@ from sparsejax import nm
 from sparsejax import nm_schedules
 from sparsejax import oneshot
 from sparsejax import owl
+from sparsejax import sensitivity
 
 __version__ = "0.1.0"
 
@@ -114,6 +115,7 @@ __all__ = [
     "pack_masks",
     "random_masks",
     "random_score",
+    "sensitivity",
     "snip_score",
     "snip_masks",
     "sparsity_report",

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import allocation as allocation_lib
 from sparsejax import masks as masks_lib
 from sparsejax import pruning
 from sparsejax import selection
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 PyTree = Any
-ALLOCATIONS = ("uniform", "global", "lamp")
+ALLOCATIONS = ("uniform", "global", "lamp", "erk")
 
 
 def check_fraction(fraction, name: str = "fraction") -> float:
@@ -202,7 +203,11 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
       of its weights) or 'global' (the leaves `layer_fractions` does not
       match keep round((1 - p) * their total kept), one magnitude threshold
       across them) or 'lamp' (as 'global', ranking LAMP scores: Lee et al.
-      2021 use it inside IMP; see `sparsejax.lamp`).
+      2021 use it inside IMP; see `sparsejax.lamp`) or 'erk' (the same
+      leaves keep, in all, round((1 - p) * their total kept), split by the
+      ERK densities of `erk_densities` at that total, each leaf its own
+      magnitudes; ERK's densities only fall as the total does, so no leaf
+      needs a weight back).
     layer_fractions: {path_regex: fraction in [0, 1)}: a leaf whose
       '/'-joined path a regex `re.search` matches (first match wins) keeps
       round((1 - fraction) * kept_l) of its own weights, under either
@@ -237,12 +242,18 @@ def prune_level(params: PyTree, masks: PyTree | None, fraction: float = 0.2, *,
   # the leaves that share one threshold ('global', unmatched): (path, size, kept).
   alone, pooled = [], []
   for path, size, kept in leaves:
-    shared = allocation in ("global", "lamp") and path not in own
+    shared = allocation in ("global", "lamp", "erk") and path not in own
     (pooled if shared else alone).append((path, size, kept))
-  exact = _exact_map([path for path, _, _ in alone], [size for _, size, _ in alone],
-                     [int(round((1.0 - own.get(path, p)) * kept)) for path, _, kept in alone])
+  keep_alone = [int(round((1.0 - own.get(path, p)) * kept)) for path, _, kept in alone]
   pool_size = sum(size for _, size, _ in pooled)
   pool_keep = int(round((1.0 - p) * sum(kept for _, _, kept in pooled)))
+  if allocation == "erk" and pooled:   # per-leaf counts from ERK at the pool's new density
+    densities = allocation_lib.erk_densities(1.0 - pool_keep / pool_size,
+                                             [tuple(weights[path].shape) for path, _, _ in pooled])
+    keep_alone += [min(kept, int(round(float(d) * size)))
+                   for d, (_, size, kept) in zip(densities, pooled)]
+    alone, pooled, pool_size = alone + pooled, [], 0
+  exact = _exact_map([path for path, _, _ in alone], [size for _, size, _ in alone], keep_alone)
 
   def select(w, m):
     out = pruning.compute_masks(w, 0.0, allocation=exact,

@@ -324,3 +324,26 @@ def test_with_masks_rejects_masks_of_other_leaves():
     sparsejax.with_masks(state, masks)
   with pytest.raises(ValueError, match="no PruningState"):
     sparsejax.with_masks(optax.sgd(0.1).init(params), lottery.prune_level(params, None, 0.5))
+
+
+def test_erk_levels_split_the_kept_total_by_erk_densities_and_only_shrink():
+  from sparsejax import allocation as allocation_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  shapes = {"a": (64, 30), "b": (30, 10), "c": (10, 4)}
+  params = {k: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for k, s in shapes.items()}
+  sizes = {k: s[0] * s[1] for k, s in shapes.items()}
+  total = sum(sizes.values())
+  masks, kept_total = None, total
+  for _ in range(4):
+    before = None if masks is None else {k: np.asarray(masks[k]["kernel"]) for k in shapes}
+    masks = lottery.prune_level(params, masks, 0.2, allocation="erk")
+    kept_total = round(0.8 * kept_total)
+    densities = allocation_lib.erk_densities(1 - kept_total / total, list(shapes.values()))
+    for (k, size), d in zip(sizes.items(), densities):
+      mask = np.asarray(masks[k]["kernel"])
+      assert mask.sum() == round(float(d) * size), k
+      # Each leaf's largest |w|, and a subset of what it kept before.
+      w = np.abs(np.asarray(params[k]["kernel"]))
+      assert w[mask].min(initial=np.inf) >= w[~mask].max(initial=0.0)
+      if before is not None:
+        assert not (mask & ~before[k]).any()

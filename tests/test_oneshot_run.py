@@ -255,3 +255,85 @@ def test_read_only_manager_creates_no_directory(tmp_path):
   with pytest.raises(CheckpointError, match=r"No checkpoint directory .*none \(opened read-only\)"):
     SparseCheckpointManager(str(tmp_path / "none"), read_only=True)
   assert not os.path.exists(tmp_path / "none")
+
+
+# --- Layer-adaptive rows: lamp, owl_wanda, owl_sparsegpt. -------------------------------------
+
+def _numpy_owl_sparsities(params, batches, sparsity, m, lam):
+  """OWL from the authors' formula (luuyin/OWL lib/prune_all.py), in NumPy on the dense MLP."""
+  x = np.concatenate([np.asarray(b, np.float64).reshape(len(b), -1) for b in batches])
+  ratios = []
+  for name in ("hidden_0", "hidden_1"):
+    w = np.asarray(params[name]["kernel"], np.float64)          # (in, out)
+    metric = np.abs(w.T) * np.sqrt((x ** 2).sum(0))[None, :]    # torch layout (out, in)
+    ratios.append((metric > metric.mean() * m).sum() / metric.size * 100)
+    x = np.maximum(x @ w + np.asarray(params[name]["bias"], np.float64), 0.0)
+  ratios = np.array(ratios)
+  density = (ratios - ratios.min()) * (1 / (ratios.max() - ratios.min()) * lam * 2)
+  density = density - density.mean() + (1 - sparsity)
+  return dict(zip(("hidden_0", "hidden_1"), ratios)), dict(zip(("hidden_0", "hidden_1"),
+                                                               1 - density))
+
+
+def test_lamp_and_owl_rows_run_with_their_own_allocations(tiny_config, tmp_path):
+  tiny_config.pruning.method = "dense"
+  _fake_training_workdir(tiny_config, tmp_path / "mlp", steps=(3,))
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "mlp")
+  config.methods = ("lamp", "owl_wanda", "owl_sparsegpt")
+  config.sparsities, config.patterns = (0.6,), ((2, 4),)   # no N:M rows for these methods
+  config.calibration_sequences, config.exclude = 64, "head"
+  config.owl.lam = 0.1
+  result = oneshot.run(config, str(tmp_path / "w"), log=lambda line: None)
+  rows = {r["method"]: r for r in result["rows"]}
+  assert [(r["method"], r["pattern"]) for r in result["rows"]] == [
+      ("lamp", "60%"), ("owl_wanda", "60%"), ("owl_sparsegpt", "60%")]
+  assert result["markdown"].splitlines()[0] == "| method | 60% |"
+  # LAMP: one global count, exactly round(0.4 n) of the 64x32 + 32x16 kernels.
+  assert rows["lamp"]["sparsity"] == 1 - round(0.4 * (64 * 32 + 32 * 16)) / (64 * 32 + 32 * 16)
+  lm_trainer = trainer.Trainer(tiny_config)
+  params = lm_trainer.initial_state(seed=3).params
+  batches = oneshot.calibration_batches(lm_trainer.data, 64, config.calibration_batch, 0)
+  ratios, expected = _numpy_owl_sparsities(params, batches, 0.6, 5.0, 0.1)
+  for method in ("owl_wanda", "owl_sparsegpt"):
+    row = rows[method]
+    assert row["outlier_ratios"] == pytest.approx(ratios, abs=1e-9)
+    assert row["group_sparsities"] == pytest.approx(expected, abs=1e-9)
+    assert max(expected.values()) - min(expected.values()) == pytest.approx(0.2)
+    _, masks = load_sparse(str(tmp_path / "w" / "pruned" / f"{method}_60pct.npz"))
+    kept = total = 0
+    for name, s in expected.items():
+      mask = np.asarray(masks[name]["kernel"])
+      if method == "owl_wanda":   # per output unit
+        assert (mask.sum(0) == round((1 - s) * mask.shape[0])).all(), name
+      else:                       # per block of 128 inputs: here the whole kernel
+        assert mask.sum() == round((1 - s) * mask.size), name
+      kept, total = kept + mask.sum(), total + mask.size
+    assert row["sparsity"] == pytest.approx(1 - kept / total)
+    assert masks["head"]["kernel"] is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.owl.update(lam=-0.1), r"^config.owl.lam=-0.1 must be a finite number in \[0, 0.5\)"),
+    (lambda c: c.owl.update(m=0.0), r"^config.owl.m=0.0 must be a finite number in \(0, inf\]"),
+    (lambda c: c.owl.update(m=-2.0), r"^config.owl.m=-2.0 must be"),
+    (lambda c: c.update(methods=("lamp", "owl")), r"^config.methods: unknown one-shot method 'owl'"),
+])
+def test_bad_owl_values_name_the_key(edit, message, tmp_path):
+  config = oneshot_lm.get_config()
+  config.methods = ("owl_wanda",)
+  edit(config)
+  with pytest.raises(config_checks.ConfigError, match=message) as raised:
+    oneshot.run(config, str(tmp_path / "w"))
+  assert "\n" not in str(raised.value)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_rates_config_compares_owl_and_lamp_with_their_plain_methods_unstructured():
+  from experiments.configs import oneshot_lm_rates  # pylint: disable=g-import-not-at-top
+  config = oneshot_lm_rates.get_config()
+  oneshot.check_config(config)
+  assert set(config.methods) == {"magnitude", "lamp", "wanda", "owl_wanda", "sparsegpt",
+                                 "owl_sparsegpt"}
+  assert [name for name, _ in oneshot.targets(config)] == ["50pct", "60pct", "70pct"]
+  assert (config.owl.m, config.owl.lam) == (5.0, 0.08)

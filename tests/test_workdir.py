@@ -262,6 +262,7 @@ def test_each_binarys_named_outputs_are_in_its_declared_run_files():
   from experiments import lottery_report  # pylint: disable=g-import-not-at-top
   from experiments import nm_study  # pylint: disable=g-import-not-at-top
   from experiments import oneshot  # pylint: disable=g-import-not-at-top
+  from experiments import sensitivity  # pylint: disable=g-import-not-at-top
   from experiments import trainer  # pylint: disable=g-import-not-at-top
   declared = workdir_lib.BINARY_RUN_FILES
   assert train.RUN_FILES == declared["experiments.train"] == workdir_lib.RUN_FILES
@@ -274,6 +275,8 @@ def test_each_binarys_named_outputs_are_in_its_declared_run_files():
                                      nm_study.PLOT_FILE, nm_study.RUNS_DIR}
   assert set(oneshot.RUN_FILES) == {"config.json", "final.json", oneshot.CSV_FILE,
                                     oneshot.PLOT_FILE, oneshot.ROWS_DIR, oneshot.PRUNED_DIR}
+  assert set(sensitivity.RUN_FILES) == {"config.json", "final.json", sensitivity.CSV_FILE,
+                                        sensitivity.PLOT_FILE, sensitivity.RATES_FILE}
 
 
 def test_overwrite_removes_an_nm_runs_export_and_plot(tiny_config, tmp_path):

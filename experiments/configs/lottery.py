@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lottery = ml_collections.ConfigDict()
   config.lottery.levels = 13            # pruned levels after the dense level 0
   config.lottery.prune_fraction = 0.2   # share of the remaining weights pruned per level
-  config.lottery.allocation = "global"  # uniform | global (one threshold across layers) | lamp
+  config.lottery.allocation = "global"  # uniform | global (one threshold across layers) | lamp | erk
   # {path_regex: fraction}: layers pruned at their own rate; 0 keeps the output layer dense.
   config.lottery.layer_fractions = ml_collections.ConfigDict({"^head/": 0.0})
   config.lottery.rewind_step = 0        # k: weights rewind to their values at this point

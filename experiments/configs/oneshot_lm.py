@@ -10,7 +10,9 @@ query/key/value/out and the MLP), the embeddings and the output head kept
 dense, the blocks pruned one after the other; SparseGPT with blocks of 128
 columns and dampening 1% of the mean diagonal of X^T X. The magnitude
 baseline compares weights over the whole layer (Wanda's code does;
-`magnitude_per_output=True` compares within each output unit).
+`magnitude_per_output=True` compares within each output unit). Add the
+layer-adaptive rows with `--config.methods=lamp,owl_wanda,owl_sparsegpt` (or
+see oneshot_lm_rates.py); OWL's settings are the paper's (M = 5, lambda = 0.08).
 """
 
 import ml_collections
@@ -30,4 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.magnitude_per_output = False  # magnitude over the whole layer, the library's default
   config.block_size = 128             # sparsegpt: columns per lazy-update block
   config.dampening = 0.01             # sparsegpt: lambda as a fraction of mean diag(X^T X)
+  config.owl = ml_collections.ConfigDict()  # owl_wanda / owl_sparsegpt rows (Yin et al. 2024)
+  config.owl.m = 5.0                  # outlier: a Wanda score above m times its block's mean (> 0)
+  config.owl.lam = 0.08               # block densities span 2 lam around 1 - S, in [0, 0.5)
   return config
