@@ -94,6 +94,9 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> llama.Lla
     raise HFError(f"{where}: use_sliding_window=true is not supported (full causal attention).")
   try:
     heads = int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or 0)
+    if head_dim * heads == int(hf["hidden_size"]):
+      head_dim = 0   # the default width, as LlamaConfig spells it
     bias = bool(hf.get("attention_bias", False))
     if flavour == "qwen2" and "attention_bias" in hf and not bias:
       raise HFError(f"{where}: attention_bias=false with Qwen2 (whose q/k/v carry biases).")
@@ -102,7 +105,7 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> llama.Lla
         intermediate_size=int(hf["intermediate_size"]),
         num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or 0), flavour=flavour,
+        head_dim=head_dim, flavour=flavour,
         attention_bias=bias and flavour != "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
