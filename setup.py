@@ -28,5 +28,11 @@ setuptools.setup(
         "matplotlib",
         "pillow",  # TFDS decodes PNG-encoded Image features with it (no TensorFlow)
     ],
-    extras_require={"test": ["pytest", "nbclient", "nbformat", "ipykernel", "sphinx", "myst-parser"]},
+    extras_require={
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "sphinx", "myst-parser",
+                 "safetensors"],
+        # Hugging Face checkpoints checked against the reference implementation
+        # (tests marked `hf`): transformers with CPU torch.
+        "hf": ["safetensors", "transformers", "torch"],
+    },
 )

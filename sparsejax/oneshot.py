@@ -18,7 +18,8 @@ one kernel; `prune_sequentially` prunes a model group by group (transformer
 block by block), each group calibrated on the outputs of the groups already
 pruned, as both papers do. `linen_hessians` captures the Gram matrices of
 every Dense / DenseGeneral kernel of a Flax Linen model (Flax's attention
-included). Masks are selected by the library's exact top-k / N:M selection,
+included), `nnx_hessians` those of every nnx.Linear / LinearGeneral / Einsum
+of a Flax NNX model. Masks are selected by the library's exact top-k / N:M selection,
 so exactly round((1-s) n) weights survive; the authors' SparseGPT and
 magnitude baseline prune the int(n s) + 1 (or more, on ties) scores `<=`
 the int(n s)-th smallest, and Wanda prunes exactly int(d_in s) per output
@@ -419,12 +420,18 @@ def _prune(kernel, hessian, method, sparsity, nm, axes, per_output, block_size, 
   return (back(jnp.where(keep, matrix, 0).astype(kernel.dtype)), back(keep), jnp.stack(finite))
 
 
-def block_group(pattern: str = r"^.*?_\d+(?=/)") -> Callable[[str], str]:
-  """Path -> group: the first match of `pattern` (default: up to the first `name_<i>` module).
+def block_group(pattern: str = r"^.*?(?:_\d+|(?:^|/)\d+)(?=/)") -> Callable[[str], str]:
+  """Path -> group: the first match of `pattern` (default: up to the first numbered module).
+
+  A numbered module is a Linen `name_<i>` or an entry `name/<i>` of an NNX
+  list of layers (`nnx.List`, a Python list), e.g. a Llama's
+  `layers/3/...`.
 
   >>> g = block_group()
   >>> g('block_1/attention/query/kernel'), g('head/kernel')
   ('block_1', 'head/kernel')
+  >>> g('model/layers/3/self_attn/q_proj/kernel'), g('0/fc/kernel')
+  ('model/layers/3', '0')
   """
   compiled = re.compile(pattern)
 
@@ -466,7 +473,7 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
   Args:
     params: any params pytree (Linen dict, NNX state).
     hessians_fn: params -> {kernel path: X^T X of its inputs}, e.g. from
-      `linen_hessians`.
+      `linen_hessians` (Linen) or `nnx_hessians` (NNX).
     method: 'magnitude', 'wanda' or 'sparsegpt'.
     sparsity: the fraction to prune from every chosen kernel, in [0, 1), or
       per group: {group name: sparsity} naming every group and no other, or
@@ -498,7 +505,8 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
   check_solver(block_size, dampening)
   check_per_output(method, per_output)
   if method != "magnitude" and hessians_fn is None:
-    raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...)).")
+    raise ValueError(f"{method} needs calibration: pass hessians_fn (e.g. linen_hessians(...) "
+                     "or nnx_hessians(...)).")
   group = group or block_group()
   check_layers(params, method, sparsity=sparsity, nm=nm, leaf_filter=leaf_filter, axes=axes,
                block_size=block_size, group=group)
@@ -608,3 +616,163 @@ def _out_size(module: nn.Module, kernel: jax.Array) -> int:
   features = module.features
   features = (features,) if isinstance(features, int) else tuple(features)
   return int(np.prod(features))
+
+
+NNX_LINEAR = ("Linear", "LinearGeneral", "Einsum")   # the nnx layers `nnx_hessians` captures
+
+
+def _nnx_linear_types() -> tuple[type, ...]:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return tuple(getattr(nnx, name) for name in NNX_LINEAR)
+
+
+def _einsum_inputs(spec: str, x: jax.Array, kernel_shape: tuple[int, ...], name: str
+                   ) -> jax.Array:
+  """The input x of `lhs,rhs->out` as (tokens, d_in), d_in the kernel's contracted axes in order."""
+  try:
+    operands, out = spec.replace(" ", "").split("->")
+    lhs, rhs = operands.split(",")
+  except ValueError:
+    raise ValueError(f"{name}: einsum '{spec}' is not of the form 'lhs,rhs->out'.") from None
+  if "..." in rhs:
+    raise ValueError(f"{name}: einsum '{spec}' has '...' in the kernel's indices.")
+  if "..." in lhs:   # the ellipsis as letters of its own, absent from the kernel
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
+    extra = "".join(free[:x.ndim - (len(lhs) - 3)])
+    lhs, out = lhs.replace("...", extra), out.replace("...", extra)
+  batched = [c for c in rhs if c in lhs and c in out]
+  if batched:
+    raise ValueError(f"{name}: einsum '{spec}' maps kernel index {batched[0]!r} to the output "
+                     "as well as the input (a batched kernel has no single X^T X); exclude it "
+                     "with leaf_filter.")
+  contracted = [c for c in rhs if c in lhs]
+  order = [lhs.index(c) for c in lhs if c not in contracted] + [lhs.index(c) for c in contracted]
+  d_in = math.prod(kernel_shape[rhs.index(c)] for c in contracted)
+  return jnp.transpose(x, order).reshape(-1, d_in)
+
+
+def _nnx_inputs(module, args: tuple, kwargs: Mapping[str, Any], name: str) -> jax.Array:
+  """The first input of an nnx.Linear / LinearGeneral / Einsum call as (tokens, d_in) float32.
+
+  d_in runs over the kernel's contraction axes in the kernel's order,
+  flattened row-major, as `layouts` and `as_matrix` read the kernel.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(args[0])
+  kernel_shape = tuple(module.kernel.shape)
+  if isinstance(module, nnx.Einsum):
+    spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    x = _einsum_inputs(spec, x, kernel_shape, name)
+  elif isinstance(module, nnx.LinearGeneral):
+    if module.batch_axis:
+      raise ValueError(f"{name}: LinearGeneral with batch_axis={dict(module.batch_axis)} has a "
+                       "kernel per batch entry (no single X^T X); exclude it with leaf_filter.")
+    axes = [a % x.ndim for a in ((module.axis,) if isinstance(module.axis, int) else module.axis)]
+    x = jnp.moveaxis(x, axes, list(range(x.ndim - len(axes), x.ndim)))
+    x = x.reshape(-1, math.prod(x.shape[x.ndim - len(axes):]))
+  else:
+    x = x.reshape(-1, kernel_shape[0])
+  return x.astype(jnp.float32)
+
+
+def nnx_hessians(model, batches: Iterable[Any], *,
+                 call: Callable[[Any, Any], Any] | None = None,
+                 prefix: str = "", diagonal: bool = False) -> HessiansFn:
+  """params -> {kernel path: X^T X} over `batches`, for every nnx.Linear / LinearGeneral / Einsum.
+
+  The NNX counterpart of `linen_hessians`, so that `prune_sequentially`
+  prunes an NNX model with no hand-written capture::
+
+    hessians = oneshot.nnx_hessians(model, calibration)
+    params = nnx.state(model, nnx.Param)
+    pruned, masks = oneshot.prune_sequentially(params, hessians, 'sparsegpt', nm=(2, 4))
+    nnx.update(model, pruned)
+
+  `model` gives the structure (and any non-parameter state, e.g. batch
+  statistics); the returned function runs it with the weights it is given:
+  an `nnx.State` of the model's `nnx.Param`s or the same as a pure dict
+  (`nnx.to_pure_dict`), or, with `prefix='model'`, a dict holding that
+  under 'model' (the Linen params of `nnx.bridge.to_linen(..., name='model')`,
+  paths then start with 'model/'). So each call of `prune_sequentially`
+  captures the inputs that the already pruned blocks produce.
+
+  During tracing the `__call__` of each captured class is wrapped; the first
+  argument of every call is flattened to (tokens, d_in), d_in running over
+  the kernel's contraction axes in the kernel's order (`layouts`), and X^T X
+  (or, with `diagonal`, only its diagonal, all Wanda needs) is accumulated
+  in float32 over every batch, in one jitted forward per batch. Kernels
+  appear in call order; a module called twice sums both inputs. `call`
+  (model, batch) -> anything runs the model (default `model(batch)`).
+
+  Raises:
+    ValueError: with no batches; naming the module, for an Einsum whose
+      kernel shares an index with the input and the output, or a
+      LinearGeneral with batch axes (neither has one X^T X).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  batches = list(batches)
+  if not batches:
+    raise ValueError("nnx_hessians needs at least one calibration batch.")
+  call = call or (lambda m, batch: m(batch))
+  graphdef, template, rest = nnx.split(model, nnx.Param, ...)
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+  kinds = _nnx_linear_types()
+  head = f"{prefix}/" if prefix else ""
+  order: list[str] = []   # kernels in call order, recorded while tracing
+
+  def as_state(params):
+    if prefix:
+      params = params[prefix]
+    if isinstance(params, nnx.State):
+      return params
+    state = jax.tree.map(lambda x: x, template)
+    nnx.replace_by_pure_dict(state, params)
+    return state
+
+  @jax.jit
+  def one_batch(state, rest, batch):
+    module = nnx.merge(graphdef, state, rest)
+    layers = [(path, m) for path, m in nnx.iter_modules(module)
+              if isinstance(m, kinds) and isinstance(getattr(m, "kernel", None), nnx.Param)]
+    names = {id(m): head + "/".join(str(p) for p in path) + "/kernel" for path, m in layers}
+    # The class in each layer's MRO that defines the __call__ it runs: wrapped while tracing.
+    owners = {next(c for c in type(m).__mro__ if "__call__" in c.__dict__) for _, m in layers}
+    captured: dict[str, jax.Array] = {}
+    active: set[int] = set()   # a subclass calling super().__call__ is captured once
+
+    def wrap(original):
+      def wrapper(self, *args, **kwargs):
+        path = names.get(id(self))
+        if path is None or id(self) in active or not args:
+          return original(self, *args, **kwargs)
+        x = _nnx_inputs(self, args, kwargs, path)
+        gram = jnp.sum(x * x, axis=0) if diagonal else x.T @ x
+        captured[path] = captured[path] + gram if path in captured else gram
+        if path not in order:
+          order.append(path)
+        active.add(id(self))
+        try:
+          return original(self, *args, **kwargs)
+        finally:
+          active.discard(id(self))
+      return wrapper
+
+    originals = {cls: cls.__dict__["__call__"] for cls in owners}
+    try:
+      for cls, original in originals.items():
+        cls.__call__ = wrap(original)
+      call(module, batch)
+    finally:
+      for cls, original in originals.items():
+        cls.__call__ = original
+    return captured
+
+  def hessians(params):
+    state = as_state(params)
+    total: dict[str, jax.Array] = {}
+    for batch in batches:
+      for path, h in one_batch(state, rest, batch).items():
+        total[path] = total[path] + h if path in total else h
+    return {path: total[path] for path in order if path in total}
+
+  return hessians

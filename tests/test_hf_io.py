@@ -1,0 +1,163 @@
+"""Hugging Face safetensors in and out (`experiments.hf_io`), with hand-made tensors (no torch)."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from experiments import hf_io  # pylint: disable=wrong-import-position
+from experiments.models import llama  # pylint: disable=wrong-import-position
+
+CONFIG = llama.LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=12, num_layers=2,
+                           num_heads=2, num_kv_heads=1, flavour="qwen2")
+HF_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 10,
+             "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+             "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+def _torch_layout(seed=0):
+  """Every tensor of CONFIG by its Hugging Face name, in torch's (out, in) layout, by hand."""
+  rng = np.random.default_rng(seed)
+  shapes = {"model.embed_tokens.weight": (10, 8), "model.norm.weight": (8,),
+            "lm_head.weight": (10, 8)}
+  for n in range(2):
+    p = f"model.layers.{n}."
+    shapes.update({
+        p + "input_layernorm.weight": (8,), p + "post_attention_layernorm.weight": (8,),
+        p + "self_attn.q_proj.weight": (8, 8), p + "self_attn.q_proj.bias": (8,),
+        p + "self_attn.k_proj.weight": (4, 8), p + "self_attn.k_proj.bias": (4,),
+        p + "self_attn.v_proj.weight": (4, 8), p + "self_attn.v_proj.bias": (4,),
+        p + "self_attn.o_proj.weight": (8, 8), p + "mlp.gate_proj.weight": (12, 8),
+        p + "mlp.up_proj.weight": (12, 8), p + "mlp.down_proj.weight": (8, 12)})
+  return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def _write(directory, tensors, dtype=np.float32, hf_config=HF_CONFIG, shards=1):
+  os.makedirs(directory, exist_ok=True)
+  names = sorted(tensors)
+  if shards == 1:
+    safetensors_numpy.save_file({n: tensors[n].astype(dtype) for n in names},
+                                os.path.join(directory, "model.safetensors"))
+  else:
+    weight_map = {}
+    for i in range(shards):
+      file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+      part = names[i::shards]
+      safetensors_numpy.save_file({n: tensors[n].astype(dtype) for n in part},
+                                  os.path.join(directory, file))
+      weight_map.update({n: file for n in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config, f)
+  return str(directory)
+
+
+@pytest.mark.parametrize("dtype,shards", [(np.float32, 1), (ml_dtypes.bfloat16, 3),
+                                          (np.float16, 1)])
+def test_load_transposes_linear_weights_and_reads_every_dtype_and_shard_layout(tmp_path, dtype,
+                                                                                shards):
+  tensors = _torch_layout()
+  config, params, hf, stored = hf_io.load(_write(tmp_path / "in", tensors, dtype, shards=shards))
+  assert config == CONFIG and hf == HF_CONFIG
+  assert stored == {np.float32: "float32", ml_dtypes.bfloat16: "bfloat16",
+                    np.float16: "float16"}[dtype]
+  cast = lambda name: tensors[name].astype(dtype).astype(np.float32)
+  attention = params["layers"][1]["self_attn"]
+  np.testing.assert_array_equal(attention["k_proj"]["kernel"],
+                                cast("model.layers.1.self_attn.k_proj.weight").T)
+  np.testing.assert_array_equal(attention["k_proj"]["bias"],
+                                cast("model.layers.1.self_attn.k_proj.bias"))
+  np.testing.assert_array_equal(params["layers"][0]["mlp"]["down_proj"]["kernel"],
+                                cast("model.layers.0.mlp.down_proj.weight").T)
+  np.testing.assert_array_equal(params["lm_head"]["kernel"], cast("lm_head.weight").T)
+  np.testing.assert_array_equal(params["embed_tokens"]["embedding"],
+                                cast("model.embed_tokens.weight"))
+  assert attention["k_proj"]["kernel"].dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype,shard_bytes", [("bfloat16", 400), ("float32", None)])
+def test_save_writes_the_torch_layout_back_bit_for_bit(tmp_path, dtype, shard_bytes):
+  tensors = {n: v.astype(hf_io.DTYPES[hf_io.DTYPE_NAMES[dtype]]).astype(np.float32)
+             for n, v in _torch_layout().items()}
+  config, params, hf, _ = hf_io.load(_write(tmp_path / "in", tensors))
+  (tmp_path / "in" / "tokenizer.json").write_text("{}")
+  files = hf_io.save(str(tmp_path / "out"), config, params, dtype=dtype, hf_config=hf,
+                     max_shard_bytes=shard_bytes, copy_from=str(tmp_path / "in"))
+  assert "tokenizer.json" in files and "config.json" in files
+  assert sorted(os.listdir(tmp_path)) == ["in", "out"]   # no temporary left
+  written = {}
+  for file in files:
+    if file.endswith(".safetensors"):
+      written.update(safetensors_numpy.load_file(str(tmp_path / "out" / file)))
+  assert set(written) == set(tensors)
+  for name, value in tensors.items():
+    assert written[name].dtype == hf_io.DTYPES[hf_io.DTYPE_NAMES[dtype]], name
+    np.testing.assert_array_equal(written[name].astype(np.float32), value, err_msg=name)
+  if shard_bytes:
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors) and len(set(index["weight_map"].values())) > 1
+  again = hf_io.load(str(tmp_path / "out"))
+  assert again[0] == config and again[3] == dtype
+
+
+def test_tied_embeddings_have_no_lm_head(tmp_path):
+  tensors = _torch_layout()
+  del tensors["lm_head.weight"]
+  config, params, _, _ = hf_io.load(_write(tmp_path / "in", tensors,
+                                           hf_config={**HF_CONFIG, "tie_word_embeddings": True}))
+  assert config.tie_embeddings and "lm_head" not in params
+  hf_io.save(str(tmp_path / "out"), config, params)
+  assert "lm_head.weight" not in safetensors_numpy.load_file(
+      str(tmp_path / "out" / "model.safetensors"))
+
+
+def _error(tmp_path, match, tensors=None, **kwargs):
+  directory = _write(tmp_path / "bad", tensors or _torch_layout(), **kwargs)
+  with pytest.raises(hf_io.HFError, match=match) as info:
+    hf_io.load(directory)
+  assert "\n" not in str(info.value)
+
+
+def test_unsupported_architecture_and_fields_are_named(tmp_path):
+  _error(tmp_path, r"config.json: architectures=\['GemmaForCausalLM'\].*not supported",
+         hf_config={**HF_CONFIG, "architectures": ["GemmaForCausalLM"], "model_type": "gemma"})
+  _error(tmp_path, r"rope type 'linear'",
+         hf_config={**HF_CONFIG, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+  _error(tmp_path, r"field 'hidden_size' is missing",
+         hf_config={k: v for k, v in HF_CONFIG.items() if k != "hidden_size"})
+
+
+def test_missing_unexpected_misshapen_and_wrong_dtype_tensors_are_named(tmp_path):
+  tensors = _torch_layout()
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  _error(tmp_path / "a", r"tensor model.layers.1.mlp.up_proj.weight is missing", tensors)
+  tensors = {**_torch_layout(), "model.layers.0.self_attn.o_proj.bias": np.zeros(8, np.float32)}
+  _error(tmp_path / "b", r"unexpected tensor model.layers.0.self_attn.o_proj.bias", tensors)
+  tensors = {**_torch_layout(), "model.layers.0.self_attn.k_proj.weight": np.zeros((8, 8),
+                                                                                    np.float32)}
+  _error(tmp_path / "c", r"tensor model.layers.0.self_attn.k_proj.weight has shape \(8, 8\), "
+         r"config.json implies \(4, 8\)", tensors)
+  _error(tmp_path / "d", r"tensor \S+ has dtype I8", dtype=np.int8)
+
+
+def test_a_failed_save_leaves_nothing(tmp_path):
+  config, params, _, _ = hf_io.load(_write(tmp_path / "in", _torch_layout()))
+  del params["layers"][1]["mlp"]["up_proj"]
+  with pytest.raises(hf_io.HFError, match="params have no layers/1/mlp/up_proj/kernel"):
+    hf_io.save(str(tmp_path / "out"), config, params)
+  params = hf_io.load(str(tmp_path / "in"))[1]
+  params["layers"][0]["self_attn"]["q_proj"]["kernel"] = np.zeros((8, 4), np.float32)
+  with pytest.raises(hf_io.HFError, match=r"layers/0/self_attn/q_proj/kernel \(tensor "
+                     r"model.layers.0.self_attn.q_proj.weight\) has shape \(8, 4\)"):
+    hf_io.save(str(tmp_path / "out"), config, params)
+  with pytest.raises(hf_io.HFError, match="dtype='int8'"):
+    hf_io.save(str(tmp_path / "out"), config, params, dtype="int8")
+  assert sorted(os.listdir(tmp_path)) == ["in"]
+  with pytest.raises(hf_io.HFError, match="exists and is not empty"):
+    hf_io.save(str(tmp_path / "in"), config, hf_io.load(str(tmp_path / "in"))[1])
