@@ -46,15 +46,23 @@ STEPS = flags.DEFINE_integer("steps", 200, "Mask-learning steps (one training ba
 SCORE_LR = flags.DEFINE_float("score_lr", None, "Peak learning rate of the scores (cosine "
                               "decay to 10%); default: 5e-4 (MaskLLM: adam, the authors' "
                               "5e-5 x lr-mult 10) or 0.1 (Jackpots: sgd, momentum 0.9).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Training batch of mask learning; "
+                                  "default: the trained run's.")
 SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Jackpots: fraction pruned in every kernel.")
 EXCLUDE = flags.DEFINE_string("exclude", None, "Regex of kernels kept dense; default "
                               "'embed|position|head' (maskllm, as the one-shot binary), '' "
                               "(jackpots).")
 
 
-def restore(train_workdir: str) -> tuple[trainer_lib.Trainer, trainer_lib.TrainState]:
-  """The Trainer of a finished run and the state of its final checkpoint."""
+def restore(train_workdir: str,
+            batch_size: int | None = None) -> tuple[trainer_lib.Trainer, trainer_lib.TrainState]:
+  """The Trainer of a finished run (its batch size, or `batch_size`) and the
+  state of its final checkpoint."""
   trainer = oneshot.trained(train_workdir)
+  if batch_size is not None and batch_size != trainer.config.batch_size:
+    config = trainer.config.copy_and_resolve_references()
+    config.batch_size = batch_size
+    trainer = trainer_lib.Trainer(config, data=trainer.data)
   with SparseCheckpointManager(os.path.join(train_workdir, trainer_lib.CHECKPOINT_DIR),
                                read_only=True) as manager:
     state = trainer.restore(manager)
@@ -156,7 +164,7 @@ def main(argv):
   del argv
   if METHOD.value is None or TRAIN_WORKDIR.value is None:
     raise app.UsageError("--method and --train_workdir are required.")
-  trainer, state = restore(TRAIN_WORKDIR.value)
+  trainer, state = restore(TRAIN_WORKDIR.value, BATCH_SIZE.value)
   what = "test bits per byte" if trainer.data.text else "test accuracy"
   print(f"[learned_study] {METHOD.value} on {trainer.config.model.name} from "
         f"{TRAIN_WORKDIR.value} (step {int(state.step)}); {what}:")
