@@ -43,15 +43,16 @@ from experiments import trainer as trainer_lib
 METHOD = flags.DEFINE_enum("method", None, ["maskllm", "jackpots"], "Which learned mask.")
 TRAIN_WORKDIR = flags.DEFINE_string("train_workdir", None, "A finished experiments.train run.")
 STEPS = flags.DEFINE_integer("steps", 200, "Mask-learning steps (one training batch each).")
-SCORE_LR = flags.DEFINE_float("score_lr", None, "Peak learning rate of the scores (cosine "
-                              "decay to 10%); default: 5e-4 (MaskLLM: adam, the authors' "
-                              "5e-5 x lr-mult 10) or 0.1 (Jackpots: sgd, momentum 0.9).")
+SCORE_LR = flags.DEFINE_float("score_lr", None, "Peak learning rate of the scores; default: "
+                              "5e-4 (MaskLLM: adam, cosine to 10%, the authors' 5e-5 x "
+                              "lr-mult 10) or 0.1 (Jackpots: sgd, momentum 0.9, weight decay "
+                              "5e-4, cosine to 0, the authors' CIFAR configs).")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Training batch of mask learning; "
                                   "default: the trained run's.")
 SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Jackpots: fraction pruned in every kernel.")
 EXCLUDE = flags.DEFINE_string("exclude", None, "Regex of kernels kept dense; default "
-                              "'embed|position|head' (maskllm, as the one-shot binary), '' "
-                              "(jackpots).")
+                              "'embed|position|head' (maskllm, as the one-shot binary) or "
+                              "'head' (jackpots: the authors keep the classifier dense).")
 
 
 def restore(train_workdir: str,
@@ -136,13 +137,15 @@ def maskllm(trainer, state, steps: int, lr: float, exclude: str, log=print) -> d
 def jackpots(trainer, state, steps: int, lr: float, sparsity: float, exclude: str,
              log=print) -> dict:
   """Dense, one-shot per-layer magnitude at `sparsity` (no fine-tuning), and
-  Lottery Jackpots from it after `steps` steps (swaps stop for the last 10%)."""
+  Lottery Jackpots from it after `steps` steps (swaps on every step but the
+  last 10%)."""
   keep = methods_lib.leaf_filter(ml_collections.ConfigDict({"include": "", "exclude": exclude}),
                                  section="")
   rows = {"dense": score(trainer, state, state.params)}
   method = sparsejax.LotteryJackpots(sparsity, num_steps=steps,
                                      swap_end_step=int(round(0.9 * steps)), leaf_filter=keep)
-  score_tx = optax.sgd(optax.cosine_decay_schedule(lr, steps, alpha=0.1), momentum=0.9)
+  score_tx = optax.chain(optax.add_decayed_weights(5e-4),
+                         optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9))
   opt_state = method.wrap(None, score_tx).init(state.params)
   start = sparsejax.find_learned_state(opt_state).masks
   rows[f"magnitude {sparsity:.0%}, one-shot"] = score(
@@ -172,7 +175,7 @@ def main(argv):
     exclude = "embed|position|head" if EXCLUDE.value is None else EXCLUDE.value
     out = maskllm(trainer, state, STEPS.value, SCORE_LR.value or 5e-4, exclude)
   else:
-    exclude = "" if EXCLUDE.value is None else EXCLUDE.value
+    exclude = "head" if EXCLUDE.value is None else EXCLUDE.value
     out = jackpots(trainer, state, STEPS.value, SCORE_LR.value or 0.1, SPARSITY.value, exclude)
   for name, value in out["rows"].items():
     print(f"  {name}: {value:.4f}")
