@@ -158,6 +158,11 @@ def uniform_noise(shape: tuple[int, ...], *words) -> jax.Array:
   sharding, jitted or not; chosen over `jax.random` for the per-step
   Gumbel noise because threefry takes seconds to compile on CPU.
 
+  The top 23 bits of the hash give (k + 0.5) / 2**23, k < 2**23: every value
+  is exact in float32, so u is never 0 or 1 (with 24 bits, k = 2**24 - 1
+  rounded to u = 1.0, one entry in 2**24, and the Gumbel noise
+  -log(-log(u)) became inf and MaskLLM's soft masks NaN on long runs).
+
   >>> u = uniform_noise((1000,), 3, 4)
   >>> bool((u > 0).all() & (u < 1).all()), round(float(u.mean()), 1)
   (True, 0.5)
@@ -167,7 +172,7 @@ def uniform_noise(shape: tuple[int, ...], *words) -> jax.Array:
     base = _mix(base ^ jnp.asarray(word).astype(jnp.uint32))
   index = jax.lax.broadcasted_iota(jnp.uint32, (max(1, int(np.prod(shape))),), 0)
   bits = _mix(_mix(index + base))
-  u = ((bits >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0**-24)
+  u = ((bits >> 9).astype(jnp.float32) + 0.5) * jnp.float32(2.0**-23)
   return u[:int(np.prod(shape))].reshape(shape)
 
 
