@@ -209,7 +209,7 @@ def inverse_cholesky(hessian: jax.Array, dampening: float = 0.01) -> jax.Array:
                                                     lower=False))
 
 
-PANEL_BLOCKS = 4   # blocks per panel: one compiled loop each, exact lazy updates between panels
+PANEL_BLOCKS = 4   # blocks per panel (at most): exact lazy updates between panels
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "nm", "block_size", "dampening"))
@@ -222,11 +222,17 @@ def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None 
   mask keeps the largest W^2 / [H^-1]_jj^2 (over the whole block: adaptive,
   or of every m inputs for N:M), the error of each pruned input is spread
   over the later inputs of the block at once and over the later blocks in
-  one lazy matrix product. Blocks run in a `lax.fori_loop` inside panels of
-  `PANEL_BLOCKS` blocks (a loop updates the rest of its panel through a
-  masked product of fixed shape); the inputs after a panel get its errors in
-  one product. So the program holds one loop per panel, not one copy of the
-  block code per block. Inputs never seen (H_ii = 0) are zeroed and pruned.
+  lazy matrix products. Blocks are grouped in panels of up to
+  `PANEL_BLOCKS` blocks, all of one width: within a panel a block updates
+  the rest of the panel through a masked product of fixed shape; after a
+  panel, each later panel gets its errors in one product. Panels and the
+  blocks within them run in `lax.fori_loop`s, so the program holds one copy
+  of the block code whatever the layer's size (it compiles in about the
+  same time for any d_in). When d_in is not a multiple of the panel width
+  the inputs are padded with unused ones (W = 0, decoupled from the rest
+  through an identity block of the factor); the last, partial block still
+  keeps round((1-s) n) of its own n weights. Inputs never seen (H_ii = 0)
+  are zeroed and pruned.
   """
   check_target(sparsity, nm)
   d_in = weights.shape[0]
@@ -235,31 +241,60 @@ def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None 
                      f"divisible by M={nm[1]}.")
   dtype = weights.dtype
   w = weights.astype(jnp.float32).T                       # (d_out, d_in): rows are output units
+  rows = w.shape[0]
   dead = jnp.diagonal(hessian) == 0
   w = jnp.where(dead[None, :], 0.0, w)
   u = inverse_cholesky(hessian, dampening)
-  keep = jnp.ones(w.shape, bool)
-  whole = d_in - d_in % block_size
-  start = 0
-  while start < d_in:
-    count = min(PANEL_BLOCKS, (whole - start) // block_size) if start < whole else 1
-    stop = min(start + count * block_size, d_in)
-    panel, panel_keep, errors = _prune_panel(w[:, start:stop], u[start:stop, start:stop],
-                                             sparsity, nm, min(block_size, stop - start))
-    w = w.at[:, start:stop].set(panel)
-    keep = keep.at[:, start:stop].set(panel_keep)
-    if stop < d_in:
-      w = w.at[:, stop:].add(-errors @ u[start:stop, stop:])   # the lazy update of later panels
-    start = stop
+  blocks = -(-d_in // block_size)
+  panels = -(-blocks // PANEL_BLOCKS)
+  per_panel = -(-blocks // panels)                        # as even as can be: little padding
+  width = per_panel * block_size
+  padded = panels * width
+  if padded > d_in:                                       # unused inputs: W = 0, U = I there
+    w = jnp.pad(w, ((0, 0), (0, padded - d_in)))
+    u = jnp.pad(u, ((0, padded - d_in),) * 2) + jnp.diag(
+        (jnp.arange(padded) >= d_in).astype(jnp.float32))
+  tail = d_in - (blocks - 1) * block_size                 # inputs of the last block
+  keeps = None
+  if nm is None:   # weights kept by a whole block, by the last block, its inputs and index
+    keeps = (counts.keep_count(rows * block_size, sparsity), counts.keep_count(rows * tail, sparsity),
+             tail, blocks - 1)
+
+  def one_panel(p, carry):
+    w, keep = carry
+    start = p * width
+    panel, panel_keep, errors = _prune_panel(
+        jax.lax.dynamic_slice(w, (0, start), (rows, width)),
+        jax.lax.dynamic_slice(u, (start, start), (width, width)), nm, block_size,
+        jnp.minimum(per_panel, blocks - p * per_panel), p * per_panel, keeps)
+    w = jax.lax.dynamic_update_slice(w, panel, (0, start))
+    keep = jax.lax.dynamic_update_slice(keep, panel_keep, (0, start))
+
+    def later_panel(c, w):                                # the lazy update of one later panel
+      chunk = jax.lax.dynamic_slice(w, (0, c * width), (rows, width))
+      chunk = chunk - errors @ jax.lax.dynamic_slice(u, (start, c * width), (width, width))
+      return jax.lax.dynamic_update_slice(w, chunk, (0, c * width))
+
+    return jax.lax.fori_loop(p + 1, panels, later_panel, w), keep
+
+  w, keep = jax.lax.fori_loop(0, panels, one_panel, (w, jnp.ones(w.shape, bool)))
+  w, keep = w[:, :d_in], keep[:, :d_in]
   # Inputs never seen were zeroed above (as the authors do): the mask says so.
   return w.T.astype(dtype), (keep & ~dead[None, :]).T
 
 
-def _prune_panel(panel: jax.Array, u_panel: jax.Array, sparsity, nm, block_size: int
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The blocks of one panel pruned in order: (pruned panel, keep-mask, errors)."""
+def _prune_panel(panel: jax.Array, u_panel: jax.Array, nm, block_size: int, count: jax.Array,
+                 first_block: jax.Array, keeps) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The first `count` blocks of one panel pruned in order: (pruned panel, keep-mask, errors).
+
+  `keeps` (unstructured only): (weights a whole block keeps, weights the
+  last block keeps, the last block's inputs, its index); `first_block` is
+  the panel's first block's index in the layer. A partial last block keeps
+  its count among its own inputs only (the padding ranks below them).
+  """
   rows, width = panel.shape
   columns = jnp.arange(width)
+  full, partial, tail, last = keeps if keeps is not None else (None,) * 4
 
   def one_block(b, carry):
     panel, keep, errors = carry
@@ -269,7 +304,15 @@ def _prune_panel(panel: jax.Array, u_panel: jax.Array, sparsity, nm, block_size:
     block_keep = None
     if nm is None:
       # Adaptive mask selection: one top-k over the whole block, before its updates.
-      block_keep = selection.topk_mask(block ** 2 / jnp.diagonal(u_block)[None, :] ** 2, sparsity)
+      saliency = block ** 2 / jnp.diagonal(u_block)[None, :] ** 2
+      if tail == block_size:
+        block_keep = selection.topk_masks_by_count([saliency], [full])[0]
+      else:                                               # the last block is partial
+        is_last = first_block + b == last
+        real = jnp.arange(block_size) < jnp.where(is_last, tail, block_size)
+        block_keep = selection.topk_masks_by_count(
+            [saliency], [jnp.where(is_last, partial, full)],
+            [jnp.broadcast_to(real[None, :], saliency.shape)])[0]
     block, block_errors, block_keep = _prune_block(block, u_block, block_keep, nm)
     later = jax.lax.dynamic_slice(u_panel, (first, 0), (block_size, width))
     later = jnp.where(columns[None, :] >= first + block_size, later, 0.0)
@@ -278,7 +321,7 @@ def _prune_panel(panel: jax.Array, u_panel: jax.Array, sparsity, nm, block_size:
     return (panel, jax.lax.dynamic_update_slice(keep, block_keep, (0, first)),
             jax.lax.dynamic_update_slice(errors, block_errors, (0, first)))
 
-  return jax.lax.fori_loop(0, width // block_size, one_block,
+  return jax.lax.fori_loop(0, count, one_block,
                            (panel, jnp.ones(panel.shape, bool), jnp.zeros_like(panel)))
 
 

@@ -31,6 +31,26 @@ def test_sparsegpt_equals_numpy_reference(target):
   assert not np.any(np.asarray(got_w)[~expected_keep])
 
 
+@pytest.mark.parametrize("d_in, d_out, block_size, target", [
+    (200, 30, 16, dict(sparsity=0.6)),   # 13 blocks: 4 panels of 4 (padded), a partial last block
+    (330, 12, 32, dict(sparsity=0.5)),   # 11 blocks, the last one of 10 inputs
+    (200, 30, 16, dict(nm=(2, 4))),
+    (136, 17, 8, dict(sparsity=0.3)),    # 17 blocks: 5 panels of 4, 3 padded blocks skipped
+])
+def test_sparsegpt_over_several_panels_and_a_partial_block_equals_numpy_reference(
+    d_in, d_out, block_size, target):
+  rng = np.random.default_rng(d_in + d_out)
+  x = correlated_inputs(rng, 3 * d_in, d_in)
+  x[:, 3] = 0.0                                     # a dead input too
+  w = rng.normal(size=(d_in, d_out))
+  expected_w, expected_keep = reference.sparsegpt(w, x, block_size=block_size, **target)
+  got_w, got_keep = oneshot.sparsegpt(jnp.asarray(w, jnp.float32),
+                                      jnp.asarray(x.T @ x, jnp.float32), block_size=block_size,
+                                      **target)
+  np.testing.assert_array_equal(np.asarray(got_keep), expected_keep)
+  np.testing.assert_allclose(np.asarray(got_w), expected_w, rtol=2e-3, atol=2e-4)
+
+
 def test_sparsegpt_dead_inputs_are_zeroed_and_count_exact():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(100, 32))
