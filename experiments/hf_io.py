@@ -372,3 +372,53 @@ def save(directory: str, config: llama.LlamaConfig, params: Mapping, *,
     raise
   return written
 
+
+
+def from_trained(train_workdir: str) -> tuple[llama.LlamaConfig, dict]:
+  """(config, params as NumPy pure dict) of a finished `experiments.train` run of model 'llama'.
+
+  Raises:
+    HFError: the run's model is not 'llama'.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from experiments import oneshot
+  from experiments import trainer as trainer_lib
+  from sparsejax.checkpoint import SparseCheckpointManager
+  trainer = oneshot.trained(train_workdir)
+  if not hasattr(trainer.model, "llama_config"):
+    raise HFError(f"{train_workdir}: model {trainer.config.model.name!r} is not 'llama'; only "
+                  "the Llama-shaped model has a Hugging Face layout.")
+  manager = SparseCheckpointManager(os.path.join(train_workdir, trainer_lib.CHECKPOINT_DIR),
+                                    read_only=True)
+  try:
+    state = trainer.restore(manager, log=print)
+  finally:
+    manager.close()
+  return trainer.model.llama_config(), jax.tree.map(np.asarray, dict(state.params["model"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m experiments.hf_io --train_workdir=runs/llama --out=runs/llama_hf [--dtype=...]`.
+
+  Writes the trained Llama-shaped model of an `experiments.train` run as a
+  Hugging Face checkpoint (what `transformers` and `experiments.hf_oneshot` read).
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+  parser.add_argument("--train_workdir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    config, params = from_trained(args.train_workdir)
+    files = save(args.out, config, params, dtype=args.dtype, overwrite=args.overwrite,
+                 hf_config={"max_position_embeddings": 4096})
+  except (HFError, OSError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {', '.join(files)} ({args.dtype}) to {args.out}")
+
+
+if __name__ == "__main__":
+  main()
