@@ -184,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   try:   # every kernel against the target before any work
     oneshot_lib.check_layers(shapes, config.method, block_size=config.block_size, **value)
   except ValueError as e:
-    raise config_checks.ConfigError(f"config.pattern: {e}") from e
+    key = "block_size" if str(e).startswith("sparsegpt N:M") else "pattern"
+    raise config_checks.ConfigError(f"config.{key}: {e}") from e
   tokens = calibration_tokens(config, model_config.vocab_size)
   batches = [tokens[i:i + config.calibration_batch]
              for i in range(0, len(tokens), config.calibration_batch)]
