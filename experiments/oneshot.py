@@ -6,9 +6,11 @@
 
 (With `configs/oneshot_hf.py` and `--config.model_path=<dir>` it prunes a
 Hugging Face checkpoint instead: `experiments.hf_oneshot`.) Restores the
-final checkpoint of the finished training run in `config.train_workdir` (opened read-only; a damaged latest step falls back to
-the newest intact one, in one line), calibrates on `config.calibration_sequences` training
-examples (seeded), and prunes it, without retraining, with every method of
+final checkpoint of the finished training run in `config.train_workdir`
+(opened read-only; a damaged latest step falls back to the newest intact
+one, in one line), calibrates on `config.calibration_sequences` training
+examples (seeded; an NNX model such as 'llama' through
+`oneshot.nnx_hessians`), and prunes it, without retraining, with every method of
 `config.methods` at every unstructured sparsity of `config.sparsities` and
 every N:M pattern of `config.patterns` (along each kernel's contraction
 axes; every kernel is checked against every pattern before the workdir is
