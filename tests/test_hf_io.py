@@ -183,7 +183,12 @@ def test_hf_oneshot_writes_a_2_4_checkpoint_in_the_source_layout(tmp_path):
   assert [line.split(":")[0] for line in lines[1:3]] == ["[hf_oneshot] block 1/2",
                                                          "[hf_oneshot] block 2/2"]
   assert result["dtype"] == "bfloat16" and result["block_sparsity"] == 0.5
-  written = safetensors_numpy.load_file(str(tmp_path / "out" / "model.safetensors"))
+  files = hf_io.weight_files(str(tmp_path / "out"))   # the embeddings and head, then a shard per block
+  assert len(set(files.values())) == 3
+  assert files["model.layers.1.mlp.up_proj.weight"].endswith("model-00003-of-00003.safetensors")
+  written = {}
+  for file in set(files.values()):
+    written.update(safetensors_numpy.load_file(file))
   dense = _torch_layout()
   for name, value in written.items():
     assert value.dtype == ml_dtypes.bfloat16
