@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -206,11 +206,25 @@ def weight_files(directory: str) -> dict[str, str]:
     return {name: single for name in f.keys()}
 
 
-def load(directory: str) -> tuple[llama.LlamaConfig, dict, dict, str]:
-  """(config, params as the nested pure dict of `Llama`'s nnx.Param state, config.json, dtype).
+class Checkpoint(NamedTuple):
+  """A checked checkpoint directory, no tensor read yet (`inspect`).
 
-  Every tensor is checked against config.json before any is converted;
-  params are float32 NumPy arrays; dtype is the tensors' (e.g. 'bfloat16').
+  Attributes:
+    config: the model's `LlamaConfig`.
+    hf_config: config.json as a dict.
+    dtype: the tensors' dtype name ('bfloat16', 'float16' or 'float32').
+    files: {tensor name: its .safetensors file}.
+    table: `tensor_table(config)`.
+  """
+  config: llama.LlamaConfig
+  hf_config: dict
+  dtype: str
+  files: dict
+  table: dict
+
+
+def inspect(directory: str) -> Checkpoint:
+  """Reads config.json and every tensor's header: all checks of `load`, no tensor data read.
 
   Raises:
     HFError: naming the tensor: missing, unexpected, of another shape than
@@ -230,10 +244,8 @@ def load(directory: str) -> tuple[llama.LlamaConfig, dict, dict, str]:
   missing = [n for n in table if n not in files]
   if missing:
     raise HFError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} missing).")
-  by_file: dict[str, list[str]] = {}
-  for name in table:
-    by_file.setdefault(files[name], []).append(name)
-  for file, names in by_file.items():   # shapes and dtypes first: nothing read on failure
+  stored = {}
+  for file, names in _by_file(files, table).items():
     with safe_open(file, framework="numpy") as f:
       for name in names:
         view = f.get_slice(name)
@@ -244,23 +256,52 @@ def load(directory: str) -> tuple[llama.LlamaConfig, dict, dict, str]:
         if shape != table[name][1]:
           raise HFError(f"{file}: tensor {name} has shape {shape}, config.json implies "
                         f"{table[name][1]}.")
+        stored[name] = dtype
+  dtype = hf.get("dtype") or hf.get("torch_dtype")
+  if dtype not in DTYPE_NAMES:   # else the embedding's
+    dtype = next(k for k, v in DTYPE_NAMES.items() if v == stored["model.embed_tokens.weight"])
+  return Checkpoint(config, hf, dtype, files, table)
+
+
+def _by_file(files: Mapping[str, str], names) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for name in names:
+    out.setdefault(files[name], []).append(name)
+  return out
+
+
+def read(checkpoint: Checkpoint, names=None) -> dict:
+  """The tensors `names` (default all) as a nested pure dict of float32 arrays, `Llama`'s layout.
+
+  Only these tensors are read (one file open at a time), so a caller can
+  hold one block's weights at a time.
+  """
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   params: dict = {}
-  for file, names in by_file.items():
+  for file, chosen in _by_file(checkpoint.files, names or checkpoint.table).items():
     with safe_open(file, framework="numpy") as f:
-      for name in names:
-        path, _, transposed = table[name]
+      for name in chosen:
+        path, _, transposed = checkpoint.table[name]
         value = np.asarray(f.get_tensor(name), np.float32)
         node = params
         for key in path[:-1]:
           node = node.setdefault(key, {})
         node[path[-1]] = np.ascontiguousarray(value.T) if transposed else value
-  dtype = hf.get("dtype") or hf.get("torch_dtype")
-  if dtype not in DTYPE_NAMES:   # else the embedding's
-    embedding = files["model.embed_tokens.weight"]
-    with safe_open(embedding, framework="numpy") as f:
-      stored = f.get_slice("model.embed_tokens.weight").get_dtype()
-    dtype = next(k for k, v in DTYPE_NAMES.items() if v == stored)
-  return config, params, hf, dtype
+  return params
+
+
+def load(directory: str) -> tuple[llama.LlamaConfig, dict, dict, str]:
+  """(config, params as the nested pure dict of `Llama`'s nnx.Param state, config.json, dtype).
+
+  Every tensor is checked against config.json before any is read
+  (`inspect`); params are float32 NumPy arrays; dtype is the tensors' (e.g.
+  'bfloat16').
+
+  Raises:
+    HFError: as `inspect`.
+  """
+  checkpoint = inspect(directory)
+  return checkpoint.config, read(checkpoint), checkpoint.hf_config, checkpoint.dtype
 
 
 def to_model(config: llama.LlamaConfig, params: Mapping) -> llama.Llama:
@@ -284,6 +325,125 @@ def _get(params: Mapping, path: tuple) -> Any:
   return node
 
 
+def to_tensors(config: llama.LlamaConfig, params: Mapping, names=None) -> dict[str, np.ndarray]:
+  """{tensor name: float32 array in torch's layout} of `names` (default all) from a pure dict.
+
+  Raises:
+    HFError: naming the params path and tensor, for a leaf missing or of
+      another shape than `config` implies.
+  """
+  table = tensor_table(config)
+  tensors = {}
+  for name in names or table:
+    path, shape, transposed = table[name]
+    value = np.asarray(_get(params, path), np.float32)
+    value = value.T if transposed else value
+    if tuple(value.shape) != shape:
+      raise HFError(f"{'/'.join(map(str, path))} (tensor {name}) has shape "
+                    f"{tuple(value.T.shape) if transposed else value.shape}, config implies "
+                    f"{shape[::-1] if transposed else shape}.")
+    tensors[name] = value
+  return tensors
+
+
+class Writer:
+  """Writes a checkpoint shard by shard into a temporary directory; `finish` renames it in place.
+
+  `write(tensors)` adds one shard ({name: float32 array in torch layout},
+  cast to `dtype`); `finish()` names the shards `model-0000i-of-0000n
+  .safetensors` (or `model.safetensors` if there is one) and writes the
+  index, config.json (`hf_config`, the source's, with sizes and dtype set)
+  and the other files of `copy_from` (tokenizer, generation config), then
+  renames the temporary directory to `directory` (an existing one is
+  replaced only with `overwrite`); `abort()` removes it. Used as a context
+  manager, an exception aborts.
+
+  Raises:
+    HFError: for an unknown dtype, or an existing non-empty `directory`
+      without `overwrite`.
+  """
+
+  def __init__(self, directory: str, config: llama.LlamaConfig, *, dtype: str = "float32",
+               hf_config: Mapping[str, Any] | None = None, copy_from: str | None = None,
+               overwrite: bool = False):
+    if dtype not in DTYPE_NAMES:
+      raise HFError(f"dtype={dtype!r}; write one of {sorted(DTYPE_NAMES)}.")
+    self.directory = os.path.abspath(directory)
+    if os.path.isdir(self.directory) and os.listdir(self.directory) and not overwrite:
+      raise HFError(f"{self.directory} exists and is not empty; pass overwrite=True to replace "
+                    "it.")
+    self.config, self.dtype, self.hf_config = config, dtype, hf_config
+    self.copy_from = copy_from
+    self.target = DTYPES[DTYPE_NAMES[dtype]]
+    self.shards: list[list[str]] = []
+    self.total = 0
+    self.parent = os.path.dirname(self.directory)
+    os.makedirs(self.parent, exist_ok=True)
+    self.temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(self.directory)}.tmp-",
+                                      dir=self.parent)
+
+  def __enter__(self) -> "Writer":
+    return self
+
+  def __exit__(self, kind, value, traceback) -> None:
+    if kind is not None:
+      self.abort()
+
+  def _shard(self, i: int) -> str:
+    return os.path.join(self.temporary, f"shard-{i}.safetensors")
+
+  def write(self, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes `tensors` as the next shard, cast to the writer's dtype."""
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    safetensors.numpy.save_file(
+        {n: np.ascontiguousarray(np.asarray(v).astype(self.target)) for n, v in tensors.items()},
+        self._shard(len(self.shards)), metadata={"format": "pt"})
+    self.shards.append(list(tensors))
+    self.total += sum(np.size(v) for v in tensors.values()) * self.target.itemsize
+
+  def finish(self) -> list[str]:
+    """Names the shards, writes index, config and copied files, renames; returns the file names."""
+    try:
+      count = len(self.shards)
+      names = ([SINGLE_FILE] if count == 1 else
+               [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+      for i, name in enumerate(names):
+        os.rename(self._shard(i), os.path.join(self.temporary, name))
+      written = list(names)
+      if count > 1:
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {n: file for file, shard in zip(names, self.shards) for n in shard}}
+        with open(os.path.join(self.temporary, INDEX_FILE), "w", encoding="utf-8") as f:
+          json.dump(index, f, indent=2)
+        written.append(INDEX_FILE)
+      with open(os.path.join(self.temporary, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(self.config, self.dtype, self.hf_config), f, indent=2)
+      written.append(CONFIG_FILE)
+      if self.copy_from:
+        for file in sorted(os.listdir(self.copy_from)):
+          source = os.path.join(self.copy_from, file)
+          if (os.path.isfile(source) and file not in written and file != INDEX_FILE
+              and not file.endswith(".safetensors")):
+            shutil.copy2(source, os.path.join(self.temporary, file))
+            written.append(file)
+      if os.path.isdir(self.directory):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.directory)}.old-",
+                               dir=self.parent)
+        os.rename(self.directory, os.path.join(old, "previous"))
+        os.rename(self.temporary, self.directory)
+        shutil.rmtree(old)
+      else:
+        os.rename(self.temporary, self.directory)
+    except BaseException:
+      self.abort()
+      raise
+    return written
+
+  def abort(self) -> None:
+    """Removes the temporary directory: nothing of this writer is left."""
+    shutil.rmtree(self.temporary, ignore_errors=True)
+
+
 def save(directory: str, config: llama.LlamaConfig, params: Mapping, *,
          dtype: str = "float32", hf_config: Mapping[str, Any] | None = None,
          max_shard_bytes: int | None = None, copy_from: str | None = None,
@@ -297,78 +457,79 @@ def save(directory: str, config: llama.LlamaConfig, params: Mapping, *,
   is `hf_config` (the source's) with the sizes and dtype set. `copy_from`: a
   checkpoint directory whose other files (tokenizer, generation config) are
   copied along. Everything is written to a temporary directory beside
-  `directory` and renamed at the end: on any error nothing is left. Returns
-  the names of the files written.
+  `directory` and renamed at the end (`Writer`): on any error nothing is
+  left. Returns the names of the files written.
 
   Raises:
     HFError: for an unknown dtype, a params leaf missing or of another shape
       than `config` implies (named), or an existing non-empty `directory`
       without `overwrite`.
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPE_NAMES:
     raise HFError(f"dtype={dtype!r}; write one of {sorted(DTYPE_NAMES)}.")
-  directory = os.path.abspath(directory)
-  if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-    raise HFError(f"{directory} exists and is not empty; pass overwrite=True to replace it.")
-  table = tensor_table(config)
-  tensors = {}
-  for name, (path, shape, transposed) in table.items():
-    value = np.asarray(_get(params, path), np.float32)
-    value = value.T if transposed else value
-    if tuple(value.shape) != shape:
-      raise HFError(f"{'/'.join(map(str, path))} (tensor {name}) has shape "
-                    f"{tuple(value.T.shape) if transposed else value.shape}, config implies "
-                    f"{shape[::-1] if transposed else shape}.")
-    tensors[name] = value
-  target = DTYPES[DTYPE_NAMES[dtype]]
+  tensors = to_tensors(config, params)   # every leaf checked before anything is written
+  itemsize = DTYPES[DTYPE_NAMES[dtype]].itemsize
   shards: list[list[str]] = [[]]
   size = 0
   for name, value in tensors.items():
-    nbytes = value.size * target.itemsize
+    nbytes = value.size * itemsize
     if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
       shards.append([])
       size = 0
     shards[-1].append(name)
     size += nbytes
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
-    written = []
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for file, shard in zip(names, shards):
-      safetensors.numpy.save_file(
-          {n: np.ascontiguousarray(tensors[n].astype(target)) for n in shard},
-          os.path.join(temporary, file), metadata={"format": "pt"})
-      written.append(file)
-    if len(shards) > 1:
-      total = sum(tensors[n].size * target.itemsize for n in tensors)
-      index = {"metadata": {"total_size": total},
-               "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
-      with open(os.path.join(temporary, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-      written.append(INDEX_FILE)
-    with open(os.path.join(temporary, CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump(config_to_hf(config, dtype, hf_config), f, indent=2)
-    written.append(CONFIG_FILE)
-    if copy_from:
-      for file in sorted(os.listdir(copy_from)):
-        source = os.path.join(copy_from, file)
-        if (os.path.isfile(source) and file not in written and file != INDEX_FILE
-            and not file.endswith(".safetensors")):
-          shutil.copy2(source, os.path.join(temporary, file))
-          written.append(file)
-    if os.path.isdir(directory):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-      os.rename(directory, os.path.join(old, "previous"))
-      os.rename(temporary, directory)
-      shutil.rmtree(old)
-    else:
-      os.rename(temporary, directory)
-  except BaseException:
-    shutil.rmtree(temporary, ignore_errors=True)
-    raise
-  return written
+  with Writer(directory, config, dtype=dtype, hf_config=hf_config, copy_from=copy_from,
+              overwrite=overwrite) as writer:
+    for shard in shards:
+      writer.write({n: tensors[n] for n in shard})
+    return writer.finish()
 
+
+def from_trained(train_workdir: str) -> tuple[llama.LlamaConfig, dict]:
+  """(config, params as NumPy pure dict) of a finished `experiments.train` run of model 'llama'.
+
+  Raises:
+    HFError: the run's model is not 'llama'.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from experiments import oneshot
+  from experiments import trainer as trainer_lib
+  from sparsejax.checkpoint import SparseCheckpointManager
+  trainer = oneshot.trained(train_workdir)
+  if not hasattr(trainer.model, "llama_config"):
+    raise HFError(f"{train_workdir}: model {trainer.config.model.name!r} is not 'llama'; only "
+                  "the Llama-shaped model has a Hugging Face layout.")
+  manager = SparseCheckpointManager(os.path.join(train_workdir, trainer_lib.CHECKPOINT_DIR),
+                                    read_only=True)
+  try:
+    state = trainer.restore(manager, log=print)
+  finally:
+    manager.close()
+  return trainer.model.llama_config(), jax.tree.map(np.asarray, dict(state.params["model"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m experiments.hf_io --train_workdir=runs/llama --out=runs/llama_hf [--dtype=...]`.
+
+  Writes the trained Llama-shaped model of an `experiments.train` run as a
+  Hugging Face checkpoint (what `transformers` and `experiments.hf_oneshot` read).
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+  parser.add_argument("--train_workdir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    config, params = from_trained(args.train_workdir)
+    files = save(args.out, config, params, dtype=args.dtype, overwrite=args.overwrite,
+                 hf_config={"max_position_embeddings": 4096})
+  except (HFError, OSError) as e:
+    raise SystemExit(f"error: {e}") from None
+  print(f"wrote {', '.join(files)} ({args.dtype}) to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

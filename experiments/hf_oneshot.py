@@ -4,30 +4,35 @@
       --config.model_path=<dir with config.json + *.safetensors> --workdir=<output dir> \
       --config.method=sparsegpt --config.pattern=2,4
 
-(`python -m experiments.oneshot` with the same config does the same.) Reads
-the checkpoint (`experiments.hf_io`: every tensor checked against
-config.json first), draws `calibration_sequences` calibration sequences of
+(`python -m experiments.oneshot` with the same config does the same.) Checks
+the checkpoint (`experiments.hf_io.inspect`: every tensor's name, shape and
+dtype against config.json, and every kernel against the N:M pattern) before
+reading any weight, draws `calibration_sequences` calibration sequences of
 `sequence_length` tokens, and prunes the model block by block as the Wanda
 and SparseGPT papers do: the calibration activations enter block 0 from the
 embedding; each block's linear layers (q/k/v/o, gate/up/down) are pruned
 from the X^T X of their inputs captured on that block alone
 (`sparsejax.oneshot.nnx_hessians`, `prune_sequentially` with the block as
 one group); the pruned block then maps the activations to the next block's
-inputs. One progress line per block. Embeddings and the output head stay
-dense. The output directory (`--workdir`) gets the pruned checkpoint in the
-same layout and dtype (or `config.dtype`), sharded like `max_shard_bytes`
-says, with the source's tokenizer and other files copied; it is written to
-a temporary name and renamed at the end, so a failed run leaves nothing.
+inputs. Weights are streamed: the embeddings, final norm and head are read
+and written as the first shard, then each block is read, pruned and written
+as a shard of its own before the next is read. One progress line per block,
+with the block's relative output error on the calibration tokens.
+Embeddings and the output head stay dense. The output directory
+(`--workdir`) gets the pruned checkpoint (shards + index) in the source's
+dtype (or `config.dtype`), with the source's tokenizer and other files
+copied; it is written to a temporary name and renamed at the end, so a
+failed run leaves nothing.
 
 Calibration tokens (`config.calibration`): 'random' (uniform token ids,
 seeded: needs no tokenizer, what a smoke test wants), 'stdlib_text' (the
 bundled Python-source bytes; byte-level vocabularies of 256), or the path of
 a .npy file of int token ids, shape (sequences, length).
 
-Memory: every weight is held in memory (float32) for the whole run, plus the
-calibration activations (sequences x length x hidden, float32) and one
-block's X^T X matrices; the design target of streaming one block's weights
-at a time is not reached (README, "Pruning a Hugging Face checkpoint").
+Memory: one block's weights (float32) at a time, or the embedding while the
+calibration activations are made; the calibration activations (sequences x
+length x hidden, float32: held in full, twice during a block, for its dense
+and pruned outputs) and one block's X^T X matrices.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from sparsejax import oneshot as oneshot_lib
 from experiments import cli
 from experiments import config_checks
 from experiments import hf_io
+from experiments.models import llama
 
 
 def target(config: ml_collections.ConfigDict) -> dict:
@@ -81,8 +87,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.dtype and config.dtype not in hf_io.DTYPE_NAMES:
     raise config_checks.ConfigError(f"config.dtype={config.dtype!r}: use '' (the checkpoint's) "
                                     f"or one of {sorted(hf_io.DTYPE_NAMES)}.")
-  if config.max_shard_bytes < 0:
-    raise config_checks.ConfigError("config.max_shard_bytes must be >= 0 (0: one file).")
   target(config)
 
 
@@ -118,102 +122,108 @@ def _block_forward(block, x):
   return block(x)
 
 
-@nnx.jit
-def _embed(model, tokens):
-  return model.embed(tokens)
+def _block(config: llama.LlamaConfig, params: dict) -> llama.Block:
+  """A decoder block of `config` holding `params` (pure dict), no random init run."""
+  block = nnx.eval_shape(lambda: llama.Block(config, nnx.Rngs(0)))
+  state = nnx.state(block, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(block, state)
+  return block
 
 
-@nnx.jit
-def _loss(model, tokens):
-  """Mean next-token cross-entropy (nats) of a batch."""
-  logits = model(tokens)[:, :-1]
-  labels = tokens[:, 1:]
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
+def prune_block(block: llama.Block, x: list, method: str, *, block_size: int = 128,
+                dampening: float = 0.01, **target) -> tuple[list, dict, float]:
+  """Prunes `block`'s kernels in place from its inputs `x` (one array per batch).
 
-
-def _mean_loss(model, batches) -> float:
-  return float(np.mean([float(_loss(model, b)) for b in batches]))
-
-
-def prune_blocks(model, batches: list, method: str, *, block_size: int = 128,
-                 dampening: float = 0.01, log=print, **target) -> dict:
-  """Prunes every block's kernels in place, block after block; returns {block: keep-masks}.
-
-  Block i is calibrated on the activations the (already pruned) blocks
-  before it produce from `batches`; its linear layers' X^T X (or, for
-  Wanda, diagonal) are captured by `oneshot.nnx_hessians` on the block alone.
+  Its linear layers' X^T X (or, for Wanda, diagonal) are captured on the
+  block alone by `oneshot.nnx_hessians`. Returns the pruned block's outputs
+  (the next block's inputs), its keep-masks, and the relative output error
+  ||B'(x) - B(x)|| / ||B(x)|| over all calibration tokens.
   """
-  x = [_embed(model, jnp.asarray(b)) for b in batches]
-  masks = {}
-  for i, block in enumerate(model.layers):
-    start = time.perf_counter()
-    params = nnx.state(block, nnx.Param)
-    hessians = (None if method == "magnitude" else
-                oneshot_lib.nnx_hessians(block, x, diagonal=method == "wanda"))
-    pruned, block_masks = oneshot_lib.prune_sequentially(
-        params, hessians, method, group=lambda path: f"layers/{i}",
-        block_size=block_size, dampening=dampening, **target)
-    nnx.update(block, pruned)
-    x = [_block_forward(block, h) for h in x]
-    jax.block_until_ready(x)
-    leaves = [m for m in jax.tree.leaves(block_masks) if m is not None]
-    kept, total = sum(int(m.sum()) for m in leaves), sum(m.size for m in leaves)
-    masks[i] = block_masks
-    log(f"[hf_oneshot] block {i + 1}/{len(model.layers)}: {len(leaves)} kernels, kept "
-        f"{kept}/{total} ({kept / total:.1%}), {time.perf_counter() - start:.1f} s")
-  return masks
+  dense = [_block_forward(block, h) for h in x]
+  hessians = (None if method == "magnitude" else
+              oneshot_lib.nnx_hessians(block, x, diagonal=method == "wanda"))
+  pruned, masks = oneshot_lib.prune_sequentially(
+      nnx.state(block, nnx.Param), hessians, method, group=lambda path: "block",
+      block_size=block_size, dampening=dampening, **target)
+  nnx.update(block, pruned)
+  out = [_block_forward(block, h) for h in x]
+  error = math.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(out, dense))
+                    / max(sum(float(jnp.sum(b ** 2)) for b in dense), 1e-30))
+  return out, masks, error
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         log=print) -> dict:
-  """Prunes config.model_path and writes the pruned checkpoint to `workdir`; returns a summary."""
+  """Prunes config.model_path block by block, writing the pruned checkpoint to `workdir`.
+
+  Only one block's weights (and the embedding, while the calibration
+  activations are made) are read at a time; each pruned block is written as
+  its own shard before the next is read.
+  """
   check_config(config)
   value = target(config)
   try:
-    model_config, params, hf, dtype = hf_io.load(config.model_path)
+    checkpoint = hf_io.inspect(config.model_path)
   except hf_io.HFError as e:
     raise config_checks.ConfigError(f"config.model_path: {e}") from e
-  out_dtype = config.dtype or dtype
+  model_config, table = checkpoint.config, checkpoint.table
+  out_dtype = config.dtype or checkpoint.dtype
   if os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
     raise config_checks.ConfigError(f"--workdir {workdir} exists and is not empty; pass "
                                     "--overwrite to replace it.")
-  block_paths = {"/".join(str(k) for k in path): np.shape(v)
-                 for path, v in jax.tree_util.tree_flatten_with_path(params["layers"][0])[0]
-                 for path in [[getattr(k, "key", k) for k in path]]}
-  shapes = {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in block_paths.items()}
+  prefix = "model.layers.0."
+  shapes = {"/".join(map(str, path[2:])): jax.ShapeDtypeStruct(
+      shape[::-1] if transposed else shape, jnp.float32)
+            for name, (path, shape, transposed) in table.items() if name.startswith(prefix)}
   try:   # every kernel against the target before any work
     oneshot_lib.check_layers(shapes, config.method, block_size=config.block_size, **value)
   except ValueError as e:
-    raise config_checks.ConfigError(f"config.pattern: {e}") from e
+    key = "block_size" if str(e).startswith("sparsegpt N:M") else "pattern"
+    raise config_checks.ConfigError(f"config.{key}: {e}") from e
   tokens = calibration_tokens(config, model_config.vocab_size)
   batches = [tokens[i:i + config.calibration_batch]
              for i in range(0, len(tokens), config.calibration_batch)]
-  model = hf_io.to_model(model_config, params)
-  del params
-  count = sum(math.prod(np.shape(v)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  count = sum(math.prod(shape) for _, shape, _ in table.values())
   log(f"[hf_oneshot] {hf_io.MODEL_TYPES[model_config.flavour]} from {config.model_path}: "
-      f"{model_config.num_layers} blocks, {count / 1e6:.2f}M parameters ({dtype}); "
+      f"{model_config.num_layers} blocks, {count / 1e6:.2f}M parameters ({checkpoint.dtype}); "
       f"{config.method} at {_describe(value)}, {len(tokens)} calibration sequences of "
       f"{tokens.shape[1]} tokens ({config.calibration})")
-  dense_loss = _mean_loss(model, batches)
   start = time.perf_counter()
-  masks = prune_blocks(model, batches, config.method, block_size=config.block_size,
-                       dampening=config.dampening, log=log, **value)
+  kept = total = 0
+  errors = []
+  with hf_io.Writer(workdir, model_config, dtype=out_dtype, hf_config=checkpoint.hf_config,
+                    copy_from=config.model_path, overwrite=overwrite) as writer:
+    outer = [n for n in table if not n.startswith("model.layers.")]   # embeddings, norm, head
+    params = hf_io.read(checkpoint, outer)
+    writer.write(hf_io.to_tensors(model_config, params, outer))
+    embedding = jnp.asarray(params["embed_tokens"]["embedding"])
+    del params
+    x = [embedding[jnp.asarray(b)] for b in batches]
+    del embedding
+    for i in range(model_config.num_layers):
+      begin = time.perf_counter()
+      names = [n for n in table if n.startswith(f"model.layers.{i}.")]
+      block = _block(model_config, hf_io.read(checkpoint, names)["layers"][i])
+      x, masks, error = prune_block(block, x, config.method, block_size=config.block_size,
+                                    dampening=config.dampening, **value)
+      leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+      block_kept, block_total = sum(int(m.sum()) for m in leaves), sum(m.size for m in leaves)
+      pruned = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(block, nnx.Param)))
+      writer.write(hf_io.to_tensors(model_config, {"layers": {i: pruned}}, names))
+      del block, pruned
+      kept, total = kept + block_kept, total + block_total
+      errors.append(error)
+      log(f"[hf_oneshot] block {i + 1}/{model_config.num_layers}: {len(leaves)} kernels, kept "
+          f"{block_kept}/{block_total} ({block_kept / block_total:.1%}), output error "
+          f"{error:.4f}, {time.perf_counter() - begin:.1f} s")
+    files = writer.finish()
   seconds = time.perf_counter() - start
-  pruned_loss = _mean_loss(model, batches)
-  pruned = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  kept = sum(int(m.sum()) for b in masks.values() for m in jax.tree.leaves(b))
-  total = sum(m.size for b in masks.values() for m in jax.tree.leaves(b))
-  files = hf_io.save(workdir, model_config, pruned, dtype=out_dtype, hf_config=hf,
-                     max_shard_bytes=config.max_shard_bytes or None,
-                     copy_from=config.model_path, overwrite=overwrite)
-  summary = {"method": config.method, "target": _describe(value), "dtype": out_dtype,
-             "block_sparsity": 1 - kept / total, "prune_seconds": seconds,
-             "calibration_loss_dense": dense_loss, "calibration_loss_pruned": pruned_loss,
-             "files": files, "output": workdir}
   log(f"[hf_oneshot] pruned in {seconds:.1f} s: {1 - kept / total:.2%} of the blocks' linear "
-      f"weights zeroed; calibration loss {dense_loss:.4f} -> {pruned_loss:.4f} nats/token")
-  return summary
+      f"weights zeroed")
+  return {"method": config.method, "target": _describe(value), "dtype": out_dtype,
+          "block_sparsity": 1 - kept / total, "prune_seconds": seconds,
+          "block_output_errors": errors, "files": files, "output": workdir}
 
 
 def _describe(value: dict) -> str:

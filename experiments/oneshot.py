@@ -4,10 +4,13 @@
   python -m experiments.oneshot --config=experiments/configs/oneshot_lm.py \
       --workdir=runs/lm_oneshot --config.train_workdir=runs/lm
 
-Restores the final checkpoint of the finished training run in
-`config.train_workdir` (opened read-only; a damaged latest step falls back to
-the newest intact one, in one line), calibrates on `config.calibration_sequences` training
-examples (seeded), and prunes it, without retraining, with every method of
+(With `configs/oneshot_hf.py` and `--config.model_path=<dir>` it prunes a
+Hugging Face checkpoint instead: `experiments.hf_oneshot`.) Restores the
+final checkpoint of the finished training run in `config.train_workdir`
+(opened read-only; a damaged latest step falls back to the newest intact
+one, in one line), calibrates on `config.calibration_sequences` training
+examples (seeded; an NNX model such as 'llama' through
+`oneshot.nnx_hessians`), and prunes it, without retraining, with every method of
 `config.methods` at every unstructured sparsity of `config.sparsities` and
 every N:M pattern of `config.patterns` (along each kernel's contraction
 axes; every kernel is checked against every pattern before the workdir is
@@ -200,6 +203,25 @@ def unigram_loss(data: input_pipeline.Data, chunk: int = 4096) -> float:
   return float(-(test * np.log(p)).sum() / test.sum())
 
 
+def hessians_functions(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
+                       batches: list[np.ndarray]) -> dict:
+  """{diagonal: params -> {kernel path: X^T X (or its diagonal)}} for the trained model.
+
+  Wanda needs only each input's squared norm: diag(X^T X), d_in times less
+  work. A Linen model is captured by `linen_hessians`; a Linen wrapper of an
+  NNX model (one with `nnx_model(params)`, e.g. 'llama', whose parameters lie
+  under 'model') by `nnx_hessians`.
+  """
+  if hasattr(trainer.model, "nnx_model"):
+    model = trainer.model.nnx_model(state.params)
+    return {diagonal: oneshot_lib.nnx_hessians(model, batches, prefix="model", diagonal=diagonal)
+            for diagonal in (False, True)}
+  return {diagonal: oneshot_lib.linen_hessians(
+      trainer.model, batches, apply_kwargs={"train": False}, diagonal=diagonal,
+      variables={"batch_stats": state.batch_stats} if state.batch_stats else None)
+          for diagonal in (False, True)}
+
+
 def _scores(test: dict, text: bool) -> dict:
   return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
           "test_bits_per_byte": test["loss"] / math.log(2) if text else ""}
@@ -319,7 +341,14 @@ def plot(workdir: str, rows: list[dict], dense: dict, unigram: float | None) -> 
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False,
         log=print) -> dict:
-  """Prunes (or reads back) every (method, target) row; returns rows, dense and table."""
+  """Prunes (or reads back) every (method, target) row; returns rows, dense and table.
+
+  A config with `model_path` (`configs/oneshot_hf.py`) prunes a Hugging Face
+  checkpoint instead (`experiments.hf_oneshot.run`).
+  """
+  if "model_path" in config:
+    from experiments import hf_oneshot  # pylint: disable=g-import-not-at-top
+    return hf_oneshot.run(config, workdir, overwrite, log)
   check_config(config)
   planned = [(f"{method}_{name}", method, target)
              for method in config.methods for name, target in targets(config)
@@ -359,11 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
          f"{unigram / math.log(2):.3f})" if text else ""))
   batches = calibration_batches(trainer.data, config.calibration_sequences,
                                 config.calibration_batch, config.seed)
-  # Wanda needs only each input's squared norm: diag(X^T X), d_in times less work.
-  hessians_fns = {diagonal: oneshot_lib.linen_hessians(
-      trainer.model, batches, apply_kwargs={"train": False}, diagonal=diagonal,
-      variables={"batch_stats": state.batch_stats} if state.batch_stats else None)
-                  for diagonal in (False, True)}
+  hessians_fns = hessians_functions(trainer, state, batches)
   dense_cache = []
 
   def dense_norms():   # OWL's statistics: the dense model's input norms, computed once
@@ -400,7 +425,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 
 
 def report(result: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-  del config
+  """Prints the table (or, for a Hugging Face checkpoint, the files written)."""
+  if "model_path" in config:
+    from experiments import hf_oneshot  # pylint: disable=g-import-not-at-top
+    hf_oneshot.report(result, config, workdir)
+    return
   what = ("test bits per byte (lower is better)" if result["unigram_loss"] is not None
           else "test accuracy")
   print(f"one-shot pruning without retraining, {what}:")

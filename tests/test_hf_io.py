@@ -161,3 +161,65 @@ def test_a_failed_save_leaves_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["in"]
   with pytest.raises(hf_io.HFError, match="exists and is not empty"):
     hf_io.save(str(tmp_path / "in"), config, hf_io.load(str(tmp_path / "in"))[1])
+
+
+def _hf_config(model_path, **overrides):
+  from experiments.configs import oneshot_hf  # pylint: disable=g-import-not-at-top
+  config = oneshot_hf.get_config()
+  config.model_path = model_path
+  config.calibration_sequences, config.sequence_length = 4, 8
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.slow
+def test_hf_oneshot_writes_a_2_4_checkpoint_in_the_source_layout(tmp_path):
+  from experiments import oneshot  # pylint: disable=g-import-not-at-top
+  source = _write(tmp_path / "in", _torch_layout(), ml_dtypes.bfloat16)
+  lines = []
+  result = oneshot.run(_hf_config(source, method="magnitude", pattern=(2, 4)),
+                       str(tmp_path / "out"), log=lines.append)
+  assert [line.split(":")[0] for line in lines[1:3]] == ["[hf_oneshot] block 1/2",
+                                                         "[hf_oneshot] block 2/2"]
+  assert result["dtype"] == "bfloat16" and result["block_sparsity"] == 0.5
+  files = hf_io.weight_files(str(tmp_path / "out"))   # the embeddings and head, then a shard per block
+  assert len(set(files.values())) == 3
+  assert files["model.layers.1.mlp.up_proj.weight"].endswith("model-00003-of-00003.safetensors")
+  written = {}
+  for file in set(files.values()):
+    written.update(safetensors_numpy.load_file(file))
+  dense = _torch_layout()
+  for name, value in written.items():
+    assert value.dtype == ml_dtypes.bfloat16
+    if name.startswith("model.layers.") and name.endswith("proj.weight"):
+      groups = (value.astype(np.float32).reshape(value.shape[0], -1, 4) != 0).sum(-1)
+      assert (groups == 2).all(), name
+      # magnitude: the two largest |w| of each group of 4 inputs survive, unchanged
+      expected = dense[name].astype(ml_dtypes.bfloat16).astype(np.float32).reshape(
+          value.shape[0], -1, 4)
+      top = np.argsort(-np.abs(expected), axis=-1, kind="stable")[..., :2]
+      kept = np.zeros_like(expected, bool)
+      np.put_along_axis(kept, top, True, axis=-1)
+      np.testing.assert_array_equal(value.astype(np.float32).reshape(expected.shape),
+                                    np.where(kept, expected, 0), err_msg=name)
+    else:   # embeddings, norms, biases, head: as they were
+      np.testing.assert_array_equal(value, dense[name].astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+def test_hf_oneshot_checks_every_kernel_before_writing_anything(tmp_path):
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  from experiments import hf_oneshot  # pylint: disable=g-import-not-at-top
+  source = _write(tmp_path / "in", _torch_layout())
+  with pytest.raises(config_checks.ConfigError, match=r"config.pattern: .*kernel of shape "
+                     r"\(8, \d+\) has 8 inputs .* not divisible by M=3"):
+    hf_oneshot.run(_hf_config(source, method="magnitude", pattern=(1, 3)), str(tmp_path / "out"))
+  with pytest.raises(config_checks.ConfigError, match=r"config.block_size: sparsegpt N:M 1:4 "
+                     r"needs block_size \(6\) divisible by M=4"):
+    hf_oneshot.run(_hf_config(source, pattern=(1, 4), block_size=6), str(tmp_path / "out"))
+  with pytest.raises(config_checks.ConfigError, match=r"config.model_path: .*tensor "
+                     r"model.layers.0.mlp.up_proj.weight is missing"):
+    tensors = _torch_layout()
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    hf_oneshot.run(_hf_config(_write(tmp_path / "bad", tensors)), str(tmp_path / "out"))
+  assert sorted(os.listdir(tmp_path)) == ["bad", "in"]

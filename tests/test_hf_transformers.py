@@ -70,11 +70,10 @@ def test_sparsegpt_2_4_export_loads_in_transformers_with_the_same_logits(tmp_pat
   config.model_path = source
   config.pattern = (2, 4)
   config.calibration_sequences, config.sequence_length, config.calibration_batch = 8, 16, 8
-  config.max_shard_bytes = 20000   # sharded, with an index
   lines = []
   hf_oneshot.run(config, out, log=lines.append)
   assert sum(line.startswith("[hf_oneshot] block ") for line in lines) == 2
-  assert os.path.exists(os.path.join(out, hf_io.INDEX_FILE))
+  assert os.path.exists(os.path.join(out, hf_io.INDEX_FILE))   # a shard per block, streamed
   assert sorted(os.listdir(tmp_path)) == ["dense", "pruned"]
   pruned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   np.testing.assert_allclose(_ours(out), _torch_logits(pruned), atol=1e-4, rtol=1e-4)

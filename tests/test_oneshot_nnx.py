@@ -150,3 +150,28 @@ def test_block_zero_of_the_linen_bridged_llama_is_calibrated_on_rms_of_the_embed
       nm=(2, 4), leaf_filter=lambda path, leaf: leaf.ndim == 2 and "layers" in path)
   kernel = masks["model"]["layers"][1]["mlp"]["gate_proj"]["kernel"]
   assert (np.asarray(kernel).reshape(2, 4, -1).sum(1) == 2).all()
+
+
+@pytest.mark.slow
+def test_oneshot_binary_prunes_a_trained_llama_calibrated_by_nnx_hessians(tmp_path):
+  from experiments import oneshot as oneshot_binary  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import lm_llama_stdlib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import oneshot_lm  # pylint: disable=g-import-not-at-top
+  lm = lm_llama_stdlib.get_config()
+  lm.data_dir = str(tmp_path / "tfds")
+  lm.model.update(num_layers=2, width=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+  lm.num_train_steps, lm.warmup_steps, lm.batch_size, lm.log_every = 20, 5, 8, 10
+  lm.checkpoint_every, lm.eval_batch_size = 0, 256
+  train.run(lm, str(tmp_path / "lm"))
+  config = oneshot_lm.get_config()
+  config.train_workdir = str(tmp_path / "lm")
+  config.methods, config.sparsities, config.patterns = ("wanda", "sparsegpt"), (), ((2, 4),)
+  config.calibration_sequences = 8
+  lines = []
+  result = oneshot_binary.run(config, str(tmp_path / "oneshot"), log=lines.append)
+  groups = [line.split()[3] for line in lines if "] group " in line]
+  assert groups == ["model/layers/0:", "model/layers/1:"] * 2
+  for row in result["rows"]:
+    assert row["sparsity"] == 0.5 and row["max_nonzeros_per_group"] == 2
+    assert row["test_loss"] < 10

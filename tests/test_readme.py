@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import sparsejax
@@ -67,3 +68,16 @@ def test_front_page_example_prunes_the_largest_weights_and_trains_to_exactly_205
   trained = namespace["params"]["dense"]
   assert int(np.count_nonzero(np.asarray(trained["kernel"]))) == 205
   assert int(np.count_nonzero(np.asarray(trained["bias"]))) == 32     # left dense, and trained
+
+
+@pytest.mark.slow
+def test_readme_nnx_llama_example_prunes_every_block_projection_2_of_4():
+  namespace = {}
+  exec(_block("oneshot.nnx_hessians(model, calibration)"), namespace)  # pylint: disable=exec-used
+  model = namespace["model"]
+  for layer in range(2):
+    for name, module in (("q_proj", model.layers[layer].self_attn.q_proj),
+                         ("down_proj", model.layers[layer].mlp.down_proj)):
+      kernel = np.asarray(module.kernel[...])   # (in, out): groups of 4 inputs per output
+      assert np.all((kernel != 0).reshape(-1, 4, kernel.shape[1]).sum(1) == 2), (layer, name)
+  assert (np.asarray(model.embed_tokens.embedding[...]) != 0).all()

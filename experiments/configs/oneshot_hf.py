@@ -28,5 +28,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.block_size = 128           # sparsegpt: columns per lazy-update block
   config.dampening = 0.01           # sparsegpt: lambda as a fraction of mean diag(X^T X)
   config.dtype = ""                 # written dtype: '' the checkpoint's, or bfloat16/float16/float32
-  config.max_shard_bytes = 0        # > 0: shards of at most this many bytes + index; 0: one file
   return config
