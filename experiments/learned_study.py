@@ -43,7 +43,8 @@ from experiments import trainer as trainer_lib
 METHOD = flags.DEFINE_enum("method", None, ["maskllm", "jackpots"], "Which learned mask.")
 TRAIN_WORKDIR = flags.DEFINE_string("train_workdir", None, "A finished experiments.train run.")
 STEPS = flags.DEFINE_integer("steps", 200, "Mask-learning steps (one training batch each).")
-SCORE_LR = flags.DEFINE_float("score_lr", None, "Peak learning rate of the scores; default: "
+SCORE_LR = flags.DEFINE_list("score_lr", None, "Peak learning rates of the scores, one "
+                             "mask-learning run each (comma-separated); default: "
                               "5e-4 (MaskLLM: adam, cosine to 10%, the authors' 5e-5 x "
                               "lr-mult 10) or 0.1 (Jackpots: sgd, momentum 0.9, weight decay "
                               "5e-4, cosine to 0, the authors' CIFAR configs).")
@@ -109,9 +110,9 @@ def learn(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
   return opt_state, rate
 
 
-def maskllm(trainer, state, steps: int, lr: float, exclude: str, log=print) -> dict:
+def maskllm(trainer, state, steps: int, lrs: list[float], exclude: str, log=print) -> dict:
   """Dense, SparseGPT 2:4 (updated weights; its mask on the dense weights),
-  and MaskLLM 2:4 from SparseGPT's mask after `steps` steps."""
+  and MaskLLM 2:4 from SparseGPT's mask after `steps` steps at each of `lrs`."""
   keep = methods_lib.leaf_filter(ml_collections.ConfigDict({"include": "", "exclude": exclude}),
                                  section="")
   rows = {"dense": score(trainer, state, state.params)}
@@ -123,14 +124,17 @@ def maskllm(trainer, state, steps: int, lr: float, exclude: str, log=print) -> d
   rows["SparseGPT's 2:4 mask, dense weights"] = score(
       trainer, state, sparsejax.apply_masks(state.params, prior))
   method = sparsejax.MaskLLM(2, 4, num_steps=steps, prior=None, leaf_filter=keep)
-  score_tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
-  opt_state = method.wrap(None, score_tx).init(state.params)
   logits = method.init_logits(state.params, prior_masks=prior)  # prior strength 3.0
-  opt_state = sparsejax.learned.with_scores(opt_state, logits, method, state.params, score_tx)
-  opt_state, rate = learn(trainer, state, method, score_tx, opt_state, steps, log)
-  rows[f"MaskLLM 2:4 ({steps} steps)"] = score(trainer, state,
-                                                method.eval_forward(state.params, opt_state))
-  changed = _changed(prior, sparsejax.find_learned_state(opt_state).masks)
+  changed = {}
+  for lr in lrs:
+    log(f"  MaskLLM, score lr {lr:g}:")
+    score_tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
+    opt_state = method.wrap(None, score_tx).init(state.params)
+    opt_state = sparsejax.learned.with_scores(opt_state, logits, method, state.params, score_tx)
+    opt_state, rate = learn(trainer, state, method, score_tx, opt_state, steps, log)
+    name = f"MaskLLM 2:4 ({steps} steps, score lr {lr:g})"
+    rows[name] = score(trainer, state, method.eval_forward(state.params, opt_state))
+    changed[name] = _changed(prior, sparsejax.find_learned_state(opt_state).masks)
   return {"rows": rows, "steps_per_second": rate, "mask_changed": changed}
 
 
@@ -151,9 +155,9 @@ def jackpots(trainer, state, steps: int, lr: float, sparsity: float, exclude: st
   rows[f"magnitude {sparsity:.0%}, one-shot"] = score(
       trainer, state, method.eval_forward(state.params, opt_state))
   opt_state, rate = learn(trainer, state, method, score_tx, opt_state, steps, log)
-  rows[f"Lottery Jackpots {sparsity:.0%} ({steps} steps)"] = score(
-      trainer, state, method.eval_forward(state.params, opt_state))
-  changed = _changed(start, sparsejax.find_learned_state(opt_state).masks)
+  name = f"Lottery Jackpots {sparsity:.0%} ({steps} steps)"
+  rows[name] = score(trainer, state, method.eval_forward(state.params, opt_state))
+  changed = {name: _changed(start, sparsejax.find_learned_state(opt_state).masks)}
   return {"rows": rows, "steps_per_second": rate, "mask_changed": changed}
 
 
@@ -167,20 +171,27 @@ def main(argv):
   del argv
   if METHOD.value is None or TRAIN_WORKDIR.value is None:
     raise app.UsageError("--method and --train_workdir are required.")
+  try:
+    lrs = [float(v) for v in SCORE_LR.value or []]
+  except ValueError:
+    raise app.UsageError(f"--score_lr={','.join(SCORE_LR.value)}: not numbers.") from None
+  if METHOD.value == "jackpots" and len(lrs) > 1:
+    raise app.UsageError("--score_lr: one learning rate for jackpots.")
   trainer, state = restore(TRAIN_WORKDIR.value, BATCH_SIZE.value)
   what = "test bits per byte" if trainer.data.text else "test accuracy"
   print(f"[learned_study] {METHOD.value} on {trainer.config.model.name} from "
         f"{TRAIN_WORKDIR.value} (step {int(state.step)}); {what}:")
   if METHOD.value == "maskllm":
     exclude = "embed|position|head" if EXCLUDE.value is None else EXCLUDE.value
-    out = maskllm(trainer, state, STEPS.value, SCORE_LR.value or 5e-4, exclude)
+    out = maskllm(trainer, state, STEPS.value, lrs or [5e-4], exclude)
   else:
     exclude = "head" if EXCLUDE.value is None else EXCLUDE.value
-    out = jackpots(trainer, state, STEPS.value, SCORE_LR.value or 0.1, SPARSITY.value, exclude)
+    out = jackpots(trainer, state, STEPS.value, (lrs or [0.1])[0], SPARSITY.value, exclude)
   for name, value in out["rows"].items():
-    print(f"  {name}: {value:.4f}")
-  print(f"  mask-learning steps per second: {out['steps_per_second']:.2f}; "
-        f"{out['mask_changed']:.2%} of the masked weights changed state")
+    changed = out["mask_changed"].get(name)
+    print(f"  {name}: {value:.4f}" + ("" if changed is None else
+                                      f" ({changed:.2%} of the masked weights changed state)"))
+  print(f"  mask-learning steps per second: {out['steps_per_second']:.2f}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def tiny_config(digits_dir):
 # despite their time: the same-numbers-under-every-transform checks, the
 # README's runs, one resume-after-damage and one case of each method family.
 SLOW_CASES = frozenset("""
+test_readme.py::test_readme_learned_mask_example_learns_2_of_4_masks_over_frozen_weights
+test_maskllm.py::test_soft_masks_at_the_end_temperature_with_large_logits_are_finite_one_hot_candidates
 test_train.py::test_train_step_gives_same_loss_on_4_devices_and_on_1[model1]
 test_lottery_run.py::test_every_level_keeps_half_the_hidden_weights_and_the_whole_head
 test_transforms.py::test_eager_step_matches_jit[gmp]

@@ -81,3 +81,16 @@ def test_readme_nnx_llama_example_prunes_every_block_projection_2_of_4():
       kernel = np.asarray(module.kernel[...])   # (in, out): groups of 4 inputs per output
       assert np.all((kernel != 0).reshape(-1, 4, kernel.shape[1]).sum(1) == 2), (layer, name)
   assert (np.asarray(model.embed_tokens.embedding[...]) != 0).all()
+
+
+def test_readme_learned_mask_example_learns_2_of_4_masks_over_frozen_weights():
+  namespace = {}
+  exec(_block("sparsejax.MaskLLM(2, 4, num_steps=20)"), namespace)  # pylint: disable=exec-used
+  masks, params, pruned = namespace["masks"], namespace["params"], namespace["pruned"]
+  first = params["layers_0"]["kernel"]                                # (16, 64): groups of 4 inputs
+  np.testing.assert_array_equal(first, namespace["model"].init(jax.random.key(1), namespace["x"])
+                                ["params"]["layers_0"]["kernel"])     # weights frozen
+  kept = np.asarray(masks["layers_0"]["kernel"]).reshape(4, 4, 64).sum(1)
+  assert (kept == 2).all() and masks["layers_0"]["bias"] is None
+  np.testing.assert_array_equal(pruned["layers_2"]["kernel"],
+                                np.where(masks["layers_2"]["kernel"], params["layers_2"]["kernel"], 0))
