@@ -42,6 +42,7 @@ BINARY_RUN_FILES = {
     "experiments.nm_study": (CONFIG_FILE, FINAL_FILE, "summary.csv", "nm_study.png", "runs"),
     "experiments.oneshot": (CONFIG_FILE, FINAL_FILE, "summary.csv", "oneshot.png", "rows",
                             "pruned"),
+    "experiments.structured": (CONFIG_FILE, FINAL_FILE, "summary.csv", "rows"),
 }
 RUN_FILES = BINARY_RUN_FILES["experiments.train"]  # the default: experiments.train's
 

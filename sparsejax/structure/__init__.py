@@ -26,7 +26,8 @@ from sparsejax.structure.scores import linen_input_stats
 from sparsejax.structure.scores import magnitude_sp
 from sparsejax.structure.scores import standardise
 from sparsejax.structure.scores import wanda_sp
-from sparsejax.structure.shrink import shrink
+from sparsejax.structure.shrinking import rounded_keep
+from sparsejax.structure.shrinking import shrink
 
 __all__ = [
     "Group",
@@ -44,6 +45,7 @@ __all__ = [
     "linen_input_stats",
     "magnitude_sp",
     "prune_structured",
+    "rounded_keep",
     "shrink",
     "standardise",
     "structured_masks",
