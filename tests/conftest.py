@@ -175,6 +175,7 @@ test_structure.py::test_shrunk_model_equals_masked_model[lenet5]
 test_structure.py::test_shrunk_model_equals_masked_model[resnet20]
 test_structure.py::test_shrunk_model_equals_masked_model[vit]
 test_structure.py::test_shrunk_model_equals_masked_model[lm]
+test_structure.py::test_shrunk_model_equals_masked_model[llama]
 test_structure.py::test_flap_shrunk_model_equals_masked_model_with_its_bias[vit]
 test_structure_training.py::test_gradual_structured_pruning_removes_whole_units_on_schedule_and_shrinks
 test_structure_training.py::test_the_trainer_prunes_channels_of_the_mlp_with_pruning_structure

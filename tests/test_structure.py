@@ -41,13 +41,15 @@ MODELS = {
             lambda: _images((2, 8, 8, 1))),
     "lm": (dict(num_layers=2, width=16, num_heads=4, mlp_dim=24, max_length=8),
            lambda: _tokens((2, 8))),
+    "llama": (dict(num_layers=2, width=16, num_heads=4, num_kv_heads=2, mlp_dim=24),
+              lambda: _tokens((2, 8))),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def _model(name):
   kwargs, inputs = MODELS[name]
-  model = create_model(name, num_classes=32 if name == "lm" else 10, **kwargs)
+  model = create_model(name, num_classes=32 if name in ("lm", "llama") else 10, **kwargs)
   x = inputs()
   variables = _randomise(model.init(jax.random.key(0), x))
   return model, variables, x
@@ -75,8 +77,11 @@ def test_shrunk_model_equals_masked_model(name):
   assert jax.tree.map(np.shape, small) == jax.tree.map(lambda s: s.shape, shapes)
   assert _count(small["params"]) < 0.75 * _count(variables["params"]) or name == "resnet20"
   for g in found:   # half of every group's units is gone, and the config says so
-    width = getattr(small_model, g.field)[g.index]
-    assert width == g.units - g.units // 2, g.name
+    fields = ((g.field, 1),) if isinstance(g.field, str) else g.field
+    for field, per_unit in fields:
+      width = getattr(small_model, field)
+      width = width if g.index is None else width[g.index]
+      assert width == (g.units - g.units // 2) * per_unit, g.name
 
 
 @pytest.mark.parametrize("name", ["vit", "lm"])
@@ -95,6 +100,24 @@ def test_flap_shrunk_model_equals_masked_model_with_its_bias(name):
                                             sparsejax.trees.named_leaves(variables["params"]))
              if leaf.path in bias and not np.allclose(leaf.value, old.value)]
   assert changed, "FLAP added no compensation"
+
+
+def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
+  model, variables, x = _model("llama")
+  found = {g.name: g for g in model_structure.groups(model, variables["params"])}
+  attention = found["model/layers/0/self_attn"]
+  assert attention.units == 2                       # KV heads, each with 2 query heads of 4 wide
+  masks = sparsejax.structured_masks(variables["params"], [attention],
+                                     {attention.name: np.array([False, True])})
+  layer = masks["model"]["layers"]["0"]["self_attn"] if "0" in masks["model"]["layers"] else (
+      masks["model"]["layers"][0]["self_attn"])
+  np.testing.assert_array_equal(np.asarray(layer["q_proj"]["kernel"][0]), np.arange(16) >= 8)
+  np.testing.assert_array_equal(np.asarray(layer["k_proj"]["kernel"][0]), np.arange(8) >= 4)
+  keep = {g.name: np.ones(g.units, bool) for g in found.values()}
+  keep["model/layers/1/mlp"] = np.arange(24) < 12
+  with pytest.raises(ValueError, match="keep different widths .* for the one config field "
+                                       "'mlp_dim'"):
+    model_structure.shrink_model(model, variables, tuple(found.values()), keep)
 
 
 def test_rounding_to_a_multiple_keeps_zero_units_and_the_masked_outputs():

@@ -20,6 +20,12 @@ the smaller variables and model.
   lm        heads of Flax's attention (query/key/value (d, heads, head_dim)
             kernels and (heads, head_dim) biases, out (heads, head_dim, d)
             rows) and MLP units
+  llama     key/value groups of grouped-query attention (a KV head's k_proj
+            and v_proj columns with the q_proj columns and o_proj rows of
+            its num_heads / num_kv_heads query heads) and SwiGLU units
+            (up_proj and gate_proj columns, down_proj row). Its config has
+            one num_heads and one mlp_dim for all layers: a shrink needs the
+            same count kept in every layer (magnitude_sp, wanda_sp).
 
 Groups of kind 'head' are the attention heads, 'channel' everything else.
 """
@@ -89,6 +95,27 @@ def spec(model: nn.Module) -> tuple[Rule, ...]:
         consumer="{b}/attention/out/kernel", bias="{b}/attention/out/bias",
         field="block_heads", index="{i}")
     return (attention, _mlp_rule("block", "mlp/fc_0", "mlp/fc_1", "block_mlp_dims"))
+  if name == "LlamaLM":
+    c = model.llama_config()
+    per_kv = c.num_heads // c.kv_heads     # query heads per key/value head
+    layer = r"(?P<b>model/layers/(?P<i>\d+))"
+    attention = Rule(
+        layer + "/self_attn/q_proj/kernel", "{b}/self_attn", "head",
+        (Member("{b}/self_attn/q_proj/kernel", 1, c.dim * per_kv),
+         Member("{b}/self_attn/q_proj/bias", 0, c.dim * per_kv, optional=True),
+         Member("{b}/self_attn/k_proj/kernel", 1, c.dim),
+         Member("{b}/self_attn/k_proj/bias", 0, c.dim, optional=True),
+         Member("{b}/self_attn/v_proj/kernel", 1, c.dim),
+         Member("{b}/self_attn/v_proj/bias", 0, c.dim, optional=True),
+         Member("{b}/self_attn/o_proj/kernel", 0, c.dim * per_kv)),
+        consumer="{b}/self_attn/o_proj/kernel",
+        bias="{b}/self_attn/o_proj/bias" if c.o_bias else None,
+        field=(("num_kv_heads", 1), ("num_heads", per_kv)))
+    mlp = Rule(layer + "/mlp/up_proj/kernel", "{b}/mlp", "channel",
+               (Member("{b}/mlp/up_proj/kernel", 1), Member("{b}/mlp/gate_proj/kernel", 1),
+                Member("{b}/mlp/down_proj/kernel", 0)),
+               consumer="{b}/mlp/down_proj/kernel", field="mlp_dim")
+    return (attention, mlp)
   if name == "TransformerLM":
     attention = Rule(
         r"(?P<b>block_(?P<i>\d+))/attention/query/kernel", "{b}/attention", "head",
@@ -99,7 +126,7 @@ def spec(model: nn.Module) -> tuple[Rule, ...]:
         field="block_heads", index="{i}")
     return (attention, _mlp_rule("block", "fc_0", "fc_1", "block_mlp_dims"))
   raise ValueError(f"no structure spec for model {name}; specs: MLP, LeNet5, ResNet20, ViT, "
-                   "TransformerLM.")
+                   "TransformerLM, LlamaLM.")
 
 
 def groups(model: nn.Module, params: PyTree, kind: str | None = None):
@@ -123,6 +150,9 @@ def expand(model: nn.Module) -> nn.Module:
     depth = model.depth if name == "ViT" else model.num_layers
     return model.clone(block_heads=tuple(model.block_heads or (model.num_heads,) * depth),
                        block_mlp_dims=tuple(model.block_mlp_dims or (model.mlp_dim,) * depth))
+  if name == "LlamaLM":   # heads and head width written out: shrinking num_heads keeps head_dim
+    c = model.llama_config()
+    return model.clone(num_kv_heads=c.kv_heads, head_dim=c.dim)
   if name in ("MLP", "LeNet5"):
     return model.clone(**{f: tuple(getattr(model, f)) for f in
                           (("features",) if name == "MLP" else ("conv_features", "fc_features"))})

@@ -77,6 +77,10 @@ class Rule:
     bias: template of the consumer's output bias.
     field: the model config field that holds this group's width; with
       `index` (a template giving an int) the field is a per-layer tuple.
+      Or several fields as ((name, entries per unit), ...), e.g. a KV group
+      of grouped-query attention: (('num_kv_heads', 1), ('num_heads', 2)).
+      A field without `index` is one width for every layer: `shrink` then
+      needs every group that sets it to keep the same count.
     index: template of the position in `field`, e.g. '{i}', or a function
       of the anchor's named groups (a dict) returning it.
   """
@@ -87,7 +91,7 @@ class Rule:
   members: tuple[Member, ...]
   consumer: str | None = None
   bias: str | None = None
-  field: str | None = None
+  field: str | tuple[tuple[str, int], ...] | None = None
   index: str | Callable[[dict], int] | None = None
 
   def __post_init__(self):
@@ -112,7 +116,7 @@ class Group:
     units: number of units.
     members: resolved `Member`s (leaf paths relative to the params).
     consumer, bias: the consumer kernel and its output bias, or None.
-    field, index: the model config field (and position) of the width.
+    field, index: the model config field(s) (and position) of the width.
   """
 
   name: str
@@ -121,7 +125,7 @@ class Group:
   members: tuple[Member, ...]
   consumer: Member | None = None
   bias: str | None = None
-  field: str | None = None
+  field: str | tuple[tuple[str, int], ...] | None = None
   index: int | None = None
 
   def cost(self, shapes: Mapping[str, tuple[int, ...]]) -> int:

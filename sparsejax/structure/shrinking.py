@@ -63,17 +63,26 @@ def rounded_keep(groups: Sequence[groups_lib.Group], keep: Mapping[str, Any],
   return stay, zero
 
 
-def _set_field(config: Any, group: groups_lib.Group, value: int, updates: dict[str, Any]) -> None:
-  current = updates.get(group.field, _get(config, group.field))
-  if group.index is None:
-    updates[group.field] = value
-    return
-  if current is None or not hasattr(current, "__len__") or len(current) <= group.index:
-    raise ValueError(f"config field {group.field!r} is {current!r}: group {group.name!r} needs "
-                     f"a per-layer sequence with an entry {group.index}.")
-  seq = list(current)
-  seq[group.index] = value
-  updates[group.field] = tuple(seq)
+def _set_field(config: Any, group: groups_lib.Group, kept: int, updates: dict[str, Any],
+               setters: dict[str, tuple[str, int]]) -> None:
+  fields = ((group.field, 1),) if isinstance(group.field, str) else group.field
+  for name, per_unit in fields:
+    value = kept * per_unit
+    current = updates.get(name, _get(config, name))
+    if group.index is None:
+      if name in setters and setters[name][1] != value:
+        raise ValueError(f"groups {setters[name][0]!r} and {group.name!r} keep different widths "
+                         f"({setters[name][1]} and {value}) for the one config field {name!r}: "
+                         "keep the same count in every layer (a uniform fraction).")
+      setters[name] = (group.name, value)
+      updates[name] = value
+      continue
+    if current is None or not hasattr(current, "__len__") or len(current) <= group.index:
+      raise ValueError(f"config field {name!r} is {current!r}: group {group.name!r} needs "
+                       f"a per-layer sequence with an entry {group.index}.")
+    seq = list(current)
+    seq[group.index] = value
+    updates[name] = tuple(seq)
 
 
 def _get(config: Any, name: str) -> Any:
@@ -136,10 +145,11 @@ def shrink(tree: PyTree, groups: Sequence[groups_lib.Group], keep: Mapping[str, 
       if not groups_lib.resolve(shapes, m.path):
         raise ValueError(f"group {g.name!r}: leaf '{m.path}' is not in the tree to shrink.")
   updates: dict[str, Any] = {}
+  setters: dict[str, tuple[str, int]] = {}
   if config is not None:
     for g in groups:
       if g.field is not None:
-        _set_field(config, g, int(stay[g.name].sum()), updates)
+        _set_field(config, g, int(stay[g.name].sum()), updates, setters)
     new_config = _replace(config, updates)
   else:
     new_config = None
