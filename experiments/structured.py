@@ -10,9 +10,10 @@ norm, `sparsejax.structure.linen_input_stats`), and prunes whole units (heads
 and MLP units, the model's spec in experiments/models/structure.py) with every
 method of `config.methods` ('flap', 'wanda_sp', 'magnitude_sp') at every
 fraction of `config.fractions` of the groups' parameters. Each pruned model
-is evaluated on the training run's evaluation split (bits per byte for
-text), then physically shrunk (`sparsejax.shrink`; its outputs are checked
-against the masked model's on an evaluation batch), its parameters counted
+is physically shrunk (`sparsejax.shrink`; its outputs are checked against
+the masked model's on an evaluation batch) and the shrunk model is evaluated
+on the first `eval_sequences` examples of the training run's evaluation split
+(0: all; bits per byte for text), its parameters counted
 and its jitted forward timed on this machine's CPU against the dense one
 (median of `latency_repeats` passes of `latency_batch` sequences). Rows go to
 <workdir>/rows/<name>.json as they finish (a killed run resumes at the first
@@ -29,8 +30,10 @@ import time
 
 from absl import app
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from sparsejax import structure
 from sparsejax.checkpoint import SparseCheckpointManager
@@ -70,6 +73,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_checks.at_least(config.multiple, 0, "multiple")
   config_checks.at_least(config.latency_batch, 1, "latency_batch")
   config_checks.at_least(config.latency_repeats, 1, "latency_repeats")
+  config_checks.at_least(config.eval_sequences, 0, "eval_sequences")
 
 
 def count(tree) -> int:
@@ -89,6 +93,26 @@ def latency_ms(model, variables, inputs, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
+def evaluate(model, variables, data, count: int, batch: int = 64) -> dict:
+  """Mean loss and accuracy (per example, as the trainer's) of `model` on the first `count`
+  examples of the evaluation split (0: all of them)."""
+  count = len(data.eval) if count == 0 else min(count, len(data.eval))
+
+  @jax.jit
+  def step(v, x, y):
+    logits = model.apply(v, x, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y), jnp.argmax(logits, -1) == y
+
+  losses, correct = [], []
+  for start in range(0, count, batch):
+    inputs, labels = data.eval.examples(range(start, min(start + batch, count)))
+    loss, hit = step(variables, data.preprocess(np.stack(inputs)), np.asarray(labels))
+    losses.append(np.asarray(loss).reshape(len(inputs), -1).mean(-1))
+    correct.append(np.asarray(hit, np.float32).reshape(len(inputs), -1).mean(-1))
+  return {"loss": float(np.concatenate(losses).mean()),
+          "accuracy": float(np.concatenate(correct).mean())}
+
+
 def prune_row(trainer, state, groups, stats, method: str, fraction: float,
               config: ml_collections.ConfigDict, timing_inputs, dense_ms: float,
               dense_params: int, log=print) -> dict:
@@ -99,8 +123,6 @@ def prune_row(trainer, state, groups, stats, method: str, fraction: float,
                                       stats=None if method == "magnitude_sp" else stats)
   keep = jax.device_get(pruned.keep)
   seconds = time.perf_counter() - start
-  placed = jax.device_put(pruned.params, jax.tree.map(lambda x: x.sharding, state.params))
-  test = trainer.evaluate(state._replace(params=placed))
   variables = {"params": pruned.params}
   if state.batch_stats:
     variables["batch_stats"] = jax.device_get(state.batch_stats)
@@ -109,6 +131,7 @@ def prune_row(trainer, state, groups, stats, method: str, fraction: float,
   masked_out = trainer.model.apply(variables, timing_inputs, train=False)
   small_out = small_model.apply(small, timing_inputs, train=False)
   diff = float(np.max(np.abs(np.asarray(masked_out) - np.asarray(small_out))))
+  test = evaluate(small_model, small, trainer.data, config.eval_sequences)   # the shrunk model
   ms = latency_ms(small_model, small, timing_inputs, config.latency_repeats)
   n = count(small["params"])
   heads = [int(np.sum(keep[g.name])) for g in groups if g.kind == "head"]
@@ -169,8 +192,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   finally:
     manager.close()
   text = trainer.data.text
-  dense = oneshot._scores(trainer.evaluate(state), text)  # pylint: disable=protected-access
   params = jax.device_get(state.params)
+  dense_vars = {"params": params, **({"batch_stats": jax.device_get(state.batch_stats)}
+                                     if state.batch_stats else {})}
+  dense = oneshot._scores(evaluate(trainer.model, dense_vars, trainer.data,  # pylint: disable=protected-access
+                                   config.eval_sequences), text)
   dense_params = count(params)
   batches = oneshot.calibration_batches(trainer.data, config.calibration_sequences,
                                         config.calibration_batch, config.seed)
@@ -180,8 +206,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                                       paths=[g.consumer.path for g in groups])
   inputs, _ = trainer.data.eval.examples(range(min(config.latency_batch, len(trainer.data.eval))))
   timing_inputs = trainer.data.preprocess(np.stack(inputs))
-  dense_vars = {"params": params, **({"batch_stats": jax.device_get(state.batch_stats)}
-                                     if state.batch_stats else {})}
   dense_ms = latency_ms(trainer.model, dense_vars, timing_inputs, config.latency_repeats)
   log(f"[structured] {trainer.config.model.name} from {config.train_workdir} at step "
       f"{int(state.step)}: {dense_params} params, dense test loss {dense['test_loss']:.4f}"

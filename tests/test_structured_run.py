@@ -48,7 +48,7 @@ def test_tiny_lm_pruned_by_every_method_shrunk_timed_and_resumed(tmp_path):
   config = structured_lm.get_config()
   config.train_workdir = str(tmp_path / "lm")
   config.fractions = (0.5,)
-  config.calibration_sequences, config.latency_repeats = 16, 2
+  config.calibration_sequences, config.latency_repeats, config.eval_sequences = 16, 2, 0
   workdir = str(tmp_path / "structured")
   result = structured.run(config, workdir, log=lambda line: None)
   assert result["dense"]["test_loss"] == pytest.approx(trained["test"]["loss"], rel=1e-6)
