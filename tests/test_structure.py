@@ -324,3 +324,14 @@ def test_calibration_methods_without_stats_are_an_error():
     sparsejax.prune_structured(params, found, "flap", 0.3)
   with pytest.raises(ValueError, match="unknown structured method 'l0'"):
     sparsejax.prune_structured(params, found, "l0", 0.3)
+
+
+def test_readme_structured_example_runs_as_written():
+  import re   # pylint: disable=import-outside-toplevel
+  readme = open("README.md", encoding="utf-8").read()
+  block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "prune_structured" in b)
+  namespace = {}
+  exec(block, namespace)  # pylint: disable=exec-used
+  # FLAP's threshold is the unit where the kept parameters come closest to half; it goes too.
+  assert namespace["small_model"].hidden == 31
