@@ -235,7 +235,7 @@ class GradualMagnitudePruning:
       of the masked network (use `ste_masked_params` in the forward), and
       each mask update ranks all weights, so a pruned one can come back.
       The params are then dense; `masked_params` gives the sparse network.
-    structure: a structure spec (`sparsejax.structure.Rule`s) for
+    structure: a structure spec (`sparsejax.structure.Rule` entries) for
       structured gradual pruning: the schedule's sparsity is then the
       fraction of units (hidden units, channels, heads) each group removes,
       ranked by the L2 norm of their slices (`structure.magnitude_sp`); the

@@ -3,7 +3,7 @@
 A unit of structure (an MLP hidden unit, an attention head, a Conv output
 channel) lives in several leaves at once: the producing kernel's output
 column, its bias, the next layer's input row, the BatchNorm entries between.
-A `Group` lists those slices as `Member`s, each an axis of a leaf on which
+A `Group` lists those slices as members (`Member`), each an axis of a leaf on which
 the group's `units` lie; removing unit u removes slice u of every member.
 
 Along a member's axis of length L the units are read as (outer, units,
@@ -16,7 +16,7 @@ u * block of every one of the `outer` repeats. So:
   a Conv channel read by a Dense after     outer = H * W of the flattened map
   flattening (H, W, C)
 
-Groups come from the params and a small per-model spec, a table of `Rule`s
+Groups come from the params and a small per-model spec, a table of rules (`Rule`)
 (like `sparsejax.layouts`): a rule's `anchor` regex is matched against every
 params path, and each match, with its named regex groups, fills in the
 member path templates. A member path may name a module instead of a leaf
@@ -64,11 +64,11 @@ class Rule:
   """A row of a structure spec: which leaves form a group, found from an anchor.
 
   Attributes:
-    anchor: regex `re.fullmatch`ed against every params path; each match
+    anchor: regex matched (`re.fullmatch`) against every params path; each match
       starts one group. Its named groups fill the templates below.
     name: template of the group's name (e.g. '{b}/mlp').
     kind: 'channel' (hidden units, Conv channels) or 'head'.
-    members: `Member`s whose paths are templates; the first one fixes the
+    members: `Member` entries whose paths are templates; the first one fixes the
       number of units (its axis length / block, outer 1).
     consumer: template of the kernel whose input features are the units
       (the down / out projection): calibration-based scores read its inputs
@@ -114,7 +114,7 @@ class Group:
     name: e.g. 'block_0/mlp' or 'block_0/attention'.
     kind: 'channel' or 'head'.
     units: number of units.
-    members: resolved `Member`s (leaf paths relative to the params).
+    members: resolved `Member` entries (leaf paths relative to the params).
     consumer, bias: the consumer kernel and its output bias, or None.
     field, index: the model config field(s) (and position) of the width.
   """
@@ -172,10 +172,10 @@ def build_groups(params: PyTree, spec: Spec) -> tuple[Group, ...]:
 
   Args:
     params: the params pytree (Linen dict, NNX state, plain dict).
-    spec: `Rule`s; the groups come out in rule order, then params order.
+    spec: `Rule` entries; the groups come out in rule order, then params order.
 
   Returns:
-    A tuple of `Group`s.
+    A tuple of `Group` objects.
 
   Raises:
     ValueError: naming the rule or leaf, if a rule matches no leaf (the spec
