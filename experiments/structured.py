@@ -15,7 +15,7 @@ the masked model's on an evaluation batch) and the shrunk model is evaluated
 on the first `eval_sequences` examples of the training run's evaluation split
 (0: all; bits per byte for text), its parameters counted
 and its jitted forward timed on this machine's CPU against the dense one
-(median of `latency_repeats` passes of `latency_batch` sequences). Rows go to
+(medians of `latency_repeats` interleaved passes of `latency_batch` sequences). Rows go to
 <workdir>/rows/<name>.json as they finish (a killed run resumes at the first
 row not done); summary.csv and final.json (rows and a markdown table) at the
 end, and the table is printed.
@@ -49,7 +49,8 @@ ROWS_DIR = "rows"
 RUN_FILES = workdir_lib.BINARY_RUN_FILES["experiments.structured"]
 SOURCE_KEY = oneshot.SOURCE_KEY
 ROW_FIELDS = ("method", "fraction", "test_loss", "test_bits_per_byte", "test_accuracy",
-              "params", "params_fraction", "heads", "mlp_units", "latency_ms", "latency_ratio",
+              "params", "params_fraction", "heads", "mlp_units", "latency_ms", "dense_latency_ms",
+              "latency_ratio",
               "shrunk_max_abs_diff", "prune_seconds")
 
 
@@ -81,16 +82,23 @@ def count(tree) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
-def latency_ms(model, variables, inputs, repeats: int) -> float:
-  """Median wall time of a jitted forward of `inputs`, in ms (compile excluded)."""
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  jax.block_until_ready(forward(variables, inputs))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def latency_ms(models_and_variables, inputs, repeats: int) -> list[float]:
+  """Median wall time (ms) of each (model, variables)'s jitted forward of `inputs`.
+
+  Compiled and warmed up first; the models then run interleaved, one pass of
+  each per round, so that a phase of machine load hits them alike.
+  """
+  forwards = [(jax.jit(lambda v, x, m=m: m.apply(v, x, train=False)), v)
+              for m, v in models_and_variables]
+  for forward, variables in forwards:
     jax.block_until_ready(forward(variables, inputs))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  times = [[] for _ in forwards]
+  for _ in range(repeats):
+    for t, (forward, variables) in zip(times, forwards):
+      start = time.perf_counter()
+      jax.block_until_ready(forward(variables, inputs))
+      t.append(time.perf_counter() - start)
+  return [1e3 * float(np.median(t)) for t in times]
 
 
 def evaluate(model, variables, data, count: int, batch: int = 64) -> dict:
@@ -114,7 +122,7 @@ def evaluate(model, variables, data, count: int, batch: int = 64) -> dict:
 
 
 def prune_row(trainer, state, groups, stats, method: str, fraction: float,
-              config: ml_collections.ConfigDict, timing_inputs, dense_ms: float,
+              config: ml_collections.ConfigDict, timing_inputs, dense_vars,
               dense_params: int, log=print) -> dict:
   """Prunes, evaluates, shrinks, checks and times one (method, fraction)."""
   params = jax.device_get(state.params)
@@ -132,7 +140,8 @@ def prune_row(trainer, state, groups, stats, method: str, fraction: float,
   small_out = small_model.apply(small, timing_inputs, train=False)
   diff = float(np.max(np.abs(np.asarray(masked_out) - np.asarray(small_out))))
   test = evaluate(small_model, small, trainer.data, config.eval_sequences)   # the shrunk model
-  ms = latency_ms(small_model, small, timing_inputs, config.latency_repeats)
+  dense_ms, ms = latency_ms([(trainer.model, dense_vars), (small_model, small)], timing_inputs,
+                            config.latency_repeats)
   n = count(small["params"])
   heads = [int(np.sum(keep[g.name])) for g in groups if g.kind == "head"]
   units = [int(np.sum(keep[g.name])) for g in groups if g.kind == "channel"]
@@ -141,7 +150,8 @@ def prune_row(trainer, state, groups, stats, method: str, fraction: float,
       f"max |diff| {diff:.1e}")
   return {"method": method, "fraction": fraction, **oneshot._scores(test, trainer.data.text),  # pylint: disable=protected-access
           "params": n, "params_fraction": n / dense_params, "heads": heads, "mlp_units": units,
-          "latency_ms": ms, "latency_ratio": ms / dense_ms, "shrunk_max_abs_diff": diff,
+          "latency_ms": ms, "dense_latency_ms": dense_ms, "latency_ratio": ms / dense_ms,
+          "shrunk_max_abs_diff": diff,
           "prune_seconds": seconds}
 
 
@@ -206,12 +216,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                                       paths=[g.consumer.path for g in groups])
   inputs, _ = trainer.data.eval.examples(range(min(config.latency_batch, len(trainer.data.eval))))
   timing_inputs = trainer.data.preprocess(np.stack(inputs))
-  dense_ms = latency_ms(trainer.model, dense_vars, timing_inputs, config.latency_repeats)
   log(f"[structured] {trainer.config.model.name} from {config.train_workdir} at step "
       f"{int(state.step)}: {dense_params} params, dense test loss {dense['test_loss']:.4f}"
       + (f" ({dense['test_bits_per_byte']:.3f} bits per byte)" if text else "")
-      + f", forward of {config.latency_batch} sequences {dense_ms:.2f} ms; {len(groups)} groups, "
-      f"{len(planned)} pruned models")
+      + f"; {len(groups)} groups, {len(planned)} pruned models")
   rows_dir = os.path.join(workdir, ROWS_DIR)
   os.makedirs(rows_dir, exist_ok=True)
   rows = []
@@ -224,10 +232,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         continue
     log(f"[structured] {i + 1}/{len(planned)}: {method} at {round(100 * fraction)}%")
     row = prune_row(trainer, state, groups, stats, method, fraction, config, timing_inputs,
-                    dense_ms, dense_params, log)
+                    dense_vars, dense_params, log)
     workdir_lib.save_json(rows_dir, row_file, {**row, SOURCE_KEY: source})  # last: marks it done
     rows.append(row)
-  result = {"dense": {**dense, "params": dense_params, "latency_ms": dense_ms}, "rows": rows,
+  result = {"dense": {**dense, "params": dense_params}, "rows": rows,
             "markdown": format_table(rows, dense, dense_params, text), SOURCE_KEY: source}
   with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
