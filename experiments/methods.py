@@ -183,6 +183,8 @@ def _check_pruning(pruning: ml_collections.ConfigDict) -> None:
     if not 0.0 <= pruning[key] < 1.0:
       raise ConfigError(f"config.pruning.{key}={pruning[key]!r} must be in [0, 1).")
   choice(pruning.allocation, ALLOCATIONS, "pruning.allocation")
+  if pruning.get("structure") is not None:
+    choice(pruning.structure, ("channel", "head"), "pruning.structure")
   if pruning.method in DROP_AND_GROW:
     dst_options(pruning)
   if pruning.method == "synflow":
@@ -319,8 +321,49 @@ def target_sparsity(config: ml_collections.ConfigDict, achieved: float) -> float
   return 0.0 if method == "dense" else config.pruning.sparsity
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def structure_spec(config: ml_collections.ConfigDict, model) -> tuple | None:
+  """The structure spec rules of `config.pruning.structure`'s kind for `model`, or None.
+
+  Raises:
+    ConfigError: for an unknown kind, a method other than gradual / one_shot,
+      an allocation other than uniform, include / exclude set, or a model
+      without a spec or without groups of that kind.
+  """
+  kind = config.pruning.get("structure")
+  if kind is None or config.pruning.method == "dense":   # the dense baseline of a run
+    return None
+  choice(kind, ("channel", "head"), "pruning.structure")
+  if config.pruning.method not in ("gradual", "one_shot"):
+    raise ConfigError(f"config.pruning.structure={kind!r} works with pruning.method 'gradual' or "
+                      f"'one_shot', not {config.pruning.method!r}.")
+  if config.pruning.allocation != "uniform":
+    raise ConfigError(f"config.pruning.structure={kind!r} removes the same fraction of every "
+                      f"group's units: pruning.allocation must be 'uniform', not "
+                      f"{config.pruning.allocation!r}.")
+  if config.pruning.include or config.pruning.exclude:
+    raise ConfigError("config.pruning.include / exclude choose kernels, not structured groups: "
+                      f"leave them empty with pruning.structure={kind!r}.")
+  if model is None:
+    raise ConfigError("config.pruning.structure needs the model to find its groups.")
+  from experiments.models import structure as model_structure  # pylint: disable=import-outside-toplevel
+  try:
+    rules = model_structure.spec(model)
+  except ValueError as e:
+    raise ConfigError(f"config.pruning.structure: {e}") from None
+  rules = tuple(r for r in rules if r.kind == kind)
+  if not rules:
+    raise ConfigError(f"config.pruning.structure={kind!r}: model {type(model).__name__} has no "
+                      f"{kind} groups.")
+  return rules
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int,
+                   model=None) -> optax.GradientTransformation:
   """The full optimizer: base optimizer, wrapped for pruning unless dense.
+
+  With `config.pruning.structure` ('channel' or 'head'), gradual and
+  one_shot prune whole units of `model`'s groups of that kind
+  (`structure_spec`, `sparsejax.GradualMagnitudePruning(structure=...)`).
 
   A lottery config (with a `lottery` section) gets masks that never change
   by themselves (`sparsejax.FixedMaskSchedule`, dense at init): each IMP
@@ -331,6 +374,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
       message names the config key.
   """
   tx = base_optimizer(config, num_steps)
+  structure = structure_spec(config, model) if "lottery" not in config else None
   packed = _packed_masks(config)
   nm = nm_sparsity(config, num_steps)
   if nm is not None:
@@ -353,7 +397,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
   pruner = sparsejax.GradualMagnitudePruning(
       schedule, allocation=config.pruning.allocation, leaf_filter=leaf_filter(config.pruning),
       packed_masks=packed, score="random" if method == "static" else "magnitude",
-      key=key if method == "static" else None, straight_through=method == "ste")
+      key=key if method == "static" else None, straight_through=method == "ste",
+      structure=structure)
   return pruner.wrap(tx)
 
 

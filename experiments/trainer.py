@@ -224,7 +224,7 @@ class Trainer:
       raise config_checks.ConfigError(
           "config.pruning.method='synflow' feeds the network all-ones float inputs, which a "
           f"model of tokens ({config.dataset}) cannot take; use snip or static instead.")
-    self.tx = methods.make_optimizer(config, self.num_steps)
+    self.tx = methods.make_optimizer(config, self.num_steps, self.model)
     if self.method != "dense":
       section = "lottery" if self.method == "lottery" else "pruning"
       config_checks.check_leaf_filters(config[section], shapes["params"], f"{section}.")
@@ -233,7 +233,8 @@ class Trainer:
       jax.eval_shape(self.tx.init, shapes["params"])
     except ValueError as e:
       if nm is None:
-        raise config_checks.ConfigError(f"config: {e}") from e
+        key = "config.pruning.structure" if config.pruning.get("structure") else "config"
+        raise config_checks.ConfigError(f"{key}: {e}") from e
       raise config_checks.ConfigError(
           f"config.pruning.nm: {e} [config keys: pruning.include / pruning.exclude choose the "
           f"kernels, pruning.nm.axes / flatten the contraction axes, pruning.nm.non_divisible="

@@ -44,6 +44,7 @@ BINARY_RUN_FILES = {
                             "pruned"),
     "experiments.sensitivity": (CONFIG_FILE, FINAL_FILE, "sensitivity.csv", "sensitivity.png",
                                 "rates.json"),
+    "experiments.structured": (CONFIG_FILE, FINAL_FILE, "summary.csv", "rows"),
 }
 RUN_FILES = BINARY_RUN_FILES["experiments.train"]  # the default: experiments.train's
 

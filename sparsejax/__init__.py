@@ -46,6 +46,10 @@ from sparsejax.sharding import fsdp_shardings
 from sparsejax.selection import topk_mask
 from sparsejax.selection import topk_masks
 from sparsejax.selection import topk_masks_by_count
+from sparsejax.structure import build_groups
+from sparsejax.structure import prune_structured
+from sparsejax.structure import shrink
+from sparsejax.structure import structured_masks
 from sparsejax.trees import default_filter
 from sparsejax.trees import leaves_with_masks
 from sparsejax.trees import map_with_masks
@@ -63,6 +67,7 @@ from sparsejax import nm_schedules
 from sparsejax import oneshot
 from sparsejax import owl
 from sparsejax import sensitivity
+from sparsejax import structure
 
 __version__ = "0.1.0"
 
@@ -84,6 +89,7 @@ __all__ = [
     "apply_masks",
     "bip",
     "bool_masks",
+    "build_groups",
     "compute_masks",
     "default_filter",
     "drop_and_grow",
@@ -113,14 +119,18 @@ __all__ = [
     "owl",
     "pack_bits",
     "pack_masks",
+    "prune_structured",
     "random_masks",
     "random_score",
     "sensitivity",
+    "shrink",
     "snip_score",
     "snip_masks",
     "sparsity_report",
     "state_masks",
     "ste_masked_params",
+    "structure",
+    "structured_masks",
     "structure_patterns",
     "synflow_masks",
     "topk_mask",

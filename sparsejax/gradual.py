@@ -29,6 +29,7 @@ from sparsejax import allocation as allocation_lib
 from sparsejax import masks as masks_lib
 from sparsejax import pruning
 from sparsejax import scores as scores_lib
+from sparsejax import structure
 from sparsejax import trees
 
 PyTree = Any
@@ -234,6 +235,13 @@ class GradualMagnitudePruning:
       of the masked network (use `ste_masked_params` in the forward), and
       each mask update ranks all weights, so a pruned one can come back.
       The params are then dense; `masked_params` gives the sparse network.
+    structure: a structure spec (`sparsejax.structure.Rule` entries) for
+      structured gradual pruning: the schedule's sparsity is then the
+      fraction of units (hidden units, channels, heads) each group removes,
+      ranked by the L2 norm of their slices (`structure.magnitude_sp`); the
+      masks cover every member leaf (biases and norms included), so the
+      pruned model can be `shrink`-ed. `allocation` and `leaf_filter` are
+      not used.
   """
 
   schedule: Any
@@ -243,9 +251,14 @@ class GradualMagnitudePruning:
   key: jax.Array | None = None
   packed_masks: bool = False
   straight_through: bool = False
+  structure: Any = None
 
   def __post_init__(self):
     allocation_lib.validate_allocation(self.allocation)
+    if self.structure is not None:
+      object.__setattr__(self, "structure", tuple(self.structure))
+      if not self.structure:
+        raise ValueError("structure= must hold at least one sparsejax.structure.Rule.")
     if scores_lib.get_score_fn(self.score) is scores_lib.random_score and self.key is None:
       raise ValueError("score='random' needs key=jax.random.key(seed).")
 
@@ -254,10 +267,26 @@ class GradualMagnitudePruning:
 
     Entries pruned by `previous_masks` stay pruned while sparsity grows.
     """
+    if self.structure is not None:
+      return self._structured_masks_at(params, step, previous_masks)
     return pruning.compute_masks(
         params, self.schedule.final_sparsity, score=self.score, allocation=self.allocation,
         leaf_filter=self.leaf_filter, key=self.key, previous_masks=previous_masks,
         ramp=lambda target: self.schedule.with_final(target)(step))
+
+  def _structured_masks_at(self, params, step, previous_masks):
+    groups = structure.build_groups(params, self.structure)
+    fraction = self.schedule.with_final(self.schedule.final_sparsity)(step)
+    previous = None
+    if previous_masks is not None:
+      leaves = {leaf.path: leaf.value for leaf in trees.named_leaves(previous_masks)}
+      previous = {}
+      for g in groups:
+        first = g.members[0]
+        previous[g.name] = structure.groups.unit_major(leaves[first.path], first, g.units).any(1)
+    keep = structure.keep_uniform(structure.magnitude_sp(params, groups), groups, fraction,
+                                  previous)
+    return structure.structured_masks(params, groups, keep)
 
   def _store(self, masks: PyTree) -> PyTree:
     """Masks as the state keeps them: bool, or bit-packed with `packed_masks`."""
@@ -271,6 +300,11 @@ class GradualMagnitudePruning:
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+      if self.structure is not None:
+        groups = structure.build_groups(params, self.structure)
+        masks = structure.structured_masks(
+            params, groups, {g.name: jnp.ones(g.units, bool) for g in groups})
+        return PruningState(jnp.zeros((), jnp.int32), self._store(masks), inner.init(params))
       leaves = trees.named_leaves(params)
       chosen = pruning.prunable_leaves(params, self.leaf_filter)
       allocation_lib.allocate(  # fail at init, not at the first update, on a bad map

@@ -179,3 +179,47 @@ def lamp_masks(weights_list, amount):
     keep = int((score >= threshold).sum())
     out.append(topk_mask(np.abs(w), 1.0 - keep / np.size(w)))
   return out
+
+
+def flap_al_am(attn_weights, attn_var, attn_mean, mlp_weights, mlp_var, mlp_mean, head_dim,
+               head_cost, channel_cost, pruning_ratio):
+  """A NumPy port of FLAP's `prune_flap` (structure 'AL-AM', metric 'WIFV') and `compress`.
+
+  CASIA-IVA-Lab/FLAP lib/prune.py, with torch's (out, in) weight layout:
+  per layer l, the o_proj weights `attn_weights[l]` (d, heads * head_dim) and
+  down_proj weights `mlp_weights[l]` (d, m); `*_var` and `*_mean` their
+  inputs' variance (fluc_inp) and mean (baseline_inp). The metric is
+  fluc_inp * sum(W^2, dim=0), squared for attention, standardised per
+  layer (torch.std: ddof 1), attention averaged per head; all scores sorted
+  descending, the threshold where cumsum(compression weight) comes closest to
+  (1 - ratio) of its total, units strictly above it kept. The compression
+  weight of a head is head_cost / channel_cost (the authors write 512 / 3
+  into an int64 tensor, i.e. 170, for LLaMA's 4 * 4096 * 128 / (3 * 4096)).
+  Returns (attention head scores (L, heads), MLP scores (L, m), head masks,
+  channel masks, attention biases (L, d), MLP biases (L, d)).
+  """
+  std = lambda x: (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, ddof=1, keepdims=True)
+  attn = np.stack([(v * (w**2).sum(0))**2 for w, v in zip(attn_weights, attn_var)])
+  layers = attn.shape[0]
+  attn = std(attn).reshape(layers, -1, head_dim).mean(axis=2)
+  mlp = std(np.stack([v * (w**2).sum(0) for w, v in zip(mlp_weights, mlp_var)]))
+  metric = np.concatenate([attn.ravel(), mlp.ravel()])
+  indices = np.argsort(-metric, kind="stable")
+  weight = np.ones(metric.size)
+  weight[indices < attn.size] = head_cost / channel_cost
+  threshold = metric[indices][np.argmin(np.abs(np.cumsum(weight) - weight.sum() * (1 - pruning_ratio)))]
+  attn_mask, mlp_mask = attn > threshold, mlp > threshold
+  attn_bias = np.stack([(mean * ~np.repeat(mask, head_dim)) @ w.T
+                        for w, mean, mask in zip(attn_weights, attn_mean, attn_mask)])
+  mlp_bias = np.stack([(mean * ~mask) @ w.T for w, mean, mask in zip(mlp_weights, mlp_mean, mlp_mask)])
+  return attn, mlp, attn_mask, mlp_mask, attn_bias, mlp_bias
+
+
+def wanda_sp_scores(weights, sq_norms, head_dim=1):
+  """FLAP's `prune_wanda_sp` metric: (|W| * sqrt(scaler_row)).mean(axis=0), summed per head.
+
+  `weights` (out, in) as torch stores them, `sq_norms` (in,) the squared
+  input norms.
+  """
+  metric = (np.abs(weights) * np.sqrt(sq_norms)[None, :]).mean(axis=0)
+  return metric.reshape(-1, head_dim).sum(axis=1)

@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.include = ""          # regex: prune only kernels whose path matches
   config.pruning.exclude = ""          # regex: never prune kernels whose path matches
   config.pruning.packed_masks = False  # masks in the optimizer state at 1 bit per weight, not 8
+  # gradual | one_shot: prune whole units instead of weights: 'channel' (hidden units,
+  # Conv channels) or 'head' (attention heads) of the model's structure spec
+  # (experiments/models/structure.py); `sparsity` is then the fraction of units removed.
+  config.pruning.structure = ml_collections.config_dict.placeholder(str)
   config.pruning.synflow_iterations = 100  # synflow: rounds of pruning at initialisation
   # snip: score in training mode (BatchNorm batch statistics, dropout on); default:
   # evaluation mode, as the SNIP and SynFlow reference code score it

@@ -49,9 +49,14 @@ class LeNet5(nn.Module):
 
   Attributes:
     num_classes: width of the output logits.
+    conv_features: output channels of `conv_0` and `conv_1` (a structured
+      shrink makes them smaller).
+    fc_features: widths of `fc_0` and `fc_1`.
   """
 
   num_classes: int = 10
+  conv_features: tuple[int, int] = (6, 16)
+  fc_features: tuple[int, int] = (120, 84)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -67,10 +72,10 @@ class LeNet5(nn.Module):
     """
     del train
     x = pad_to_input_size(x)
-    for i, channels in enumerate((6, 16)):
+    for i, channels in enumerate(self.conv_features):
       x = nn.Conv(channels, (5, 5), padding="VALID", name=f"conv_{i}")(x)
       x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(120, name="fc_0")(x))
-    x = nn.relu(nn.Dense(84, name="fc_1")(x))
+    x = nn.relu(nn.Dense(self.fc_features[0], name="fc_0")(x))
+    x = nn.relu(nn.Dense(self.fc_features[1], name="fc_1")(x))
     return nn.Dense(self.num_classes, name="head")(x)

@@ -27,12 +27,15 @@ class Block(nn.Module):
 
   num_heads: int
   mlp_dim: int
+  head_dim: int | None = None   # None: width // num_heads
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     width = x.shape[-1]
     y = nn.LayerNorm(name="ln_0")(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attention")(
+    qkv = self.num_heads * self.head_dim if self.head_dim else None
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=qkv,
+                                            out_features=width, name="attention")(
         y, y, mask=mask)
     y = nn.LayerNorm(name="ln_1")(x)
     y = nn.Dense(self.mlp_dim, name="fc_0")(y)
@@ -47,6 +50,10 @@ class TransformerLM(nn.Module):
       named because the next token is the class every position predicts.
     num_layers, width, num_heads, mlp_dim: the blocks.
     max_length: the longest sequence (size of the position embedding).
+    block_heads: heads of each block (None: num_heads everywhere); a
+      structured shrink sets them, each head keeping width // num_heads
+      features.
+    block_mlp_dims: MLP width of each block (None: mlp_dim).
   """
 
   num_classes: int = 256
@@ -55,6 +62,8 @@ class TransformerLM(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 512
   max_length: int = 256
+  block_heads: tuple[int, ...] | None = None
+  block_mlp_dims: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
@@ -68,6 +77,9 @@ class TransformerLM(nn.Module):
     position = self.param("position", nn.initializers.normal(0.02), (self.max_length, self.width))
     x = x + position[:length]
     mask = nn.make_causal_mask(tokens)
+    head_dim = self.width // self.num_heads
     for i in range(self.num_layers):
-      x = Block(self.num_heads, self.mlp_dim, name=f"block_{i}")(x, mask)
+      heads = self.block_heads[i] if self.block_heads else self.num_heads
+      mlp_dim = self.block_mlp_dims[i] if self.block_mlp_dims else self.mlp_dim
+      x = Block(heads, mlp_dim, head_dim, name=f"block_{i}")(x, mask)
     return nn.Dense(self.num_classes, name="head")(nn.LayerNorm(name="ln_final")(x))

@@ -60,16 +60,19 @@ class BasicBlock(nn.Module):
   """Two 3x3 conv + BatchNorm layers and an option A shortcut.
 
   Attributes:
-    channels: output channels of both convolutions.
+    channels: output channels of the block (of `conv_1`).
     stride: stride of the first convolution (and of the shortcut).
+    inner: output channels of `conv_0` (None: `channels`); a structured
+      shrink makes them fewer.
   """
 
   channels: int
   stride: int = 1
+  inner: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = _conv3x3(self.channels, self.stride, "conv_0")(x)
+    y = _conv3x3(self.inner or self.channels, self.stride, "conv_0")(x)
     y = nn.relu(_batch_norm(train, "bn_0")(y))
     y = _conv3x3(self.channels, 1, "conv_1")(y)
     y = _batch_norm(train, "bn_1")(y)
@@ -90,10 +93,13 @@ class ResNet20(nn.Module):
   Attributes:
     num_classes: width of the output logits.
     width: channels of the first stage; the others have 2x and 4x as many.
+    block_widths: output channels of each block's `conv_0`, nine of them in
+      block order (None: the stage widths); a structured shrink sets them.
   """
 
   num_classes: int = 10
   width: int = 16
+  block_widths: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -112,6 +118,7 @@ class ResNet20(nn.Module):
     for i in range(3):
       for j in range(3):
         stride = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2**i, stride, name=f"stage{i}_block{j}")(x, train)
+        inner = self.block_widths[3 * i + j] if self.block_widths else None
+        x = BasicBlock(self.width * 2**i, stride, inner, name=f"stage{i}_block{j}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)

@@ -30,26 +30,32 @@ class MultiHeadSelfAttention(nn.Module):
   projections, d = hidden_dim // num_heads. The softmax is taken in float32.
 
   Attributes:
-    num_heads: number of attention heads; must divide the input width.
+    num_heads: number of attention heads; must divide the input width
+      unless `head_dim` is given.
+    head_dim: width of a head (None: input width // num_heads); a structured
+      shrink keeps it and lowers `num_heads`.
   """
 
   num_heads: int
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Attends over the tokens of x (batch, tokens, hidden_dim); same shape out."""
     batch, tokens, hidden_dim = x.shape
-    _check_heads(hidden_dim, self.num_heads)
-    head_dim = hidden_dim // self.num_heads
+    if self.head_dim is None:
+      _check_heads(hidden_dim, self.num_heads)
+    head_dim = self.head_dim or hidden_dim // self.num_heads
+    inner = self.num_heads * head_dim
 
     def heads(name):
-      y = nn.Dense(hidden_dim, name=name)(x)
+      y = nn.Dense(inner, name=name)(x)
       return y.reshape((batch, tokens, self.num_heads, head_dim))
 
     query, key, value = heads("query"), heads("key"), heads("value")
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) * head_dim**-0.5
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape((batch, tokens, hidden_dim))
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape((batch, tokens, inner))
     return nn.Dense(hidden_dim, name="out")(y)
 
 
@@ -77,16 +83,18 @@ class EncoderBlock(nn.Module):
     num_heads: attention heads.
     mlp_dim: width of the feed-forward hidden layer.
     dropout_rate: dropout on the attention and MLP outputs while training.
+    head_dim: width of a head (None: token width // num_heads).
   """
 
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-    y = MultiHeadSelfAttention(self.num_heads, name="attention")(nn.LayerNorm(name="norm_0")(x))
+    y = MultiHeadSelfAttention(self.num_heads, self.head_dim, name="attention")(nn.LayerNorm(name="norm_0")(x))
     x = x + dropout(y)
     y = MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="norm_1")(x))
     return x + dropout(y)
@@ -109,6 +117,10 @@ class ViT(nn.Module):
     num_heads: attention heads per block.
     mlp_dim: width of the feed-forward hidden layers.
     dropout_rate: dropout after attention and the MLP while training.
+    block_heads: heads of each block (None: num_heads in every block); a
+      structured shrink sets them, each head keeping hidden_dim // num_heads
+      features.
+    block_mlp_dims: feed-forward width of each block (None: mlp_dim).
   """
 
   num_classes: int = 10
@@ -118,6 +130,8 @@ class ViT(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 128
   dropout_rate: float = 0.0
+  block_heads: tuple[int, ...] | None = None
+  block_mlp_dims: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -148,8 +162,10 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], self.hidden_dim))
     x = x + pos.astype(x.dtype)
+    head_dim = self.hidden_dim // self.num_heads
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate, name=f"block_{i}")(
-          x, train)
+      heads = self.block_heads[i] if self.block_heads else self.num_heads
+      mlp_dim = self.block_mlp_dims[i] if self.block_mlp_dims else self.mlp_dim
+      x = EncoderBlock(heads, mlp_dim, self.dropout_rate, head_dim, name=f"block_{i}")(x, train)
     x = jnp.mean(nn.LayerNorm(name="norm_final")(x), axis=1)
     return nn.Dense(self.num_classes, name="head")(x)

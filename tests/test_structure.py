@@ -1,0 +1,337 @@
+"""Structured pruning: groups, scores against the authors' formulas, masks, physical shrink."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparsejax
+from sparsejax import structure
+from experiments.models import create_model
+from experiments.models import structure as model_structure
+from tests import reference
+
+
+def _randomise(variables, seed=1):
+  """Every leaf redrawn (BatchNorm variances positive), so masked units are not zero by chance."""
+  leaves, treedef = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, l.shape, l.dtype)
+                                     for k, l in zip(keys, leaves)])
+  if "batch_stats" in out:
+    out["batch_stats"] = jax.tree.map(lambda v: jnp.abs(v) + 0.1, out["batch_stats"])
+  return out
+
+
+def _images(shape):
+  return jax.random.normal(jax.random.key(2), shape)
+
+
+def _tokens(shape, vocab=32):
+  return jax.random.randint(jax.random.key(2), shape, 0, vocab)
+
+
+MODELS = {
+    "mlp": (dict(features=(16, 12)), lambda: _images((3, 8, 8, 1))),
+    "lenet5": ({}, lambda: _images((2, 28, 28, 1))),
+    "resnet20": (dict(width=4), lambda: _images((2, 8, 8, 3))),
+    "vit": (dict(hidden_dim=16, depth=2, num_heads=4, mlp_dim=24, patch_size=4),
+            lambda: _images((2, 8, 8, 1))),
+    "lm": (dict(num_layers=2, width=16, num_heads=4, mlp_dim=24, max_length=8),
+           lambda: _tokens((2, 8))),
+    "llama": (dict(num_layers=2, width=16, num_heads=4, num_kv_heads=2, mlp_dim=24),
+              lambda: _tokens((2, 8))),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+  kwargs, inputs = MODELS[name]
+  model = create_model(name, num_classes=32 if name in ("lm", "llama") else 10, **kwargs)
+  x = inputs()
+  variables = _randomise(model.init(jax.random.key(0), x))
+  return model, variables, x
+
+
+def _apply(model, variables, x):
+  return jax.jit(model.apply)(variables, x)
+
+
+def _count(tree):
+  return sum(int(np.size(v)) for v in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shrunk_model_equals_masked_model(name):
+  model, variables, x = _model(name)
+  found = model_structure.groups(model, variables["params"])
+  pruned = sparsejax.prune_structured(variables["params"], found, "magnitude_sp", 0.5)
+  masked = {**variables, "params": pruned.params}
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep)
+  expected = _apply(model, masked, x)
+  np.testing.assert_allclose(_apply(small_model, small, x), expected, atol=1e-5, rtol=1e-5)
+  assert np.abs(expected - _apply(model, variables, x)).max() > 1e-3   # pruning changed outputs
+  shapes = jax.eval_shape(small_model.init, jax.random.key(0), x)
+  assert jax.tree.map(np.shape, small) == jax.tree.map(lambda s: s.shape, shapes)
+  assert _count(small["params"]) < 0.75 * _count(variables["params"]) or name == "resnet20"
+  for g in found:   # half of every group's units is gone, and the config says so
+    fields = ((g.field, 1),) if isinstance(g.field, str) else g.field
+    for field, per_unit in fields:
+      width = getattr(small_model, field)
+      width = width if g.index is None else width[g.index]
+      assert width == (g.units - g.units // 2) * per_unit, g.name
+
+
+@pytest.mark.parametrize("name", ["vit", "lm"])
+def test_flap_shrunk_model_equals_masked_model_with_its_bias(name):
+  model, variables, x = _model(name)
+  found = model_structure.groups(model, variables["params"])
+  stats = structure.linen_input_stats(model, [x, x[::-1]], variables["params"],
+                                      paths=[g.consumer.path for g in found])
+  pruned = sparsejax.prune_structured(variables["params"], found, "flap", 0.5, stats=stats)
+  masked = {**variables, "params": pruned.params}
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep)
+  np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x),
+                             atol=1e-5, rtol=1e-5)
+  bias = [g.bias for g in found]
+  changed = [leaf.path for leaf, old in zip(sparsejax.trees.named_leaves(pruned.params),
+                                            sparsejax.trees.named_leaves(variables["params"]))
+             if leaf.path in bias and not np.allclose(leaf.value, old.value)]
+  assert changed, "FLAP added no compensation"
+
+
+def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
+  model, variables, x = _model("llama")
+  found = {g.name: g for g in model_structure.groups(model, variables["params"])}
+  attention = found["model/layers/0/self_attn"]
+  assert attention.units == 2                       # KV heads, each with 2 query heads of 4 wide
+  masks = sparsejax.structured_masks(variables["params"], [attention],
+                                     {attention.name: np.array([False, True])})
+  layer = masks["model"]["layers"]["0"]["self_attn"] if "0" in masks["model"]["layers"] else (
+      masks["model"]["layers"][0]["self_attn"])
+  np.testing.assert_array_equal(np.asarray(layer["q_proj"]["kernel"][0]), np.arange(16) >= 8)
+  np.testing.assert_array_equal(np.asarray(layer["k_proj"]["kernel"][0]), np.arange(8) >= 4)
+  keep = {g.name: np.ones(g.units, bool) for g in found.values()}
+  keep["model/layers/1/mlp"] = np.arange(24) < 12
+  with pytest.raises(ValueError, match="keep different widths .* for the one config field "
+                                       "'mlp_dim'"):
+    model_structure.shrink_model(model, variables, tuple(found.values()), keep)
+
+
+def test_rounding_to_a_multiple_keeps_zero_units_and_the_masked_outputs():
+  model, variables, x = _model("lm")
+  found = model_structure.groups(model, variables["params"])
+  pruned = sparsejax.prune_structured(variables["params"], found, "magnitude_sp", 0.7)
+  masked = {**variables, "params": pruned.params}
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep, multiple=4)
+  assert small_model.block_mlp_dims == (8, 8)      # round(0.3 * 24) = 7 kept units, rounded up
+  assert small_model.block_heads == (4, 4)         # 1 kept head, 3 zero heads
+  assert int((np.asarray(small["params"]["block_0"]["fc_1"]["kernel"]) == 0).all(1).sum()) == 1
+  np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x), atol=1e-5)
+
+
+def _lm_like(seed=0, layers=2, d=6, heads=3, hd=2, m=10):
+  """A TransformerLM-shaped params dict of random numbers, and its groups."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for l in range(layers):
+    att = {p: {"kernel": rng.normal(size=(d, heads, hd)), "bias": rng.normal(size=(heads, hd))}
+           for p in ("query", "key", "value")}
+    att["out"] = {"kernel": rng.normal(size=(heads, hd, d)), "bias": rng.normal(size=d)}
+    params[f"block_{l}"] = {"attention": att,
+                            "fc_0": {"kernel": rng.normal(size=(d, m)), "bias": rng.normal(size=m)},
+                            "fc_1": {"kernel": rng.normal(size=(m, d)), "bias": rng.normal(size=d)}}
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  model = create_model("lm", num_classes=8, num_layers=layers, width=d, num_heads=heads, mlp_dim=m)
+  return params, model_structure.groups(model, params)
+
+
+def _stats(rng, d_in, tokens=50):
+  x = rng.normal(size=(tokens, d_in)) * rng.uniform(0.2, 2.0, size=d_in) + rng.normal(size=d_in)
+  x = x.astype(np.float32)
+  stats = structure.InputStats(jnp.float32(tokens), jnp.asarray(x.sum(0)), jnp.asarray((x * x).sum(0)))
+  return stats, x.astype(np.float64)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_flap_scores_masks_and_bias_match_a_numpy_port_of_the_authors_code(ratio):
+  params, found = _lm_like()
+  rng = np.random.default_rng(1)
+  stats, inputs = {}, {}
+  for g in found:
+    stats[g.consumer.path], inputs[g.consumer.path] = _stats(rng, 6 if g.kind == "head" else 10)
+  pruned = sparsejax.prune_structured(params, found, "flap", ratio, stats=stats)
+
+  heads = [g for g in found if g.kind == "head"]
+  mlps = [g for g in found if g.kind == "channel"]
+  kernel = lambda g: np.asarray(params[g.consumer.path.split("/")[0]]["attention"]["out"]["kernel"]
+                                if g.kind == "head" else
+                                params[g.consumer.path.split("/")[0]]["fc_1"]["kernel"], np.float64)
+  torch_w = lambda g: kernel(g).reshape(-1, 6).T          # (out, in) as torch stores it
+  var = lambda g: inputs[g.consumer.path].var(axis=0)
+  mean = lambda g: inputs[g.consumer.path].mean(axis=0)
+  shapes = {l.path: l.value.shape for l in sparsejax.trees.named_leaves(params)}
+  attn, mlp, attn_mask, mlp_mask, attn_bias, mlp_bias = reference.flap_al_am(
+      [torch_w(g) for g in heads], [var(g) for g in heads], [mean(g) for g in heads],
+      [torch_w(g) for g in mlps], [var(g) for g in mlps], [mean(g) for g in mlps], head_dim=2,
+      head_cost=heads[0].cost(shapes), channel_cost=mlps[0].cost(shapes), pruning_ratio=ratio)
+  for i, g in enumerate(heads):
+    np.testing.assert_allclose(pruned.scores[g.name], attn[i], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(pruned.keep[g.name], attn_mask[i])
+  for i, g in enumerate(mlps):
+    np.testing.assert_allclose(pruned.scores[g.name], mlp[i], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(pruned.keep[g.name], mlp_mask[i])
+  for i, (ga, gm) in enumerate(zip(heads, mlps)):
+    b = ga.consumer.path.split("/")[0]
+    np.testing.assert_allclose(pruned.params[b]["attention"]["out"]["bias"],
+                               params[b]["attention"]["out"]["bias"] + attn_bias[i], rtol=1e-4,
+                               atol=1e-4)
+    np.testing.assert_allclose(pruned.params[b]["fc_1"]["bias"],
+                               params[b]["fc_1"]["bias"] + mlp_bias[i], rtol=1e-4, atol=1e-4)
+  # The target: removed parameters come closest to `ratio` of the groups' parameters.
+  removed = sum(g.cost(shapes) * int((~np.asarray(pruned.keep[g.name])).sum()) for g in found)
+  total = sum(g.cost(shapes) * g.units for g in found)
+  assert abs(removed / total - ratio) < 0.2
+
+
+def test_wanda_sp_and_magnitude_sp_match_their_numpy_formulas():
+  params, found = _lm_like(seed=3)
+  rng = np.random.default_rng(4)
+  stats, inputs = {}, {}
+  for g in found:
+    stats[g.consumer.path], inputs[g.consumer.path] = _stats(rng, 6 if g.kind == "head" else 10)
+  wanda = structure.wanda_sp(params, found, stats)
+  magnitude = structure.magnitude_sp(params, found, ord=2)
+  l1 = structure.magnitude_sp(params, found, ord=1)
+  leaves = {l.path: np.asarray(l.value, np.float64) for l in sparsejax.trees.named_leaves(params)}
+  for g in found:
+    w = leaves[g.consumer.path].reshape(-1, 6)
+    sq = (inputs[g.consumer.path]**2).sum(0)
+    hd = 2 if g.kind == "head" else 1
+    np.testing.assert_allclose(wanda[g.name], reference.wanda_sp_scores(w.T, sq, hd), rtol=1e-5)
+    # the group norm: every member's slices of a unit, by hand
+    b = g.name.split("/")[0]
+    if g.kind == "head":
+      rows = [np.concatenate([leaves[f"{b}/attention/{p}/kernel"][:, h].ravel() for p in
+                              ("query", "key", "value")] +
+                             [leaves[f"{b}/attention/{p}/bias"][h] for p in ("query", "key", "value")] +
+                             [leaves[f"{b}/attention/out/kernel"][h].ravel()]) for h in range(3)]
+    else:
+      rows = [np.concatenate([leaves[f"{b}/fc_0/kernel"][:, u], [leaves[f"{b}/fc_0/bias"][u]],
+                              leaves[f"{b}/fc_1/kernel"][u]]) for u in range(10)]
+    np.testing.assert_allclose(magnitude[g.name], [np.linalg.norm(r) for r in rows], rtol=1e-5)
+    np.testing.assert_allclose(l1[g.name], [np.abs(r).sum() for r in rows], rtol=1e-5)
+
+
+def test_uniform_keep_removes_round_fraction_of_each_group_and_keeps_one():
+  scores = {"a": jnp.array([3., 1., 2., 5.]), "b": jnp.array([1., 1.])}
+  groups = [structure.Group("a", "channel", 4, ()), structure.Group("b", "channel", 2, ())]
+  keep = structure.keep_uniform(scores, groups, 0.5)
+  assert keep["a"].tolist() == [True, False, False, True]
+  assert keep["b"].tolist() == [True, False]        # ties: the lower index
+  keep = structure.keep_uniform(scores, groups, 0.9)
+  assert keep["b"].tolist() == [True, False]        # round(0.1 * 2) = 0 -> the best one stays
+  jitted = jax.jit(lambda s: structure.keep_uniform(scores, groups, s))(0.5)
+  assert jitted["a"].tolist() == [True, False, False, True]
+
+
+def test_input_stats_are_the_mean_and_variance_of_the_layer_inputs():
+  model, variables, x = _model("mlp")
+  stats = structure.linen_input_stats(model, [x[:2], x[2:]], variables["params"])
+  p = variables["params"]
+  hidden = np.maximum(np.asarray(x).reshape(3, -1) @ p["hidden_0"]["kernel"] + p["hidden_0"]["bias"], 0)
+  s = stats["hidden_1/kernel"]
+  np.testing.assert_allclose(s.mean, hidden.mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s.var, hidden.var(0), rtol=1e-4, atol=1e-5)
+
+
+def test_lenet5_groups_couple_the_flattened_map_rows_of_each_conv_channel():
+  model, variables, _ = _model("lenet5")
+  found = {g.name: g for g in model_structure.groups(model, variables["params"])}
+  g = found["conv_1"]
+  keep = np.ones(16, bool)
+  keep[3] = False
+  masks = sparsejax.structured_masks(variables["params"], [g], {"conv_1": keep})
+  rows = np.asarray(masks["fc_0"]["kernel"][:, 0])
+  assert rows.shape == (400,) and (~rows).sum() == 25
+  np.testing.assert_array_equal(np.nonzero(~rows)[0], np.arange(25) * 16 + 3)
+
+
+def test_resnet_groups_leave_the_residual_channels_out():
+  model, variables, _ = _model("resnet20")
+  found = model_structure.groups(model, variables["params"])
+  paths = {m.path for g in found for m in g.members}
+  assert len(found) == 9 and not any("conv_1/kernel" in p and "stem" in p for p in paths)
+  assert all(m.axis == 2 for g in found for m in g.members if m.path.endswith("conv_1/kernel"))
+
+
+# Bad input: one-line errors naming the leaf or group; nothing modified.
+
+def _snapshot(tree):
+  return jax.tree.map(np.array, tree)
+
+
+def test_a_fraction_that_removes_every_unit_is_an_error():
+  params, found = _lm_like()
+  before = _snapshot(params)
+  with pytest.raises(ValueError, match="removing every unit"):
+    sparsejax.prune_structured(params, found, "magnitude_sp", 1.0)
+  empty = {g.name: np.ones(g.units, bool) for g in found}
+  empty[found[0].name] = np.zeros(found[0].units, bool)
+  with pytest.raises(ValueError, match="keeps no unit of 'block_0/attention/query/kernel'"):
+    sparsejax.shrink(params, found, empty)
+  jax.tree.map(np.testing.assert_array_equal, params, before)
+
+
+def test_a_spec_that_does_not_match_the_tree_names_the_rule_or_leaf():
+  params, _ = _lm_like()
+  mlp = create_model("mlp", num_classes=10, features=(4,))
+  with pytest.raises(ValueError, match=r"rule 'hidden_0' .* matches no leaf"):
+    sparsejax.build_groups(params, model_structure.spec(mlp))
+  broken = jax.tree.map(lambda a: a, params)
+  del broken["block_1"]["fc_1"]
+  lm = create_model("lm", num_classes=8, num_layers=2, width=6, num_heads=3, mlp_dim=10)
+  with pytest.raises(ValueError, match="leaf 'block_1/fc_1/kernel', coupled to "
+                                       "'block_1/fc_0/kernel', is not in the params"):
+    sparsejax.build_groups(broken, model_structure.spec(lm))
+  odd = jax.tree.map(lambda a: a, params)
+  odd["block_0"]["fc_1"]["kernel"] = jnp.zeros((11, 6))
+  with pytest.raises(ValueError, match=r"'block_0/fc_1/kernel' of shape \(11, 6\): axis 0 has 11"):
+    sparsejax.build_groups(odd, model_structure.spec(lm))
+  twice = structure.Rule("block_0/fc_0/kernel", "again", "channel",
+                         (structure.Member("block_0/fc_0/kernel", 1),))
+  with pytest.raises(ValueError, match="axis 1 of leaf 'block_0/fc_0/kernel' is already coupled"):
+    sparsejax.build_groups(params, model_structure.spec(lm) + (twice,))
+
+
+def test_a_multiple_larger_than_a_layer_is_an_error_naming_it():
+  params, found = _lm_like()
+  before = _snapshot(params)
+  keep = {g.name: np.ones(g.units, bool) for g in found}
+  with pytest.raises(ValueError, match=r"multiple=8 is larger than group 'block_0/attention' "
+                                       r"\('block_0/attention/query/kernel', 3 units\)"):
+    sparsejax.shrink(params, found, keep, multiple=8)
+  with pytest.raises(ValueError, match="config field 'block_heads' is None"):
+    sparsejax.shrink(params, found, keep, config=create_model("lm", num_classes=8))
+  jax.tree.map(np.testing.assert_array_equal, params, before)
+
+
+def test_calibration_methods_without_stats_are_an_error():
+  params, found = _lm_like()
+  with pytest.raises(ValueError, match="flap needs stats="):
+    sparsejax.prune_structured(params, found, "flap", 0.3)
+  with pytest.raises(ValueError, match="unknown structured method 'l0'"):
+    sparsejax.prune_structured(params, found, "l0", 0.3)
+
+
+def test_readme_structured_example_runs_as_written():
+  import re   # pylint: disable=import-outside-toplevel
+  readme = open("README.md", encoding="utf-8").read()
+  block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "prune_structured" in b)
+  namespace = {}
+  exec(block, namespace)  # pylint: disable=exec-used
+  # FLAP's threshold is the unit where the kept parameters come closest to half; it goes too.
+  assert namespace["small_model"].hidden == 31

@@ -1,0 +1,69 @@
+"""The structured pruning binary: config checks and a tiny LM end to end."""
+
+import json
+import os
+
+import pytest
+
+from experiments import config_checks
+from experiments import structured
+from experiments import train
+from experiments import workdir as workdir_lib
+from experiments.configs import lm_stdlib
+from experiments.configs import structured_lm
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(train_workdir=""), r"config.train_workdir is empty"),
+    (lambda c: c.update(methods=("flap", "l0")), r"config.methods='l0' is not one of"),
+    (lambda c: c.update(fractions=(0.2, 1.0)), r"config.fractions: 1.0 must be in \[0, 1\)"),
+    (lambda c: c.update(latency_repeats=0), r"config.latency_repeats=0"),
+])
+def test_bad_config_is_an_error_naming_the_key(edit, message, tmp_path):
+  config = structured_lm.get_config()
+  edit(config)
+  with pytest.raises(config_checks.ConfigError, match=message) as raised:
+    structured.run(config, str(tmp_path / "run"))
+  assert "\n" not in str(raised.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_table_lists_dense_then_every_row():
+  rows = [{"method": "flap", "fraction": 0.5, "test_bits_per_byte": 3.5, "params": 1000,
+           "latency_ratio": 0.6}]
+  lines = structured.format_table(rows, {"test_bits_per_byte": 3.0}, 2000, True).splitlines()
+  assert lines[2] == "| dense | 0% | 3.000 | 2,000 | 1.00x |"
+  assert lines[3] == "| flap | 50% | 3.500 | 1,000 | 0.60x |"
+
+
+@pytest.mark.slow
+def test_tiny_lm_pruned_by_every_method_shrunk_timed_and_resumed(tmp_path):
+  lm = lm_stdlib.get_config()
+  lm.data_dir = str(tmp_path / "tfds")
+  lm.model.update(num_layers=2, width=16, num_heads=4, mlp_dim=32)
+  lm.num_train_steps, lm.warmup_steps, lm.batch_size, lm.log_every = 40, 10, 8, 20
+  lm.checkpoint_every = 0
+  lm.eval_batch_size = 256
+  trained = train.run(lm, str(tmp_path / "lm"))
+  config = structured_lm.get_config()
+  config.train_workdir = str(tmp_path / "lm")
+  config.fractions = (0.5,)
+  config.calibration_sequences, config.latency_repeats, config.eval_sequences = 16, 2, 0
+  workdir = str(tmp_path / "structured")
+  result = structured.run(config, workdir, log=lambda line: None)
+  assert result["dense"]["test_loss"] == pytest.approx(trained["test"]["loss"], rel=1e-6)
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == {"flap", "wanda_sp", "magnitude_sp"}
+  for method, row in rows.items():
+    assert row["shrunk_max_abs_diff"] < 1e-4, method       # the shrunk model is the masked one
+    assert row["params"] < result["dense"]["params"]
+    if method != "flap":                                    # half of every layer's units
+      assert row["heads"] == [2, 2] and row["mlp_units"] == [16, 16]
+  assert workdir_lib.undeclared(workdir, structured.RUN_FILES) == []
+  os.remove(os.path.join(workdir, "rows", "magnitude_sp_50pct.json"))
+  os.remove(os.path.join(workdir, "final.json"))
+  lines = []
+  structured.run(config, workdir, log=lines.append)
+  assert [l for l in lines if "/3:" in l] == ["[structured] 3/3: magnitude_sp at 50%"]
+  with open(os.path.join(workdir, "final.json")) as f:
+    assert len(json.load(f)["rows"]) == 3
