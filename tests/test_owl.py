@@ -188,7 +188,7 @@ def test_owl_bad_input_is_a_one_line_error():
 
 
 def test_readme_owl_example_runs_and_prunes_each_block_at_its_sparsity():
-  model_block = tests.doc_code_block("oneshot.prune_sequentially")
+  model_block = tests.doc_code_block('oneshot.prune_sequentially(params, hessians, "sparsegpt", nm=(2, 4))')
   owl_block = tests.doc_code_block("owl.owl_sparsities")
   model_block = model_block.split("pruned, masks =")[0]   # the model, not its SparseGPT run
   namespace = {}

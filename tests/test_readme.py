@@ -38,7 +38,7 @@ def test_readme_nnx_attention_example_prunes_2_of_4_and_trains_with_the_wrapper(
 
 def test_readme_oneshot_example_prunes_2_of_4_and_updates_the_kept_weights():
   namespace = {}
-  exec(_block("oneshot.prune_sequentially"), namespace)  # pylint: disable=exec-used
+  exec(_block('oneshot.prune_sequentially(params, hessians, "sparsegpt", nm=(2, 4))'), namespace)  # pylint: disable=exec-used
   params, pruned, masks = namespace["params"], namespace["pruned"], namespace["masks"]
   for path in ("block_0/mlp/kernel", "block_1/attention/query/kernel"):
     module, name = path.rsplit("/", 1)
