@@ -148,7 +148,8 @@ def prune_row(trainer, state, groups, stats, method: str, fraction: float,
   log(f"  {method} {round(100 * fraction)}%: test loss {test['loss']:.4f}, {n} params, heads "
       f"{heads}, MLP units {units}, {ms:.2f} ms ({ms / dense_ms:.2f}x dense), shrunk vs masked "
       f"max |diff| {diff:.1e}")
-  return {"method": method, "fraction": fraction, **oneshot._scores(test, trainer.data.text),  # pylint: disable=protected-access
+  scores = oneshot._scores(test, trainer.data.text)  # pylint: disable=protected-access
+  return {"method": method, "fraction": fraction, **scores,
           "params": n, "params_fraction": n / dense_params, "heads": heads, "mlp_units": units,
           "latency_ms": ms, "dense_latency_ms": dense_ms, "latency_ratio": ms / dense_ms,
           "shrunk_max_abs_diff": diff,
@@ -205,8 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   params = jax.device_get(state.params)
   dense_vars = {"params": params, **({"batch_stats": jax.device_get(state.batch_stats)}
                                      if state.batch_stats else {})}
-  dense = oneshot._scores(evaluate(trainer.model, dense_vars, trainer.data,  # pylint: disable=protected-access
-                                   config.eval_sequences), text)
+  dense_test = evaluate(trainer.model, dense_vars, trainer.data, config.eval_sequences)
+  dense = oneshot._scores(dense_test, text)  # pylint: disable=protected-access
   dense_params = count(params)
   batches = oneshot.calibration_batches(trainer.data, config.calibration_sequences,
                                         config.calibration_batch, config.seed)

@@ -55,6 +55,15 @@ def _model(name):
   return model, variables, x
 
 
+@functools.lru_cache(maxsize=None)
+def _shapes(name):
+  """The model and its params as zeros of the right shapes (no init compute)."""
+  kwargs, inputs = MODELS[name]
+  model = create_model(name, num_classes=10, **kwargs)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), inputs())
+  return model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+
+
 def _apply(model, variables, x):
   return jax.jit(model.apply)(variables, x)
 
@@ -151,7 +160,8 @@ def _lm_like(seed=0, layers=2, d=6, heads=3, hd=2, m=10):
 def _stats(rng, d_in, tokens=50):
   x = rng.normal(size=(tokens, d_in)) * rng.uniform(0.2, 2.0, size=d_in) + rng.normal(size=d_in)
   x = x.astype(np.float32)
-  stats = structure.InputStats(jnp.float32(tokens), jnp.asarray(x.sum(0)), jnp.asarray((x * x).sum(0)))
+  stats = structure.InputStats(jnp.float32(tokens), jnp.asarray(x.sum(0)),
+                               jnp.asarray((x * x).sum(0)))
   return stats, x.astype(np.float64)
 
 
@@ -216,7 +226,8 @@ def test_wanda_sp_and_magnitude_sp_match_their_numpy_formulas():
     if g.kind == "head":
       rows = [np.concatenate([leaves[f"{b}/attention/{p}/kernel"][:, h].ravel() for p in
                               ("query", "key", "value")] +
-                             [leaves[f"{b}/attention/{p}/bias"][h] for p in ("query", "key", "value")] +
+                             [leaves[f"{b}/attention/{p}/bias"][h]
+                              for p in ("query", "key", "value")] +
                              [leaves[f"{b}/attention/out/kernel"][h].ravel()]) for h in range(3)]
     else:
       rows = [np.concatenate([leaves[f"{b}/fc_0/kernel"][:, u], [leaves[f"{b}/fc_0/bias"][u]],
@@ -241,27 +252,28 @@ def test_input_stats_are_the_mean_and_variance_of_the_layer_inputs():
   model, variables, x = _model("mlp")
   stats = structure.linen_input_stats(model, [x[:2], x[2:]], variables["params"])
   p = variables["params"]
-  hidden = np.maximum(np.asarray(x).reshape(3, -1) @ p["hidden_0"]["kernel"] + p["hidden_0"]["bias"], 0)
+  hidden = np.asarray(x).reshape(3, -1) @ p["hidden_0"]["kernel"] + p["hidden_0"]["bias"]
+  hidden = np.maximum(hidden, 0)
   s = stats["hidden_1/kernel"]
   np.testing.assert_allclose(s.mean, hidden.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(s.var, hidden.var(0), rtol=1e-4, atol=1e-5)
 
 
 def test_lenet5_groups_couple_the_flattened_map_rows_of_each_conv_channel():
-  model, variables, _ = _model("lenet5")
-  found = {g.name: g for g in model_structure.groups(model, variables["params"])}
+  model, params = _shapes("lenet5")
+  found = {g.name: g for g in model_structure.groups(model, params)}
   g = found["conv_1"]
   keep = np.ones(16, bool)
   keep[3] = False
-  masks = sparsejax.structured_masks(variables["params"], [g], {"conv_1": keep})
+  masks = sparsejax.structured_masks(params, [g], {"conv_1": keep})
   rows = np.asarray(masks["fc_0"]["kernel"][:, 0])
   assert rows.shape == (400,) and (~rows).sum() == 25
   np.testing.assert_array_equal(np.nonzero(~rows)[0], np.arange(25) * 16 + 3)
 
 
 def test_resnet_groups_leave_the_residual_channels_out():
-  model, variables, _ = _model("resnet20")
-  found = model_structure.groups(model, variables["params"])
+  model, params = _shapes("resnet20")
+  found = model_structure.groups(model, params)
   paths = {m.path for g in found for m in g.members}
   assert len(found) == 9 and not any("conv_1/kernel" in p and "stem" in p for p in paths)
   assert all(m.axis == 2 for g in found for m in g.members if m.path.endswith("conv_1/kernel"))

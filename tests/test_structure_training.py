@@ -32,7 +32,8 @@ def test_gradual_structured_pruning_removes_whole_units_on_schedule_and_shrinks(
 
   @jax.jit
   def step(params, state):
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x), y).mean()
     updates, state = tx.update(jax.grad(loss)(params), state, params)
     return optax.apply_updates(params, updates), state
 

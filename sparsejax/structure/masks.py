@@ -107,7 +107,8 @@ def structured_masks(params: PyTree, groups: Sequence[groups_lib.Group], keep: K
 
   A leaf in several groups (on different axes) gets the AND of their masks.
 
-  >>> g = groups_lib.Group('fc', 'channel', 2, (groups_lib.Member('w', 1), groups_lib.Member('b', 0)))
+  >>> members = (groups_lib.Member('w', 1), groups_lib.Member('b', 0))
+  >>> g = groups_lib.Group('fc', 'channel', 2, members)
   >>> m = structured_masks({'w': jnp.ones((3, 2)), 'b': jnp.ones(2), 'c': jnp.ones(2)}, [g],
   ...                      {'fc': jnp.array([True, False])})
   >>> m['b'].tolist(), m['c']

@@ -111,7 +111,8 @@ def linen_input_stats(model: nn.Module, batches: Iterable[Any], params: PyTree, 
         path = oneshot._kernel_path(module)  # pylint: disable=protected-access
         if wanted is None or path in wanted:
           kernel = module.get_variable("params", "kernel")
-          d_in = math.prod(kernel.shape) // oneshot._out_size(module, kernel)  # pylint: disable=protected-access
+          out_size = oneshot._out_size(module, kernel)  # pylint: disable=protected-access
+          d_in = math.prod(kernel.shape) // out_size
           x = jnp.asarray(args[0]).reshape(-1, d_in).astype(jnp.float32)
           captured[path] = InputStats(jnp.float32(x.shape[0]), x.sum(0), (x * x).sum(0))
       return next_fun(*args, **kw)
