@@ -44,6 +44,7 @@ from sparsejax.scores import snip_score
 from sparsejax.selection import nm_mask
 from sparsejax.sharding import fsdp_shardings
 from sparsejax.selection import topk_mask
+from sparsejax.selection import topk_mask_along
 from sparsejax.selection import topk_masks
 from sparsejax.selection import topk_masks_by_count
 from sparsejax.structure import build_groups
@@ -134,6 +135,7 @@ __all__ = [
     "structure_patterns",
     "synflow_masks",
     "topk_mask",
+    "topk_mask_along",
     "topk_masks",
     "topk_masks_by_count",
     "unpack_bits",

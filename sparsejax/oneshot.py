@@ -167,8 +167,8 @@ def as_matrix(kernel: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, Callab
 
 
 def _per_output(scores: jax.Array, sparsity) -> jax.Array:
-  """Top-k mask of each column (output unit) of a (d_in, d_out) score matrix."""
-  return jax.vmap(lambda column: selection.topk_mask(column, sparsity), in_axes=1, out_axes=1)(scores)
+  """Top-k mask of each column (output unit) of a (d_in, d_out) score matrix, all at once."""
+  return selection.topk_mask_along(scores, sparsity, axis=0)
 
 
 def _select(scores: jax.Array, sparsity, nm, per_output: bool) -> jax.Array:
@@ -434,7 +434,7 @@ def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
   new, keep, finite = _prune(kernel, hessian, method, None if sparsity is None else float(sparsity),
                              None if nm is None else tuple(nm), axes, per_output, block_size,
                              float(dampening))
-  weights_finite, hessian_finite, result_finite = (bool(f) for f in finite)
+  weights_finite, hessian_finite, result_finite = np.asarray(finite).tolist()   # no jax op: no compile
   if not weights_finite:
     raise ValueError(f"{name}: the weights hold NaN or inf.")
   if not hessian_finite:
@@ -450,17 +450,22 @@ def prune_layer(kernel: jax.Array, hessian: jax.Array | None, method: str, *,
 def _prune(kernel, hessian, method, sparsity, nm, axes, per_output, block_size, dampening):
   """prune_layer's work, one compiled program per (shape, method, target, setting)."""
   matrix, back = as_matrix(kernel, axes)
-  finite = [jnp.isfinite(kernel).all(),
-            jnp.array(True) if hessian is None else jnp.isfinite(hessian).all()]
+  finite = [_all_finite(kernel), jnp.array(True) if hessian is None else _all_finite(hessian)]
   if method == "sparsegpt":
     new, keep = sparsegpt(matrix, hessian, sparsity=sparsity, nm=nm, block_size=block_size,
                           dampening=dampening)
-    finite.append(jnp.isfinite(new).all())
+    finite.append(_all_finite(new))
     return back(new), back(keep), jnp.stack(finite)
   scores = jnp.abs(matrix) if method == "magnitude" else wanda_scores(matrix, hessian)
   keep = _select(scores, sparsity, nm, per_output)
   finite.append(jnp.array(True))
   return (back(jnp.where(keep, matrix, 0).astype(kernel.dtype)), back(keep), jnp.stack(finite))
+
+
+def _all_finite(x: jax.Array) -> jax.Array:
+  """Whether `x` holds no NaN or inf: one fused sum of x - x (NaN iff some entry is not finite)."""
+  x = x.astype(jnp.float32)
+  return jnp.isfinite(jnp.sum(x - x))
 
 
 def block_group(pattern: str = r"^.*?(?:_\d+|(?:^|/)\d+)(?=/)") -> Callable[[str], str]:

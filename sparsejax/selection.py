@@ -31,6 +31,7 @@ from sparsejax.keys import key_family
 from sparsejax.keys import sortable_keys
 
 _MAX_ENTRIES = 2**31 - 1  # counts and flat indices are int32
+_COUNT_ROW = 32  # entries summed in uint8 before widening
 
 
 def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
@@ -240,6 +241,108 @@ def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
     ValueError: if a concrete sparsity is outside [0, 1] or scores hold NaN.
   """
   return topk_masks([scores], sparsity)[0]
+
+
+def topk_mask_along(scores: jax.Array, sparsity, axis: int = 0) -> jax.Array:
+  """Boolean mask keeping the round((1 - sparsity) * n) largest scores of every slice along `axis`.
+
+  n is the length of `axis`; ties go to the lower index along it (as
+  `topk_mask` applied to each slice). All slices are selected together in
+  compare-and-count passes that reduce along `axis` (for a (d_in, d_out)
+  score matrix and axis 0: a selection per output unit).
+
+  Each entry is ranked by its key followed by its reversed index (so ties
+  go to the lower index and every entry's rank is distinct), and the k-th
+  largest of those in each slice is found 8 bits at a time: one pass cuts
+  every entry to the next 8 bits of its rank (255 where the rank is above
+  the bits found so far, 0 where below), then 8 passes over those bytes (a
+  quarter of the keys' memory) find the next 8 bits. The loop stops as soon
+  as every slice's count is exact: after the 32 bits of the key unless ties
+  at the threshold straddle some slice's cut, then the index's 16 bits (32
+  past 65,536 entries). `sparsity` is a Python number (the count is static).
+
+  >>> topk_mask_along(jnp.array([[3., 1.], [1., 1.], [2., 5.]]), 1 / 3).tolist()
+  [[True, True], [False, False], [True, True]]
+
+  Raises:
+    ValueError: for a sparsity outside [0, 1], an axis out of range, NaN in
+      concrete scores, or scores with 64-bit keys.
+  """
+  check_sparsity(sparsity)
+  scores = jnp.asarray(scores)
+  if not -scores.ndim <= axis < scores.ndim:
+    raise ValueError(f"axis {axis} is out of range for scores of shape {scores.shape}.")
+  axis %= scores.ndim
+  check_no_nan(scores)
+  length = scores.shape[axis]
+  k = keep_count(length, sparsity)
+  if k <= 0 or k >= length:
+    return jnp.full(scores.shape, k > 0)
+  keys = sortable_keys(scores)
+  if keys.dtype != jnp.uint32:
+    raise ValueError(f"topk_mask_along takes scores with 32-bit keys, got {scores.dtype}.")
+  padded = -(-length // _COUNT_ROW) * _COUNT_ROW
+  if padded > length:   # key 0 is below every score's key: padding is never counted or kept
+    keys = jnp.pad(keys, [(0, padded - length) if a == axis else (0, 0) for a in range(keys.ndim)])
+  split = keys.shape[:axis] + (padded // _COUNT_ROW, _COUNT_ROW) + keys.shape[axis + 1:]
+  reduced = scores.shape[:axis] + scores.shape[axis + 1:]
+  index_bits = 16 if padded <= 2**16 else 32
+  # Per stage (8 bits of the rank = key bits, then index bits): which bits
+  # of the key and of the reversed index lie above it, and where its 8 bits sit.
+  stages = (32 + index_bits) // 8
+  above_key = np.array([(0xFFFFFFFF << (32 - 8 * s)) & 0xFFFFFFFF if s < 4 else 0xFFFFFFFF
+                        for s in range(stages)], np.uint32)
+  above_index = np.array([0 if s <= 4 else ((1 << index_bits) - 1) & ~((1 << (index_bits - 8 * (s - 4))) - 1)
+                          for s in range(stages)], np.uint32)
+  shift = np.array([24 - 8 * s if s < 4 else index_bits - 8 - 8 * (s - 4) for s in range(stages)],
+                   np.uint32)
+
+  def spread(v):
+    return jnp.expand_dims(v, axis)
+
+  def reversed_index():  # made where used: a closed-over array would be read on every pass
+    index = jax.lax.broadcasted_iota(jnp.int32, keys.shape, axis)
+    return (padded - 1 - index).astype(jnp.uint32)
+
+  def count(pred):  # per slice, in uint8 over rows of 32 first: the count stays fused with `pred`
+    return pred.reshape(split).sum(axis=axis + 1, dtype=jnp.uint8).astype(jnp.int32).sum(axis=axis)
+
+  def stage(carry):
+    s, key_prefix, index_prefix, at_or_above = carry
+    high_key = keys & jnp.asarray(above_key)[s]
+    high_index = reversed_index() & jnp.asarray(above_index)[s]
+    match = (high_key == spread(key_prefix)) & (high_index == spread(index_prefix))
+    above = (high_key > spread(key_prefix)) | ((high_key == spread(key_prefix))
+                                               & (high_index > spread(index_prefix)))
+    source = jnp.where(s < 4, keys, reversed_index())
+    digits = jnp.where(match, ((source >> jnp.asarray(shift)[s]) & 0xFF).astype(jnp.uint8),
+                       jnp.where(above, np.uint8(255), np.uint8(0)))
+
+    def bit_step(i, carry):
+      # count(digit >= candidate) = count(rank >= prefix | candidate): the
+      # candidate has a bit set, so ranks below the prefix (digit 0) never count.
+      found, at_or_above = carry
+      candidate = found | (np.uint8(1) << (7 - i).astype(jnp.uint8))
+      counts = count(digits >= spread(candidate))
+      take = counts >= k
+      return jnp.where(take, candidate, found), jnp.where(take, counts, at_or_above)
+
+    found, at_or_above = jax.lax.fori_loop(0, 8, bit_step,
+                                           (jnp.zeros(reduced, jnp.uint8), at_or_above))
+    found = found.astype(jnp.uint32) << jnp.asarray(shift)[s]
+    return (s + 1, jnp.where(s < 4, key_prefix | found, key_prefix),
+            jnp.where(s < 4, index_prefix, index_prefix | found), at_or_above)
+
+  def more(carry):   # a slice whose count is exact is done: its rank >= prefix are its top k
+    s, _, _, at_or_above = carry
+    return (s < stages) & jnp.any(at_or_above != k)
+
+  _, key_prefix, index_prefix, _ = jax.lax.while_loop(
+      more, stage, (jnp.int32(0), jnp.zeros(reduced, jnp.uint32), jnp.zeros(reduced, jnp.uint32),
+                    jnp.full(reduced, padded, jnp.int32)))
+  keep = (keys > spread(key_prefix)) | ((keys == spread(key_prefix))
+                                        & (reversed_index() >= spread(index_prefix)))
+  return jax.lax.slice_in_dim(keep, 0, length, axis=axis)
 
 
 def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:

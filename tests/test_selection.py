@@ -282,3 +282,41 @@ def test_non_candidates_rank_below_every_candidate(values, dtype):
   want = np.zeros(4, bool)
   want[order[:2]] = True
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["normal", "few_values", "all_equal", "signed_zeros"])
+@pytest.mark.parametrize("shape, axis, sparsity", [
+    ((96, 7), 0, 0.5),        # a (d_in, d_out) matrix, per output unit
+    ((50, 9), 0, 0.9),        # a length not a multiple of 32 (padded)
+    ((3, 4, 37), -1, 0.3),
+    ((5, 33, 2), 1, 0.75),
+])
+def test_topk_mask_along_equals_numpy_per_slice(kind, shape, axis, sparsity):
+  x = _scores(kind, shape, seed=len(shape) + shape[0])
+  got = np.asarray(sparsejax.topk_mask_along(jnp.asarray(x), sparsity, axis=axis))
+  slices = np.moveaxis(x, axis, -1)
+  expected = np.stack([reference.topk_mask(row, sparsity)
+                       for row in slices.reshape(-1, slices.shape[-1])]).reshape(slices.shape)
+  np.testing.assert_array_equal(got, np.moveaxis(expected, -1, axis))
+  assert (got.sum(axis=axis) == round((1 - sparsity) * shape[axis])).all()
+
+
+def test_topk_mask_along_ties_straddling_the_cut_in_some_slices():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4096, 3)).astype(np.float32)
+  x[:3000, 1] = 0.25                     # slice 1: the cut falls inside a run of equal scores
+  x[::2, 2] = x[1::2, 2]                 # slice 2: every score twice
+  got = np.asarray(sparsejax.topk_mask_along(jnp.asarray(x), 0.5))
+  expected = np.stack([reference.topk_mask(x[:, j], 0.5) for j in range(3)], axis=1)
+  np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="axis 2 is out of range"):
+    sparsejax.topk_mask_along(jnp.ones((2, 3)), 0.5, axis=2)
+  with pytest.raises(ValueError, match="NaN"):
+    sparsejax.topk_mask_along(jnp.array([[1.0], [np.nan]]), 0.5)
+
+
+@pytest.mark.slow
+def test_topk_mask_along_over_more_than_65536_entries_ranks_ties_by_a_32_bit_index():
+  long = np.round(np.random.default_rng(4).normal(size=(70_000, 1)), 1).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(sparsejax.topk_mask_along(jnp.asarray(long), 0.4))[:, 0],
+                                reference.topk_mask(long[:, 0], 0.4))
