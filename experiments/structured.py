@@ -181,6 +181,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     groups = model_structure.groups(trainer.model, shapes)
   except ValueError as e:
     raise config_checks.ConfigError(f"config.train_workdir: {e}") from e
+  calibrated = [m for m in config.methods if m != "magnitude_sp"]
+  if calibrated:   # Wanda-sp and FLAP read the inputs of each group's consumer kernel
+    if hasattr(trainer.model, "nnx_model"):
+      raise config_checks.ConfigError(
+          f"config.methods: {calibrated} need input statistics, captured from Linen Dense "
+          f"layers; model '{trainer.config.model.name}' is NNX: use magnitude_sp.")
+    without = [g.name for g in groups if g.consumer is None]
+    if without:
+      raise config_checks.ConfigError(
+          f"config.methods: {calibrated} need each group's consumer kernel; model "
+          f"'{trainer.config.model.name}' has groups without one ({', '.join(without)}): "
+          "use magnitude_sp.")
   if config.multiple:
     try:
       structure.rounded_keep(
@@ -212,9 +224,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   batches = oneshot.calibration_batches(trainer.data, config.calibration_sequences,
                                         config.calibration_batch, config.seed)
   variables = {"batch_stats": state.batch_stats} if state.batch_stats else None
-  stats = structure.linen_input_stats(trainer.model, batches, params, variables=variables,
-                                      apply_kwargs={"train": False},
-                                      paths=[g.consumer.path for g in groups])
+  stats = structure.linen_input_stats(
+      trainer.model, batches, params, variables=variables, apply_kwargs={"train": False},
+      paths=[g.consumer.path for g in groups]) if calibrated else None
   inputs, _ = trainer.data.eval.examples(range(min(config.latency_batch, len(trainer.data.eval))))
   timing_inputs = trainer.data.preprocess(np.stack(inputs))
   log(f"[structured] {trainer.config.model.name} from {config.train_workdir} at step "

@@ -347,3 +347,21 @@ def test_readme_structured_example_runs_as_written():
   exec(block, namespace)  # pylint: disable=exec-used
   # FLAP's threshold is the unit where the kept parameters come closest to half; it goes too.
   assert namespace["small_model"].hidden == 31
+
+
+def test_flap_global_choice_drops_the_threshold_unit_as_the_authors_do_and_keeps_all_at_zero():
+  from sparsejax.structure import groups as groups_lib  # pylint: disable=g-import-not-at-top
+  from sparsejax.structure import masks as masks_lib    # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.ones((3, 8))}                       # 8 units of 3 parameters each
+  group = groups_lib.Group("layer", "channel", 8, (groups_lib.Member("w", 1),))
+  scores = {"layer": jnp.arange(8.0)}
+  # Hand-worked: sorted descending the cumulative costs are 3, 6, ..., 24; half of 24 is reached
+  # at the 4th unit (score 4), which is the threshold; scores strictly above it stay: 5, 6, 7.
+  kept = masks_lib.keep_global(scores, [group], params, 0.5)["layer"]
+  np.testing.assert_array_equal(kept, np.arange(8) > 4)
+  np.testing.assert_array_equal(masks_lib.keep_global(scores, [group], params, np.float32(0.5))
+                                ["layer"], kept)
+  assert bool(masks_lib.keep_global(scores, [group], params, 0.0)["layer"].all())
+  for bad in (True, 1.0, "0.5", np.ones(2)):
+    with pytest.raises(ValueError, match="fraction"):
+      masks_lib.keep_global(scores, [group], params, bad)

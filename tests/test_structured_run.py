@@ -67,3 +67,24 @@ def test_tiny_lm_pruned_by_every_method_shrunk_timed_and_resumed(tmp_path):
   assert [l for l in lines if "/3:" in l] == ["[structured] 3/3: magnitude_sp at 50%"]
   with open(os.path.join(workdir, "final.json")) as f:
     assert len(json.load(f)["rows"]) == 3
+
+
+@pytest.mark.slow
+def test_a_conv_model_takes_magnitude_sp_and_calibrated_methods_are_a_config_error(tmp_path):
+  from experiments.configs import lenet5_digits  # pylint: disable=g-import-not-at-top
+  lenet = lenet5_digits.get_config()
+  lenet.num_train_steps, lenet.log_every, lenet.checkpoint_every = 4, 2, 0
+  lenet.dense_baseline, lenet.pruning.method = False, "dense"
+  train.run(lenet, str(tmp_path / "lenet"))
+  config = structured_lm.get_config()
+  config.train_workdir = str(tmp_path / "lenet")
+  config.fractions, config.latency_repeats, config.eval_sequences = (0.5,), 1, 0
+  config.methods = ("wanda_sp",)   # conv_0's channels feed a convolution: no consumer kernel
+  with pytest.raises(config_checks.ConfigError, match=r"config.methods: \['wanda_sp'\] need each "
+                     r"group's consumer kernel; model 'lenet5' has groups without one"):
+    structured.run(config, str(tmp_path / "wanda"), log=lambda line: None)
+  assert not (tmp_path / "wanda").exists()
+  config.methods = ("magnitude_sp",)
+  result = structured.run(config, str(tmp_path / "magnitude"), log=lambda line: None)
+  (row,) = result["rows"]
+  assert row["shrunk_max_abs_diff"] < 1e-4 and row["params"] < result["dense"]["params"]

@@ -64,7 +64,7 @@ def spec(model: nn.Module) -> tuple[Rule, ...]:
   """The structure spec of a bundled model.
 
   Raises:
-    ValueError: for a model without a spec (ResNet-50, Llama).
+    ValueError: for a model without a spec (ResNet-50).
   """
   name = type(model).__name__
   if name == "MLP":

@@ -41,7 +41,8 @@ def check_fraction(fraction, what: str = "fraction") -> None:
   """A concrete fraction of units (or parameters) removed must be in [0, 1)."""
   if isinstance(fraction, jax.core.Tracer):
     return
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)):
+  if (isinstance(fraction, (bool, np.bool_)) or np.ndim(fraction) != 0
+      or not np.issubdtype(np.asarray(fraction).dtype, np.number)):
     raise ValueError(f"{what} must be a number in [0, 1), got {fraction!r}.")
   if not 0.0 <= float(fraction) < 1.0:
     raise ValueError(f"{what}={fraction} must be in [0, 1): removing every unit of a group is "
@@ -85,9 +86,12 @@ def keep_global(scores: Mapping[str, jax.Array], groups: Sequence[groups_lib.Gro
 
   Follows `prune_flap` ('AL-AM'): scores sorted descending, the threshold
   is the score at argmin |cumsum(cost) - (1 - fraction) * sum(cost)|, and a
-  unit is kept if its score is strictly above it.
+  unit is kept if its score is strictly above it (so the threshold unit goes
+  too, as in the authors' code). A fraction of 0 keeps every unit.
   """
   check_fraction(fraction)
+  if float(fraction) == 0.0:
+    return {g.name: jnp.ones(g.units, bool) for g in groups}
   shapes = {leaf.path: tuple(np.shape(leaf.value)) for leaf in trees.named_leaves(params)}
   flat = np.concatenate([np.asarray(scores[g.name], np.float64).ravel() for g in groups])
   cost = np.concatenate([np.full(g.units, g.cost(shapes), np.float64) for g in groups])
