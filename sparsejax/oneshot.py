@@ -225,7 +225,7 @@ def sparsegpt(weights: jax.Array, hessian: jax.Array, *, sparsity: float | None 
   `PANEL_BLOCKS` blocks, all of one width: within a panel a block updates
   the rest of the panel through a masked product of fixed shape; after a
   panel, each later panel gets its errors in one product. Panels and the
-  blocks within them run in `lax.fori_loop`s, so the program holds one copy
+  blocks within them run in `lax.fori_loop` loops, so the program holds one copy
   of the block code whatever the layer's size (it compiles in about the
   same time for any d_in). When d_in is not a multiple of the panel width
   the inputs are padded with unused ones (W = 0, decoupled from the rest
