@@ -225,8 +225,8 @@ def test_fraction_outside_unit_interval_is_an_error(fraction):
 
 
 def test_unknown_allocation_is_an_error():
-  with pytest.raises(ValueError, match="unknown IMP allocation 'random'"):
-    lottery.prune_level(models.linen_params(), None, 0.2, allocation="random")
+  with pytest.raises(ValueError, match="unknown IMP allocation 'snip'"):
+    lottery.prune_level(models.linen_params(), None, 0.2, allocation="snip")
 
 
 def test_layerwise_allocation_is_an_error_that_says_uniform():

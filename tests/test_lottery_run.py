@@ -238,7 +238,7 @@ def test_finished_run_is_read_back_not_retrained(finished):
 @pytest.mark.parametrize("key, value, message", [
     ("lottery.prune_fraction", 1.0, "lottery.prune_fraction=1.0 must be in"),
     ("lottery.levels", 0, "lottery.levels=0 must be an integer >= 1"),
-    ("lottery.allocation", "random", "lottery.allocation='random' is not one of"),
+    ("lottery.allocation", "snip", "lottery.allocation='snip' is not one of"),
     ("lottery.allocation", "layerwise",
      "lottery.allocation='layerwise' is called 'uniform' in sparsejax"),
     ("lottery.layer_fractions", {"^head/": 1.0},
