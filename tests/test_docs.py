@@ -1,9 +1,11 @@
 """The documentation site: every public name documented, built offline with warnings as errors."""
 
+import glob
 import importlib
 import inspect
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -62,3 +64,16 @@ def test_docs_build_offline_with_warnings_as_errors(tmp_path):
     assert f'id="{name.replace(".", "")}"' in configs, name
   for key in ("swap_end_fraction", "fsdp_min_size", "regrow_scope"):   # keys deep in default.py
     assert key in configs, key
+
+
+def test_readme_is_a_front_page_whose_links_and_the_guides_links_resolve():
+  readme = os.path.join(ROOT, "README.md")
+  assert sum(1 for _ in open(readme, encoding="utf-8")) < 200
+  pages = [readme] + sorted(glob.glob(os.path.join(ROOT, "docs", "guides", "*.md")))
+  assert len(pages) > 10
+  for page in pages:
+    text = open(page, encoding="utf-8").read()
+    for target in re.findall(r"\]\(([^)#]+?\.(?:md|py|ipynb))(?:#[^)]*)?\)", text):
+      if not target.startswith("http"):
+        path = os.path.normpath(os.path.join(os.path.dirname(page), target))
+        assert os.path.exists(path), f"{os.path.relpath(page, ROOT)} links to missing {target}"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sparsejax
+import tests
 from sparsejax import structure
 from experiments.models import create_model
 from experiments.models import structure as model_structure
@@ -339,10 +340,7 @@ def test_calibration_methods_without_stats_are_an_error():
 
 
 def test_readme_structured_example_runs_as_written():
-  import re   # pylint: disable=import-outside-toplevel
-  readme = open("README.md", encoding="utf-8").read()
-  block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
-               if "prune_structured" in b)
+  block = tests.doc_code_block("prune_structured")
   namespace = {}
   exec(block, namespace)  # pylint: disable=exec-used
   # FLAP's threshold is the unit where the kept parameters come closest to half; it goes too.
