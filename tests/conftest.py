@@ -180,7 +180,6 @@ test_selection.py::test_topk_masks_with_per_array_sparsities_match_per_array_ref
 test_selection.py::test_numpy_float32_sparsity_counts_like_jax_float32
 test_selection.py::test_non_candidates_rank_below_every_candidate[values0-float32]
 test_transforms.py::test_masks_reach_target_after_jitted_steps[imp_level]
-test_structure.py::test_shrunk_model_equals_masked_model[mlp]
 test_structure.py::test_shrunk_model_equals_masked_model[lenet5]
 test_structure.py::test_shrunk_model_equals_masked_model[resnet20]
 test_structure.py::test_shrunk_model_equals_masked_model[vit]
