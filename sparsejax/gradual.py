@@ -317,20 +317,26 @@ class GradualMagnitudePruning:
       if params is None:
         raise ValueError("GradualMagnitudePruning needs params: call "
                          "tx.update(grads, opt_state, params).")
-      previous = masks_lib.bool_masks(state.masks, params)
-      masks = jax.lax.cond(self.schedule.is_update_step(state.count),
-                           lambda: self.masks_at(params, state.count,
-                                                 None if self.straight_through else previous),
-                           lambda: previous)
+      # The branch returns the masks as the state keeps them (bit-packed with
+      # `packed_masks`), so the conditional's output, live through the rest
+      # of the step, is the small stored form; the bool masks are unpacked
+      # where they are used, inside the elementwise fusions that read them.
+      stored = jax.lax.cond(
+          self.schedule.is_update_step(state.count),
+          lambda: self._store(self.masks_at(
+              params, state.count,
+              None if self.straight_through else masks_lib.bool_masks(state.masks, params))),
+          lambda: state.masks)
+      masks = masks_lib.bool_masks(stored, params)
       if self.straight_through:  # dense weights, dense updates: only the forward is masked
         inner_updates, inner_state = inner.update(updates, state.inner_state, params,
                                                   **extra_args)
         count = optax.safe_int32_increment(state.count)
-        return inner_updates, PruningState(count, self._store(masks), inner_state)
+        return inner_updates, PruningState(count, stored, inner_state)
       grads = zero_pruned(updates, masks)
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       count = optax.safe_int32_increment(state.count)
       return (updates_to_zero(inner_updates, params, masks),
-              PruningState(count, self._store(masks), inner_state))
+              PruningState(count, stored, inner_state))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
