@@ -330,19 +330,23 @@ class GradualMagnitudePruning:
       if recompute is not None and not isinstance(recompute, (bool, np.bool_)):
         raise ValueError(f"recompute={recompute!r} must be None or a Python bool (static under "
                          "jit): bool(schedule.is_update_step(step)) on the host.")
-      recomputed = lambda: self._store(self.masks_at(
+      recomputed = lambda: self.masks_at(
           params, state.count,
-          None if self.straight_through else masks_lib.bool_masks(state.masks, params)))
+          None if self.straight_through else masks_lib.bool_masks(state.masks, params))
       if recompute is None:
         # The branch returns the masks as the state keeps them (bit-packed
         # with `packed_masks`), so the conditional's output, live through the
         # rest of the step, is the small stored form; the bool masks are
         # unpacked where they are used, inside the elementwise fusions.
-        stored = jax.lax.cond(self.schedule.is_update_step(state.count), recomputed,
-                              lambda: state.masks)
-      else:  # the caller knows: the recompute is in this program or not at all
-        stored = recomputed() if recompute else state.masks
-      masks = masks_lib.bool_masks(stored, params)
+        stored = jax.lax.cond(self.schedule.is_update_step(state.count),
+                              lambda: self._store(recomputed()), lambda: state.masks)
+        masks = masks_lib.bool_masks(stored, params)
+      elif recompute:  # the caller knows: this program recomputes the masks
+        masks = recomputed()
+        stored = self._store(masks)
+      else:  # ... or this one does not
+        stored = state.masks
+        masks = masks_lib.bool_masks(stored, params)
       if self.straight_through:  # dense weights, dense updates: only the forward is masked
         inner_updates, inner_state = inner.update(updates, state.inner_state, params,
                                                   **extra_args)
