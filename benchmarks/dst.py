@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import optax
 
 import sparsejax
+from step import HostDispatch
 from step import Runner
 from step import compiled_memory
-from step import make_step
 from step import model_and_batch
 from step import model_parser
 from step import print_memory
@@ -56,29 +56,6 @@ def _times(fn, *args, repeats):
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return times
-
-
-class HostDispatch(Runner):
-  """A Runner whose update steps run a second program (regrow=True)."""
-
-  def __init__(self, name, model, tx, regrowing, params):
-    super().__init__(name, model, tx, params, masked_forward=True,
-                     forward=sparsejax.ste_masked_params)
-    self.programs = {flag: make_step(model, tx, True, sparsejax.ste_masked_params, regrow=flag)
-                     for flag in (False, True)}
-    self.regrowing = regrowing
-
-  def run(self, n, x, y) -> float:
-    t0 = time.perf_counter()
-    params, opt_state = self.params, self.opt_state
-    for i in range(self.steps_done, self.steps_done + n):
-      step = self.programs[bool(self.regrowing.is_update_step(i))]
-      params, opt_state, loss = step(params, opt_state, x, y)
-    jax.block_until_ready((params, opt_state, loss))
-    dt = time.perf_counter() - t0
-    self.params, self.opt_state = params, opt_state
-    self.steps_done += n
-    return dt
 
 
 def main():
@@ -108,7 +85,8 @@ def main():
   if args.memory_only:
     return
   runners = [Runner("dense", model, optax.adam(1e-3), params),
-             HostDispatch("rigl", model, rigl.wrap(optax.adam(1e-3)), rigl, params),
+             HostDispatch("rigl", model, rigl.wrap(optax.adam(1e-3)), params,
+                          rigl.is_update_step, "regrow", True, sparsejax.ste_masked_params),
              Runner("rigl (in-jit)", model, rigl.wrap(optax.adam(1e-3)), params,
                     masked_forward=True, forward=sparsejax.ste_masked_params)]
   for r in runners:  # compile; the next block of 100 starts at a count that is a multiple of 100
