@@ -135,10 +135,13 @@ def test_rounding_to_a_multiple_keeps_zero_units_and_the_masked_outputs():
   found = model_structure.groups(model, variables["params"])
   pruned = sparsejax.prune_structured(variables["params"], found, "magnitude_sp", 0.7)
   masked = {**variables, "params": pruned.params}
-  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep, multiple=4)
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep,
+                                                    multiple={"channel": 4, "head": 2})
   assert small_model.block_mlp_dims == (8, 8)      # round(0.3 * 24) = 7 kept units, rounded up
-  assert small_model.block_heads == (4, 4)         # 1 kept head, 3 zero heads
+  assert small_model.block_heads == (2, 2)         # 1 kept head, 1 zero head
   assert int((np.asarray(small["params"]["block_0"]["fc_1"]["kernel"]) == 0).all(1).sum()) == 1
+  out = np.asarray(small["params"]["block_0"]["attention"]["out"]["kernel"])
+  assert int((out == 0).all((1, 2)).sum()) == 1
   np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x), atol=1e-5)
 
 
@@ -319,13 +322,36 @@ def test_a_spec_that_does_not_match_the_tree_names_the_rule_or_leaf():
     sparsejax.build_groups(params, model_structure.spec(lm) + (twice,))
 
 
-def test_a_multiple_larger_than_a_layer_is_an_error_naming_it():
+def test_a_multiple_rounds_groups_larger_than_it_and_leaves_smaller_ones_as_chosen():
+  params, found = _lm_like(heads=3, m=10)           # 3 heads and 10 MLP units per block
+  keep = {g.name: (np.arange(g.units) < (1 if g.kind == "head" else 5)) for g in found}
+  small, _ = sparsejax.shrink(params, found, keep, multiple=8)
+  # Hand-worked: 3 heads <= 8 stay as chosen (1 head); 5 of 10 MLP units round up to 8.
+  assert small["block_0"]["attention"]["out"]["kernel"].shape == (1, 2, 6)
+  assert small["block_1"]["fc_1"]["kernel"].shape == (8, 6)
+  fc_1 = np.asarray(small["block_1"]["fc_1"]["kernel"])
+  np.testing.assert_array_equal((fc_1 == 0).all(1), np.arange(8) >= 5)   # units 5-7 are zeros
+  np.testing.assert_array_equal(fc_1[:5], np.asarray(params["block_1"]["fc_1"]["kernel"])[:5])
+  # Per kind: heads to a multiple of 2 (1 -> 2, one zero head), the MLP units not rounded.
+  small, _ = sparsejax.shrink(params, found, keep, multiple={"head": 2})
+  out = np.asarray(small["block_0"]["attention"]["out"]["kernel"])
+  assert out.shape == (2, 2, 6) and (out[1] == 0).all() and not (out[0] == 0).all()
+  assert small["block_0"]["fc_1"]["kernel"].shape == (5, 6)
+  small, _ = sparsejax.shrink(params, found, keep, multiple={"channel": 4, "head": 1})
+  assert small["block_0"]["fc_1"]["kernel"].shape == (8, 6)
+  assert small["block_0"]["attention"]["out"]["kernel"].shape == (1, 2, 6)
+
+
+def test_a_bad_multiple_or_a_config_without_the_field_is_an_error_naming_it():
   params, found = _lm_like()
   before = _snapshot(params)
   keep = {g.name: np.ones(g.units, bool) for g in found}
-  with pytest.raises(ValueError, match=r"multiple=8 is larger than group 'block_0/attention' "
-                                       r"\('block_0/attention/query/kernel', 3 units\)"):
-    sparsejax.shrink(params, found, keep, multiple=8)
+  for bad, message in ((0, r"multiple must be a positive int, got 0"),
+                       (2.0, r"multiple must be a positive int, got 2.0"),
+                       ({"mlp": 8}, r"multiple has key 'mlp'; give one per group kind"),
+                       ({"head": 0}, r"multiple\['head'\] must be a positive int, got 0")):
+    with pytest.raises(ValueError, match=message):
+      sparsejax.shrink(params, found, keep, multiple=bad)
   with pytest.raises(ValueError, match="config field 'block_heads' is None"):
     sparsejax.shrink(params, found, keep, config=create_model("lm", num_classes=8))
   jax.tree.map(np.testing.assert_array_equal, params, before)
