@@ -112,6 +112,37 @@ def test_flap_shrunk_model_equals_masked_model_with_its_bias(name):
   assert changed, "FLAP added no compensation"
 
 
+def test_flap_on_the_mlp_adds_its_compensation_to_the_next_layers_bias():
+  model, variables, x = _model("mlp")
+  found = model_structure.groups(model, variables["params"])
+  assert [g.bias for g in found] == ["hidden_1/bias", "head/bias"]
+  stats = structure.linen_input_stats(model, [x], variables["params"],
+                                      paths=[g.consumer.path for g in found])
+  pruned = sparsejax.prune_structured(variables["params"], found, "flap", 0.5, stats=stats)
+  # The head's bias gains mean(X_j) * W[j, :] summed over the pruned inputs j of the head.
+  s = stats["head/kernel"]
+  pruned_rows = ~np.asarray(pruned.keep["hidden_1"])
+  w = np.asarray(variables["params"]["head"]["kernel"], np.float64)
+  expected = np.asarray(variables["params"]["head"]["bias"]) + (
+      np.asarray(s.mean, np.float64) * pruned_rows) @ w
+  np.testing.assert_allclose(pruned.params["head"]["bias"], expected, rtol=1e-5, atol=1e-6)
+  masked = {**variables, "params": pruned.params}
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep)
+  np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_flap_on_a_consumer_without_a_bias_fails_before_scoring_naming_it():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  params, found = _lm_like()
+  found = tuple(dataclasses.replace(g, bias=None) if g.kind == "channel" else g for g in found)
+  with pytest.raises(ValueError, match=r"group 'block_0/mlp': FLAP's compensation needs a bias "
+                                       r"on its consumer 'block_0/fc_1/kernel'"):
+    sparsejax.prune_structured(params, found, "flap", 0.3, stats={})   # no scores computed
+  pruned = sparsejax.prune_structured(params, found, "magnitude_sp", 0.3, bias=False)
+  assert pruned.keep
+
+
 def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
   model, variables, x = _model("llama")
   found = {g.name: g for g in model_structure.groups(model, variables["params"])}

@@ -48,7 +48,7 @@ def _dense_chain(names: list[str], field: str) -> list[Rule]:
   return [Rule(f"{a}/kernel", a, "channel",
                (Member(f"{a}/kernel", 1), Member(f"{a}/bias", 0, optional=True),
                 Member(f"{b}/kernel", 0)),
-               consumer=f"{b}/kernel", field=field, index=str(i))
+               consumer=f"{b}/kernel", bias=f"{b}/bias", field=field, index=str(i))
           for i, (a, b) in enumerate(zip(names, names[1:]))]
 
 
