@@ -306,6 +306,19 @@ def test_lenet5_groups_couple_the_flattened_map_rows_of_each_conv_channel():
   np.testing.assert_array_equal(np.nonzero(~rows)[0], np.arange(25) * 16 + 3)
 
 
+def test_the_parameter_cost_of_a_channel_counts_its_batchnorm_scale_and_bias():
+  model, params = _shapes("resnet20")
+  shapes = {leaf.path: np.shape(leaf.value) for leaf in sparsejax.trees.named_leaves(params)}
+  found = {g.name: g for g in model_structure.groups(model, params)}
+  block = found["stage1_block0"]               # 8 inner channels between 4 and 8 wide convs
+  c_in = shapes["stage1_block0/conv_0/kernel"][2]
+  c_out = shapes["stage1_block0/conv_1/kernel"][3]
+  # Hand-worked: a 3x3 conv_0 output channel (9 c_in), a 3x3 conv_1 input channel (9 c_out),
+  # and bn_0's scale and bias entry.
+  assert block.cost(shapes) == 9 * c_in + 9 * c_out + 2
+  assert shapes["stage1_block0/bn_0/scale"] == (block.units,)
+
+
 def test_resnet_groups_leave_the_residual_channels_out():
   model, params = _shapes("resnet20")
   found = model_structure.groups(model, params)
