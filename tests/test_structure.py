@@ -241,6 +241,37 @@ def test_flap_scores_masks_and_bias_match_a_numpy_port_of_the_authors_code(ratio
   assert abs(removed / total - ratio) < 0.2
 
 
+def test_flap_reads_the_consumers_input_width_from_the_stats_for_several_output_axes():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class TwoAxisOut(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 3), name="down")(nn.relu(nn.Dense(5, name="up")(x)))
+
+  model = TwoAxisOut()
+  x = jax.random.normal(jax.random.key(3), (40, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  rule = structure.Rule("up/kernel", "mlp", "channel",
+                        (structure.Member("up/kernel", 1), structure.Member("up/bias", 0),
+                         structure.Member("down/kernel", 0)),
+                        consumer="down/kernel", bias="down/bias")
+  found = sparsejax.build_groups(params, [rule])
+  stats = structure.linen_input_stats(model, [x], params)
+  # NumPy: the consumer is (5 inputs, 2 x 3 outputs); WIFV_j = Var(X_j) sum_k W_jk^2, standardised.
+  h = np.maximum(np.asarray(x, np.float64) @ np.asarray(params["up"]["kernel"], np.float64)
+                 + np.asarray(params["up"]["bias"], np.float64), 0.0)
+  w = np.asarray(params["down"]["kernel"], np.float64).reshape(5, 6)
+  wifv = h.var(0) * (w * w).sum(1)
+  expected = (wifv - wifv.mean()) / wifv.std(ddof=1)
+  np.testing.assert_allclose(structure.flap(params, found, stats)["mlp"], expected, rtol=1e-4,
+                             atol=1e-5)
+  pruned = sparsejax.prune_structured(params, found, "flap", 0.4, stats=stats)
+  gone = ~np.asarray(pruned.keep["mlp"])
+  bias = np.asarray(params["down"]["bias"]) + ((h.mean(0) * gone) @ w).reshape(2, 3)
+  np.testing.assert_allclose(pruned.params["down"]["bias"], bias, rtol=1e-4, atol=1e-5)
+
+
 def test_wanda_sp_and_magnitude_sp_match_their_numpy_formulas():
   params, found = _lm_like(seed=3)
   rng = np.random.default_rng(4)
