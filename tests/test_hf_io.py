@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -223,3 +224,21 @@ def test_hf_oneshot_checks_every_kernel_before_writing_anything(tmp_path):
     del tensors["model.layers.0.mlp.up_proj.weight"]
     hf_oneshot.run(_hf_config(_write(tmp_path / "bad", tensors)), str(tmp_path / "out"))
   assert sorted(os.listdir(tmp_path)) == ["bad", "in"]
+
+
+def test_a_calibration_file_with_fewer_tokens_than_needed_is_an_error_naming_it(tmp_path):
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  from experiments import hf_oneshot  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "tokens.npy")
+  ids = np.arange(60).reshape(6, 10) % 10
+  np.save(path, ids)
+  config = _hf_config("unused", calibration=path)            # 4 sequences x 8 tokens
+  np.testing.assert_array_equal(hf_oneshot.calibration_tokens(config, 10), ids[:4, :8])
+  for shape, has in (((3, 10), r"3 x 10 \(30\)"), ((6, 5), r"6 x 5 \(30\)")):
+    np.save(path, np.zeros(shape, np.int64))
+    with pytest.raises(config_checks.ConfigError, match=(
+        rf"config.calibration='{re.escape(path)}': needs 4 sequences x 8 tokens \(32 tokens: "
+        rf"calibration_sequences x sequence_length\), has {has}")) as raised:
+      hf_oneshot.calibration_tokens(config, 10)
+    assert "\n" not in str(raised.value)
+
