@@ -20,7 +20,8 @@ Linear weights are stored by torch as (out, in) and transposed on the way in
 and out; `lm_head.weight` is absent when the embeddings are tied. Tensors
 may be bfloat16, float16 or float32; they are read into float32 (the
 model's parameter dtype) and written back in the dtype asked for (default:
-the checkpoint's own). Reading uses the `safetensors` package's NumPy
+the checkpoint's own, from the safetensors headers, not config.json's
+`dtype` / `torch_dtype`: a disagreement is reported, `Checkpoint.mismatch`). Reading uses the `safetensors` package's NumPy
 backend (`ml_dtypes` bfloat16), one tensor at a time; nothing needs network
 access.
 
@@ -212,19 +213,27 @@ class Checkpoint(NamedTuple):
   Attributes:
     config: the model's `LlamaConfig`.
     hf_config: config.json as a dict.
-    dtype: the tensors' dtype name ('bfloat16', 'float16' or 'float32').
+    dtype: the tensors' dtype name ('bfloat16', 'float16' or 'float32'), from
+      the safetensors headers (the one holding the most entries if they mix).
     files: {tensor name: its .safetensors file}.
     table: `tensor_table(config)`.
+    mismatch: one line if config.json's `dtype` (or `torch_dtype`) is not
+      the tensors' dtype, or the tensors mix dtypes; None if they agree.
   """
   config: llama.LlamaConfig
   hf_config: dict
   dtype: str
   files: dict
   table: dict
+  mismatch: str | None = None
 
 
 def inspect(directory: str) -> Checkpoint:
   """Reads config.json and every tensor's header: all checks of `load`, no tensor data read.
+
+  The dtype is the tensors' own, from the safetensors headers; where
+  config.json's `dtype` / `torch_dtype` disagrees (or the tensors mix
+  dtypes), `Checkpoint.mismatch` says so in one line.
 
   Raises:
     HFError: naming the tensor: missing, unexpected, of another shape than
@@ -256,11 +265,28 @@ def inspect(directory: str) -> Checkpoint:
         if shape != table[name][1]:
           raise HFError(f"{file}: tensor {name} has shape {shape}, config.json implies "
                         f"{table[name][1]}.")
-        stored[name] = dtype
-  dtype = hf.get("dtype") or hf.get("torch_dtype")
-  if dtype not in DTYPE_NAMES:   # else the embedding's
-    dtype = next(k for k, v in DTYPE_NAMES.items() if v == stored["model.embed_tokens.weight"])
-  return Checkpoint(config, hf, dtype, files, table)
+        stored[dtype] = stored.get(dtype, 0) + int(np.prod(shape))
+  dtype, mismatch = _stored_dtype(hf, stored, directory)
+  return Checkpoint(config, hf, dtype, files, table, mismatch)
+
+
+def _stored_dtype(hf: Mapping[str, Any], stored: Mapping[str, int],
+                  directory: str) -> tuple[str, str | None]:
+  """(the tensors' dtype name, a one-line mismatch or None) from {header dtype: entries}."""
+  names = {v: k for k, v in DTYPE_NAMES.items()}
+  code = max(sorted(stored), key=lambda c: stored[c])   # ties: alphabetical, so deterministic
+  dtype = names[code]
+  notes = []
+  if len(stored) > 1:
+    total = sum(stored.values())
+    notes.append("the tensors mix dtypes (" + ", ".join(
+        f"{names[c]} {stored[c] / total:.1%}" for c in sorted(stored, key=lambda c: -stored[c]))
+        + f" of the entries): the checkpoint's dtype is taken as {dtype}")
+  declared = hf.get("dtype") or hf.get("torch_dtype")
+  if declared is not None and declared != dtype:
+    notes.append(f"config.json says dtype {declared!r} but the tensors are stored as {dtype}: "
+                 f"{dtype} is used")
+  return dtype, (f"{directory}: " + "; ".join(notes) + ".") if notes else None
 
 
 def _by_file(files: Mapping[str, str], names) -> dict[str, list[str]]:

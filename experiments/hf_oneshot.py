@@ -181,6 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   except hf_io.HFError as e:
     raise config_checks.ConfigError(f"config.model_path: {e}") from e
   model_config, table = checkpoint.config, checkpoint.table
+  if checkpoint.mismatch:
+    log(f"[hf_oneshot] note: {checkpoint.mismatch}")
   out_dtype = config.dtype or checkpoint.dtype
   if os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
     raise config_checks.ConfigError(f"--workdir {workdir} exists and is not empty; pass "

@@ -107,6 +107,35 @@ def test_save_writes_the_torch_layout_back_bit_for_bit(tmp_path, dtype, shard_by
   assert again[0] == config and again[3] == dtype
 
 
+def test_inspect_takes_the_dtype_from_the_tensor_headers_and_reports_config_json_disagreeing(
+    tmp_path):
+  stale = {**HF_CONFIG, "torch_dtype": "float32"}
+  checkpoint = hf_io.inspect(_write(tmp_path / "a", _torch_layout(), ml_dtypes.bfloat16,
+                                    hf_config=stale))
+  assert checkpoint.dtype == "bfloat16"
+  assert checkpoint.mismatch == (f"{tmp_path / 'a'}: config.json says dtype 'float32' but the "
+                                 "tensors are stored as bfloat16: bfloat16 is used.")
+  agreeing = {**HF_CONFIG, "dtype": "bfloat16"}
+  checkpoint = hf_io.inspect(_write(tmp_path / "b", _torch_layout(), ml_dtypes.bfloat16,
+                                    hf_config=agreeing))
+  assert (checkpoint.dtype, checkpoint.mismatch) == ("bfloat16", None)
+  # Norms kept in float32, the rest float16: the dtype of most entries, and the mix reported.
+  tensors = _torch_layout()
+  mixed = {n: v.astype(np.float32 if "norm" in n else np.float16) for n, v in tensors.items()}
+  directory = str(tmp_path / "c")
+  os.makedirs(directory)
+  safetensors_numpy.save_file(mixed, os.path.join(directory, "model.safetensors"))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(HF_CONFIG, f)
+  checkpoint = hf_io.inspect(directory)
+  norms = sum(v.size for n, v in tensors.items() if "norm" in n)
+  total = sum(v.size for v in tensors.values())
+  assert checkpoint.dtype == "float16"
+  assert checkpoint.mismatch == (f"{directory}: the tensors mix dtypes (float16 "
+                                 f"{1 - norms / total:.1%}, float32 {norms / total:.1%} of the "
+                                 "entries): the checkpoint's dtype is taken as float16.")
+
+
 def test_tied_embeddings_have_no_lm_head(tmp_path):
   tensors = _torch_layout()
   del tensors["lm_head.weight"]
