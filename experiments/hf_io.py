@@ -121,7 +121,13 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> llama.Lla
 
 def config_to_hf(config: llama.LlamaConfig, dtype: str = "float32",
                  base: Mapping[str, Any] | None = None) -> dict:
-  """A config.json dict for `config`: `base` (the source checkpoint's) with the sizes and dtype set."""
+  """A config.json dict for `config`: `base` (the source checkpoint's) with the sizes and dtype set.
+
+  Raises:
+    HFError: if the layers have different widths (`check_uniform`).
+  """
+  check_uniform(config)
+  config = config.layer(0)   # the one width of every layer in the scalar fields
   hf = dict(base or {})
   hf.update({
       "architectures": [MODEL_TYPES[config.flavour]], "model_type": config.flavour,
@@ -141,6 +147,16 @@ def config_to_hf(config: llama.LlamaConfig, dtype: str = "float32",
   return hf
 
 
+def check_uniform(config: llama.LlamaConfig) -> None:
+  """Raises HFError unless every layer has the same widths: a Hugging Face Llama / Qwen config
+  has one `num_key_value_heads` and one `intermediate_size` (a structured shrink that keeps
+  a different count per layer, FLAP's, gives a model it cannot describe)."""
+  if not config.uniform:
+    raise HFError(f"the layers have different widths (key/value heads {config.layer_kv_heads}, "
+                  f"MLP {config.layer_intermediate_sizes}); a Hugging Face config has one "
+                  "num_key_value_heads and one intermediate_size for all layers.")
+
+
 def tensor_table(config: llama.LlamaConfig) -> dict[str, tuple[tuple, tuple[int, ...], bool]]:
   """{Hugging Face tensor name: (pure-dict path, torch shape, transposed)} of every tensor.
 
@@ -149,12 +165,14 @@ def tensor_table(config: llama.LlamaConfig) -> dict[str, tuple[tuple, tuple[int,
   (('layers', 0, 'self_attn', 'q_proj', 'kernel'), (128, 128), True)
   """
   c = config
-  d, f, heads, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.dim, c.kv_heads * c.dim
+  d = c.hidden_size
   table = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), (c.vocab_size, d), False),
            "model.norm.weight": (("norm", "weight"), (d,), False)}
   if not c.tie_embeddings:
     table["lm_head.weight"] = (("lm_head", "kernel"), (c.vocab_size, d), True)
   for n in range(c.num_layers):
+    layer = c.layer(n)
+    f, heads, kv = layer.intermediate_size, layer.num_heads * c.dim, layer.kv_heads * c.dim
     pre, path = f"model.layers.{n}.", ("layers", n)
     for norm in ("input_layernorm", "post_attention_layernorm"):
       table[f"{pre}{norm}.weight"] = (path + (norm, "weight"), (d,), False)
@@ -394,6 +412,7 @@ class Writer:
                overwrite: bool = False):
     if dtype not in DTYPE_NAMES:
       raise HFError(f"dtype={dtype!r}; write one of {sorted(DTYPE_NAMES)}.")
+    check_uniform(config)
     self.directory = os.path.abspath(directory)
     if os.path.isdir(self.directory) and os.listdir(self.directory) and not overwrite:
       raise HFError(f"{self.directory} exists and is not empty; pass overwrite=True to replace "

@@ -136,6 +136,21 @@ def test_inspect_takes_the_dtype_from_the_tensor_headers_and_reports_config_json
                                  "entries): the checkpoint's dtype is taken as float16.")
 
 
+def test_per_layer_widths_export_only_when_every_layer_has_the_same(tmp_path):
+  same = llama.LlamaConfig(**{**CONFIG.__dict__, "layer_kv_heads": (1, 1),
+                              "layer_intermediate_sizes": (6, 6)})
+  hf = hf_io.config_to_hf(same)
+  assert (hf["intermediate_size"], hf["num_key_value_heads"], hf["num_attention_heads"]) == (
+      6, 1, 2)
+  assert hf_io.tensor_table(same)["model.layers.1.mlp.down_proj.weight"][1] == (8, 6)
+  differ = llama.LlamaConfig(**{**CONFIG.__dict__, "layer_intermediate_sizes": (6, 12)})
+  assert hf_io.tensor_table(differ)["model.layers.1.mlp.down_proj.weight"][1] == (8, 12)
+  with pytest.raises(hf_io.HFError, match=r"the layers have different widths \(key/value heads "
+                     r"\(\), MLP \(6, 12\)\); a Hugging Face config has one"):
+    hf_io.Writer(str(tmp_path / "out"), differ)
+  assert not (tmp_path / "out").exists()
+
+
 def test_tied_embeddings_have_no_lm_head(tmp_path):
   tensors = _torch_layout()
   del tensors["lm_head.weight"]

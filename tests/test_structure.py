@@ -143,7 +143,7 @@ def test_flap_on_a_consumer_without_a_bias_fails_before_scoring_naming_it():
   assert pruned.keep
 
 
-def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
+def test_llama_kv_groups_take_their_query_heads_and_each_layer_shrinks_to_its_own_widths():
   model, variables, x = _model("llama")
   found = {g.name: g for g in model_structure.groups(model, variables["params"])}
   attention = found["model/layers/0/self_attn"]
@@ -154,11 +154,23 @@ def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
       masks["model"]["layers"][0]["self_attn"])
   np.testing.assert_array_equal(np.asarray(layer["q_proj"]["kernel"][0]), np.arange(16) >= 8)
   np.testing.assert_array_equal(np.asarray(layer["k_proj"]["kernel"][0]), np.arange(8) >= 4)
-  keep = {g.name: np.ones(g.units, bool) for g in found.values()}
-  keep["model/layers/1/mlp"] = np.arange(24) < 12
-  with pytest.raises(ValueError, match="keep different widths .* for the one config field "
-                                       "'mlp_dim'"):
-    model_structure.shrink_model(model, variables, tuple(found.values()), keep)
+  # A different count per layer, as FLAP's global choice keeps: layer 0 one KV group and 9
+  # MLP units, layer 1 both groups and 17 units.
+  keep = {"model/layers/0/self_attn": np.array([False, True]),
+          "model/layers/1/self_attn": np.array([True, True]),
+          "model/layers/0/mlp": np.arange(24) % 3 == 0, "model/layers/1/mlp": np.arange(24) < 17}
+  params = variables["params"]
+  masked = {**variables, "params": sparsejax.masks.apply_masks(
+      params, sparsejax.structured_masks(params, tuple(found.values()), keep))}
+  small, small_model = model_structure.shrink_model(model, masked, tuple(found.values()), keep)
+  assert (small_model.block_kv_heads, small_model.block_mlp_dims) == ((1, 2), (8, 17))
+  c = small_model.llama_config()
+  assert [(c.layer(i).num_heads, c.layer(i).intermediate_size) for i in range(2)] == [(2, 8),
+                                                                                     (4, 17)]
+  np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x), atol=1e-5,
+                             rtol=1e-5)
+  shapes = jax.eval_shape(small_model.init, jax.random.key(0), x)
+  assert jax.tree.map(np.shape, small) == jax.tree.map(lambda s: s.shape, shapes)
 
 
 def test_rounding_to_a_multiple_keeps_zero_units_and_the_masked_outputs():
