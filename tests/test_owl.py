@@ -351,3 +351,21 @@ def test_per_group_nm_errors_name_the_group_or_kernel():
     prune(nm={"block_0": (2, 4), "block_1": (2, 8)}, block_size=4)
   with pytest.raises(ValueError, match="give either sparsity= or nm="):
     prune(sparsity=0.5, nm={"block_0": (2, 4), "block_1": (2, 4)})
+
+
+def test_guide_owl_nm_example_runs_and_prunes_each_block_at_its_n():
+  model_block = tests.doc_code_block('oneshot.prune_sequentially(params, hessians, "sparsegpt", nm=(2, 4))')
+  owl_block = tests.doc_code_block("owl.owl_sparsities")
+  nm_block = tests.doc_code_block("owl.owl_nm(")
+  namespace = {}
+  exec(model_block.split("pruned, masks =")[0], namespace)  # pylint: disable=exec-used
+  exec(owl_block.split("targets =")[0], namespace)  # pylint: disable=exec-used
+  exec(nm_block, namespace)  # pylint: disable=exec-used
+  patterns, masks = namespace["patterns"], namespace["masks"]
+  assert list(patterns) == ["block_0", "block_1"]
+  ratios = namespace["ratios"]
+  assert ratios["block_0"] > ratios["block_1"] > 0
+  assert patterns == {"block_0": (3, 4), "block_1": (1, 4)}   # two blocks: N +- lam / 2
+  for block, (n, m) in patterns.items():
+    mlp = np.asarray(masks[block]["mlp"]["kernel"])    # (64, 64): n of every 4 inputs
+    assert (mlp.reshape(16, 4, 64).sum(1) == n).all()
