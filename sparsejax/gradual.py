@@ -296,7 +296,17 @@ class GradualMagnitudePruning:
                         is_leaf=trees.is_empty)
 
   def wrap(self, inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Wraps `inner` so that its updates prune along the schedule."""
+    """Wraps `inner` so that its updates prune along the schedule.
+
+    By default the update decides inside the step whether the masks are
+    recomputed (`lax.cond`), which is right for any caller, but every
+    compiled step then holds the mask selection's buffers, also on the
+    steps between recomputes. A training loop that knows the step on the
+    host can pass `recompute=bool(schedule.is_update_step(t))` (a Python
+    bool, static under jit) to `update` and compile two programs: the one
+    between recomputes then holds what a fixed-mask step does, and gives
+    the same numbers.
+    """
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -313,24 +323,39 @@ class GradualMagnitudePruning:
       masks = self._store(pruning.dense_masks(params, chosen))
       return PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, recompute: bool | None = None, **extra_args):
       if params is None:
         raise ValueError("GradualMagnitudePruning needs params: call "
                          "tx.update(grads, opt_state, params).")
-      previous = masks_lib.bool_masks(state.masks, params)
-      masks = jax.lax.cond(self.schedule.is_update_step(state.count),
-                           lambda: self.masks_at(params, state.count,
-                                                 None if self.straight_through else previous),
-                           lambda: previous)
+      if recompute is not None and not isinstance(recompute, (bool, np.bool_)):
+        raise ValueError(f"recompute={recompute!r} must be None or a Python bool (static under "
+                         "jit): bool(schedule.is_update_step(step)) on the host.")
+      recomputed = lambda: self.masks_at(
+          params, state.count,
+          None if self.straight_through else masks_lib.bool_masks(state.masks, params))
+      if recompute is None:
+        # The branch returns the masks as the state keeps them (bit-packed
+        # with `packed_masks`), so the conditional's output, live through the
+        # rest of the step, is the small stored form; the bool masks are
+        # unpacked where they are used, inside the elementwise fusions.
+        stored = jax.lax.cond(self.schedule.is_update_step(state.count),
+                              lambda: self._store(recomputed()), lambda: state.masks)
+        masks = masks_lib.bool_masks(stored, params)
+      elif recompute:  # the caller knows: this program recomputes the masks
+        masks = recomputed()
+        stored = self._store(masks)
+      else:  # ... or this one does not
+        stored = state.masks
+        masks = masks_lib.bool_masks(stored, params)
       if self.straight_through:  # dense weights, dense updates: only the forward is masked
         inner_updates, inner_state = inner.update(updates, state.inner_state, params,
                                                   **extra_args)
         count = optax.safe_int32_increment(state.count)
-        return inner_updates, PruningState(count, self._store(masks), inner_state)
+        return inner_updates, PruningState(count, stored, inner_state)
       grads = zero_pruned(updates, masks)
       inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       count = optax.safe_int32_increment(state.count)
       return (updates_to_zero(inner_updates, params, masks),
-              PruningState(count, self._store(masks), inner_state))
+              PruningState(count, stored, inner_state))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
