@@ -17,16 +17,17 @@ first.
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import kth
 from sparsejax.counts import check_sparsity
 from sparsejax.counts import keep_count
-from sparsejax.keys import count_true
 from sparsejax.keys import key_family
 from sparsejax.keys import sortable_keys
 
@@ -52,74 +53,51 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
     raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
 
 
-def _segment_sums(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segments: int) -> jax.Array:
-  return jnp.stack([sum((c for c, s in zip(per_leaf, segment_of) if s == j), jnp.int32(0))
-                    for j in range(segments)])
-
-
-def _select(keys: Sequence[jax.Array], segment_of: Sequence[int], k: jax.Array) -> list[jax.Array]:
-  """Top-k masks of several key arrays grouped in segments, in one pass each.
+def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[int, ...]],
+            segment_of: Sequence[int], k: jax.Array, key_type,
+            sample: int = kth._SAMPLE) -> list[jax.Array]:
+  """Top-k masks of several key arrays grouped in segments.
 
   Each segment (a set of arrays, in order) keeps its k[j] largest keys with
   one threshold, ties going to the lower position in the segment's
-  concatenation. Every segment advances together through the same loops,
-  so a model with hundreds of leaves costs as many loop steps as one leaf.
+  concatenation. `key_fns` return the keys (called inside every pass, so
+  keys are recomputed from the scores rather than stored). Every segment
+  advances together through the same passes, so a model with hundreds of
+  leaves costs as many passes as one leaf.
   """
   segments = len(k)
-  key_type = jnp.uint64 if any(key.dtype == jnp.uint64 for key in keys) else jnp.uint32
-  keys = [key.astype(key_type) for key in keys]
-  bits = 8 * jnp.dtype(key_type).itemsize
-  sizes = [sum(key.size for key, s in zip(keys, segment_of) if s == j) for j in range(segments)]
+  keys = [lambda f=f: f().astype(key_type) for f in key_fns]
+  sizes = [sum(int(np.prod(sh)) for sh, s in zip(shapes, segment_of) if s == j)
+           for j in range(segments)]
   k_min1 = jnp.maximum(k, 1)
-
-  def threshold_step(i, carry):
-    prefix, at_or_above = carry
-    candidate = prefix | (jnp.ones((), key_type) << jnp.asarray(bits - 1 - i, key_type))
-    counts = _segment_sums([count_true(key >= candidate[s]) for key, s in zip(keys, segment_of)],
-                           segment_of, segments)
-    take = counts >= k_min1
-    return jnp.where(take, candidate, prefix), jnp.where(take, counts, at_or_above)
-
-  # The k-th largest key T of each segment: the largest value with
-  # count(keys >= T) >= k, built bit by bit from the most significant one.
-  threshold, at_or_above = jax.lax.fori_loop(
-      0, bits, threshold_step,
-      (jnp.zeros(segments, key_type), jnp.asarray(sizes, jnp.int32)))
+  threshold, at_or_above, above = kth.kth_largest(keys, shapes, segment_of, k_min1, key_type,
+                                                  sample)
 
   def positions():  # each entry's position in its segment; built where used so it stays fused
     out, offsets = [], [0] * segments
-    for key, s in zip(keys, segment_of):
-      out.append(offsets[s] + jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape))
-      offsets[s] += key.size
+    for shape, s in zip(shapes, segment_of):
+      size = int(np.prod(shape))
+      out.append(offsets[s] + jnp.arange(size, dtype=jnp.int32).reshape(shape))
+      offsets[s] += size
     return out
+
+  def reversed_positions():  # size - position: larger for earlier entries, >= 1
+    return [(sizes[s] - index).astype(jnp.uint32) for index, s in zip(positions(), segment_of)]
 
   def tie_cutoffs():
     # Ties at T straddle the cut: keep the first `need` of them by position,
-    # finding the cutoff position by bisection.
-    above = _segment_sums([count_true(key > threshold[s]) for key, s in zip(keys, segment_of)],
-                          segment_of, segments)
-    need = k_min1 - above
-    indices = positions()
-
-    def cutoff_step(_, bounds):
-      lo, hi = bounds
-      mid = lo + (hi - lo) // 2
-      counts = _segment_sums(
-          [count_true((key == threshold[s]) & (index < mid[s]))
-           for key, index, s in zip(keys, indices, segment_of)], segment_of, segments)
-      enough = counts >= need
-      return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    steps = max(1, int(np.ceil(np.log2(max(sizes) + 1))))
-    lo, _ = jax.lax.fori_loop(0, steps, cutoff_step,
-                              (jnp.zeros(segments, jnp.int32), jnp.asarray(sizes, jnp.int32)))
-    return jnp.where(settled, jnp.asarray(sizes, jnp.int32), lo)
+    # the `need` largest reversed positions among the keys equal to T.
+    tie_keys = [lambda key=key, rev=rev, s=s: jnp.where(key() == threshold[s], rev(), np.uint32(0))
+                for key, rev, s in zip(keys, [lambda i=i: reversed_positions()[i]
+                                              for i in range(len(keys))], segment_of)]
+    need = jnp.where(settled, 1, k_min1 - above)
+    cutoff, _, _ = kth.kth_largest(tie_keys, shapes, segment_of, need, jnp.uint32, sample)
+    return jnp.where(settled, np.uint32(0), cutoff)
 
   settled = (at_or_above == k_min1) | (k == 0)  # no ties straddle the cut
-  cutoff = jax.lax.cond(jnp.all(settled),
-                        lambda: jnp.asarray(sizes, jnp.int32), tie_cutoffs)
-  return [((key > threshold[s]) | ((key == threshold[s]) & (index < cutoff[s]))) & (k[s] > 0)
-          for key, index, s in zip(keys, positions(), segment_of)]
+  cutoff = jax.lax.cond(jnp.all(settled), lambda: jnp.zeros(segments, jnp.uint32), tie_cutoffs)
+  return [((key() > threshold[s]) | ((key() == threshold[s]) & (rev >= cutoff[s]))) & (k[s] > 0)
+          for key, rev, s in zip(keys, reversed_positions(), segment_of)]
 
 
 def topk_masks(scores: Sequence[jax.Array], sparsity,
@@ -204,21 +182,38 @@ def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
           f"compare exactly (dtypes {sorted({str(s.dtype) for s in scores})}): cast them to one.")
     segment_of = [0] * len(scores)
     sizes = [sum(s.size for s in scores)]
-  keys = [sortable_keys(s) for s in scores]
-  if candidates is not None:
-    if len(candidates) != len(scores):
-      raise ValueError(f"{len(candidates)} candidate arrays for {len(scores)} score arrays.")
-    # Key 0 is below every live key; no float has it and an integer minimum
-    # is merged with the value above it.
-    keys = [key if c is None else jnp.where(c, jnp.maximum(key, np.array(1, key.dtype)),
-                                            np.array(0, key.dtype))
-            for key, c in zip(keys, candidates)]
+  if candidates is None:
+    candidates = [None] * len(scores)
+  elif len(candidates) != len(scores):
+    raise ValueError(f"{len(candidates)} candidate arrays for {len(scores)} score arrays.")
+
   if max(sizes, default=0) > _MAX_ENTRIES:
     raise ValueError(f"top-k over {max(sizes)} entries: at most {_MAX_ENTRIES} are supported.")
   if sum(sizes) == 0:
     return [jnp.zeros(s.shape, bool) for s in scores]
   k = jnp.stack([jnp.clip(jnp.asarray(value, jnp.int32), 0, n) for n, value in zip(sizes, keeps)])
-  return _select(keys, segment_of, k)
+  candidates = tuple(None if c is None else jnp.asarray(c, bool) for c in candidates)
+  return list(_masks(tuple(scores), candidates, k, segment_of=tuple(segment_of),
+                     sample=kth._SAMPLE))
+
+
+@functools.partial(jax.jit, static_argnames=("segment_of", "sample"))
+def _masks(scores, candidates, k, segment_of, sample):
+  """`_select` on the keys of `scores`, jitted so that eager calls reuse the compiled program."""
+
+  def key_fn(s, c):
+    def keys():
+      key = sortable_keys(s)
+      if c is None:
+        return key
+      # Key 0 is below every live key; no float has it and an integer minimum
+      # is merged with the value above it.
+      return jnp.where(c, jnp.maximum(key, np.array(1, key.dtype)), np.array(0, key.dtype))
+    return keys
+
+  key_fns = [key_fn(s, c) for s, c in zip(scores, candidates)]
+  key_type = jnp.uint64 if any(s.dtype.itemsize == 8 for s in scores) else jnp.uint32
+  return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, sample))
 
 
 def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
