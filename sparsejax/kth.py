@@ -40,26 +40,28 @@ _FLAT_ROW = 32           # row length of 1-D arrays (and rows too long for 16-bi
 _SAMPLE = 2**14          # sampled keys per group
 _SAMPLE_Z = (-3.5, -1.2, 1.2, 3.5)  # first thresholds: sample ranks around k, in binomial sds
 _MARGIN_SDS = 3.0        # interpolated thresholds span the estimate +- this many sds ...
-_MARGIN_FRACTION = 0.02  # ... plus this fraction of the interval (uneven spread of keys)
+_MARGIN_FRACTION = 0.005 # ... plus this fraction of the interval (uneven spread of keys)
+_DEBUG = False
 _MAX_PASSES = 96         # a guard: the worst case takes fewer passes than this
 
 
-def _rows(x: jax.Array) -> list[jax.Array]:
+def _rows(x: jax.Array) -> list[tuple[int, jax.Array]]:
   """Views of `x` whose last axis is reduced in a pass (rows of <= 65535 keys).
 
-  Arrays of two or more axes are not reshaped, so a sharded array (FSDP) is
-  reduced on its shards and only per-row results cross devices.
+  Each comes with the flat position of its first entry in `x`. Arrays of
+  two or more axes are not reshaped, so a sharded array (FSDP) is reduced on
+  its shards and only per-row results cross devices.
   """
   if x.ndim >= 2 and x.shape[-1] <= _ROW_LIMIT:
-    return [x]
+    return [(0, x)]
   flat = x.reshape(-1)
   size = flat.shape[0]
   main = size - size % _FLAT_ROW
   out = []
   if main:
-    out.append(flat[:main].reshape(-1, _FLAT_ROW))
+    out.append((0, flat[:main].reshape(-1, _FLAT_ROW)))
   if size - main:
-    out.append(flat[main:].reshape(1, -1))
+    out.append((main, flat[main:].reshape(1, -1)))
   return out
 
 
@@ -106,7 +108,7 @@ def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Arr
   for key_fn, s in zip(key_fns, segment_of):
     t = thresholds[s]
     leaf = jnp.zeros(_THRESHOLDS, jnp.int32)
-    for view in _rows(key_fn()):
+    for _, view in _rows(key_fn()):
       words = tuple((view >= t[2 * a]).astype(jnp.uint32)
                     | ((view >= t[2 * a + 1]).astype(jnp.uint32) << 16)
                     for a in range(_THRESHOLDS // 2))
@@ -118,20 +120,62 @@ def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Arr
   return _segment_sum(per_leaf, segment_of, segments, jnp.zeros(_THRESHOLDS, jnp.int32))
 
 
-def _extract_pass(key_fns, segment_of, lower, upper):
-  """Per row: count, max, ~min and wrapping sum of the keys in [lower, upper] of its group."""
+def _extract_pass(key_fns, segment_of, offsets, sizes, lower, upper):
+  """Per row, of the keys in [lower, upper] of its group: count, max, ~min, wrapping sum.
+
+  Also the reversed position (group size - position in the group) of a
+  row's key when it is the only one: the count is summed with its column
+  in the high 16 bits, so that costs no extra accumulator.
+  Returns (group, count, max, ~min, sum, reversed position) per view.
+  """
   out = []
-  for key_fn, s in zip(key_fns, segment_of):
-    for view in _rows(key_fn()):
+  for key_fn, s, offset in zip(key_fns, segment_of, offsets):
+    for start, view in _rows(key_fn()):
       zero = np.array(0, view.dtype)
       band = (view >= lower[s]) & (view <= upper[s])
-      ops = (band.astype(jnp.uint32), jnp.where(band, view, zero), jnp.where(band, ~view, zero),
-             jnp.where(band, view, zero))
-      out.append((s, jax.lax.reduce(
+      column = jax.lax.broadcasted_iota(jnp.uint32, view.shape, view.ndim - 1)
+      ops = (jnp.where(band, (column << 16) | np.uint32(1), np.uint32(0)),
+             jnp.where(band, view, zero), jnp.where(band, ~view, zero), jnp.where(band, view, zero))
+      tally, high, low_inverted, total = jax.lax.reduce(
           ops, (np.uint32(0), zero, zero, zero),
           lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.maximum(x[2], y[2]), x[3] + y[3]),
-          (view.ndim - 1,))))
+          (view.ndim - 1,))
+      row = jnp.arange(high.size, dtype=jnp.int32).reshape(high.shape)
+      position = offset + start + row * view.shape[-1] + (tally >> 16).astype(jnp.int32)
+      reversed_position = (sizes[s] - position).astype(jnp.uint32)
+      out.append((s, tally & 0xFFFF, high, low_inverted, total, reversed_position))
   return out
+
+
+def _to_space(keys: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
+  """Keys as numbers in which the group's keys are about evenly spread.
+
+  Float keys (groups where `floats` is set) become their float values: key
+  order within a binade is linear in the value, but a power of two doubles
+  the keys per unit of value, which key-space interpolation would miss.
+  Other keys are taken as they are.
+  """
+  wide = jnp.dtype(key_type).itemsize == 8
+  real = jnp.float64 if wide else jnp.float32
+  sign = np.array(1 << (63 if wide else 31), key_type)
+  bits = jnp.where(keys >= sign, keys ^ sign, ~keys)
+  value = jax.lax.bitcast_convert_type(bits, real)
+  big = np.array(np.finfo(real).max, real)
+  value = jnp.where(jnp.isfinite(value), value, jnp.where(keys >= sign, big, -big))
+  floats = jnp.asarray(floats).reshape((-1,) + (1,) * (keys.ndim - 1))
+  return jnp.where(floats, value, keys.astype(real))
+
+
+def _from_space(values: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
+  """The inverse of `_to_space` (up to rounding; monotone)."""
+  wide = jnp.dtype(key_type).itemsize == 8
+  sign = np.array(1 << (63 if wide else 31), key_type)
+  bits = jax.lax.bitcast_convert_type(values, key_type)
+  from_float = jnp.where(bits >= sign, ~bits, bits | sign)
+  top = np.nextafter(np.array(2.0 ** (64 if wide else 32), values.dtype), 0)
+  from_key = jnp.clip(values, 0, top).astype(key_type)
+  floats = jnp.asarray(floats).reshape((-1,) + (1,) * (values.ndim - 1))
+  return jnp.where(floats, from_float, from_key)
 
 
 def _bisect(values, segments, ranks, key_type, bits):
@@ -152,38 +196,72 @@ def _bisect(values, segments, ranks, key_type, bits):
   return jax.lax.fori_loop(0, bits, step, jnp.zeros(ranks.shape, key_type))
 
 
-def kth_largest(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[int, ...]],
-                segment_of: Sequence[int], k: jax.Array, key_type, sample: int = _SAMPLE
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
+                segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
+                sample: int = _SAMPLE, bounds: tuple[jax.Array, ...] | None = None,
+                ties: bool = False) -> tuple[jax.Array, ...]:
   """The k[g]-th largest key T of each group g, and count(key >= T), count(key > T).
 
   Args:
     key_fns: one function per array returning its keys (unsigned ints of
       `key_type`); called inside every pass, so keys are never stored.
+      Called with a tuple of slices, it returns the keys of that part.
     shapes: the arrays' shapes.
     segment_of: the group of each array.
     k: int32 (groups,), each in [1, group size] (groups of size 0 may hold
       anything: their results are meaningless).
     key_type: jnp.uint32 or jnp.uint64.
+    floats: per group, whether its keys come from floats (thresholds are
+      then interpolated in value).
     sample: keys sampled per group; a group of at most this many keys is
       ranked by bisection over all of them (no counting passes).
+    bounds: optional (L, U, count(key >= L), count(key > U)) per group, known
+      to hold T: no sample is taken and the passes start from there.
+    ties: whether to find where the ties at T are, from an extraction pass
+      (when each lies alone in its row): positions are flat indices in the
+      concatenation of the group's arrays, in order.
 
   Returns:
-    (T, at_or_above, above), each of shape (groups,).
+    (T, count(key >= T), count(key > T), cutoff, known), each (groups,):
+    where `known`, the ties at T kept are those of reversed position
+    (group size - position) >= cutoff (uint32), the first k - count(key >
+    T) of them.
   """
   segments = k.shape[0]
-  bits = 8 * jnp.dtype(key_type).itemsize
-  key_max = np.array(np.iinfo(key_type).max, key_type)
   sizes = [sum(int(np.prod(sh)) for sh, s in zip(shapes, segment_of) if s == g)
            for g in range(segments)]
+  offsets = [sum(int(np.prod(sh)) for sh, t in zip(shapes[:i], segment_of[:i]) if t == s)
+             for i, s in enumerate(segment_of)]
   live = [i for i, sh in enumerate(shapes) if int(np.prod(sh)) > 0]
   key_fns = [key_fns[i] for i in live]
+  offsets = [offsets[i] for i in live]
   shapes = [shapes[i] for i in live]
   segment_of = [segment_of[i] for i in live]
   size = jnp.asarray(sizes, jnp.int32)
   k = jnp.clip(k, 1, jnp.maximum(size, 1))
+  unknown = (jnp.zeros(segments, jnp.uint32), jnp.zeros(segments, bool))
 
-  # 1. The sample: one stride ratio per group, so each leaf is sampled in proportion.
+  if bounds is None:
+    quantiles, start = _sampled_start(key_fns, shapes, segment_of, segments, k, size, sizes,
+                                      key_type, sample)
+    if quantiles is None:
+      return start + unknown
+  else:
+    quantiles, start = jnp.zeros((segments, _THRESHOLDS), key_type), tuple(bounds)
+  start = start + (size, jnp.zeros(segments, bool), jnp.ones(segments, jnp.float32)) + unknown
+  return _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size, key_type,
+                      np.asarray(floats, bool), quantiles, start, sampled=bounds is None,
+                      ties=ties)
+
+
+def _sampled_start(key_fns, shapes, segment_of, segments, k, size, sizes, key_type, sample):
+  """Sample quantiles for the first pass, and the starting (L, U, count(>= L), count(> U)).
+
+  Groups whose sample is all of them are ranked exactly on it and start
+  done; if all are, returns (None, (T, count(>= T), count(> T))).
+  """
+  bits = 8 * jnp.dtype(key_type).itemsize
+  key_max = np.array(np.iinfo(key_type).max, key_type)
   ratios = [max(1.0, n / sample) for n in sizes]
   strides = [_sample_strides(sh, ratios[s]) for sh, s in zip(shapes, segment_of)]
   complete = np.array([all(all(st == 1 for st in strides[i])
@@ -199,7 +277,9 @@ def kth_largest(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tup
   ranks = jnp.clip(jnp.round(ranks), 1, np.maximum(sample_size, 1)[:, None]).astype(jnp.int32)
   # A group whose sample is all of it: the k-th largest sample key is T.
   ranks = jnp.where(complete[:, None], k[:, None], ranks)
-  values = [(s, key_fns[i]()[tuple(slice(None, None, st) for st in strides[i])],
+  # The sample slices the caller's arrays before keys are made: the same key
+  # expression as in the passes would be shared with them, and stored.
+  values = [(s, key_fns[i](tuple(slice(None, None, st) for st in strides[i])),
              jnp.ones((), bool)) for i, s in enumerate(segment_of)]
   quantiles = _bisect(values, segments, ranks, key_type, bits)
   exact = quantiles[:, 0]
@@ -208,8 +288,18 @@ def kth_largest(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tup
   above_exact = _segment_sum([((v > exact[s]) & ok).sum(dtype=jnp.int32) for s, v, ok in values],
                              segment_of, segments, jnp.zeros((), jnp.int32))
   if complete.all():
-    return exact, at_exact, above_exact
+    return None, (exact, at_exact, above_exact)
+  # Groups ranked on their whole sample start done: L = U = T.
+  return quantiles, (jnp.where(complete, exact, np.array(0, key_type)),
+                     jnp.where(complete, exact, key_max),
+                     jnp.where(complete, at_exact, size), jnp.where(complete, above_exact, 0))
 
+
+def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size, key_type, floats,
+                 quantiles, start, sampled, ties):
+  """Counting and extraction passes from `start` until every group's interval is one key."""
+  bits = 8 * jnp.dtype(key_type).itemsize
+  one = np.array(1, key_type)
   # Extraction capacity: keys in the interval that rows of <= 3 of them hold
   # (expected rows holding 4 or more, for keys spread at random: ~1%).
   row_counts = np.array([sum(_row_count(sh) for sh, s in zip(shapes, segment_of) if s == g)
@@ -223,29 +313,36 @@ def kth_largest(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tup
     at_new_lower = jnp.min(jnp.where(enough & (thresholds >= new_lower[:, None]), counts,
                                      at_lower[:, None]), axis=1)
     # A threshold with fewer than k keys at or above it: T is below it.
-    below = jnp.where(~enough, thresholds - np.array(1, key_type), upper[:, None])
+    below = jnp.where(~enough, thresholds - one, upper[:, None])
     new_upper = jnp.minimum(jnp.min(below, axis=1), upper)
     above_new_upper = jnp.max(jnp.where(~enough & (below <= new_upper[:, None]), counts,
                                         above_upper[:, None]), axis=1)
     return new_lower, new_upper, at_new_lower, above_new_upper
 
   def count_thresholds(state):
-    lower, upper, at_lower, above_upper, _, stalled, _ = state
+    lower, upper, at_lower, above_upper, _, stalled = state[:6]
     inside = (at_lower - above_upper).astype(jnp.float32)
     j = (k - above_upper).astype(jnp.float32)        # T is the j-th largest in [L, U]
-    width = (upper - lower).astype(jnp.float32) + 1.0
     margin = (_MARGIN_SDS * jnp.sqrt(j * (inside - j) / jnp.maximum(inside, 1)) + 2.0
               + _MARGIN_FRACTION * inside)
     spread = jnp.asarray([-1.0, -1 / 3, 1 / 3, 1.0], jnp.float32)
     interp = j[:, None] + margin[:, None] * spread
     even = inside[:, None] * jnp.arange(1, _THRESHOLDS + 1, dtype=jnp.float32) / (_THRESHOLDS + 1)
-    elements = jnp.where(stalled[:, None], even, interp)
-    offset = elements / jnp.maximum(inside, 1)[:, None] * width[:, None]
+    fraction = jnp.clip(jnp.where(stalled[:, None], even, interp) / jnp.maximum(inside, 1)[:, None],
+                        0, 1)
+    # In key space: offsets down from U (U - (o - 1) has about o keys of [L, U] at or above it).
+    width = (upper - lower).astype(jnp.float32) + 1.0
     top = np.nextafter(np.float32(2.0 ** bits), np.float32(0))
-    offset = jnp.clip(jnp.floor(offset), 1.0, top).astype(key_type)
-    offset = jnp.maximum(jnp.minimum(offset, (upper - lower)[:, None]), np.array(1, key_type))
-    # Offsets count down from U: U - (o - 1) has about o keys of the interval at or above it.
-    return upper[:, None] - (offset - np.array(1, key_type))
+    offset = jnp.clip(jnp.floor(fraction * width[:, None]), 1.0, top).astype(key_type)
+    offset = jnp.maximum(jnp.minimum(offset, (upper - lower)[:, None]), one)
+    by_key = upper[:, None] - (offset - one)
+    # In value (float keys): the same fractions of [value(L), value(U)].
+    high, low = _to_space(upper, key_type, floats), _to_space(lower, key_type, floats)
+    by_value = _from_space(high[:, None] - fraction.astype(high.dtype) * (high - low)[:, None],
+                           key_type, floats)
+    by_value = jnp.clip(by_value, (lower + one)[:, None], upper[:, None])
+    use_value = jnp.asarray(floats)[:, None] & ~stalled[:, None] & (lower < upper)[:, None]
+    return jnp.where(use_value, by_value, by_key)
 
   def after_count(state, first):
     thresholds = jnp.where(first, quantiles, count_thresholds(state))
@@ -253,30 +350,41 @@ def kth_largest(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tup
     lower, upper, at_lower, above_upper = narrow(state, thresholds, counts)
     before = state[2] - state[3]
     stalled = (at_lower - above_upper) * 4 > before
-    return (lower, upper, at_lower, above_upper, before, stalled, state[6])
+    return (lower, upper, at_lower, above_upper, before, stalled) + state[6:]
 
   def after_extract(state):
-    lower, upper, at_lower, above_upper, _, stalled, cap_scale = state
-    rows = _extract_pass(key_fns, segment_of, lower, upper)
-    overfull = _segment_sum([(r[0] > 3).sum(dtype=jnp.int32) for _, r in rows],
-                            [s for s, _ in rows], segments, jnp.zeros((), jnp.int32))
+    lower, upper, at_lower, above_upper, before, stalled, cap_scale, cutoff, known = state
+    rows = _extract_pass(key_fns, segment_of, offsets, sizes, lower, upper)
+    groups = [r[0] for r in rows]
+    zero = jnp.zeros((), jnp.int32)
+    overfull = _segment_sum([(r[1] > 3).sum(dtype=jnp.int32) for r in rows], groups,
+                            segments, zero)
     ok = overfull == 0
     found_values = []
-    for s, (count, high, low_inverted, total) in rows:
+    for s, count, high, low_inverted, total, _ in rows:
       low = ~low_inverted
       found_values += [(s, high, count >= 1), (s, low, count >= 2),
                        (s, total - high - low, count >= 3)]
     found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits)[:, 0]
-    groups = [s for s, _, _ in found_values]
+    value_groups = [s for s, _, _ in found_values]
     ge = _segment_sum([((v >= found[s]) & valid).sum(dtype=jnp.int32)
-                       for s, v, valid in found_values], groups, segments, jnp.zeros((), jnp.int32))
+                       for s, v, valid in found_values], value_groups, segments, zero)
     gt = _segment_sum([((v > found[s]) & valid).sum(dtype=jnp.int32)
-                       for s, v, valid in found_values], groups, segments, jnp.zeros((), jnp.int32))
+                       for s, v, valid in found_values], value_groups, segments, zero)
     take = ok & (lower != upper)
+    if ties:
+      # Ties at T alone in their row: the row gives their reversed position.
+      alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev in rows]
+      alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
+                                 segments, zero)
+      need = k - (above_upper + gt)
+      tie_cut = _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0]
+      cutoff = jnp.where(take, tie_cut, cutoff)
+      known = jnp.where(take, alone_count == ge - gt, known)
     return (jnp.where(take, found, lower), jnp.where(take, found, upper),
             jnp.where(take, above_upper + ge, at_lower),
             jnp.where(take, above_upper + gt, above_upper),
-            state[4], stalled, jnp.where(ok, cap_scale, cap_scale * 0.25))
+            before, stalled, jnp.where(ok, cap_scale, cap_scale * 0.25), cutoff, known)
 
   def pending(state):
     return (state[0] != state[1]) & (size > 0)
@@ -288,14 +396,14 @@ def kth_largest(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tup
   def step(carry):
     passes, state = carry
     inside = (state[2] - state[3]).astype(jnp.float32)
-    small = jnp.all(~pending(state) | (inside <= capacity * state[6])) & (passes > 0)
-    state = jax.lax.cond(small, after_extract, lambda st: after_count(st, passes == 0), state)
+    first = (passes == 0) & sampled
+    small = jnp.all(~pending(state) | (inside <= capacity * state[6])) & ~first
+    state = jax.lax.cond(small, after_extract, lambda st: after_count(st, first), state)
     return passes + 1, state
 
-  # Groups ranked on their whole sample start done: L = U = T.
-  start = (jnp.where(complete, exact, np.array(0, key_type)), jnp.where(complete, exact, key_max),
-           jnp.where(complete, at_exact, size), jnp.where(complete, above_exact, 0), size,
-           jnp.zeros(segments, bool), jnp.ones(segments, jnp.float32))
-  _, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
+  passes, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
+  if _DEBUG:
+    jax.debug.print("kth passes {p} inside {i} known {c}", p=passes, i=state[2] - state[3],
+                    c=state[8])
   lower, _, at_lower, above_upper = state[:4]
-  return lower, at_lower, above_upper
+  return lower, at_lower, above_upper, state[7], state[8]

@@ -54,7 +54,7 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
 
 
 def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[int, ...]],
-            segment_of: Sequence[int], k: jax.Array, key_type,
+            segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
             sample: int = kth._SAMPLE) -> list[jax.Array]:
   """Top-k masks of several key arrays grouped in segments.
 
@@ -66,38 +66,57 @@ def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[i
   leaves costs as many passes as one leaf.
   """
   segments = len(k)
-  keys = [lambda f=f: f().astype(key_type) for f in key_fns]
+  keys = [lambda part=None, f=f: f(part).astype(key_type) for f in key_fns]
   sizes = [sum(int(np.prod(sh)) for sh, s in zip(shapes, segment_of) if s == j)
            for j in range(segments)]
   k_min1 = jnp.maximum(k, 1)
-  threshold, at_or_above, above = kth.kth_largest(keys, shapes, segment_of, k_min1, key_type,
-                                                  sample)
+  offsets = [sum(int(np.prod(sh)) for sh, t in zip(shapes[:i], segment_of[:i]) if t == s)
+             for i, s in enumerate(segment_of)]
 
-  def positions():  # each entry's position in its segment; built where used so it stays fused
-    out, offsets = [], [0] * segments
-    for shape, s in zip(shapes, segment_of):
-      size = int(np.prod(shape))
-      out.append(offsets[s] + jnp.arange(size, dtype=jnp.int32).reshape(shape))
-      offsets[s] += size
-    return out
+  def reversed_positions(i, part=None):
+    # size - position in the segment: larger for earlier entries, >= 1; built
+    # where used so that it stays fused.
+    shape, s = shapes[i], segment_of[i]
+    index = jnp.arange(int(np.prod(shape)), dtype=jnp.int32).reshape(shape)
+    index = index if part is None else index[part]
+    return (sizes[s] - offsets[i] - index).astype(jnp.uint32)
 
-  def reversed_positions():  # size - position: larger for earlier entries, >= 1
-    return [(sizes[s] - index).astype(jnp.uint32) for index, s in zip(positions(), segment_of)]
+  threshold, at_or_above, above, found_cutoff, found = kth.kth_largest(
+      keys, shapes, segment_of, k_min1, key_type, floats, sample, ties=True)
 
   def tie_cutoffs():
     # Ties at T straddle the cut: keep the first `need` of them by position,
     # the `need` largest reversed positions among the keys equal to T.
-    tie_keys = [lambda key=key, rev=rev, s=s: jnp.where(key() == threshold[s], rev(), np.uint32(0))
-                for key, rev, s in zip(keys, [lambda i=i: reversed_positions()[i]
-                                              for i in range(len(keys))], segment_of)]
-    need = jnp.where(settled, 1, k_min1 - above)
-    cutoff, _, _ = kth.kth_largest(tie_keys, shapes, segment_of, need, jnp.uint32, sample)
-    return jnp.where(settled, np.uint32(0), cutoff)
+    tie_keys = [lambda part=None, i=i, s=s: jnp.where(keys[i](part) == threshold[s],
+                                                      reversed_positions(i, part), np.uint32(0))
+                for i, s in enumerate(segment_of)]
+    need = jnp.where(settled_or_found, 1, k_min1 - above)
+    # Reversed positions of the ties are in [1, size]; the rest are 0.
+    ties = at_or_above - above
+    bounds = (jnp.ones(segments, jnp.uint32),  # settled or found: done
+              jnp.where(settled_or_found, np.uint32(1), jnp.asarray(sizes, jnp.uint32)),
+              jnp.where(settled_or_found, 1, ties), jnp.zeros(segments, jnp.int32))
+    cutoff = kth.kth_largest(tie_keys, shapes, segment_of, need, jnp.uint32, [False] * segments,
+                             sample, bounds)[0]
+    return jnp.where(settled, np.uint32(0), jnp.where(found, found_cutoff, cutoff))
 
-  settled = (at_or_above == k_min1) | (k == 0)  # no ties straddle the cut
-  cutoff = jax.lax.cond(jnp.all(settled), lambda: jnp.zeros(segments, jnp.uint32), tie_cutoffs)
-  return [((key() > threshold[s]) | ((key() == threshold[s]) & (rev >= cutoff[s]))) & (k[s] > 0)
-          for key, rev, s in zip(keys, reversed_positions(), segment_of)]
+  # Settled: no ties straddle the cut. Found: the extraction pass saw where the ties are.
+  settled = (at_or_above == k_min1) | (k == 0)
+  settled_or_found = settled | found
+  cutoff = jax.lax.cond(jnp.all(settled_or_found),
+                        lambda: jnp.where(settled, np.uint32(0), found_cutoff), tie_cutoffs)
+  # Kept: key > T, or key == T and rev >= cutoff. Written with one use of the
+  # key, key >= T (+ 1 where rev < cutoff), so that XLA fuses the key
+  # computation into the mask instead of storing the keys; at T = the largest
+  # key, T + 1 wraps to 0 and the second term keeps only rev >= cutoff.
+  top = np.array(np.iinfo(key_type).max, key_type)
+  one = np.array(1, key_type)
+  masks = []
+  for i, s in enumerate(segment_of):
+    tie_kept = reversed_positions(i) >= cutoff[s]
+    masks.append((keys[i]() >= jnp.where(tie_kept, threshold[s], threshold[s] + one))
+                 & (tie_kept | (threshold[s] != top)) & (k[s] > 0))
+  return masks
 
 
 def topk_masks(scores: Sequence[jax.Array], sparsity,
@@ -202,18 +221,22 @@ def _masks(scores, candidates, k, segment_of, sample):
   """`_select` on the keys of `scores`, jitted so that eager calls reuse the compiled program."""
 
   def key_fn(s, c):
-    def keys():
-      key = sortable_keys(s)
+    def keys(part=None):
+      key = sortable_keys(s if part is None else s[part])
       if c is None:
         return key
+      live = c if part is None else c[part]
       # Key 0 is below every live key; no float has it and an integer minimum
       # is merged with the value above it.
-      return jnp.where(c, jnp.maximum(key, np.array(1, key.dtype)), np.array(0, key.dtype))
+      return jnp.where(live, jnp.maximum(key, np.array(1, key.dtype)), np.array(0, key.dtype))
     return keys
 
   key_fns = [key_fn(s, c) for s, c in zip(scores, candidates)]
   key_type = jnp.uint64 if any(s.dtype.itemsize == 8 for s in scores) else jnp.uint32
-  return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, sample))
+  floats = [all(jnp.issubdtype(s.dtype, jnp.floating) for s, t in zip(scores, segment_of) if t == g)
+            for g in range(len(k))]
+  return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, floats,
+                       sample))
 
 
 def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
