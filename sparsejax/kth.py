@@ -36,7 +36,7 @@ import numpy as np
 
 _THRESHOLDS = 4          # counted per pass: two uint32 words of two 16-bit counts per row
 _ROW_LIMIT = 2**16 - 1   # longest row a 16-bit count can sum
-_FLAT_ROW = 32           # row length of 1-D arrays (and rows too long for 16-bit counts)
+_BLOCK = 256             # longest block of an axis reduced to a few numbers per pass
 _SAMPLE = 2**14          # sampled keys per group
 _SAMPLE_Z = (-3.5, -1.2, 1.2, 3.5)  # first thresholds: sample ranks around k, in binomial sds
 _MARGIN_SDS = 3.0        # interpolated thresholds span the estimate +- this many sds ...
@@ -45,32 +45,54 @@ _DEBUG = False
 _MAX_PASSES = 96         # a guard: the worst case takes fewer passes than this
 
 
-def _rows(x: jax.Array) -> list[tuple[int, jax.Array]]:
-  """Views of `x` whose last axis is reduced in a pass (rows of <= 65535 keys).
+def _block(length: int) -> int:
+  """Block length for reducing an axis of `length` entries: a divisor of it, <= 256.
 
-  Each comes with the flat position of its first entry in `x`. Arrays of
-  two or more axes are not reshaped, so a sharded array (FSDP) is reduced on
-  its shards and only per-row results cross devices.
+  The axis is split as (length / block, block) and each block reduced to a
+  few numbers. So that an axis sharded in 2, 4 or 8 (FSDP) splits on its
+  shards, length / block keeps the factors of two of `length`, up to 8: the
+  reduction then never crosses devices (a reduction of several outputs over
+  a sharded axis makes XLA gather the partial results).
   """
-  if x.ndim >= 2 and x.shape[-1] <= _ROW_LIMIT:
-    return [(0, x)]
-  flat = x.reshape(-1)
-  size = flat.shape[0]
-  main = size - size % _FLAT_ROW
-  out = []
-  if main:
-    out.append((0, flat[:main].reshape(-1, _FLAT_ROW)))
-  if size - main:
-    out.append((main, flat[main:].reshape(1, -1)))
-  return out
+  twos = 1
+  while length % (twos * 2) == 0 and twos < 8:
+    twos *= 2
+  best = 1
+  for block in range(1, min(length, _BLOCK) + 1):
+    if length % block == 0 and (length // block) % twos == 0:
+      best = block
+  return best
+
+
+def _rows(x: jax.Array) -> list[tuple[int, jax.Array]]:
+  """Views of `x` whose last axis (blocks of <= 256 keys) is reduced in a pass.
+
+  Each comes with the flat position of its first entry in `x`. The last
+  axis is split into blocks (see `_block`); a block is a row of the view.
+  """
+  if x.ndim == 0:
+    x = x.reshape(1)
+  length = x.shape[-1]
+  block = _block(length)
+  if block < 8 and length > _BLOCK:  # no useful divisor: whole rows (16-bit counts)
+    if length <= _ROW_LIMIT:
+      return [(0, x)]
+    flat = x.reshape(-1)
+    size = flat.shape[0]
+    main = size - size % _BLOCK
+    out = [(0, flat[:main].reshape(-1, _BLOCK))] if main else []
+    return out + ([(main, flat[main:].reshape(1, -1))] if size - main else [])
+  return [(0, x.reshape(x.shape[:-1] + (length // block, block)))]
 
 
 def _row_count(shape: tuple[int, ...]) -> int:
   """Rows of an array of this shape in `_rows` (extraction bins)."""
   size = int(np.prod(shape))
-  if len(shape) >= 2 and shape[-1] <= _ROW_LIMIT:
-    return size // max(shape[-1], 1)
-  return size // _FLAT_ROW + (size % _FLAT_ROW > 0)
+  length = shape[-1] if shape else 1
+  block = _block(length)
+  if block < 8 and length > _BLOCK:
+    return size // length if length <= _ROW_LIMIT else size // _BLOCK + (size % _BLOCK > 0)
+  return size // block
 
 
 def _sample_strides(shape: tuple[int, ...], ratio: float) -> tuple[int, ...]:
@@ -114,6 +136,7 @@ def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Arr
                     for a in range(_THRESHOLDS // 2))
       sums = jax.lax.reduce(words, (np.uint32(0),) * len(words),
                             lambda x, y: tuple(a + b for a, b in zip(x, y)), (view.ndim - 1,))
+      # Per-block counts, then one-output sums (an all-reduce where sharded).
       leaf = leaf + jnp.stack([half.astype(jnp.int32).sum(dtype=jnp.int32)
                                for w in sums for half in (w & 0xFFFF, w >> 16)])
     per_leaf.append(leaf)
@@ -188,8 +211,8 @@ def _bisect(values, segments, ranks, key_type, bits):
 
   def step(i, prefix):
     candidate = prefix | (np.array(1, key_type) << (bits - 1 - i).astype(key_type))
-    per = [((v[..., None] >= candidate[s]) & ok[..., None]).reshape(-1, columns)
-           .sum(axis=0, dtype=jnp.int32) for s, v, ok in values]
+    per = [((v[..., None] >= candidate[s]) & ok[..., None])
+           .sum(axis=tuple(range(v.ndim)), dtype=jnp.int32) for s, v, ok in values]
     counts = _segment_sum(per, [s for s, _, _ in values], segments, jnp.zeros(columns, jnp.int32))
     return jnp.where(counts >= ranks, candidate, prefix)
 
