@@ -29,7 +29,7 @@ setuptools.setup(
         "pillow",  # TFDS decodes PNG-encoded Image features with it (no TensorFlow)
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "sphinx", "myst-parser",
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "sphinx", "myst-parser",
                  "safetensors"],
         # Hugging Face checkpoints checked against the reference implementation
         # (tests marked `hf`): transformers with CPU torch.

@@ -20,7 +20,8 @@ Linear weights are stored by torch as (out, in) and transposed on the way in
 and out; `lm_head.weight` is absent when the embeddings are tied. Tensors
 may be bfloat16, float16 or float32; they are read into float32 (the
 model's parameter dtype) and written back in the dtype asked for (default:
-the checkpoint's own). Reading uses the `safetensors` package's NumPy
+the checkpoint's own, from the safetensors headers, not config.json's
+`dtype` / `torch_dtype`: a disagreement is reported, `Checkpoint.mismatch`). Reading uses the `safetensors` package's NumPy
 backend (`ml_dtypes` bfloat16), one tensor at a time; nothing needs network
 access.
 
@@ -120,7 +121,13 @@ def config_from_hf(hf: Mapping[str, Any], where: str = CONFIG_FILE) -> llama.Lla
 
 def config_to_hf(config: llama.LlamaConfig, dtype: str = "float32",
                  base: Mapping[str, Any] | None = None) -> dict:
-  """A config.json dict for `config`: `base` (the source checkpoint's) with the sizes and dtype set."""
+  """A config.json dict for `config`: `base` (the source checkpoint's) with the sizes and dtype set.
+
+  Raises:
+    HFError: if the layers have different widths (`check_uniform`).
+  """
+  check_uniform(config)
+  config = config.layer(0)   # the one width of every layer in the scalar fields
   hf = dict(base or {})
   hf.update({
       "architectures": [MODEL_TYPES[config.flavour]], "model_type": config.flavour,
@@ -140,6 +147,16 @@ def config_to_hf(config: llama.LlamaConfig, dtype: str = "float32",
   return hf
 
 
+def check_uniform(config: llama.LlamaConfig) -> None:
+  """Raises HFError unless every layer has the same widths: a Hugging Face Llama / Qwen config
+  has one `num_key_value_heads` and one `intermediate_size` (a structured shrink that keeps
+  a different count per layer, FLAP's, gives a model it cannot describe)."""
+  if not config.uniform:
+    raise HFError(f"the layers have different widths (key/value heads {config.layer_kv_heads}, "
+                  f"MLP {config.layer_intermediate_sizes}); a Hugging Face config has one "
+                  "num_key_value_heads and one intermediate_size for all layers.")
+
+
 def tensor_table(config: llama.LlamaConfig) -> dict[str, tuple[tuple, tuple[int, ...], bool]]:
   """{Hugging Face tensor name: (pure-dict path, torch shape, transposed)} of every tensor.
 
@@ -148,12 +165,14 @@ def tensor_table(config: llama.LlamaConfig) -> dict[str, tuple[tuple, tuple[int,
   (('layers', 0, 'self_attn', 'q_proj', 'kernel'), (128, 128), True)
   """
   c = config
-  d, f, heads, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.dim, c.kv_heads * c.dim
+  d = c.hidden_size
   table = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), (c.vocab_size, d), False),
            "model.norm.weight": (("norm", "weight"), (d,), False)}
   if not c.tie_embeddings:
     table["lm_head.weight"] = (("lm_head", "kernel"), (c.vocab_size, d), True)
   for n in range(c.num_layers):
+    layer = c.layer(n)
+    f, heads, kv = layer.intermediate_size, layer.num_heads * c.dim, layer.kv_heads * c.dim
     pre, path = f"model.layers.{n}.", ("layers", n)
     for norm in ("input_layernorm", "post_attention_layernorm"):
       table[f"{pre}{norm}.weight"] = (path + (norm, "weight"), (d,), False)
@@ -212,19 +231,27 @@ class Checkpoint(NamedTuple):
   Attributes:
     config: the model's `LlamaConfig`.
     hf_config: config.json as a dict.
-    dtype: the tensors' dtype name ('bfloat16', 'float16' or 'float32').
+    dtype: the tensors' dtype name ('bfloat16', 'float16' or 'float32'), from
+      the safetensors headers (the one holding the most entries if they mix).
     files: {tensor name: its .safetensors file}.
     table: `tensor_table(config)`.
+    mismatch: one line if config.json's `dtype` (or `torch_dtype`) is not
+      the tensors' dtype, or the tensors mix dtypes; None if they agree.
   """
   config: llama.LlamaConfig
   hf_config: dict
   dtype: str
   files: dict
   table: dict
+  mismatch: str | None = None
 
 
 def inspect(directory: str) -> Checkpoint:
   """Reads config.json and every tensor's header: all checks of `load`, no tensor data read.
+
+  The dtype is the tensors' own, from the safetensors headers; where
+  config.json's `dtype` / `torch_dtype` disagrees (or the tensors mix
+  dtypes), `Checkpoint.mismatch` says so in one line.
 
   Raises:
     HFError: naming the tensor: missing, unexpected, of another shape than
@@ -256,11 +283,28 @@ def inspect(directory: str) -> Checkpoint:
         if shape != table[name][1]:
           raise HFError(f"{file}: tensor {name} has shape {shape}, config.json implies "
                         f"{table[name][1]}.")
-        stored[name] = dtype
-  dtype = hf.get("dtype") or hf.get("torch_dtype")
-  if dtype not in DTYPE_NAMES:   # else the embedding's
-    dtype = next(k for k, v in DTYPE_NAMES.items() if v == stored["model.embed_tokens.weight"])
-  return Checkpoint(config, hf, dtype, files, table)
+        stored[dtype] = stored.get(dtype, 0) + int(np.prod(shape))
+  dtype, mismatch = _stored_dtype(hf, stored, directory)
+  return Checkpoint(config, hf, dtype, files, table, mismatch)
+
+
+def _stored_dtype(hf: Mapping[str, Any], stored: Mapping[str, int],
+                  directory: str) -> tuple[str, str | None]:
+  """(the tensors' dtype name, a one-line mismatch or None) from {header dtype: entries}."""
+  names = {v: k for k, v in DTYPE_NAMES.items()}
+  code = max(sorted(stored), key=lambda c: stored[c])   # ties: alphabetical, so deterministic
+  dtype = names[code]
+  notes = []
+  if len(stored) > 1:
+    total = sum(stored.values())
+    notes.append("the tensors mix dtypes (" + ", ".join(
+        f"{names[c]} {stored[c] / total:.1%}" for c in sorted(stored, key=lambda c: -stored[c]))
+        + f" of the entries): the checkpoint's dtype is taken as {dtype}")
+  declared = hf.get("dtype") or hf.get("torch_dtype")
+  if declared is not None and declared != dtype:
+    notes.append(f"config.json says dtype {declared!r} but the tensors are stored as {dtype}: "
+                 f"{dtype} is used")
+  return dtype, (f"{directory}: " + "; ".join(notes) + ".") if notes else None
 
 
 def _by_file(files: Mapping[str, str], names) -> dict[str, list[str]]:
@@ -368,6 +412,7 @@ class Writer:
                overwrite: bool = False):
     if dtype not in DTYPE_NAMES:
       raise HFError(f"dtype={dtype!r}; write one of {sorted(DTYPE_NAMES)}.")
+    check_uniform(config)
     self.directory = os.path.abspath(directory)
     if os.path.isdir(self.directory) and os.listdir(self.directory) and not overwrite:
       raise HFError(f"{self.directory} exists and is not empty; pass overwrite=True to replace "

@@ -27,7 +27,9 @@ failed run leaves nothing.
 Calibration tokens (`config.calibration`): 'random' (uniform token ids,
 seeded: needs no tokenizer, what a smoke test wants), 'stdlib_text' (the
 bundled Python-source bytes; byte-level vocabularies of 256), or the path of
-a .npy file of int token ids, shape (sequences, length).
+a .npy file of int token ids, shape (sequences, length), at least
+(calibration_sequences, sequence_length): its first rows and tokens are used,
+a smaller file is an error naming it.
 
 Memory: one block's weights (float32) at a time, or the embedding while the
 calibration activations are made; the calibration activations (sequences x
@@ -91,7 +93,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def calibration_tokens(config: ml_collections.ConfigDict, vocab_size: int) -> np.ndarray:
-  """(calibration_sequences, sequence_length) int32 token ids from config.calibration."""
+  """(calibration_sequences, sequence_length) int32 token ids from config.calibration.
+
+  A .npy file gives its first calibration_sequences rows, each cut to its
+  first sequence_length tokens; a file with fewer rows or shorter rows is a
+  ConfigError saying how many tokens it needs and has.
+  """
   count, length = config.calibration_sequences, config.sequence_length
   source = config.calibration
   if source == "random":
@@ -110,7 +117,13 @@ def calibration_tokens(config: ml_collections.ConfigDict, vocab_size: int) -> np
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
       raise config_checks.ConfigError(f"config.calibration={source!r}: holds {tokens.dtype} of "
                                       f"shape {tokens.shape}, not int token ids (sequences, length).")
-    tokens = tokens[:count].astype(np.int32)
+    have, need = tokens.shape, (count, length)
+    if have[0] < count or have[1] < length:   # a short file is never used silently
+      raise config_checks.ConfigError(
+          f"config.calibration={source!r}: needs {count} sequences x {length} tokens "
+          f"({count * length:,} tokens: calibration_sequences x sequence_length), has "
+          f"{have[0]} x {have[1]} ({tokens.size:,}).")
+    tokens = tokens[:count, :length].astype(np.int32)
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
     raise config_checks.ConfigError(f"config.calibration={source!r}: token ids in "
                                     f"[{tokens.min()}, {tokens.max()}], vocabulary {vocab_size}.")
@@ -168,6 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   except hf_io.HFError as e:
     raise config_checks.ConfigError(f"config.model_path: {e}") from e
   model_config, table = checkpoint.config, checkpoint.table
+  if checkpoint.mismatch:
+    log(f"[hf_oneshot] note: {checkpoint.mismatch}")
   out_dtype = config.dtype or checkpoint.dtype
   if os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
     raise config_checks.ConfigError(f"--workdir {workdir} exists and is not empty; pass "

@@ -66,16 +66,18 @@ LR_SCHEDULES = ("constant", "cosine")
 ALLOCATIONS = ("uniform", "erk", "global", "lamp")
 # The values a `config.pruning.dst` field left None takes, per method.
 DST_DEFAULTS = {
-    # RigL (Evci et al. 2020, google-research/rigl); SET runs with them too.
+    # RigL (Evci et al. 2020, google-research/rigl); SET runs with them too, but, as
+    # rigl's SparseSETOptimizer, takes the optimizer step on an update step before it
+    # drops and grows (SparseRigLOptimizer's mask update replaces the step).
     "rigl": {"drop_fraction": 0.3, "end_fraction": 0.75, "min_drop_fraction": 0.0,
-             "rounding": "floor", "regrow_scope": None},
+             "rounding": "floor", "regrow_scope": None, "gradient_on_update": False},
     # GraNet's code (VITA-Group/GraNet, sparselearning/core.py): `--prune-rate` 0.5
     # decayed by CosineDecay(eta_min=0.005) over all steps, with drop and grow to
     # the end; ceil counts; global pruning (method 'GraNet') regrows per layer.
     "granet": {"drop_fraction": 0.5, "end_fraction": 1.0, "min_drop_fraction": 0.005,
-               "rounding": "ceil", "regrow_scope": "leaf"},
+               "rounding": "ceil", "regrow_scope": "leaf", "gradient_on_update": False},
 }
-DST_DEFAULTS["set"] = DST_DEFAULTS["rigl"]
+DST_DEFAULTS["set"] = {**DST_DEFAULTS["rigl"], "gradient_on_update": True}
 
 
 def _compile(pattern: str, key: str):
@@ -238,9 +240,9 @@ def dst_options(pruning: ml_collections.ConfigDict) -> dict:
           f"config.pruning.dst.regrow_scope='global' needs config.pruning.allocation="
           f"'global' (not {pruning.allocation!r}): regrowth across layers would undo its "
           "per-layer counts.")
-  if not isinstance(dst.gradient_on_update, bool):
+  if not isinstance(options["gradient_on_update"], bool):
     raise ConfigError(f"config.pruning.dst.gradient_on_update={dst.gradient_on_update!r} "
-                      "must be True or False.")
+                      "must be True, False or None (the method's).")
   return options
 
 
@@ -494,7 +496,7 @@ def drop_and_grow(config: ml_collections.ConfigDict,
       update_every=dst.update_every, drop_fraction=options["drop_fraction"], decay=dst.decay,
       allocation=config.pruning.allocation, initial_masks="random" if sparse_start else "dense",
       leaf_filter=leaf_filter(config.pruning), key=jax.random.key(config.seed),
-      gradient_on_update=dst.gradient_on_update,
+      gradient_on_update=options["gradient_on_update"],
       min_drop_fraction=options["min_drop_fraction"], rounding=options["rounding"],
       regrow_scope=options["regrow_scope"])
 

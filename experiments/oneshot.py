@@ -25,16 +25,21 @@ the table is printed. For text the table also gives a unigram model (byte
 frequencies of the training split): what a model that learned nothing about
 context scores.
 
-Besides the library's methods, three layer-adaptive rows (unstructured
-targets only; their N:M rows are left out, '-' in the table):
+Besides the library's methods, three layer-adaptive rows:
 
   lamp           magnitude pruning with LAMP's allocation (Lee et al. 2021):
                  one global top-k over the LAMP scores of every chosen kernel
-                 gives each kernel its count (`allocation='lamp'`);
+                 gives each kernel its count (`allocation='lamp'`); unstructured
+                 targets only (its N:M rows are left out, '-' in the table);
   owl_wanda      Wanda, and SparseGPT, with OWL's per-block sparsities (Yin
   owl_sparsegpt  et al. 2024): from the dense model's outlier ratios
                  (`config.owl.m`, `config.owl.lam`), recorded in the row's
-                 JSON as `group_sparsities` and `outlier_ratios`.
+                 JSON as `group_sparsities` and `outlier_ratios`. At an N:M
+                 target of `config.patterns`, OWL's N:M variant: each block
+                 keeps its own N_l of every M (`sparsejax.owl.owl_nm`, spread
+                 `config.owl.nm_lam` in weights of every M, sum of N_l kept),
+                 recorded as `group_patterns`; exported with bit masks (the
+                 N:M file layout needs one N).
 """
 
 from __future__ import annotations
@@ -129,6 +134,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                       "config.owl.lam (see experiments/configs/oneshot_lm.py).")
     config_checks.number(config.owl.m, "owl.m", 0.0, low_open=True)
     config_checks.number(config.owl.lam, "owl.lam", 0.0, 0.5, high_open=True)
+    if config.patterns:
+      if "nm_lam" not in config.owl:
+        raise config_checks.ConfigError("config.owl.nm_lam is missing: OWL's N:M rows need it "
+                                        "(see experiments/configs/oneshot_lm.py).")
+      config_checks.number(config.owl.nm_lam, "owl.nm_lam", 0.0)
   config_checks.at_least(config.calibration_sequences, 1, "calibration_sequences")
   config_checks.at_least(config.calibration_batch, 1, "calibration_batch")
   config_checks.at_least(config.block_size, 1, "block_size")
@@ -153,7 +163,7 @@ def check_layers(config: ml_collections.ConfigDict, trainer: trainer_lib.Trainer
   leaf_filter = methods_lib.leaf_filter(config, section="")
   for method in config.methods:
     for _, target in targets(config):
-      if method in ADAPTIVE and "nm" in target:
+      if method == "lamp" and "nm" in target:
         continue
       try:
         oneshot_lib.check_layers(shapes, ADAPTIVE.get(method, method), leaf_filter=leaf_filter,
@@ -227,20 +237,26 @@ def _scores(test: dict, text: bool) -> dict:
           "test_bits_per_byte": test["loss"] / math.log(2) if text else ""}
 
 
-def owl_targets(params, dense_norms, config: ml_collections.ConfigDict, sparsity: float,
-                leaf_filter) -> tuple[dict[str, float], dict[str, float]]:
-  """OWL's (outlier ratios, per-block sparsities) of the dense `params` at `sparsity`.
+def owl_targets(params, dense_norms, config: ml_collections.ConfigDict, target: dict,
+                leaf_filter) -> tuple[dict[str, float], dict]:
+  """OWL's (outlier ratios, per-block targets) of the dense `params` at `target`.
 
   `dense_norms` holds diag(X^T X) of every kernel's inputs in the dense model.
+  `target` is {'sparsity': s} (per-block sparsities, `owl_sparsities`) or
+  {'nm': (n, m)} (per-block (N_l, m), `owl_nm`).
 
   Raises:
-    ConfigError: naming config.owl.lam, when a block's sparsity would leave [0, 1).
+    ConfigError: naming config.owl.lam (or config.owl.nm_lam), when a
+      block's sparsity would leave [0, 1) (or its N_l leave [1, M]).
   """
   ratios = owl_lib.outlier_ratios(params, dense_norms, m=config.owl.m, leaf_filter=leaf_filter)
+  key = "nm_lam" if "nm" in target else "lam"
   try:
-    return ratios, owl_lib.owl_sparsities(ratios, sparsity, lam=config.owl.lam)
+    if "nm" in target:
+      return ratios, owl_lib.owl_nm(ratios, target["nm"], lam=config.owl.nm_lam)
+    return ratios, owl_lib.owl_sparsities(ratios, target["sparsity"], lam=config.owl.lam)
   except ValueError as e:
-    raise config_checks.ConfigError(f"config.owl.lam: {e}") from e
+    raise config_checks.ConfigError(f"config.owl.{key}: {e}") from e
 
 
 def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessians_fn,
@@ -262,11 +278,16 @@ def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessi
   else:
     kwargs = dict(target)
     if method.startswith("owl_"):
-      ratios, groups = owl_targets(state.params, dense_norms(), config, target["sparsity"],
-                                   leaf_filter)
+      ratios, groups = owl_targets(state.params, dense_norms(), config, target, leaf_filter)
       log("  [owl] outlier ratios (%): " + ", ".join(f"{g} {r:.3f}" for g, r in ratios.items()))
-      kwargs["sparsity"] = groups
-      extra = {"outlier_ratios": ratios, "group_sparsities": groups}
+      if "nm" in target:
+        kwargs["nm"] = groups
+        extra = {"outlier_ratios": ratios,
+                 "group_patterns": {g: f"{n}:{m}" for g, (n, m) in groups.items()}}
+        log("  [owl] N of every M: " + ", ".join(f"{g} {n}" for g, (n, _) in groups.items()))
+      else:
+        kwargs["sparsity"] = groups
+        extra = {"outlier_ratios": ratios, "group_sparsities": groups}
     params, masks = oneshot_lib.prune_sequentially(
         state.params, hessians_fn if base != "magnitude" else None, base,
         leaf_filter=leaf_filter,
@@ -282,15 +303,20 @@ def prune_row(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState, hessi
   worst = ""
   nm = target.get("nm")
   if nm is not None:
-    worst = max(sparsejax.nm.max_nonzeros_per_group(params, masks, nm[1]).values())
-    if worst > nm[0]:
-      raise RuntimeError(f"{method} {nm[0]}:{nm[1]} kept {worst} weights in a group (a bug)")
+    group, patterns = oneshot_lib.block_group(), extra.get("group_patterns")
+    by_leaf = sparsejax.nm.max_nonzeros_per_group(params, masks, nm[1])
+    worst = max(by_leaf.values())
+    for path, most in by_leaf.items():   # OWL: each block against its own N
+      if most > (nm[0] if patterns is None else int(patterns[group(path)].split(":")[0])):
+        raise RuntimeError(f"{method} {_pattern(target)}: {path} kept {most} weights in a group "
+                           "(a bug)")
   name = os.path.basename(directory)
   with SparseCheckpointManager(directory, async_save=False) as manager:
     manager.save(int(state.step), params=params, masks=masks, overwrite=True,
                  meta={"train_config": workdir_lib.config_dict(trainer.config),
                        "method": method, "pattern": _pattern(target)})
-  stats = export_sparse(params, masks, directory + ".npz", nm=nm)
+  stats = export_sparse(params, masks, directory + ".npz",
+                        nm=None if "group_patterns" in extra else nm)
   log(f"  {name}: pruned in {seconds:.1f} s, test loss {test['loss']:.4f}")
   return {"method": method, "pattern": _pattern(target), **_scores(test, trainer.data.text),
           "sparsity": 1.0 - kept / total, "max_nonzeros_per_group": worst,
@@ -352,7 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   check_config(config)
   planned = [(f"{method}_{name}", method, target)
              for method in config.methods for name, target in targets(config)
-             if not (method in ADAPTIVE and "nm" in target)]   # unstructured only
+             if not (method == "lamp" and "nm" in target)]   # lamp: unstructured only
   trainer = trained(config.train_workdir)
   config_checks.check_leaf_filters(config, jax.eval_shape(trainer.initial_state).params, "")
   check_layers(config, trainer)

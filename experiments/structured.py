@@ -77,6 +77,39 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_checks.at_least(config.eval_sequences, 0, "eval_sequences")
 
 
+def check_groups(config: ml_collections.ConfigDict, model, name: str, groups) -> None:
+  """Rejects, naming the key and the layer, a method or multiple the model's groups cannot take.
+
+  Run before anything is restored, calibrated or written: calibrated methods
+  need Linen Dense consumers (input statistics), FLAP needs a bias on every
+  consumer (its compensation is added to it; a params tree cannot grow a
+  leaf its model does not declare), and `multiple` must be valid.
+  """
+  calibrated = [m for m in config.methods if m != "magnitude_sp"]
+  if calibrated:   # Wanda-sp and FLAP read the inputs of each group's consumer kernel
+    if hasattr(model, "nnx_model"):
+      raise config_checks.ConfigError(
+          f"config.methods: {calibrated} need input statistics, captured from Linen Dense "
+          f"layers; model '{name}' is NNX: use magnitude_sp.")
+    without = [g.name for g in groups if g.consumer is None]
+    if without:
+      raise config_checks.ConfigError(
+          f"config.methods: {calibrated} need each group's consumer kernel; model "
+          f"'{name}' has groups without one ({', '.join(without)}): use magnitude_sp.")
+  if "flap" in config.methods:
+    without = [g.consumer.path for g in groups if g.bias is None]
+    if without:
+      raise config_checks.ConfigError(
+          f"config.methods: flap adds its compensation to each consumer's bias; model '{name}' "
+          f"has consumers without one ({', '.join(without)}): use wanda_sp or magnitude_sp.")
+  if config.multiple:
+    try:
+      structure.rounded_keep(
+          groups, {g.name: np.ones(g.units, bool) for g in groups}, config.multiple)
+    except ValueError as e:
+      raise config_checks.ConfigError(f"config.multiple: {e}") from e
+
+
 def count(tree) -> int:
   """Number of parameters (entries of every array) of a tree."""
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
@@ -181,24 +214,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     groups = model_structure.groups(trainer.model, shapes)
   except ValueError as e:
     raise config_checks.ConfigError(f"config.train_workdir: {e}") from e
+  check_groups(config, trainer.model, trainer.config.model.name, groups)
   calibrated = [m for m in config.methods if m != "magnitude_sp"]
-  if calibrated:   # Wanda-sp and FLAP read the inputs of each group's consumer kernel
-    if hasattr(trainer.model, "nnx_model"):
-      raise config_checks.ConfigError(
-          f"config.methods: {calibrated} need input statistics, captured from Linen Dense "
-          f"layers; model '{trainer.config.model.name}' is NNX: use magnitude_sp.")
-    without = [g.name for g in groups if g.consumer is None]
-    if without:
-      raise config_checks.ConfigError(
-          f"config.methods: {calibrated} need each group's consumer kernel; model "
-          f"'{trainer.config.model.name}' has groups without one ({', '.join(without)}): "
-          "use magnitude_sp.")
-  if config.multiple:
-    try:
-      structure.rounded_keep(
-          groups, {g.name: np.ones(g.units, bool) for g in groups}, config.multiple)
-    except ValueError as e:
-      raise config_checks.ConfigError(f"config.multiple: {e}") from e
   source = workdir_lib.identity(workdir_lib.config_dict(trainer.config), os.path.join(
       config.train_workdir, trainer_lib.CHECKPOINT_DIR))
   status = workdir_lib.check(workdir, config, overwrite, RUN_FILES)

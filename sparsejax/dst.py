@@ -9,9 +9,12 @@ drop fraction f decays from `drop_fraction` (alpha) by a cosine to
 starts at 0.0 with its optimizer moments reset to 0; a weight dropped and
 grown back in the same update is left as it was (RigL's rule), so per leaf
 the count of active weights never changes (with `regrow_scope='global'`,
-the total count). As in RigL's code, an update step only drops and grows:
-the optimizer step is skipped there (`gradient_on_update=True` takes it
-too).
+the total count). On an update step each method does what its authors'
+code does (google-research/rigl, `rigl/sparse_optimizers.py`): RigL
+(`SparseRigLOptimizer`) only drops and grows, the mask update replacing the
+optimizer step; SET (`SparseSETOptimizer`) takes the optimizer step and then
+drops and grows from the stepped weights. `gradient_on_update` picks either
+for any growth (default: SET's for grow='random', RigL's for 'gradient').
 
 With a growing sparsity schedule this is GraNet (Liu et al. 2021): on the
 same update steps the masks first follow the schedule by magnitude (Zhu &
@@ -183,7 +186,7 @@ class DropAndGrow:
       from dense).
     leaf_filter: (path, leaf) -> bool; default: arrays with ndim >= 2.
     key: PRNG key for the random initial masks and SET's growth.
-    gradient_on_update: False (RigL's code, `SparseRigLOptimizerBase`: the
+    gradient_on_update: False (RigL's code, `SparseRigLOptimizer`: the
       mask update replaces the optimizer step): on an update step the inner
       optimizer is not called; the kept weights keep their values, dropped
       ones go to 0.0, grown ones start at 0.0, and the inner state is the
@@ -193,8 +196,13 @@ class DropAndGrow:
       leaves (momentum, Adam's mu and nu) are 0 at the grown entries
       (RigL's `reset_momentum`, initial_acc_scale=0). This wrapper's own
       count advances, so update steps stay multiples of `update_every`.
-      True: the step also trains the weights kept by the update with this
-      step's gradient.
+      True (RigL's code's SET, `SparseSETOptimizer.apply_gradients`): the
+      optimizer step first, on the weights active before the update, then
+      the schedule's pruning and the drop by the magnitudes of the stepped
+      weights, and the growth; kept weights keep their stepped values,
+      grown ones start at 0.0 with their moments reset after the step.
+      None (default): True for grow='random' (SET), False for 'gradient'
+      (RigL, GraNet).
   """
 
   schedule: Any
@@ -207,7 +215,7 @@ class DropAndGrow:
   initial_masks: str = "random"
   leaf_filter: trees.LeafFilter | None = None
   key: jax.Array | None = None
-  gradient_on_update: bool = False
+  gradient_on_update: bool | None = None
   min_drop_fraction: float = 0.0
   rounding: str = "floor"
   regrow_scope: str | None = None
@@ -241,10 +249,17 @@ class DropAndGrow:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an int >= 1.")
-    if not isinstance(self.gradient_on_update, bool):
-      raise ValueError(f"gradient_on_update={self.gradient_on_update!r} must be a bool.")
+    if self.gradient_on_update is not None and not isinstance(self.gradient_on_update, bool):
+      raise ValueError(f"gradient_on_update={self.gradient_on_update!r} must be a bool or None.")
     if self.key is None and (self.grow == "random" or self.initial_masks == "random"):
       raise ValueError("random initial masks and random growth need key=jax.random.key(seed).")
+
+  def steps_on_update(self) -> bool:
+    """Whether an update step takes the optimizer step before it drops and grows
+    (`gradient_on_update`; None: SET's code does, RigL's does not)."""
+    if self.gradient_on_update is None:
+      return self.grow == "random"
+    return self.gradient_on_update
 
   def _magnitude(self) -> gradual.GradualMagnitudePruning:
     return gradual.GradualMagnitudePruning(self.schedule, allocation=self.allocation,
@@ -312,9 +327,10 @@ class DropAndGrow:
     """Wraps `inner`: its state becomes a `PruningState` holding the masks.
 
     A step off the update steps trains the weights active in the masks. On
-    an update step the masks change (drop and grow) and, by default, the
-    weights are not trained (RigL's code; see `gradient_on_update`):
-    dropped weights go to 0.0, grown ones stay 0.0 with their moments reset.
+    an update step the masks change (drop and grow): with RigL's growth the
+    weights are not trained, with SET's they are trained first (each as its
+    authors' code does; see `gradient_on_update`); dropped weights go to
+    0.0, grown ones stay 0.0 with their moments reset.
 
     By default the update decides inside the step (`lax.cond`), which is
     right for any caller but costs every step on CPU (the branch keeps XLA
@@ -345,18 +361,24 @@ class DropAndGrow:
                             **extra_args)
 
       def regrow_fn():
-        new, grown = self._regrown(params, masks, updates, step)
         # Grown weights start at 0.0 (their update is -w: they are 0.0 already
         # unless the schedule pruned them this step) and their moments restart.
-        trained = jax.tree.map(lambda m, g: None if m is None else m & ~g, new, grown,
-                               is_leaf=lambda x: x is None)
-        if not self.gradient_on_update:  # RigL: the mask update replaces the optimizer step
+        trained_of = lambda new, grown: jax.tree.map(
+            lambda m, g: None if m is None else m & ~g, new, grown, is_leaf=lambda x: x is None)
+        if not self.steps_on_update():  # RigL: the mask update replaces the optimizer step
+          new, grown = self._regrown(params, masks, updates, step)
           zeros = jax.tree.map(jnp.zeros_like, updates)
           return (new, reset_where(state.inner_state, inner.init, grown),
-                  gradual.updates_to_zero(zeros, params, trained))
-        inner_updates, inner_state = train()
+                  gradual.updates_to_zero(zeros, params, trained_of(new, grown)))
+        # SET: the optimizer step on the weights active before the update, then the
+        # schedule, the drop (by the stepped magnitudes) and the growth.
+        inner_updates, inner_state = inner.update(
+            gradual.zero_pruned(updates, state.masks), state.inner_state, params, **extra_args)
+        stepped = _add(params, gradual.updates_to_zero(inner_updates, params, state.masks))
+        new, grown = self._regrown(stepped, self._scheduled(stepped, state.masks, step), updates,
+                                   step)
         return (new, reset_where(inner_state, inner.init, grown),
-                gradual.updates_to_zero(inner_updates, params, trained))
+                gradual.updates_to_zero(inner_updates, params, trained_of(new, grown)))
 
       def keep():
         inner_updates, inner_state = train()
@@ -370,6 +392,16 @@ class DropAndGrow:
       return out, gradual.PruningState(count, masks, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _add(params: PyTree, updates: PyTree) -> PyTree:
+  """params + updates leaf by leaf, in params' tree type (updates may be another, e.g.
+  an NNX State, with the same leaf order)."""
+  flat_p, treedef = jax.tree.flatten(params, is_leaf=trees.is_empty)
+  flat_u = jax.tree.leaves(updates, is_leaf=trees.is_empty)
+  return jax.tree.unflatten(treedef, [
+      p if trees.is_empty(p) or trees.is_empty(u) else (p + u).astype(p.dtype)
+      for p, u in zip(flat_p, flat_u, strict=True)])
 
 
 def active_counts(masks: PyTree) -> dict[str, int]:

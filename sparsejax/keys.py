@@ -36,11 +36,14 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   if not wide and dtype != jnp.float32:
     x = x.astype(jnp.float32)  # exact for bf16, f16, bool and small integers
   bits = jax.lax.bitcast_convert_type(x, key_type)
-  # -0.0 -> +0.0, tested on the bits: `x == 0` would also match subnormals,
-  # which XLA:CPU flushes to zero in comparisons.
-  bits = jnp.where((bits & ~sign) == 0, np.array(0, key_type), bits)
+  # Every test is on the bits, never on the float: XLA:CPU flushes subnormals
+  # to zero in float comparisons, and a float test (`x == 0`, `isnan(x)`)
+  # fused with the bitcast made XLA:CPU read the subnormals as zero.
+  magnitude = bits & ~sign
+  infinity = np.array(0x7FF0000000000000 if wide else 0x7F800000, key_type)
+  bits = jnp.where(magnitude == 0, np.array(0, key_type), bits)  # -0.0 -> +0.0
   keys = jnp.where(bits >= sign, ~bits, bits | sign)
-  return jnp.where(jnp.isnan(x), np.array(_NAN_KEY, key_type), keys)
+  return jnp.where(magnitude > infinity, np.array(_NAN_KEY, key_type), keys)
 
 
 def key_family(dtype) -> str:

@@ -49,6 +49,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 HessiansFn = Callable[[PyTree], Mapping[str, jax.Array]]
 # One sparsity for every kernel, or one per group: {group name: sparsity} or group -> sparsity.
 GroupSparsity = float | Mapping[str, float] | Callable[[str], float]
+# One N:M pattern for every kernel, or one per group (OWL's N:M variant gives each block its N).
+GroupNM = tuple[int, int] | Mapping[str, tuple[int, int]] | Callable[[str], tuple[int, int]]
 
 
 def check_target(sparsity=None, nm: tuple[int, int] | None = None) -> None:
@@ -74,6 +76,24 @@ def check_solver(block_size, dampening) -> None:
     raise ValueError(f"dampening={dampening!r} must be a finite number > 0.")
 
 
+def _group_values(value, names: list[str], key: str) -> dict:
+  """{group: its value} from one value, a dict naming every group and no other, or a callable."""
+  if isinstance(value, Mapping):
+    missing = [n for n in names if n not in value]
+    unknown = [k for k in value if k not in names]
+    listed = f"groups: {names[:8]}{'...' if len(names) > 8 else ''}"
+    if missing:
+      raise ValueError(f"{key} has no entry for group {missing[0]!r} ({len(missing)} missing; "
+                       f"{listed}).")
+    if unknown:
+      raise ValueError(f"{key} names group {unknown[0]!r}, which holds no chosen kernel "
+                       f"({listed}).")
+    return {n: value[n] for n in names}
+  if callable(value):
+    return {n: value(n) for n in names}
+  return {n: value for n in names}
+
+
 def group_sparsities(sparsity: GroupSparsity, names: Iterable[str]) -> dict[str, float]:
   """{group: its sparsity} for the groups `names`, from one sparsity, a dict or a callable.
 
@@ -84,21 +104,7 @@ def group_sparsities(sparsity: GroupSparsity, names: Iterable[str]) -> dict[str,
   >>> group_sparsities({'block_0': 0.4, 'block_1': 0.6}, ['block_0', 'block_1'])
   {'block_0': 0.4, 'block_1': 0.6}
   """
-  names = list(dict.fromkeys(names))
-  if isinstance(sparsity, Mapping):
-    missing = [n for n in names if n not in sparsity]
-    unknown = [k for k in sparsity if k not in names]
-    if missing:
-      raise ValueError(f"sparsity has no entry for group {missing[0]!r} ({len(missing)} missing; "
-                       f"groups: {names[:8]}{'...' if len(names) > 8 else ''}).")
-    if unknown:
-      raise ValueError(f"sparsity names group {unknown[0]!r}, which holds no chosen kernel "
-                       f"(groups: {names[:8]}{'...' if len(names) > 8 else ''}).")
-    values = {n: sparsity[n] for n in names}
-  elif callable(sparsity):
-    values = {n: sparsity(n) for n in names}
-  else:
-    values = {n: sparsity for n in names}
+  values = _group_values(sparsity, list(dict.fromkeys(names)), "sparsity")
   for name, value in values.items():
     try:
       check_target(value)
@@ -107,45 +113,75 @@ def group_sparsities(sparsity: GroupSparsity, names: Iterable[str]) -> dict[str,
   return {n: float(v) for n, v in values.items()}
 
 
-def _per_group(sparsity) -> bool:
-  return isinstance(sparsity, Mapping) or callable(sparsity)
+def group_patterns(nm: GroupNM, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+  """{group: its (N, M)} for the groups `names`, from one pattern, a dict or a callable.
+
+  As `group_sparsities`: a dict names every group and no other, a callable
+  is asked once per group, and each value must be (N, M) with ints
+  0 < N <= M (the error names the group). Groups may differ in M as well as N.
+
+  >>> group_patterns({'block_0': (3, 4), 'block_1': (1, 4)}, ['block_0', 'block_1'])
+  {'block_0': (3, 4), 'block_1': (1, 4)}
+  """
+  values = _group_values(nm, list(dict.fromkeys(names)), "nm")
+  for name, value in values.items():
+    try:
+      if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"nm must be (N, M) with ints 0 < N <= M, got {value!r}.")
+      check_target(nm=tuple(value))
+    except ValueError as e:
+      raise ValueError(f"group {name!r}: {e}") from None
+  return {n: (int(v[0]), int(v[1])) for n, v in values.items()}
+
+
+def _per_group(target) -> bool:
+  return isinstance(target, Mapping) or callable(target)
+
+
+def _check_targets(sparsity, nm) -> None:
+  """Exactly one of sparsity / nm, each one value (checked here) or per group (checked later)."""
+  if not _per_group(sparsity) and not _per_group(nm):
+    check_target(sparsity, nm)
+  elif (sparsity is None) == (nm is None):
+    raise ValueError("give either sparsity= or nm=(n, m) (each may be per group), got both.")
 
 
 def check_layers(params: PyTree, method: str, *, sparsity: GroupSparsity | None = None,
-                 nm: tuple[int, int] | None = None, leaf_filter: trees.LeafFilter | None = None,
+                 nm: GroupNM | None = None, leaf_filter: trees.LeafFilter | None = None,
                  axes: layouts.AxesSpec = None, block_size: int = 128,
                  group: Callable[[str], str] | None = None) -> None:
   """Raises, naming the first leaf (or group), if the target cannot apply to a chosen kernel.
 
-  `sparsity` may be one value or, per group (`group`, default
-  `block_group()`), a dict or callable (`group_sparsities`): each group's own
-  target is checked. Reads only shapes (`params` may hold
+  `sparsity` or `nm` may be one value or, per group (`group`, default
+  `block_group()`), a dict or callable (`group_sparsities`,
+  `group_patterns`): each group's own target is checked, and each kernel
+  against its group's M. Reads only shapes (`params` may hold
   `jax.ShapeDtypeStruct` values), so a run can check every layer before it prunes
   (or writes) anything.
   """
+  _check_targets(sparsity, nm)
+  leaves = trees.named_leaves(params)
+  chosen = pruning.prunable_leaves(params, leaf_filter)
+  group = group or block_group()
   if _per_group(sparsity):
-    if nm is not None:
-      check_target(sparsity, nm)   # raises: both given
-    leaves = trees.named_leaves(params)
-    group = group or block_group()
-    group_sparsities(sparsity, [group(leaves[i].path)
-                                for i in pruning.prunable_leaves(params, leaf_filter)])
+    group_sparsities(sparsity, [group(leaves[i].path) for i in chosen])
     return
-  check_target(sparsity, nm)
   if nm is None:
     return
-  if method == "sparsegpt" and block_size % nm[1]:
-    raise ValueError(f"sparsegpt N:M {nm[0]}:{nm[1]} needs block_size ({block_size}) divisible "
-                     f"by M={nm[1]}.")
+  patterns = (group_patterns(nm, [group(leaves[i].path) for i in chosen]) if _per_group(nm)
+              else None)
   rule = layouts.as_rule(axes)
-  leaves = trees.named_leaves(params)
-  for i in pruning.prunable_leaves(params, leaf_filter):
+  for i in chosen:
     path, shape = leaves[i].path, tuple(leaves[i].value.shape)
+    n, m = nm if patterns is None else patterns[group(path)]
+    if method == "sparsegpt" and block_size % m:
+      raise ValueError(f"sparsegpt N:M {n}:{m} needs block_size ({block_size}) divisible "
+                       f"by M={m}.")
     contraction = tuple(rule(path, shape))
     d_in = math.prod(shape[a] for a in contraction)
-    if d_in % nm[1]:
+    if d_in % m:
       raise ValueError(f"{path}: kernel of shape {shape} has {d_in} inputs (axes {contraction}), "
-                       f"not divisible by M={nm[1]} of N:M {nm[0]}:{nm[1]}; exclude it.")
+                       f"not divisible by M={m} of N:M {n}:{m}; exclude it.")
 
 
 def check_method(method: str) -> None:
@@ -491,7 +527,7 @@ def block_group(pattern: str = r"^.*?(?:_\d+|(?:^|/)\d+)(?=/)") -> Callable[[str
 
 
 def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: str, *,
-                       sparsity: GroupSparsity | None = None, nm: tuple[int, int] | None = None,
+                       sparsity: GroupSparsity | None = None, nm: GroupNM | None = None,
                        leaf_filter: trees.LeafFilter | None = None,
                        axes: layouts.AxesSpec = None, group: Callable[[str], str] | None = None,
                        per_output: bool | None = None, block_size: int = 128,
@@ -516,7 +552,9 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
                                        'wanda', sparsity=targets)
 
   (SparseGPT the same way, with `linen_hessians(model, batches)` in the last
-  line.) Each distinct sparsity compiles its own program per kernel shape.
+  line.) `nm` may be per group too: OWL's N:M variant gives each block its
+  own N of every M (`owl.owl_nm`). Each distinct target compiles its own
+  program per kernel shape.
 
   Args:
     params: any params pytree (Linen dict, NNX state).
@@ -526,7 +564,8 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
     sparsity: the fraction to prune from every chosen kernel, in [0, 1), or
       per group: {group name: sparsity} naming every group and no other, or
       a callable group name -> sparsity.
-    nm: (N, M): keep N of every M inputs instead.
+    nm: (N, M): keep N of every M inputs instead; or per group, a dict
+      {group name: (N, M)} naming every group and no other, or a callable.
     leaf_filter: (path, leaf) -> bool; default: arrays of ndim >= 2.
     axes: contraction axes of each kernel (`layouts`); default rule.
     group: path -> group name; default `block_group()`.
@@ -547,9 +586,7 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
       not capture, NaN or inf in a kernel or its X^T X.
   """
   check_method(method)
-  per_group = _per_group(sparsity)
-  if not per_group:
-    check_target(sparsity, nm)
+  _check_targets(sparsity, nm)
   check_solver(block_size, dampening)
   check_per_output(method, per_output)
   if method != "magnitude" and hessians_fn is None:
@@ -562,8 +599,9 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
   leaves = trees.named_leaves(params)
   chosen = pruning.prunable_leaves(params, leaf_filter)
   index = {leaves[i].path: i for i in chosen}
-  targets = (None if sparsity is None
-             else group_sparsities(sparsity, [group(path) for path in index]))
+  names = [group(path) for path in index]
+  targets = None if sparsity is None else group_sparsities(sparsity, names)
+  patterns = None if nm is None else group_patterns(nm, names)
   if method == "magnitude":
     order = list(index)
   else:
@@ -589,10 +627,12 @@ def prune_sequentially(params: PyTree, hessians_fn: HessiansFn | None, method: s
       kernel = values[i]
       values[i], masks[i] = prune_layer(
           kernel, None if method == "magnitude" else hessians[path], method,
-          sparsity=None if targets is None else targets[name], nm=nm, axes=rule(path, kernel.shape), per_output=per_output, block_size=block_size,
-          dampening=dampening, name=path)
+          sparsity=None if targets is None else targets[name],
+          nm=None if patterns is None else patterns[name], axes=rule(path, kernel.shape),
+          per_output=per_output, block_size=block_size, dampening=dampening, name=path)
     if log:
-      target = f" at sparsity {targets[name]:.4g}" if per_group else ""
+      target = (f" at sparsity {targets[name]:.4g}" if _per_group(sparsity)
+                else f" at N:M {patterns[name][0]}:{patterns[name][1]}" if _per_group(nm) else "")
       log(f"[{method}] group {number + 1}/{len(groups)} {name}: {len(paths)} kernel(s) pruned"
           f"{target}")
   pruned = jax.tree.unflatten(jax.tree.structure(params), values)

@@ -23,6 +23,12 @@ score and prune only the blocks' linear layers: a kernel outside the blocks
 unless `leaf_filter` (the same in `outlier_ratios` and `prune_sequentially`)
 leaves it out.
 
+The N:M variant (`owl_nm`; the authors' `prune_wanda_outlier_structure`)
+gives each block its own N of every M instead: the D_l are scaled to
+[0, lambda] with lambda in weights per group of M (the authors' README
+runs it with lambda = 2), centred on 0, and block l keeps N + that of every
+M, rounded to an integer N_l (see `owl_nm` for the rounding).
+
 Where this differs, on purpose: when every block has the same ratio (or
 there is one block) the authors divide by zero (NaN sparsities); here every
 block gets S. A block sparsity outside [0, 1) is an error naming the block
@@ -147,4 +153,79 @@ def owl_sparsities(outlier_ratios: Mapping[str, float], sparsity: float, *,
       raise ValueError(f"group {name!r}: OWL sparsity {s:.4g} is outside [0, 1) at sparsity "
                        f"{sparsity} and lam={lam}; lower lam.")
     result[name] = s
+  return result
+
+
+ROUNDINGS = ("exact", "nearest")   # owl_nm: largest remainder (the sum kept) or the authors' np.round
+
+
+def owl_nm(outlier_ratios: Mapping[str, float], nm: tuple[int, int], *, lam: float = 2.0,
+           rounding: str = "exact") -> dict[str, tuple[int, int]]:
+  """{group: (N_l, M)}: OWL's N:M variant, each group keeping its own N_l of every M.
+
+  Read from the authors' `prune_wanda_outlier_structure` (luuyin/OWL,
+  `lib/prune_all.py`): the offsets c = (D - min D) / (max D - min D) * lam,
+  less their (unweighted) mean, so they sum to 0; lam is in weights per group
+  of M (their `--Lamda`, 2 in their README's N:M example; the unstructured
+  `owl_sparsities` spans 2 lam of density instead). Group l keeps N + c_l of
+  every M, rounded (the authors prune `prune_n - round(c_l)` of every M: the
+  same N_l in their convention of N counting pruned weights)::
+
+    exact    (default) largest remainder: every group gets floor(N + c_l),
+             then the groups with the largest fractional parts (compared to 9
+             decimals; ties: the larger outlier ratio, then the earlier group)
+             get one more, as many as make sum N_l = groups * N.
+             So the mean of N_l / M is exactly N / M (the overall density,
+             when the groups are of equal size, as transformer blocks are),
+             and each N_l is N + c_l rounded down or up. It equals 'nearest'
+             whenever 'nearest' already keeps the sum (no c_l ending in .5).
+    nearest  the authors' `np.round` (halves to even) of each c_l on its
+             own: the sum may miss groups * N by up to groups / 2.
+
+  Their `..._structure_special` variant (an offset of exactly 1 made 2) is
+  not ported. Equal ratios (or one group) give every group N, where the
+  authors divide by zero.
+
+  >>> owl_nm({'block_0': 1.0, 'block_1': 4.0, 'block_2': 2.0}, (2, 4), lam=2.0)
+  {'block_0': (1, 4), 'block_1': (3, 4), 'block_2': (2, 4)}
+
+  Raises:
+    ValueError: for no groups, a non-finite ratio (naming the group), a bad
+      `nm`, `lam` < 0 or not finite, an unknown `rounding`, or a group's
+      N_l outside [1, M] (naming it: lower `lam`).
+  """
+  oneshot.check_target(nm=nm)
+  n, m = nm
+  if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+    raise ValueError(f"lam={lam!r} must be a finite number >= 0: the spread of N over the groups, "
+                     "in weights of every M (the authors use 2).")
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding={rounding!r}: use one of {ROUNDINGS}.")
+  if not outlier_ratios:
+    raise ValueError("owl_nm needs at least one group's outlier ratio.")
+  names = list(outlier_ratios)
+  ratios = np.asarray([outlier_ratios[g] for g in names], np.float64)
+  for name, value in zip(names, ratios):
+    if not math.isfinite(value):
+      raise ValueError(f"group {name!r}: outlier ratio {value} is not finite.")
+  spread = ratios.max() - ratios.min()
+  offsets = (ratios - ratios.min()) * (1.0 / spread * lam) if spread > 0 else np.zeros_like(ratios)
+  offsets = offsets - np.mean(offsets)
+  if rounding == "nearest":
+    kept = n + np.round(offsets).astype(np.int64)
+  else:
+    quotas = n + offsets
+    floors = np.floor(quotas)
+    remainders = np.round(quotas - floors, 9)   # float noise must not decide a floor or a tie
+    floors, remainders = floors + (remainders == 1.0), np.where(remainders == 1.0, 0.0, remainders)
+    kept = floors.astype(np.int64)
+    short = len(names) * n - int(kept.sum())  # in [0, groups): the offsets sum to 0
+    by_remainder = sorted(range(len(names)), key=lambda i: (-remainders[i], -ratios[i], i))
+    kept[by_remainder[:short]] += 1
+  result = {}
+  for name, k in zip(names, kept.tolist()):
+    if not 1 <= k <= m:
+      raise ValueError(f"group {name!r}: OWL keeps {k} of every {m}, outside [1, {m}] at N:M "
+                       f"{n}:{m} and lam={lam}; lower lam.")
+    result[name] = (int(k), m)
   return result

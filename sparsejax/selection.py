@@ -17,16 +17,17 @@ first.
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import kth
 from sparsejax.counts import check_sparsity
 from sparsejax.counts import keep_count
-from sparsejax.keys import count_true
 from sparsejax.keys import key_family
 from sparsejax.keys import sortable_keys
 
@@ -52,74 +53,70 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
     raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
 
 
-def _segment_sums(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segments: int) -> jax.Array:
-  return jnp.stack([sum((c for c, s in zip(per_leaf, segment_of) if s == j), jnp.int32(0))
-                    for j in range(segments)])
-
-
-def _select(keys: Sequence[jax.Array], segment_of: Sequence[int], k: jax.Array) -> list[jax.Array]:
-  """Top-k masks of several key arrays grouped in segments, in one pass each.
+def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[int, ...]],
+            segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
+            sample: int = kth._SAMPLE) -> list[jax.Array]:
+  """Top-k masks of several key arrays grouped in segments.
 
   Each segment (a set of arrays, in order) keeps its k[j] largest keys with
   one threshold, ties going to the lower position in the segment's
-  concatenation. Every segment advances together through the same loops,
-  so a model with hundreds of leaves costs as many loop steps as one leaf.
+  concatenation. `key_fns` return the keys (called inside every pass, so
+  keys are recomputed from the scores rather than stored). Every segment
+  advances together through the same passes, so a model with hundreds of
+  leaves costs as many passes as one leaf.
   """
   segments = len(k)
-  key_type = jnp.uint64 if any(key.dtype == jnp.uint64 for key in keys) else jnp.uint32
-  keys = [key.astype(key_type) for key in keys]
-  bits = 8 * jnp.dtype(key_type).itemsize
-  sizes = [sum(key.size for key, s in zip(keys, segment_of) if s == j) for j in range(segments)]
+  keys = [lambda part=None, f=f: f(part).astype(key_type) for f in key_fns]
+  sizes = [sum(int(np.prod(sh)) for sh, s in zip(shapes, segment_of) if s == j)
+           for j in range(segments)]
   k_min1 = jnp.maximum(k, 1)
+  offsets = [sum(int(np.prod(sh)) for sh, t in zip(shapes[:i], segment_of[:i]) if t == s)
+             for i, s in enumerate(segment_of)]
 
-  def threshold_step(i, carry):
-    prefix, at_or_above = carry
-    candidate = prefix | (jnp.ones((), key_type) << jnp.asarray(bits - 1 - i, key_type))
-    counts = _segment_sums([count_true(key >= candidate[s]) for key, s in zip(keys, segment_of)],
-                           segment_of, segments)
-    take = counts >= k_min1
-    return jnp.where(take, candidate, prefix), jnp.where(take, counts, at_or_above)
+  def reversed_positions(i, part=None):
+    # size - position in the segment: larger for earlier entries, >= 1; built
+    # where used so that it stays fused.
+    shape, s = shapes[i], segment_of[i]
+    index = jnp.arange(int(np.prod(shape)), dtype=jnp.int32).reshape(shape)
+    index = index if part is None else index[part]
+    return (sizes[s] - offsets[i] - index).astype(jnp.uint32)
 
-  # The k-th largest key T of each segment: the largest value with
-  # count(keys >= T) >= k, built bit by bit from the most significant one.
-  threshold, at_or_above = jax.lax.fori_loop(
-      0, bits, threshold_step,
-      (jnp.zeros(segments, key_type), jnp.asarray(sizes, jnp.int32)))
-
-  def positions():  # each entry's position in its segment; built where used so it stays fused
-    out, offsets = [], [0] * segments
-    for key, s in zip(keys, segment_of):
-      out.append(offsets[s] + jnp.arange(key.size, dtype=jnp.int32).reshape(key.shape))
-      offsets[s] += key.size
-    return out
+  threshold, at_or_above, above, found_cutoff, found = kth.kth_largest(
+      keys, shapes, segment_of, k_min1, key_type, floats, sample, ties=True)
 
   def tie_cutoffs():
     # Ties at T straddle the cut: keep the first `need` of them by position,
-    # finding the cutoff position by bisection.
-    above = _segment_sums([count_true(key > threshold[s]) for key, s in zip(keys, segment_of)],
-                          segment_of, segments)
-    need = k_min1 - above
-    indices = positions()
+    # the `need` largest reversed positions among the keys equal to T.
+    tie_keys = [lambda part=None, i=i, s=s: jnp.where(keys[i](part) == threshold[s],
+                                                      reversed_positions(i, part), np.uint32(0))
+                for i, s in enumerate(segment_of)]
+    need = jnp.where(settled_or_found, 1, k_min1 - above)
+    # Reversed positions of the ties are in [1, size]; the rest are 0.
+    ties = at_or_above - above
+    bounds = (jnp.ones(segments, jnp.uint32),  # settled or found: done
+              jnp.where(settled_or_found, np.uint32(1), jnp.asarray(sizes, jnp.uint32)),
+              jnp.where(settled_or_found, 1, ties), jnp.zeros(segments, jnp.int32))
+    cutoff = kth.kth_largest(tie_keys, shapes, segment_of, need, jnp.uint32, [False] * segments,
+                             sample, bounds)[0]
+    return jnp.where(settled, np.uint32(0), jnp.where(found, found_cutoff, cutoff))
 
-    def cutoff_step(_, bounds):
-      lo, hi = bounds
-      mid = lo + (hi - lo) // 2
-      counts = _segment_sums(
-          [count_true((key == threshold[s]) & (index < mid[s]))
-           for key, index, s in zip(keys, indices, segment_of)], segment_of, segments)
-      enough = counts >= need
-      return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-    steps = max(1, int(np.ceil(np.log2(max(sizes) + 1))))
-    lo, _ = jax.lax.fori_loop(0, steps, cutoff_step,
-                              (jnp.zeros(segments, jnp.int32), jnp.asarray(sizes, jnp.int32)))
-    return jnp.where(settled, jnp.asarray(sizes, jnp.int32), lo)
-
-  settled = (at_or_above == k_min1) | (k == 0)  # no ties straddle the cut
-  cutoff = jax.lax.cond(jnp.all(settled),
-                        lambda: jnp.asarray(sizes, jnp.int32), tie_cutoffs)
-  return [((key > threshold[s]) | ((key == threshold[s]) & (index < cutoff[s]))) & (k[s] > 0)
-          for key, index, s in zip(keys, positions(), segment_of)]
+  # Settled: no ties straddle the cut. Found: the extraction pass saw where the ties are.
+  settled = (at_or_above == k_min1) | (k == 0)
+  settled_or_found = settled | found
+  cutoff = jax.lax.cond(jnp.all(settled_or_found),
+                        lambda: jnp.where(settled, np.uint32(0), found_cutoff), tie_cutoffs)
+  # Kept: key > T, or key == T and rev >= cutoff. Written with one use of the
+  # key, key >= T (+ 1 where rev < cutoff), so that XLA fuses the key
+  # computation into the mask instead of storing the keys; at T = the largest
+  # key, T + 1 wraps to 0 and the second term keeps only rev >= cutoff.
+  top = np.array(np.iinfo(key_type).max, key_type)
+  one = np.array(1, key_type)
+  masks = []
+  for i, s in enumerate(segment_of):
+    tie_kept = reversed_positions(i) >= cutoff[s]
+    masks.append((keys[i]() >= jnp.where(tie_kept, threshold[s], threshold[s] + one))
+                 & (tie_kept | (threshold[s] != top)) & (k[s] > 0))
+  return masks
 
 
 def topk_masks(scores: Sequence[jax.Array], sparsity,
@@ -204,21 +201,42 @@ def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
           f"compare exactly (dtypes {sorted({str(s.dtype) for s in scores})}): cast them to one.")
     segment_of = [0] * len(scores)
     sizes = [sum(s.size for s in scores)]
-  keys = [sortable_keys(s) for s in scores]
-  if candidates is not None:
-    if len(candidates) != len(scores):
-      raise ValueError(f"{len(candidates)} candidate arrays for {len(scores)} score arrays.")
-    # Key 0 is below every live key; no float has it and an integer minimum
-    # is merged with the value above it.
-    keys = [key if c is None else jnp.where(c, jnp.maximum(key, np.array(1, key.dtype)),
-                                            np.array(0, key.dtype))
-            for key, c in zip(keys, candidates)]
+  if candidates is None:
+    candidates = [None] * len(scores)
+  elif len(candidates) != len(scores):
+    raise ValueError(f"{len(candidates)} candidate arrays for {len(scores)} score arrays.")
+
   if max(sizes, default=0) > _MAX_ENTRIES:
     raise ValueError(f"top-k over {max(sizes)} entries: at most {_MAX_ENTRIES} are supported.")
   if sum(sizes) == 0:
     return [jnp.zeros(s.shape, bool) for s in scores]
   k = jnp.stack([jnp.clip(jnp.asarray(value, jnp.int32), 0, n) for n, value in zip(sizes, keeps)])
-  return _select(keys, segment_of, k)
+  candidates = tuple(None if c is None else jnp.asarray(c, bool) for c in candidates)
+  return list(_masks(tuple(scores), candidates, k, segment_of=tuple(segment_of),
+                     sample=kth._SAMPLE))
+
+
+@functools.partial(jax.jit, static_argnames=("segment_of", "sample"))
+def _masks(scores, candidates, k, segment_of, sample):
+  """`_select` on the keys of `scores`, jitted so that eager calls reuse the compiled program."""
+
+  def key_fn(s, c):
+    def keys(part=None):
+      key = sortable_keys(s if part is None else s[part])
+      if c is None:
+        return key
+      live = c if part is None else c[part]
+      # Key 0 is below every live key; no float has it and an integer minimum
+      # is merged with the value above it.
+      return jnp.where(live, jnp.maximum(key, np.array(1, key.dtype)), np.array(0, key.dtype))
+    return keys
+
+  key_fns = [key_fn(s, c) for s, c in zip(scores, candidates)]
+  key_type = jnp.uint64 if any(s.dtype.itemsize == 8 for s in scores) else jnp.uint32
+  floats = [all(jnp.issubdtype(s.dtype, jnp.floating) for s, t in zip(scores, segment_of) if t == g)
+            for g in range(len(k))]
+  return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, floats,
+                       sample))
 
 
 def topk_mask(scores: jax.Array, sparsity) -> jax.Array:

@@ -1,5 +1,7 @@
 """Drop and grow (SET, RigL), GraNet and the straight-through forward, against NumPy."""
 
+import dataclasses
+
 import chex
 from flax import nnx
 import jax
@@ -188,19 +190,19 @@ def test_rigl_update_steps_skip_the_optimizer_step_as_rigls_code_does(gradient_o
     updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
     grown, before = {n: None for n in names}, dict(masks)
-    if t == 2:
-      fraction = float(dst.cosine_drop_fraction(0.3, t, 50))
-      for n in names:
-        if masks[n] is not None:
-          masks[n], grown[n] = reference.drop_and_grow(want[n], masks[n], np.abs(get(g, n)),
-                                                       fraction)
-    if t != 2 or gradient_on_update:
+    if t != 2 or gradient_on_update:   # the step first, on the masks before the update
       adam_count += 1
       for n in names:
         active = np.ones(want[n].shape, bool) if before[n] is None else before[n]
         stepped, mu[n], nu[n] = _adam_numpy(want[n], np.where(active, get(g, n), 0), mu[n],
                                             nu[n], adam_count)
         want[n] = np.where(active, stepped, 0)  # (the new masks zero the dropped below)
+    if t == 2:   # then drop by the (stepped, with gradient_on_update) magnitudes, and grow
+      fraction = float(dst.cosine_drop_fraction(0.3, t, 50))
+      for n in names:
+        if masks[n] is not None:
+          masks[n], grown[n] = reference.drop_and_grow(want[n], masks[n], np.abs(get(g, n)),
+                                                       fraction)
     for n in names:
       if grown[n] is not None:  # grown: weight and moments start at 0
         mu[n][grown[n]] = nu[n][grown[n]] = 0
@@ -216,6 +218,43 @@ def test_rigl_update_steps_skip_the_optimizer_step_as_rigls_code_does(gradient_o
         np.testing.assert_array_equal(np.asarray(sparsejax.state_masks(state)[n[0]][n[1]]),
                                       masks[n], err_msg=f"step {t} {n}")
   assert adam_count == (4 if gradient_on_update else 3)
+
+
+def test_set_update_steps_take_the_optimizer_step_then_drop_by_the_stepped_weights():
+  # google-research/rigl SparseSETOptimizer.apply_gradients: the wrapped optimizer's step,
+  # then (control dependency) the mask update from the stepped weights; RigL's skips the step.
+  params, _, grads = _layers(6)
+  lr, step = 0.5, 10
+  tx = _set(jax.random.key(0)).wrap(optax.sgd(lr))
+  state = tx.init(params)
+  before = jax.tree.map(np.asarray, sparsejax.state_masks(state))
+  params = jax.tree.map(lambda p, m: p if m is None else p * m, params, before,
+                        is_leaf=lambda x: x is None)
+  state = state._replace(count=jnp.int32(step))
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  new_params = optax.apply_updates(params, updates)
+  after = sparsejax.state_masks(state)
+  fraction = np.float32(dst.cosine_drop_fraction(0.3, step, 100))
+  differs = False
+  for name in ("a", "b"):
+    w, m, g = params[name]["kernel"], before[name]["kernel"], grads[name]["kernel"]
+    stepped = np.where(m, w - np.float32(lr) * g, 0)          # SGD on the active weights
+    n = int(m.sum())
+    kept = reference.top_count(np.abs(stepped), n - int(np.float32(n) * fraction), m)
+    differs |= not np.array_equal(kept, reference.top_count(np.abs(w), int(kept.sum()), m))
+    new = np.asarray(after[name]["kernel"])
+    assert new.sum() == n
+    np.testing.assert_array_equal(new & kept, kept)           # dropped by stepped magnitude
+    # Grown weights start at 0.0; one dropped and grown back keeps its (stepped) value.
+    np.testing.assert_allclose(np.asarray(new_params[name]["kernel"]),
+                               np.where(new & m, stepped, 0), rtol=1e-6)
+  assert differs, "the stepped and the unstepped magnitudes drop the same weights here"
+  np.testing.assert_allclose(new_params["a"]["bias"],
+                             params["a"]["bias"] - np.float32(lr) * grads["a"]["bias"], rtol=1e-6)
+  assert _set(jax.random.key(0)).steps_on_update()     # the default follows each method's code
+  assert not dataclasses.replace(_set(jax.random.key(0)), grow="gradient").steps_on_update()
+  assert not dataclasses.replace(_set(jax.random.key(0)),
+                                 gradient_on_update=False).steps_on_update()
 
 
 def test_granet_follows_the_zhu_gupta_schedule_while_it_regrows():

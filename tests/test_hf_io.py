@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -104,6 +105,50 @@ def test_save_writes_the_torch_layout_back_bit_for_bit(tmp_path, dtype, shard_by
     assert set(index["weight_map"]) == set(tensors) and len(set(index["weight_map"].values())) > 1
   again = hf_io.load(str(tmp_path / "out"))
   assert again[0] == config and again[3] == dtype
+
+
+def test_inspect_takes_the_dtype_from_the_tensor_headers_and_reports_config_json_disagreeing(
+    tmp_path):
+  stale = {**HF_CONFIG, "torch_dtype": "float32"}
+  checkpoint = hf_io.inspect(_write(tmp_path / "a", _torch_layout(), ml_dtypes.bfloat16,
+                                    hf_config=stale))
+  assert checkpoint.dtype == "bfloat16"
+  assert checkpoint.mismatch == (f"{tmp_path / 'a'}: config.json says dtype 'float32' but the "
+                                 "tensors are stored as bfloat16: bfloat16 is used.")
+  agreeing = {**HF_CONFIG, "dtype": "bfloat16"}
+  checkpoint = hf_io.inspect(_write(tmp_path / "b", _torch_layout(), ml_dtypes.bfloat16,
+                                    hf_config=agreeing))
+  assert (checkpoint.dtype, checkpoint.mismatch) == ("bfloat16", None)
+  # Norms kept in float32, the rest float16: the dtype of most entries, and the mix reported.
+  tensors = _torch_layout()
+  mixed = {n: v.astype(np.float32 if "norm" in n else np.float16) for n, v in tensors.items()}
+  directory = str(tmp_path / "c")
+  os.makedirs(directory)
+  safetensors_numpy.save_file(mixed, os.path.join(directory, "model.safetensors"))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(HF_CONFIG, f)
+  checkpoint = hf_io.inspect(directory)
+  norms = sum(v.size for n, v in tensors.items() if "norm" in n)
+  total = sum(v.size for v in tensors.values())
+  assert checkpoint.dtype == "float16"
+  assert checkpoint.mismatch == (f"{directory}: the tensors mix dtypes (float16 "
+                                 f"{1 - norms / total:.1%}, float32 {norms / total:.1%} of the "
+                                 "entries): the checkpoint's dtype is taken as float16.")
+
+
+def test_per_layer_widths_export_only_when_every_layer_has_the_same(tmp_path):
+  same = llama.LlamaConfig(**{**CONFIG.__dict__, "layer_kv_heads": (1, 1),
+                              "layer_intermediate_sizes": (6, 6)})
+  hf = hf_io.config_to_hf(same)
+  assert (hf["intermediate_size"], hf["num_key_value_heads"], hf["num_attention_heads"]) == (
+      6, 1, 2)
+  assert hf_io.tensor_table(same)["model.layers.1.mlp.down_proj.weight"][1] == (8, 6)
+  differ = llama.LlamaConfig(**{**CONFIG.__dict__, "layer_intermediate_sizes": (6, 12)})
+  assert hf_io.tensor_table(differ)["model.layers.1.mlp.down_proj.weight"][1] == (8, 12)
+  with pytest.raises(hf_io.HFError, match=r"the layers have different widths \(key/value heads "
+                     r"\(\), MLP \(6, 12\)\); a Hugging Face config has one"):
+    hf_io.Writer(str(tmp_path / "out"), differ)
+  assert not (tmp_path / "out").exists()
 
 
 def test_tied_embeddings_have_no_lm_head(tmp_path):
@@ -223,3 +268,21 @@ def test_hf_oneshot_checks_every_kernel_before_writing_anything(tmp_path):
     del tensors["model.layers.0.mlp.up_proj.weight"]
     hf_oneshot.run(_hf_config(_write(tmp_path / "bad", tensors)), str(tmp_path / "out"))
   assert sorted(os.listdir(tmp_path)) == ["bad", "in"]
+
+
+def test_a_calibration_file_with_fewer_tokens_than_needed_is_an_error_naming_it(tmp_path):
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  from experiments import hf_oneshot  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "tokens.npy")
+  ids = np.arange(60).reshape(6, 10) % 10
+  np.save(path, ids)
+  config = _hf_config("unused", calibration=path)            # 4 sequences x 8 tokens
+  np.testing.assert_array_equal(hf_oneshot.calibration_tokens(config, 10), ids[:4, :8])
+  for shape, has in (((3, 10), r"3 x 10 \(30\)"), ((6, 5), r"6 x 5 \(30\)")):
+    np.save(path, np.zeros(shape, np.int64))
+    with pytest.raises(config_checks.ConfigError, match=(
+        rf"config.calibration='{re.escape(path)}': needs 4 sequences x 8 tokens \(32 tokens: "
+        rf"calibration_sequences x sequence_length\), has {has}")) as raised:
+      hf_oneshot.calibration_tokens(config, 10)
+    assert "\n" not in str(raised.value)
+

@@ -37,15 +37,18 @@ def reference_logits(params: dict, c: llama.LlamaConfig, tokens: np.ndarray) -> 
     a = b["self_attn"]
     h = _rms(x, b["input_layernorm"]["weight"], c.rms_eps)
     proj = {n: h @ a[n]["kernel"] + a[n].get("bias", 0.0) for n in ("q_proj", "k_proj", "v_proj")}
-    q = proj["q_proj"].reshape(length, c.num_heads, c.dim)
-    k = proj["k_proj"].reshape(length, c.kv_heads, c.dim)
-    v = proj["v_proj"].reshape(length, c.kv_heads, c.dim)
+    # This layer's head counts, from its kernels (layers may differ: LlamaConfig.layer_kv_heads)
+    num_heads = a["q_proj"]["kernel"].shape[1] // c.dim
+    kv_heads = a["k_proj"]["kernel"].shape[1] // c.dim
+    q = proj["q_proj"].reshape(length, num_heads, c.dim)
+    k = proj["k_proj"].reshape(length, kv_heads, c.dim)
+    v = proj["v_proj"].reshape(length, kv_heads, c.dim)
     if c.flavour == "qwen3":
       q, k = _rms(q, a["q_norm"]["weight"], c.rms_eps), _rms(k, a["k_norm"]["weight"], c.rms_eps)
     q, k = _rope(q, c.rope_theta), _rope(k, c.rope_theta)
     heads = []
-    for head in range(c.num_heads):
-      kv = head // (c.num_heads // c.kv_heads)   # the key/value head this query head shares
+    for head in range(num_heads):
+      kv = head // (num_heads // kv_heads)   # the key/value head this query head shares
       s = q[:, head] @ k[:, kv].T / np.sqrt(c.dim)
       s = np.where(np.tril(np.ones((length, length))) > 0, s, -np.inf)
       w = np.exp(s - s.max(-1, keepdims=True))
@@ -121,6 +124,25 @@ def test_linen_model_llama_holds_the_nnx_model_under_model():
   assert params["model"]["layers"][0]["self_attn"]["k_proj"]["kernel"].shape == (8, 4)
   np.testing.assert_allclose(jax.jit(lm.apply)({"params": params}, tokens),
                              forward(lm.nnx_model(params), tokens), rtol=1e-6)
+
+
+def test_layers_of_their_own_widths_equal_the_numpy_transcription():
+  config = llama.LlamaConfig(**{**TINY, "num_heads": 4, "num_kv_heads": 2, "head_dim": 2},
+                             layer_kv_heads=(1, 2), layer_intermediate_sizes=(5, 12))
+  model = _randomised(llama.Llama(config, rngs=nnx.Rngs(0)))
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  shapes = [(pure["layers"][i]["self_attn"]["q_proj"]["kernel"].shape,
+             pure["layers"][i]["self_attn"]["k_proj"]["kernel"].shape,
+             pure["layers"][i]["mlp"]["down_proj"]["kernel"].shape) for i in range(2)]
+  # layer 0: 1 key/value head with its 2 query heads of width 2, MLP 5; layer 1: 2 and 4, MLP 12
+  assert shapes == [((8, 4), (8, 2), (5, 8)), ((8, 8), (8, 4), (12, 8))]
+  assert not config.uniform and llama.LlamaConfig(**TINY, layer_kv_heads=(1, 1)).uniform
+  tokens = np.array([[3, 1, 4, 1, 5]])
+  np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens)))[0],
+                             reference_logits(pure, config, tokens[0]), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match=r"layer_kv_heads=\(1,\) must give a width of at least 1 "
+                                       r"for each of the 2 layers"):
+    llama.LlamaConfig(**TINY, layer_kv_heads=(1,))
 
 
 def test_config_errors_name_the_field():

@@ -281,14 +281,17 @@ def test_lamp_and_owl_rows_run_with_their_own_allocations(tiny_config, tmp_path)
   config = oneshot_lm.get_config()
   config.train_workdir = str(tmp_path / "mlp")
   config.methods = ("lamp", "owl_wanda", "owl_sparsegpt")
-  config.sparsities, config.patterns = (0.6,), ((2, 4),)   # no N:M rows for these methods
+  config.sparsities, config.patterns = (0.6,), ((2, 4),)   # no N:M row for lamp
   config.calibration_sequences, config.exclude = 64, "head"
   config.owl.lam = 0.1
   result = oneshot.run(config, str(tmp_path / "w"), log=lambda line: None)
-  rows = {r["method"]: r for r in result["rows"]}
+  rows = {r["method"]: r for r in result["rows"] if r["pattern"] == "60%"}
   assert [(r["method"], r["pattern"]) for r in result["rows"]] == [
-      ("lamp", "60%"), ("owl_wanda", "60%"), ("owl_sparsegpt", "60%")]
-  assert result["markdown"].splitlines()[0] == "| method | 60% |"
+      ("lamp", "60%"), ("owl_wanda", "60%"), ("owl_wanda", "2:4"), ("owl_sparsegpt", "60%"),
+      ("owl_sparsegpt", "2:4")]
+  assert result["markdown"].splitlines()[0] == "| method | 60% | 2:4 |"
+  assert result["markdown"].splitlines()[3].startswith("| lamp | ") and "| - |" in result[
+      "markdown"].splitlines()[3]
   # LAMP: one global count, exactly round(0.4 n) of the 64x32 + 32x16 kernels.
   assert rows["lamp"]["sparsity"] == 1 - round(0.4 * (64 * 32 + 32 * 16)) / (64 * 32 + 32 * 16)
   lm_trainer = trainer.Trainer(tiny_config)
@@ -311,12 +314,33 @@ def test_lamp_and_owl_rows_run_with_their_own_allocations(tiny_config, tmp_path)
       kept, total = kept + mask.sum(), total + mask.size
     assert row["sparsity"] == pytest.approx(1 - kept / total)
     assert masks["head"]["kernel"] is None
+  # OWL's N:M variant at 2:4 (nm_lam 2): the authors' prune_n, per block, of the same ratios.
+  values = np.array(list(ratios.values()))
+  offsets = (values - values.min()) * (1 / (values.max() - values.min()) * 2.0)
+  pruned = 2 - np.round(offsets - offsets.mean())          # their prune_n counts pruned weights
+  expected_n = {name: 4 - int(p) for name, p in zip(ratios, pruned)}
+  assert sorted(expected_n.values()) == [1, 3]
+  for method in ("owl_wanda", "owl_sparsegpt"):
+    row = next(r for r in result["rows"] if (r["method"], r["pattern"]) == (method, "2:4"))
+    assert row["outlier_ratios"] == pytest.approx(ratios, abs=1e-9)
+    assert row["group_patterns"] == {name: f"{n}:4" for name, n in expected_n.items()}
+    assert row["max_nonzeros_per_group"] == 3
+    _, masks = load_sparse(str(tmp_path / "w" / "pruned" / f"{method}_2of4.npz"))
+    kept = total = 0
+    for name, n in expected_n.items():
+      mask = np.asarray(masks[name]["kernel"])               # (d_in, d_out): groups along d_in
+      assert (mask.reshape(-1, 4, mask.shape[1]).sum(1) == n).all(), (method, name)
+      kept, total = kept + mask.sum(), total + mask.size
+    assert row["sparsity"] == pytest.approx(1 - kept / total)
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.owl.update(lam=-0.1), r"^config.owl.lam=-0.1 must be a finite number in \[0, 0.5\)"),
     (lambda c: c.owl.update(m=0.0), r"^config.owl.m=0.0 must be a finite number in \(0, inf\]"),
     (lambda c: c.owl.update(m=-2.0), r"^config.owl.m=-2.0 must be"),
+    (lambda c: c.owl.update(nm_lam=-1.0), r"^config.owl.nm_lam=-1.0 must be a finite number in "
+                                          r"\[0, inf\]"),
+    (lambda c: c.owl.update(nm_lam=float("nan")), r"^config.owl.nm_lam=nan must be"),
     (lambda c: c.update(methods=("lamp", "owl")), r"^config.methods: unknown one-shot method 'owl'"),
 ])
 def test_bad_owl_values_name_the_key(edit, message, tmp_path):

@@ -200,3 +200,172 @@ def test_readme_owl_example_runs_and_prunes_each_block_at_its_sparsity():
   for block, s in targets.items():
     mlp = np.asarray(masks[block]["mlp"]["kernel"])    # (64, 64), per output unit
     assert (mlp.sum(0) == round((1 - s) * 64)).all()
+
+
+# --- OWL's N:M variant: a per-block N of every M. ------------------------------------------------
+
+def authors_prune_n(all_layer_ratio, prune_n, lamda):
+  """prune_wanda_outlier_structure's per-block prune_n (weights PRUNED of every M), in NumPy."""
+  all_layer_ratio = np.array(all_layer_ratio)
+  all_layer_ratio = ((all_layer_ratio - all_layer_ratio.min())
+                     * (1 / (all_layer_ratio.max() - all_layer_ratio.min()) * lamda))
+  all_layer_ratio = all_layer_ratio - np.mean(all_layer_ratio)
+  all_layer_ratio = np.round(all_layer_ratio)
+  return prune_n - all_layer_ratio
+
+
+def largest_remainder(quotas, ratios):
+  """Hamilton's apportionment of round(sum(quotas)) seats: floors, then +1 by largest remainder
+  (remainders to 9 decimals; ties to the larger ratio, then the earlier)."""
+  seats = [int(np.floor(round(q, 9))) for q in quotas]
+  left = round(sum(quotas)) - sum(seats)
+  order = sorted(range(len(quotas)),
+                 key=lambda i: (-round(quotas[i] - seats[i], 9), -ratios[i], i))
+  for i in order[:left]:
+    seats[i] += 1
+  return seats
+
+
+def _ratio_sets(count=200):
+  rng = np.random.default_rng(0)
+  for _ in range(count):
+    yield {f"block_{b}": float(v) for b, v in enumerate(rng.gamma(2.0, 1.0, rng.integers(2, 33)))}
+
+
+@pytest.mark.parametrize("nm,lam", [((2, 4), 2.0), ((4, 8), 2.0), ((3, 8), 3.0), ((8, 16), 5.0)])
+def test_owl_nm_nearest_equals_the_authors_prune_n(nm, lam):
+  n, m = nm
+  checked = 0
+  for ratios in _ratio_sets():
+    got = owl.owl_nm(ratios, nm, lam=lam, rounding="nearest")
+    pruned = authors_prune_n(list(ratios.values()), m - n, lam)   # the authors count pruned ones
+    assert list(got) == list(ratios)
+    assert [k for k, _ in got.values()] == [m - int(p) for p in pruned]
+    assert {mm for _, mm in got.values()} == {m}
+    checked += 1
+  assert checked == 200
+
+
+@pytest.mark.parametrize("nm,lam", [((2, 4), 2.0), ((4, 8), 2.0), ((3, 8), 3.0), ((8, 16), 5.0)])
+def test_owl_nm_exact_keeps_the_sum_and_rounds_each_block_by_largest_remainder(nm, lam):
+  n, m = nm
+  missed = 0
+  for ratios in _ratio_sets():
+    got = [k for k, _ in owl.owl_nm(ratios, nm, lam=lam).values()]
+    values = np.array(list(ratios.values()))
+    offsets = (values - values.min()) / (values.max() - values.min()) * lam
+    quotas = n + offsets - offsets.mean()
+    assert sum(got) == len(got) * n                     # mean density exactly N / M
+    assert all(np.floor(q - 1e-9) <= k <= np.ceil(q + 1e-9) for q, k in zip(quotas, got))
+    assert got == largest_remainder(list(quotas), list(values))
+    nearest = [k for k, _ in owl.owl_nm(ratios, nm, lam=lam, rounding="nearest").values()]
+    halves = any(round(q - np.floor(q), 9) == 0.5 for q in quotas)
+    if sum(nearest) == len(nearest) * n and not halves:
+      assert got == nearest                            # the same as the authors' when theirs sums
+    missed += sum(nearest) != len(nearest) * n
+  assert missed > 0   # the authors' rounding does miss the target on some of these
+
+
+def test_owl_nm_hand_worked_and_edge_cases():
+  # D = 1, 4, 2, lam 2: scaled 0, 2, 2/3; centred -8/9, 10/9, -2/9; N + c = 1.11, 3.11, 1.78.
+  # Floors 1, 3, 1 (sum 5 of 6): the largest remainder (block_2, 0.78) gets the sixth.
+  ratios = {"block_0": 1.0, "block_1": 4.0, "block_2": 2.0}
+  assert owl.owl_nm(ratios, (2, 4), lam=2.0) == {"block_0": (1, 4), "block_1": (3, 4),
+                                                 "block_2": (2, 4)}
+  # D = 0, 1, 1, 1, lam 2 (4:8): c = -1.5, 0.5, 0.5, 0.5. np.round: 2, 4, 4, 4 (sum 14 of 16:
+  # halves to even); largest remainder: all tie at .5, so the two largest ratios (b, c) get one more.
+  ratios = {"a": 0.0, "b": 1.0, "c": 1.0, "d": 1.0}
+  assert [k for k, _ in owl.owl_nm(ratios, (4, 8), lam=2.0, rounding="nearest").values()] == [
+      2, 4, 4, 4]
+  assert [k for k, _ in owl.owl_nm(ratios, (4, 8), lam=2.0).values()] == [2, 5, 5, 4]
+  assert owl.owl_nm({"a": 2.0, "b": 2.0}, (2, 4)) == {"a": (2, 4), "b": (2, 4)}   # equal: N
+  assert owl.owl_nm({"a": 2.0}, (2, 4)) == {"a": (2, 4)}
+  assert owl.owl_nm({"a": 1.0, "b": 3.0}, (2, 4), lam=0.0) == {"a": (2, 4), "b": (2, 4)}
+  assert owl.owl_nm({"a": 1.0, "b": 3.0}, (3, 4), lam=2.0) == {"a": (2, 4), "b": (4, 4)}  # dense
+
+
+def test_owl_nm_bad_input_is_a_one_line_error():
+  ratios = {"a": 1.0, "b": 2.0}
+  cases = [
+      (dict(nm=(5, 4)), r"nm must be \(N, M\) with ints 0 < N <= M, got \(5, 4\)"),
+      (dict(nm=(2, 4), lam=-1.0), r"lam=-1.0 must be a finite number >= 0"),
+      (dict(nm=(2, 4), lam=float("inf")), r"lam=inf must be a finite number >= 0"),
+      (dict(nm=(2, 4), rounding="floor"), r"rounding='floor': use one of \('exact', 'nearest'\)"),
+      (dict(nm=(1, 4), lam=2.0), r"group 'a': OWL keeps 0 of every 4, outside \[1, 4\] at N:M "
+                                 r"1:4 and lam=2.0; lower lam"),
+      (dict(nm=(4, 4), lam=2.0), r"group 'b': OWL keeps 5 of every 4"),
+  ]
+  for kwargs, message in cases:
+    with pytest.raises(ValueError, match=message) as raised:
+      owl.owl_nm(ratios, **kwargs)
+    assert "\n" not in str(raised.value)
+  with pytest.raises(ValueError, match="group 'b': outlier ratio nan is not finite"):
+    owl.owl_nm({"a": 1.0, "b": float("nan")}, (2, 4))
+  with pytest.raises(ValueError, match="at least one group"):
+    owl.owl_nm({}, (2, 4))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_nm_end_to_end_prunes_each_block_at_its_own_n(method):
+  params, inputs = make_model(seed=1, blocks=4 if method == "wanda" else 2)
+  ratios = owl.outlier_ratios(params, grams(inputs, diagonal=True))
+  patterns = owl.owl_nm(ratios, (2, 4), lam=2.0)
+  assert len({n for n, _ in patterns.values()}) > 1          # the blocks do differ
+  hessians = grams(inputs, diagonal=method == "wanda")
+  lines = []
+  _, masks = oneshot.prune_sequentially(params, lambda p: hessians, method, nm=patterns,
+                                        log=lines.append)
+  kept = total = 0
+  for path in inputs:
+    block, name, _ = path.split("/")
+    mask = np.asarray(masks[block][name]["kernel"])
+    n, m = patterns[block]
+    per_group = mask.reshape(mask.shape[0] // m, m, mask.shape[1]).sum(1)   # along d_in
+    assert (per_group == n).all(), path
+    if method == "wanda":   # the calibration inputs do not move: each kernel as if pruned alone
+      _, alone = oneshot.prune_layer(params[block][name]["kernel"], hessians[path], "wanda",
+                                     nm=(n, m))
+      np.testing.assert_array_equal(mask, alone)
+    kept, total = kept + mask.sum(), total + mask.size
+  assert kept / total == 0.5   # equal-size blocks, sum of N_l = blocks * N: exactly N / M
+  assert lines[0].endswith(f"at N:M {patterns['block_0'][0]}:4")
+
+
+def test_per_group_nm_errors_name_the_group_or_kernel():
+  params, inputs = make_model(blocks=2)
+  hessians = grams(inputs)
+  prune = lambda **kw: oneshot.prune_sequentially(params, lambda p: hessians, "sparsegpt", **kw)
+  with pytest.raises(ValueError, match=r"nm has no entry for group 'block_1'"):
+    prune(nm={"block_0": (2, 4)})
+  with pytest.raises(ValueError, match=r"nm names group 'block_7', which holds no chosen kernel"):
+    prune(nm={"block_0": (2, 4), "block_1": (2, 4), "block_7": (2, 4)})
+  with pytest.raises(ValueError, match=r"group 'block_1': nm must be \(N, M\) with ints 0 < N <= "
+                                       r"M, got \(0, 4\)"):
+    prune(nm=lambda g: (0, 4) if g == "block_1" else (2, 4))
+  with pytest.raises(ValueError, match=r"group 'block_0': nm must be .* got 3"):
+    prune(nm={"block_0": 3, "block_1": (2, 4)})
+  with pytest.raises(ValueError, match=r"block_0/query/kernel: kernel of shape \(16, 16\) has 16 "
+                                       r"inputs .* not divisible by M=32"):
+    prune(nm={"block_0": (2, 32), "block_1": (2, 4)}, block_size=32)
+  with pytest.raises(ValueError, match=r"sparsegpt N:M 2:8 needs block_size \(4\) divisible by M=8"):
+    prune(nm={"block_0": (2, 4), "block_1": (2, 8)}, block_size=4)
+  with pytest.raises(ValueError, match="give either sparsity= or nm="):
+    prune(sparsity=0.5, nm={"block_0": (2, 4), "block_1": (2, 4)})
+
+
+def test_guide_owl_nm_example_runs_and_prunes_each_block_at_its_n():
+  model_block = tests.doc_code_block('oneshot.prune_sequentially(params, hessians, "sparsegpt", nm=(2, 4))')
+  owl_block = tests.doc_code_block("owl.owl_sparsities")
+  nm_block = tests.doc_code_block("owl.owl_nm(")
+  namespace = {}
+  exec(model_block.split("pruned, masks =")[0], namespace)  # pylint: disable=exec-used
+  exec(owl_block.split("targets =")[0], namespace)  # pylint: disable=exec-used
+  exec(nm_block, namespace)  # pylint: disable=exec-used
+  patterns, masks = namespace["patterns"], namespace["masks"]
+  assert list(patterns) == ["block_0", "block_1"]
+  ratios = namespace["ratios"]
+  assert ratios["block_0"] > ratios["block_1"] > 0
+  assert patterns == {"block_0": (3, 4), "block_1": (1, 4)}   # two blocks: N +- lam / 2
+  for block, (n, m) in patterns.items():
+    mlp = np.asarray(masks[block]["mlp"]["kernel"])    # (64, 64): n of every 4 inputs
+    assert (mlp.reshape(16, 4, 64).sum(1) == n).all()

@@ -7,6 +7,7 @@ import pytest
 
 import sparsejax
 from sparsejax import sensitivity
+import tests
 
 # Two 2x2 kernels and a bias; loss = sum(a) + 10 sum(b) (any function of the params will do).
 PARAMS = {"a": {"kernel": jnp.array([[1.0, -2.0], [3.0, 4.0]]), "bias": jnp.array([5.0, 5.0])},
@@ -140,3 +141,45 @@ def test_binary_bad_values_name_the_key(key, value, message, tmp_path):
   with pytest.raises(config_checks.ConfigError, match=message):
     binary.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def _numpy_keep_largest(w, sparsity):
+  """w with its round((1 - s) n) largest |w| kept (no ties in random floats), in NumPy."""
+  flat = np.abs(w).ravel()
+  keep = int(round((1 - sparsity) * flat.size))
+  mask = np.zeros(flat.size, bool)
+  mask[np.argsort(-flat, kind="stable")[:keep]] = True
+  return np.where(mask.reshape(w.shape), w, 0.0)
+
+
+def test_guide_sensitivity_example_runs_and_matches_numpy():
+  block = tests.doc_code_block("sensitivity.sweep(params, loss_fn")
+  namespace = {}
+  exec(block, namespace)  # pylint: disable=exec-used
+  table, allocation, masks = namespace["table"], namespace["allocation"], namespace["masks"]
+  weights = {name: np.asarray(namespace["params"][name]["kernel"], np.float64)
+             for name in ("hidden", "out")}
+  x = np.asarray(namespace["x"], np.float64)
+
+  def relative_error(w):
+    out = np.maximum(x @ w["hidden"], 0.0) @ w["out"]
+    dense = np.maximum(x @ weights["hidden"], 0.0) @ weights["out"]
+    return np.mean((out - dense) ** 2) / np.mean(dense ** 2)
+
+  assert table.groups == ("hidden/kernel", "out/kernel")
+  assert table.sizes == (32 * 64, 64 * 8) and table.dense_loss == 0.0
+  expected = np.array([[relative_error({**weights, name: _numpy_keep_largest(weights[name], s)})
+                        for s in (0.5, 0.7, 0.9)] for name in ("hidden", "out")])
+  np.testing.assert_allclose(table.losses, expected, rtol=1e-4, atol=1e-7)
+  # rates by hand from the NumPy losses: the largest sparsity whose loss (and every lower one's)
+  # stays within 0.1 of dense.
+  by_hand = {}
+  for name, row in zip(("hidden", "out"), expected):
+    ok = [s for s, l in zip((0.5, 0.7, 0.9), row) if l <= 0.1]
+    by_hand[f"^{name}/kernel$"] = max(ok) if ok == [0.5, 0.7, 0.9][:len(ok)] and ok else 0.0
+  assert allocation == by_hand == {"^hidden/kernel$": 0.9, "^out/kernel$": 0.5}
+  assert int(np.asarray(masks["hidden"]["kernel"]).sum()) == round(0.1 * 32 * 64)
+  assert int(np.asarray(masks["out"]["kernel"]).sum()) == round(0.5 * 64 * 8)
+  assert sensitivity.overall_sparsity(table, allocation) == pytest.approx(
+      (0.9 * 2048 + 0.5 * 512) / 2560)
+  assert "0.82" in block and "{'^hidden/kernel$': 0.9, '^out/kernel$': 0.5}" in block

@@ -166,7 +166,12 @@ def test_granet_and_rigl_configs_get_their_codes_drop_and_grow_settings(tiny_con
   config.pruning.dst.rounding = config.pruning.dst.end_fraction = None
   rigl = methods.drop_and_grow(_configure(config, "rigl"), 40)
   assert (rigl.drop_fraction, rigl.min_drop_fraction, rigl.end_step, rigl.rounding,
-          rigl.regrow_scope) == (0.3, 0.0, 30, "floor", None)
+          rigl.regrow_scope, rigl.steps_on_update()) == (0.3, 0.0, 30, "floor", None, False)
+  # SET as rigl's SparseSETOptimizer: the optimizer step on update steps too.
+  set_ = methods.drop_and_grow(_configure(config, "set"), 40)
+  assert (set_.grow, set_.drop_fraction, set_.steps_on_update()) == ("random", 0.3, True)
+  config.pruning.dst.gradient_on_update = False
+  assert not methods.drop_and_grow(_configure(config, "set"), 40).steps_on_update()
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -112,7 +112,38 @@ def test_flap_shrunk_model_equals_masked_model_with_its_bias(name):
   assert changed, "FLAP added no compensation"
 
 
-def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
+def test_flap_on_the_mlp_adds_its_compensation_to_the_next_layers_bias():
+  model, variables, x = _model("mlp")
+  found = model_structure.groups(model, variables["params"])
+  assert [g.bias for g in found] == ["hidden_1/bias", "head/bias"]
+  stats = structure.linen_input_stats(model, [x], variables["params"],
+                                      paths=[g.consumer.path for g in found])
+  pruned = sparsejax.prune_structured(variables["params"], found, "flap", 0.5, stats=stats)
+  # The head's bias gains mean(X_j) * W[j, :] summed over the pruned inputs j of the head.
+  s = stats["head/kernel"]
+  pruned_rows = ~np.asarray(pruned.keep["hidden_1"])
+  w = np.asarray(variables["params"]["head"]["kernel"], np.float64)
+  expected = np.asarray(variables["params"]["head"]["bias"]) + (
+      np.asarray(s.mean, np.float64) * pruned_rows) @ w
+  np.testing.assert_allclose(pruned.params["head"]["bias"], expected, rtol=1e-5, atol=1e-6)
+  masked = {**variables, "params": pruned.params}
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep)
+  np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_flap_on_a_consumer_without_a_bias_fails_before_scoring_naming_it():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  params, found = _lm_like()
+  found = tuple(dataclasses.replace(g, bias=None) if g.kind == "channel" else g for g in found)
+  with pytest.raises(ValueError, match=r"group 'block_0/mlp': FLAP's compensation needs a bias "
+                                       r"on its consumer 'block_0/fc_1/kernel'"):
+    sparsejax.prune_structured(params, found, "flap", 0.3, stats={})   # no scores computed
+  pruned = sparsejax.prune_structured(params, found, "magnitude_sp", 0.3, bias=False)
+  assert pruned.keep
+
+
+def test_llama_kv_groups_take_their_query_heads_and_each_layer_shrinks_to_its_own_widths():
   model, variables, x = _model("llama")
   found = {g.name: g for g in model_structure.groups(model, variables["params"])}
   attention = found["model/layers/0/self_attn"]
@@ -123,11 +154,23 @@ def test_llama_kv_groups_take_their_query_heads_and_one_width_needs_one_count():
       masks["model"]["layers"][0]["self_attn"])
   np.testing.assert_array_equal(np.asarray(layer["q_proj"]["kernel"][0]), np.arange(16) >= 8)
   np.testing.assert_array_equal(np.asarray(layer["k_proj"]["kernel"][0]), np.arange(8) >= 4)
-  keep = {g.name: np.ones(g.units, bool) for g in found.values()}
-  keep["model/layers/1/mlp"] = np.arange(24) < 12
-  with pytest.raises(ValueError, match="keep different widths .* for the one config field "
-                                       "'mlp_dim'"):
-    model_structure.shrink_model(model, variables, tuple(found.values()), keep)
+  # A different count per layer, as FLAP's global choice keeps: layer 0 one KV group and 9
+  # MLP units, layer 1 both groups and 17 units.
+  keep = {"model/layers/0/self_attn": np.array([False, True]),
+          "model/layers/1/self_attn": np.array([True, True]),
+          "model/layers/0/mlp": np.arange(24) % 3 == 0, "model/layers/1/mlp": np.arange(24) < 17}
+  params = variables["params"]
+  masked = {**variables, "params": sparsejax.masks.apply_masks(
+      params, sparsejax.structured_masks(params, tuple(found.values()), keep))}
+  small, small_model = model_structure.shrink_model(model, masked, tuple(found.values()), keep)
+  assert (small_model.block_kv_heads, small_model.block_mlp_dims) == ((1, 2), (8, 17))
+  c = small_model.llama_config()
+  assert [(c.layer(i).num_heads, c.layer(i).intermediate_size) for i in range(2)] == [(2, 8),
+                                                                                     (4, 17)]
+  np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x), atol=1e-5,
+                             rtol=1e-5)
+  shapes = jax.eval_shape(small_model.init, jax.random.key(0), x)
+  assert jax.tree.map(np.shape, small) == jax.tree.map(lambda s: s.shape, shapes)
 
 
 def test_rounding_to_a_multiple_keeps_zero_units_and_the_masked_outputs():
@@ -135,10 +178,13 @@ def test_rounding_to_a_multiple_keeps_zero_units_and_the_masked_outputs():
   found = model_structure.groups(model, variables["params"])
   pruned = sparsejax.prune_structured(variables["params"], found, "magnitude_sp", 0.7)
   masked = {**variables, "params": pruned.params}
-  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep, multiple=4)
+  small, small_model = model_structure.shrink_model(model, masked, found, pruned.keep,
+                                                    multiple={"channel": 4, "head": 2})
   assert small_model.block_mlp_dims == (8, 8)      # round(0.3 * 24) = 7 kept units, rounded up
-  assert small_model.block_heads == (4, 4)         # 1 kept head, 3 zero heads
+  assert small_model.block_heads == (2, 2)         # 1 kept head, 1 zero head
   assert int((np.asarray(small["params"]["block_0"]["fc_1"]["kernel"]) == 0).all(1).sum()) == 1
+  out = np.asarray(small["params"]["block_0"]["attention"]["out"]["kernel"])
+  assert int((out == 0).all((1, 2)).sum()) == 1
   np.testing.assert_allclose(_apply(small_model, small, x), _apply(model, masked, x), atol=1e-5)
 
 
@@ -207,6 +253,37 @@ def test_flap_scores_masks_and_bias_match_a_numpy_port_of_the_authors_code(ratio
   assert abs(removed / total - ratio) < 0.2
 
 
+def test_flap_reads_the_consumers_input_width_from_the_stats_for_several_output_axes():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class TwoAxisOut(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 3), name="down")(nn.relu(nn.Dense(5, name="up")(x)))
+
+  model = TwoAxisOut()
+  x = jax.random.normal(jax.random.key(3), (40, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  rule = structure.Rule("up/kernel", "mlp", "channel",
+                        (structure.Member("up/kernel", 1), structure.Member("up/bias", 0),
+                         structure.Member("down/kernel", 0)),
+                        consumer="down/kernel", bias="down/bias")
+  found = sparsejax.build_groups(params, [rule])
+  stats = structure.linen_input_stats(model, [x], params)
+  # NumPy: the consumer is (5 inputs, 2 x 3 outputs); WIFV_j = Var(X_j) sum_k W_jk^2, standardised.
+  h = np.maximum(np.asarray(x, np.float64) @ np.asarray(params["up"]["kernel"], np.float64)
+                 + np.asarray(params["up"]["bias"], np.float64), 0.0)
+  w = np.asarray(params["down"]["kernel"], np.float64).reshape(5, 6)
+  wifv = h.var(0) * (w * w).sum(1)
+  expected = (wifv - wifv.mean()) / wifv.std(ddof=1)
+  np.testing.assert_allclose(structure.flap(params, found, stats)["mlp"], expected, rtol=1e-4,
+                             atol=1e-5)
+  pruned = sparsejax.prune_structured(params, found, "flap", 0.4, stats=stats)
+  gone = ~np.asarray(pruned.keep["mlp"])
+  bias = np.asarray(params["down"]["bias"]) + ((h.mean(0) * gone) @ w).reshape(2, 3)
+  np.testing.assert_allclose(pruned.params["down"]["bias"], bias, rtol=1e-4, atol=1e-5)
+
+
 def test_wanda_sp_and_magnitude_sp_match_their_numpy_formulas():
   params, found = _lm_like(seed=3)
   rng = np.random.default_rng(4)
@@ -272,6 +349,19 @@ def test_lenet5_groups_couple_the_flattened_map_rows_of_each_conv_channel():
   np.testing.assert_array_equal(np.nonzero(~rows)[0], np.arange(25) * 16 + 3)
 
 
+def test_the_parameter_cost_of_a_channel_counts_its_batchnorm_scale_and_bias():
+  model, params = _shapes("resnet20")
+  shapes = {leaf.path: np.shape(leaf.value) for leaf in sparsejax.trees.named_leaves(params)}
+  found = {g.name: g for g in model_structure.groups(model, params)}
+  block = found["stage1_block0"]               # 8 inner channels between 4 and 8 wide convs
+  c_in = shapes["stage1_block0/conv_0/kernel"][2]
+  c_out = shapes["stage1_block0/conv_1/kernel"][3]
+  # Hand-worked: a 3x3 conv_0 output channel (9 c_in), a 3x3 conv_1 input channel (9 c_out),
+  # and bn_0's scale and bias entry.
+  assert block.cost(shapes) == 9 * c_in + 9 * c_out + 2
+  assert shapes["stage1_block0/bn_0/scale"] == (block.units,)
+
+
 def test_resnet_groups_leave_the_residual_channels_out():
   model, params = _shapes("resnet20")
   found = model_structure.groups(model, params)
@@ -319,13 +409,36 @@ def test_a_spec_that_does_not_match_the_tree_names_the_rule_or_leaf():
     sparsejax.build_groups(params, model_structure.spec(lm) + (twice,))
 
 
-def test_a_multiple_larger_than_a_layer_is_an_error_naming_it():
+def test_a_multiple_rounds_groups_larger_than_it_and_leaves_smaller_ones_as_chosen():
+  params, found = _lm_like(heads=3, m=10)           # 3 heads and 10 MLP units per block
+  keep = {g.name: (np.arange(g.units) < (1 if g.kind == "head" else 5)) for g in found}
+  small, _ = sparsejax.shrink(params, found, keep, multiple=8)
+  # Hand-worked: 3 heads <= 8 stay as chosen (1 head); 5 of 10 MLP units round up to 8.
+  assert small["block_0"]["attention"]["out"]["kernel"].shape == (1, 2, 6)
+  assert small["block_1"]["fc_1"]["kernel"].shape == (8, 6)
+  fc_1 = np.asarray(small["block_1"]["fc_1"]["kernel"])
+  np.testing.assert_array_equal((fc_1 == 0).all(1), np.arange(8) >= 5)   # units 5-7 are zeros
+  np.testing.assert_array_equal(fc_1[:5], np.asarray(params["block_1"]["fc_1"]["kernel"])[:5])
+  # Per kind: heads to a multiple of 2 (1 -> 2, one zero head), the MLP units not rounded.
+  small, _ = sparsejax.shrink(params, found, keep, multiple={"head": 2})
+  out = np.asarray(small["block_0"]["attention"]["out"]["kernel"])
+  assert out.shape == (2, 2, 6) and (out[1] == 0).all() and not (out[0] == 0).all()
+  assert small["block_0"]["fc_1"]["kernel"].shape == (5, 6)
+  small, _ = sparsejax.shrink(params, found, keep, multiple={"channel": 4, "head": 1})
+  assert small["block_0"]["fc_1"]["kernel"].shape == (8, 6)
+  assert small["block_0"]["attention"]["out"]["kernel"].shape == (1, 2, 6)
+
+
+def test_a_bad_multiple_or_a_config_without_the_field_is_an_error_naming_it():
   params, found = _lm_like()
   before = _snapshot(params)
   keep = {g.name: np.ones(g.units, bool) for g in found}
-  with pytest.raises(ValueError, match=r"multiple=8 is larger than group 'block_0/attention' "
-                                       r"\('block_0/attention/query/kernel', 3 units\)"):
-    sparsejax.shrink(params, found, keep, multiple=8)
+  for bad, message in ((0, r"multiple must be a positive int, got 0"),
+                       (2.0, r"multiple must be a positive int, got 2.0"),
+                       ({"mlp": 8}, r"multiple has key 'mlp'; give one per group kind"),
+                       ({"head": 0}, r"multiple\['head'\] must be a positive int, got 0")):
+    with pytest.raises(ValueError, match=message):
+      sparsejax.shrink(params, found, keep, multiple=bad)
   with pytest.raises(ValueError, match="config field 'block_heads' is None"):
     sparsejax.shrink(params, found, keep, config=create_model("lm", num_classes=8))
   jax.tree.map(np.testing.assert_array_equal, params, before)

@@ -28,6 +28,26 @@ def test_bad_config_is_an_error_naming_the_key(edit, message, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_flap_on_a_consumer_without_a_bias_is_a_config_error_naming_the_layer():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments.models import create_model  # pylint: disable=g-import-not-at-top
+  from experiments.models import structure as model_structure  # pylint: disable=g-import-not-at-top
+  model = create_model("mlp", num_classes=10, features=(8, 6))
+  params = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 4)))["params"]
+  groups = model_structure.groups(model, params)
+  config = structured_lm.get_config()
+  structured.check_groups(config, model, "mlp", groups)   # the MLP's consumers have biases
+  no_bias = tuple(dataclasses.replace(g, bias=None) if g.name == "hidden_1" else g for g in groups)
+  with pytest.raises(config_checks.ConfigError, match=r"config.methods: flap adds its "
+                     r"compensation to each consumer's bias; model 'mlp' has consumers without "
+                     r"one \(head/kernel\): use wanda_sp or magnitude_sp") as raised:
+    structured.check_groups(config, model, "mlp", no_bias)
+  assert "\n" not in str(raised.value)
+  config.methods = ("wanda_sp", "magnitude_sp")
+  structured.check_groups(config, model, "mlp", no_bias)
+
+
 def test_table_lists_dense_then_every_row():
   rows = [{"method": "flap", "fraction": 0.5, "test_bits_per_byte": 3.5, "params": 1000,
            "latency_ratio": 0.6}]

@@ -91,7 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
   # leaf | global (one drop count across layers, needs allocation 'global'); None:
   # rigl global iff allocation is 'global', granet leaf (it prunes globally, regrows per layer)
   config.pruning.dst.regrow_scope = placeholder(str)
-  config.pruning.dst.gradient_on_update = False  # True: update steps also take the gradient step
+  # True: an update step takes the optimizer step, then drops and grows from the stepped
+  # weights (rigl's SET code); False: it only drops and grows (rigl's RigL code). None: set
+  # True, rigl and granet False.
+  config.pruning.dst.gradient_on_update = placeholder(bool)
   # method 'nm': N:M structured sparsity (sparsity/allocation above are unused).
   config.pruning.nm = ml_collections.ConfigDict()
   config.pruning.nm.method = "srste"  # step | srste | mdgf_linear | mdgf_exp | sdgf_stepwise | sdgf_geometric

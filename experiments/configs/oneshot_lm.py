@@ -12,7 +12,9 @@ columns and dampening 1% of the mean diagonal of X^T X. The magnitude
 baseline compares weights over the whole layer (Wanda's code does;
 `magnitude_per_output=True` compares within each output unit). Add the
 layer-adaptive rows with `--config.methods=lamp,owl_wanda,owl_sparsegpt` (or
-see oneshot_lm_rates.py); OWL's settings are the paper's (M = 5, lambda = 0.08).
+see oneshot_lm_rates.py); OWL's settings are the paper's (M = 5, lambda = 0.08;
+at the N:M targets each block keeps its own N_l of every M, spread over
+nm_lam = 2 weights as in the authors' README).
 """
 
 import ml_collections
@@ -35,4 +37,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.owl = ml_collections.ConfigDict()  # owl_wanda / owl_sparsegpt rows (Yin et al. 2024)
   config.owl.m = 5.0                  # outlier: a Wanda score above m times its block's mean (> 0)
   config.owl.lam = 0.08               # block densities span 2 lam around 1 - S, in [0, 0.5)
+  config.owl.nm_lam = 2.0             # N:M targets: each block's N spans nm_lam around N (>= 0)
   return config

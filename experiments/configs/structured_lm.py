@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.fractions = (0.2, 0.3, 0.5)  # of the heads' and MLP units' parameters, removed
   config.calibration_sequences = 128
   config.calibration_batch = 32       # sequences per forward pass while calibrating
-  config.multiple = 0                 # round every layer's kept units up to a multiple (0: no)
+  config.multiple = 0                 # round each layer's kept units up to a multiple (0: no);
+                                      # a layer with no more units (e.g. 4 heads) is not rounded
   config.eval_sequences = 512         # first test sequences each shrunk model is scored on (0: all)
   config.latency_batch = 8            # sequences per timed forward pass (CPU)
   config.latency_repeats = 20         # timed passes; the median is reported

@@ -57,6 +57,12 @@ class LlamaConfig:
     tie_embeddings: the output head is the transposed token embedding.
     rope_theta: base of the rotary frequencies.
     rms_eps: RMSNorm epsilon.
+    layer_kv_heads: key/value heads of each layer (each with num_heads /
+      num_kv_heads query heads), or () for num_kv_heads in every layer: a
+      structured pruning that keeps a different count per layer (FLAP's
+      global choice) gives these. Hugging Face configs have one count.
+    layer_intermediate_sizes: the MLP width of each layer, or () for
+      intermediate_size in every layer.
   """
   vocab_size: int = 256
   hidden_size: int = 128
@@ -70,6 +76,8 @@ class LlamaConfig:
   tie_embeddings: bool = False
   rope_theta: float = 10000.0
   rms_eps: float = 1e-6
+  layer_kv_heads: tuple[int, ...] = ()
+  layer_intermediate_sizes: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.flavour not in FLAVOURS:
@@ -84,6 +92,29 @@ class LlamaConfig:
                        f"{self.num_heads}; give head_dim.")
     if self.dim % 2:
       raise ValueError(f"head_dim={self.dim} must be even (rotary embeddings rotate pairs).")
+    for name in ("layer_kv_heads", "layer_intermediate_sizes"):
+      widths = getattr(self, name)
+      if widths and (len(widths) != self.num_layers or min(widths) < 1):
+        raise ValueError(f"{name}={widths} must give a width of at least 1 for each of the "
+                         f"{self.num_layers} layers, or be ().")
+
+  @property
+  def uniform(self) -> bool:
+    """Every layer has the same widths, as a Hugging Face config says (`layer(0)`'s)."""
+    return len(set(self.layer_kv_heads)) <= 1 and len(set(self.layer_intermediate_sizes)) <= 1
+
+  def layer(self, i: int) -> "LlamaConfig":
+    """The config of layer `i` alone: its own key/value heads (with their query
+    heads) and MLP width in the scalar fields, the head width kept."""
+    if not self.layer_kv_heads and not self.layer_intermediate_sizes:
+      return self
+    group = self.num_heads // self.kv_heads
+    kv = self.layer_kv_heads[i] if self.layer_kv_heads else self.kv_heads
+    f = self.layer_intermediate_sizes[i] if self.layer_intermediate_sizes else (
+        self.intermediate_size)
+    return dataclasses.replace(self, num_heads=kv * group, num_kv_heads=kv, head_dim=self.dim,
+                               intermediate_size=f, layer_kv_heads=(),
+                               layer_intermediate_sizes=())
 
   @property
   def kv_heads(self) -> int:
@@ -216,7 +247,7 @@ class Llama(nnx.Module):
     self.config = config
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
                                   embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Block(config.layer(i), rngs) for i in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_eps)
     if not config.tie_embeddings:
       self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
@@ -251,6 +282,9 @@ class LlamaLM(nn.Module):
       `LlamaConfig`.
     max_length: accepted for the trainer's language-model configs; RoPE has
       no length limit.
+    block_kv_heads, block_mlp_dims: per-layer key/value heads and MLP widths
+      (`LlamaConfig.layer_kv_heads`, `layer_intermediate_sizes`), set by a
+      structured shrink; None: num_kv_heads and mlp_dim in every layer.
   """
 
   num_classes: int = 256
@@ -264,13 +298,18 @@ class LlamaLM(nn.Module):
   tie_embeddings: bool = False
   rope_theta: float = 10000.0
   max_length: int = 256
+  block_kv_heads: tuple[int, ...] | None = None
+  block_mlp_dims: tuple[int, ...] | None = None
 
   def llama_config(self) -> LlamaConfig:
+    """The `LlamaConfig` of these fields."""
     return LlamaConfig(vocab_size=self.num_classes, hidden_size=self.width,
                        intermediate_size=self.mlp_dim, num_layers=self.num_layers,
                        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                        head_dim=self.head_dim, flavour=self.flavour,
-                       tie_embeddings=self.tie_embeddings, rope_theta=self.rope_theta)
+                       tie_embeddings=self.tie_embeddings, rope_theta=self.rope_theta,
+                       layer_kv_heads=tuple(self.block_kv_heads or ()),
+                       layer_intermediate_sizes=tuple(self.block_mlp_dims or ()))
 
   @nn.compact
   def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:

@@ -23,9 +23,10 @@ the smaller variables and model.
   llama     key/value groups of grouped-query attention (a KV head's k_proj
             and v_proj columns with the q_proj columns and o_proj rows of
             its num_heads / num_kv_heads query heads) and SwiGLU units
-            (up_proj and gate_proj columns, down_proj row). Its config has
-            one num_heads and one mlp_dim for all layers: a shrink needs the
-            same count kept in every layer (magnitude_sp, wanda_sp).
+            (up_proj and gate_proj columns, down_proj row). A shrink writes
+            each layer's key/value heads and MLP width (`block_kv_heads`,
+            `block_mlp_dims`), so FLAP's global choice (a different count
+            per layer) shrinks too; such a model has no Hugging Face config.
 
 Groups of kind 'head' are the attention heads, 'channel' everything else.
 """
@@ -48,7 +49,7 @@ def _dense_chain(names: list[str], field: str) -> list[Rule]:
   return [Rule(f"{a}/kernel", a, "channel",
                (Member(f"{a}/kernel", 1), Member(f"{a}/bias", 0, optional=True),
                 Member(f"{b}/kernel", 0)),
-               consumer=f"{b}/kernel", field=field, index=str(i))
+               consumer=f"{b}/kernel", bias=f"{b}/bias", field=field, index=str(i))
           for i, (a, b) in enumerate(zip(names, names[1:]))]
 
 
@@ -110,11 +111,11 @@ def spec(model: nn.Module) -> tuple[Rule, ...]:
          Member("{b}/self_attn/o_proj/kernel", 0, c.dim * per_kv)),
         consumer="{b}/self_attn/o_proj/kernel",
         bias="{b}/self_attn/o_proj/bias" if c.o_bias else None,
-        field=(("num_kv_heads", 1), ("num_heads", per_kv)))
+        field="block_kv_heads", index="{i}")
     mlp = Rule(layer + "/mlp/up_proj/kernel", "{b}/mlp", "channel",
                (Member("{b}/mlp/up_proj/kernel", 1), Member("{b}/mlp/gate_proj/kernel", 1),
                 Member("{b}/mlp/down_proj/kernel", 0)),
-               consumer="{b}/mlp/down_proj/kernel", field="mlp_dim")
+               consumer="{b}/mlp/down_proj/kernel", field="block_mlp_dims", index="{i}")
     return (attention, mlp)
   if name == "TransformerLM":
     attention = Rule(
@@ -150,9 +151,12 @@ def expand(model: nn.Module) -> nn.Module:
     depth = model.depth if name == "ViT" else model.num_layers
     return model.clone(block_heads=tuple(model.block_heads or (model.num_heads,) * depth),
                        block_mlp_dims=tuple(model.block_mlp_dims or (model.mlp_dim,) * depth))
-  if name == "LlamaLM":   # heads and head width written out: shrinking num_heads keeps head_dim
+  if name == "LlamaLM":   # head width and per-layer widths written out
     c = model.llama_config()
-    return model.clone(num_kv_heads=c.kv_heads, head_dim=c.dim)
+    return model.clone(num_kv_heads=c.kv_heads, head_dim=c.dim,
+                       block_kv_heads=tuple(model.block_kv_heads or (c.kv_heads,) * c.num_layers),
+                       block_mlp_dims=tuple(model.block_mlp_dims
+                                            or (c.intermediate_size,) * c.num_layers))
   if name in ("MLP", "LeNet5"):
     return model.clone(**{f: tuple(getattr(model, f)) for f in
                           (("features",) if name == "MLP" else ("conv_features", "fc_features"))})

@@ -129,8 +129,19 @@ class Group:
   index: int | None = None
 
   def cost(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Parameters per unit: the entries of every params member one unit owns."""
-    return sum(math.prod(shapes[m.path]) // self.units for m in self.members if m.path in shapes)
+    """Parameters per unit: the entries of every member leaf in `shapes` one unit owns.
+
+    A member that names a module (a BatchNorm) counts every leaf under it in
+    `shapes`: given the params, its scale and bias (its running mean and
+    variance are state in 'batch_stats', not parameters, and count only if
+    `shapes` holds them).
+
+    >>> g = Group('c', 'channel', 4, (Member('conv', 1), Member('bn', 0)))
+    >>> g.cost({'conv': (3, 4), 'bn/scale': (4,), 'bn/bias': (4,)})
+    5
+    """
+    return sum(math.prod(shapes[path]) // self.units
+               for m in self.members for path in resolve(shapes, m.path))
 
 
 Spec = Sequence[Rule]

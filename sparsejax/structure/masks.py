@@ -144,6 +144,24 @@ def _structured_masks(params, groups, keep):
                                       for p, (_, v) in zip(paths, flat)])
 
 
+def check_biases(groups: Sequence[groups_lib.Group]) -> None:
+  """Every group has a consumer with an output bias, which FLAP's compensation is added to.
+
+  The authors' code creates a bias where a projection has none (LLaMA's); a
+  params tree cannot grow a leaf its model does not declare, so here the
+  model must have one (e.g. `attention_bias`), or FLAP runs without the
+  compensation (`prune_structured(..., bias=False)`).
+
+  Raises:
+    ValueError: naming the first group and its consumer without a bias.
+  """
+  for g in groups:
+    if g.bias is None:
+      raise ValueError(f"group {g.name!r}: FLAP's compensation needs a bias on its consumer "
+                       f"'{g.consumer.path if g.consumer else None}' (Rule.bias); the model "
+                       "has none: prune with bias=False, or give the model one.")
+
+
 def flap_bias(params: PyTree, groups: Sequence[groups_lib.Group], keep: Keep,
               stats: Mapping[str, scores_lib.InputStats]) -> PyTree:
   """Params with FLAP's compensation added to each consumer's output bias.
@@ -153,12 +171,9 @@ def flap_bias(params: PyTree, groups: Sequence[groups_lib.Group], keep: Keep,
   contribution stays in the output. Other leaves are unchanged.
 
   Raises:
-    ValueError: if a group has no consumer or no consumer bias.
+    ValueError: if a group has no consumer or no consumer bias (`check_biases`).
   """
-  for g in groups:
-    if g.bias is None:
-      raise ValueError(f"group {g.name!r}: FLAP's compensation needs a bias on its consumer "
-                       f"'{g.consumer.path if g.consumer else None}' (Rule.bias).")
+  check_biases(groups)
   return _flap_bias(params, tuple(groups), {g.name: keep[g.name] for g in groups}, stats)
 
 

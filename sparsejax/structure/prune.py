@@ -63,8 +63,9 @@ def prune_structured(params: PyTree, groups: Sequence[groups_lib.Group], method:
     A `StructuredPruning`.
 
   Raises:
-    ValueError: for an unknown method, a fraction outside [0, 1), or missing
-      statistics (nothing is modified).
+    ValueError: for an unknown method, a fraction outside [0, 1), missing
+      statistics, or (with the bias) a consumer without a bias, naming it;
+      nothing is modified.
   """
   if method not in METHODS:
     raise ValueError(f"unknown structured method {method!r}; use one of {METHODS}.")
@@ -76,6 +77,8 @@ def prune_structured(params: PyTree, groups: Sequence[groups_lib.Group], method:
     bias = method == "flap"
   if bias and stats is None:
     raise ValueError("the compensation bias needs stats= (input means).")
+  if bias:   # before any scoring: a consumer without a bias cannot take the compensation
+    structure_masks.check_biases(groups)
   if method == "magnitude_sp":
     scores = scores_lib.magnitude_sp(params, groups, ord=ord, over=over)
   elif method == "wanda_sp":

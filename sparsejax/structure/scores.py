@@ -138,7 +138,13 @@ def _leaves(params: PyTree) -> dict[str, jax.Array]:
 
 def _consumer(group: groups_lib.Group, leaves: Mapping[str, jax.Array],
               stats: Mapping[str, InputStats] | None = None):
-  """The consumer kernel as (d_in, d_out), its input shape, and its stats (if asked)."""
+  """The consumer kernel as (d_in, d_out), its input shape, and its stats (if asked).
+
+  With stats, d_in is the width of the inputs they were captured from; without
+  them (magnitude_sp), every axis but the last is an input axis, which is
+  right for every Dense and attention output projection but not for a
+  DenseGeneral with several output axes.
+  """
   if group.consumer is None:
     raise ValueError(f"group {group.name!r} has no consumer kernel: calibration-based scores "
                      "and FLAP's bias need one (Rule.consumer).")
@@ -256,7 +262,7 @@ def _flap(params, groups, stats):
   leaves = _leaves(params)
   features = flap_feature_scores(params, groups, stats)
   out = {}
-  for g in groups:
-    _, in_shape, _ = _consumer(g, leaves)
+  for g in groups:   # the input width from the stats, as the features: a kernel with several
+    _, in_shape, _ = _consumer(g, leaves, stats)   # output axes has more leading axes than inputs
     out[g.name] = per_unit(standardise(features[g.name]), g, in_shape).mean(1)
   return out

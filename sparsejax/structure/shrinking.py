@@ -8,6 +8,15 @@ its count rounded up to a multiple (8 or 128 for hardware): the extra units
 are the first pruned ones, kept as zeros in the params, so the outputs are
 still those of the masked model. A model config (a Linen module, a
 dataclass or a dict) gets each group's `field` set to its new width.
+
+`multiple` is one int for every group or a {kind: int} mapping ('channel',
+'head'; a kind left out is not rounded), e.g. {'channel': 8} for MLP
+widths that are multiples of 8 with the heads as chosen. The rule, for
+both forms: a group rounds its kept count up to the next multiple, at most
+its number of units; a group with no more units than the multiple is not
+rounded (rounding it could only keep every unit and undo its pruning), so
+`multiple=8` on a model with 4 heads and 1024 MLP units rounds the MLP
+units and leaves the heads.
 """
 
 from __future__ import annotations
@@ -27,18 +36,48 @@ from sparsejax.structure import groups as groups_lib
 PyTree = Any
 
 
+def _multiples(groups: Sequence[groups_lib.Group], multiple: Any) -> dict[str, int]:
+  """{group name: the multiple its count rounds to (1: none)} from an int or {kind: int}."""
+  def check(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{what} must be a positive int, got {value!r}.")
+    return int(value)
+
+  if multiple is None:
+    return {g.name: 1 for g in groups}
+  if isinstance(multiple, Mapping):
+    for kind, value in multiple.items():
+      if kind not in groups_lib.KINDS:
+        raise ValueError(f"multiple has key {kind!r}; give one per group kind, "
+                         f"{groups_lib.KINDS}, or one int.")
+      check(value, f"multiple[{kind!r}]")
+    return {g.name: int(multiple.get(g.kind, 1)) for g in groups}
+  value = check(multiple, "multiple")
+  return {g.name: value for g in groups}
+
+
 def rounded_keep(groups: Sequence[groups_lib.Group], keep: Mapping[str, Any],
-                 multiple: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                 multiple: int | Mapping[str, int] | None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """(units that stay, units that stay as zeros) per group, with counts rounded up to `multiple`.
 
+  A group's kept count goes up to the next multiple of its kind's `multiple`
+  (an int for every kind, or {'channel': m, 'head': m}), at most its units;
+  a group with no more units than its multiple is left as it is (see the
+  module docstring). The extra units are the first pruned ones.
+
+  >>> g = groups_lib.Group('heads', 'head', 4, ())
+  >>> h = groups_lib.Group('mlp', 'channel', 32, ())
+  >>> stay, zero = rounded_keep([g, h], {'heads': np.arange(4) < 3, 'mlp': np.arange(32) < 5}, 8)
+  >>> int(stay['heads'].sum()), int(stay['mlp'].sum()), int(zero['mlp'].sum())
+  (3, 8, 3)
+
   Raises:
-    ValueError: if `multiple` is not a positive int or is larger than a group's
-      units (names the group and its first leaf), or a keep is missing, of
-      the wrong shape, or keeps no unit.
+    ValueError: if `multiple` is not a positive int or a {kind: positive int}
+      mapping, or a keep is missing, of the wrong shape, or keeps no unit
+      (names the group and its first leaf).
   """
-  if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int)
-                               or multiple < 1):
-    raise ValueError(f"multiple must be a positive int, got {multiple!r}.")
+  multiples = _multiples(groups, multiple)
   stay, zero = {}, {}
   for g in groups:
     if g.name not in keep:
@@ -51,11 +90,9 @@ def rounded_keep(groups: Sequence[groups_lib.Group], keep: Mapping[str, Any],
       raise ValueError(f"keep[{g.name!r}] keeps no unit of '{g.members[0].path}': keep at least "
                        "one per group.")
     padded = k.copy()
-    if multiple is not None:
-      if multiple > g.units:
-        raise ValueError(f"multiple={multiple} is larger than group {g.name!r} "
-                         f"('{g.members[0].path}', {g.units} units).")
-      target = min(g.units, math.ceil(k.sum() / multiple) * multiple)
+    m = multiples[g.name]
+    if m < g.units:
+      target = min(g.units, math.ceil(k.sum() / m) * m)
       extra = np.nonzero(~k)[0][:target - int(k.sum())]
       padded[extra] = True
     stay[g.name] = padded
@@ -107,7 +144,8 @@ def _replace(config: Any, updates: Mapping[str, Any]) -> Any:
 
 
 def shrink(tree: PyTree, groups: Sequence[groups_lib.Group], keep: Mapping[str, Any], *,
-           config: Any = None, multiple: int | None = None) -> tuple[PyTree, Any]:
+           config: Any = None,
+           multiple: int | Mapping[str, int] | None = None) -> tuple[PyTree, Any]:
   """The params (or variables) with the pruned units removed, and the config with new widths.
 
   >>> g = groups_lib.Group('fc', 'channel', 3, (groups_lib.Member('w', 1),), field='width')
@@ -122,7 +160,9 @@ def shrink(tree: PyTree, groups: Sequence[groups_lib.Group], keep: Mapping[str, 
     groups: from `build_groups` on the params.
     keep: {group name: (units,) bool}, concrete.
     config: optional model config whose group fields get the new widths.
-    multiple: round every group's kept count up to a multiple of this.
+    multiple: round each group's kept count up to a multiple of this: one int
+      for every group, or {kind: int} ('channel', 'head'); a group with no
+      more units than its multiple is not rounded (`rounded_keep`).
 
   Returns:
     (smaller tree, new config or None).

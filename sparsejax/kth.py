@@ -1,0 +1,432 @@
+"""The k-th largest key of several arrays in a few passes, exactly.
+
+`kth_largest` finds, for each group of key arrays (one leaf, or all the
+leaves of a global selection), the k-th largest key T and how many keys are
+>= T and > T. It keeps an interval [L, U] that holds T, with exact counts
+count(key >= L) >= k > count(key > U), and narrows it pass by pass:
+
+1. A strided sample of each array (~16K keys per group, a few cache lines
+   per row) is ranked by bisection; its quantiles around rank k * S / n give
+   the first thresholds, which bracket T with high probability.
+2. A counting pass counts the keys >= each of 4 thresholds in one read of
+   the keys (two counts per uint32, summed along rows in one variadic
+   reduce, which XLA:CPU fuses with the key computation). Later thresholds
+   are interpolated in the interval (its keys taken as evenly spread),
+   around the estimated position of T with a margin; a pass that does not
+   shrink the interval 4x makes the next one split the interval's key range
+   evenly (5 parts), so any input finishes in a bounded number of passes.
+3. Once the interval holds few keys, one extraction pass reduces each row
+   to the count, max, min and (wrapping) sum of its keys in the interval:
+   a row with at most 3 of them gives all of them exactly, and T is found
+   among those values alone. A row with more makes the group count on.
+
+Every count is exact, so the result does not depend on the sample: a bad
+sample only costs passes. Each pass reads the keys once and writes a few
+numbers per row; keys are computed inside each pass from the caller's
+arrays (`key_fns`), never stored.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_THRESHOLDS = 4          # counted per pass: two uint32 words of two 16-bit counts per row
+_ROW_LIMIT = 2**16 - 1   # longest row a 16-bit count can sum
+_BLOCK = 256             # longest block of an axis reduced to a few numbers per pass
+_SAMPLE = 2**14          # sampled keys per group
+_SAMPLE_Z = (-3.5, -1.2, 1.2, 3.5)  # first thresholds: sample ranks around k, in binomial sds
+_MARGIN_SDS = 3.0        # interpolated thresholds span the estimate +- this many sds ...
+_MARGIN_FRACTION = 0.005 # ... plus this fraction of the interval (uneven spread of keys)
+_DEBUG = False
+_MAX_PASSES = 96         # a guard: the worst case takes fewer passes than this
+
+
+def _block(length: int) -> int:
+  """Block length for reducing an axis of `length` entries: a divisor of it, <= 256.
+
+  The axis is split as (length / block, block) and each block reduced to a
+  few numbers. So that an axis sharded in 2, 4 or 8 (FSDP) splits on its
+  shards, length / block keeps the factors of two of `length`, up to 8: the
+  reduction then never crosses devices (a reduction of several outputs over
+  a sharded axis makes XLA gather the partial results).
+  """
+  twos = 1
+  while length % (twos * 2) == 0 and twos < 8:
+    twos *= 2
+  best = 1
+  for block in range(1, min(length, _BLOCK) + 1):
+    if length % block == 0 and (length // block) % twos == 0:
+      best = block
+  return best
+
+
+def _rows(x: jax.Array) -> list[tuple[int, jax.Array]]:
+  """Views of `x` whose last axis (blocks of <= 256 keys) is reduced in a pass.
+
+  Each comes with the flat position of its first entry in `x`. The last
+  axis is split into blocks (see `_block`); a block is a row of the view.
+  """
+  if x.ndim == 0:
+    x = x.reshape(1)
+  length = x.shape[-1]
+  block = _block(length)
+  if block < 8 and length > _BLOCK:  # no useful divisor: whole rows (16-bit counts)
+    if length <= _ROW_LIMIT:
+      return [(0, x)]
+    flat = x.reshape(-1)
+    size = flat.shape[0]
+    main = size - size % _BLOCK
+    out = [(0, flat[:main].reshape(-1, _BLOCK))] if main else []
+    return out + ([(main, flat[main:].reshape(1, -1))] if size - main else [])
+  return [(0, x.reshape(x.shape[:-1] + (length // block, block)))]
+
+
+def _row_count(shape: tuple[int, ...]) -> int:
+  """Rows of an array of this shape in `_rows` (extraction bins)."""
+  size = int(np.prod(shape))
+  length = shape[-1] if shape else 1
+  block = _block(length)
+  if block < 8 and length > _BLOCK:
+    return size // length if length <= _ROW_LIMIT else size // _BLOCK + (size % _BLOCK > 0)
+  return size // block
+
+
+def _sample_strides(shape: tuple[int, ...], ratio: float) -> tuple[int, ...]:
+  """Per-axis strides that keep about 1/ratio of the entries.
+
+  The last axis is strided first (at most by about sqrt(ratio), so rows are
+  not skipped wholesale), then the leading axes in order. Odd strides avoid
+  aliasing with power-of-two structure.
+  """
+  strides = [1] * len(shape)
+  left = max(ratio, 1.0)
+  order = ([len(shape) - 1] + list(range(len(shape) - 1))) if shape else []
+  for n, axis in enumerate(order):
+    remaining_axes = len(order) - n
+    want = left ** (1.0 / remaining_axes) if remaining_axes > 1 else left
+    stride = int(min(shape[axis], max(1, round(want))))
+    if stride > 1 and stride % 2 == 0 and stride < shape[axis]:
+      stride += 1
+    strides[axis] = stride
+    left /= stride
+  return tuple(strides)
+
+
+def _segment_sum(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segments: int,
+                 like: jax.Array) -> jax.Array:
+  """Stacks per-group sums of per-leaf values (all shaped like `like`)."""
+  zero = jnp.zeros_like(like)
+  return jnp.stack([sum((v for v, s in zip(per_leaf, segment_of) if s == g), zero)
+                    for g in range(segments)])
+
+
+def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Array:
+  """count(key >= t) for the `_THRESHOLDS` thresholds of each group, in one read."""
+  per_leaf = []
+  for key_fn, s in zip(key_fns, segment_of):
+    t = thresholds[s]
+    leaf = jnp.zeros(_THRESHOLDS, jnp.int32)
+    for _, view in _rows(key_fn()):
+      words = tuple((view >= t[2 * a]).astype(jnp.uint32)
+                    | ((view >= t[2 * a + 1]).astype(jnp.uint32) << 16)
+                    for a in range(_THRESHOLDS // 2))
+      sums = jax.lax.reduce(words, (np.uint32(0),) * len(words),
+                            lambda x, y: tuple(a + b for a, b in zip(x, y)), (view.ndim - 1,))
+      # Per-block counts, then one-output sums (an all-reduce where sharded).
+      leaf = leaf + jnp.stack([half.astype(jnp.int32).sum(dtype=jnp.int32)
+                               for w in sums for half in (w & 0xFFFF, w >> 16)])
+    per_leaf.append(leaf)
+  return _segment_sum(per_leaf, segment_of, segments, jnp.zeros(_THRESHOLDS, jnp.int32))
+
+
+def _extract_pass(key_fns, segment_of, offsets, sizes, lower, upper):
+  """Per row, of the keys in [lower, upper] of its group: count, max, ~min, wrapping sum.
+
+  Also the reversed position (group size - position in the group) of a
+  row's key when it is the only one: the count is summed with its column
+  in the high 16 bits, so that costs no extra accumulator.
+  Returns (group, count, max, ~min, sum, reversed position) per view.
+  """
+  out = []
+  for key_fn, s, offset in zip(key_fns, segment_of, offsets):
+    for start, view in _rows(key_fn()):
+      zero = np.array(0, view.dtype)
+      band = (view >= lower[s]) & (view <= upper[s])
+      column = jax.lax.broadcasted_iota(jnp.uint32, view.shape, view.ndim - 1)
+      ops = (jnp.where(band, (column << 16) | np.uint32(1), np.uint32(0)),
+             jnp.where(band, view, zero), jnp.where(band, ~view, zero), jnp.where(band, view, zero))
+      tally, high, low_inverted, total = jax.lax.reduce(
+          ops, (np.uint32(0), zero, zero, zero),
+          lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.maximum(x[2], y[2]), x[3] + y[3]),
+          (view.ndim - 1,))
+      row = jnp.arange(high.size, dtype=jnp.int32).reshape(high.shape)
+      position = offset + start + row * view.shape[-1] + (tally >> 16).astype(jnp.int32)
+      reversed_position = (sizes[s] - position).astype(jnp.uint32)
+      out.append((s, tally & 0xFFFF, high, low_inverted, total, reversed_position))
+  return out
+
+
+def _to_space(keys: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
+  """Keys as numbers in which the group's keys are about evenly spread.
+
+  Float keys (groups where `floats` is set) become their float values: key
+  order within a binade is linear in the value, but a power of two doubles
+  the keys per unit of value, which key-space interpolation would miss.
+  Other keys are taken as they are.
+  """
+  wide = jnp.dtype(key_type).itemsize == 8
+  real = jnp.float64 if wide else jnp.float32
+  sign = np.array(1 << (63 if wide else 31), key_type)
+  bits = jnp.where(keys >= sign, keys ^ sign, ~keys)
+  value = jax.lax.bitcast_convert_type(bits, real)
+  big = np.array(np.finfo(real).max, real)
+  value = jnp.where(jnp.isfinite(value), value, jnp.where(keys >= sign, big, -big))
+  floats = jnp.asarray(floats).reshape((-1,) + (1,) * (keys.ndim - 1))
+  return jnp.where(floats, value, keys.astype(real))
+
+
+def _from_space(values: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
+  """The inverse of `_to_space` (up to rounding; monotone)."""
+  wide = jnp.dtype(key_type).itemsize == 8
+  sign = np.array(1 << (63 if wide else 31), key_type)
+  bits = jax.lax.bitcast_convert_type(values, key_type)
+  from_float = jnp.where(bits >= sign, ~bits, bits | sign)
+  top = np.nextafter(np.array(2.0 ** (64 if wide else 32), values.dtype), 0)
+  from_key = jnp.clip(values, 0, top).astype(key_type)
+  floats = jnp.asarray(floats).reshape((-1,) + (1,) * (values.ndim - 1))
+  return jnp.where(floats, from_float, from_key)
+
+
+def _bisect(values, segments, ranks, key_type, bits):
+  """Per group and column of `ranks`: the ranks[g, j]-th largest of the group's values.
+
+  `values` holds (group, keys, valid) triples; invalid entries do not count.
+  One bisection step per key bit; meant for small arrays (samples, rows).
+  """
+  columns = ranks.shape[1]
+
+  def step(i, prefix):
+    candidate = prefix | (np.array(1, key_type) << (bits - 1 - i).astype(key_type))
+    per = [((v[..., None] >= candidate[s]) & ok[..., None])
+           .sum(axis=tuple(range(v.ndim)), dtype=jnp.int32) for s, v, ok in values]
+    counts = _segment_sum(per, [s for s, _, _ in values], segments, jnp.zeros(columns, jnp.int32))
+    return jnp.where(counts >= ranks, candidate, prefix)
+
+  return jax.lax.fori_loop(0, bits, step, jnp.zeros(ranks.shape, key_type))
+
+
+def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
+                segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
+                sample: int = _SAMPLE, bounds: tuple[jax.Array, ...] | None = None,
+                ties: bool = False) -> tuple[jax.Array, ...]:
+  """The k[g]-th largest key T of each group g, and count(key >= T), count(key > T).
+
+  Args:
+    key_fns: one function per array returning its keys (unsigned ints of
+      `key_type`); called inside every pass, so keys are never stored.
+      Called with a tuple of slices, it returns the keys of that part.
+    shapes: the arrays' shapes.
+    segment_of: the group of each array.
+    k: int32 (groups,), each in [1, group size] (groups of size 0 may hold
+      anything: their results are meaningless).
+    key_type: jnp.uint32 or jnp.uint64.
+    floats: per group, whether its keys come from floats (thresholds are
+      then interpolated in value).
+    sample: keys sampled per group; a group of at most this many keys is
+      ranked by bisection over all of them (no counting passes).
+    bounds: optional (L, U, count(key >= L), count(key > U)) per group, known
+      to hold T: no sample is taken and the passes start from there.
+    ties: whether to find where the ties at T are, from an extraction pass
+      (when each lies alone in its row): positions are flat indices in the
+      concatenation of the group's arrays, in order.
+
+  Returns:
+    (T, count(key >= T), count(key > T), cutoff, known), each (groups,):
+    where `known`, the ties at T kept are those of reversed position
+    (group size - position) >= cutoff (uint32), the first k - count(key >
+    T) of them.
+  """
+  segments = k.shape[0]
+  sizes = [sum(int(np.prod(sh)) for sh, s in zip(shapes, segment_of) if s == g)
+           for g in range(segments)]
+  offsets = [sum(int(np.prod(sh)) for sh, t in zip(shapes[:i], segment_of[:i]) if t == s)
+             for i, s in enumerate(segment_of)]
+  live = [i for i, sh in enumerate(shapes) if int(np.prod(sh)) > 0]
+  key_fns = [key_fns[i] for i in live]
+  offsets = [offsets[i] for i in live]
+  shapes = [shapes[i] for i in live]
+  segment_of = [segment_of[i] for i in live]
+  size = jnp.asarray(sizes, jnp.int32)
+  k = jnp.clip(k, 1, jnp.maximum(size, 1))
+  unknown = (jnp.zeros(segments, jnp.uint32), jnp.zeros(segments, bool))
+
+  if bounds is None:
+    quantiles, start = _sampled_start(key_fns, shapes, segment_of, segments, k, size, sizes,
+                                      key_type, sample)
+    if quantiles is None:
+      return start + unknown
+  else:
+    quantiles, start = jnp.zeros((segments, _THRESHOLDS), key_type), tuple(bounds)
+  start = start + (size, jnp.zeros(segments, bool), jnp.ones(segments, jnp.float32)) + unknown
+  return _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size, key_type,
+                      np.asarray(floats, bool), quantiles, start, sampled=bounds is None,
+                      ties=ties)
+
+
+def _sampled_start(key_fns, shapes, segment_of, segments, k, size, sizes, key_type, sample):
+  """Sample quantiles for the first pass, and the starting (L, U, count(>= L), count(> U)).
+
+  Groups whose sample is all of them are ranked exactly on it and start
+  done; if all are, returns (None, (T, count(>= T), count(> T))).
+  """
+  bits = 8 * jnp.dtype(key_type).itemsize
+  key_max = np.array(np.iinfo(key_type).max, key_type)
+  ratios = [max(1.0, n / sample) for n in sizes]
+  strides = [_sample_strides(sh, ratios[s]) for sh, s in zip(shapes, segment_of)]
+  complete = np.array([all(all(st == 1 for st in strides[i])
+                           for i in range(len(shapes)) if segment_of[i] == g)
+                       for g in range(segments)])
+  sample_size = np.array([sum(int(np.prod([-(-d // st) for d, st in zip(sh, strides[i])]))
+                              for i, sh in enumerate(shapes) if segment_of[i] == g)
+                          for g in range(segments)], np.float32)
+  p = k.astype(jnp.float32) / jnp.maximum(size, 1).astype(jnp.float32)
+  centre = p * sample_size
+  sd = jnp.sqrt(sample_size * p * (1 - p)) + 1.0
+  ranks = jnp.stack([centre + z * sd for z in _SAMPLE_Z], axis=1)
+  ranks = jnp.clip(jnp.round(ranks), 1, np.maximum(sample_size, 1)[:, None]).astype(jnp.int32)
+  # A group whose sample is all of it: the k-th largest sample key is T.
+  ranks = jnp.where(complete[:, None], k[:, None], ranks)
+  # The sample slices the caller's arrays before keys are made: the same key
+  # expression as in the passes would be shared with them, and stored.
+  values = [(s, key_fns[i](tuple(slice(None, None, st) for st in strides[i])),
+             jnp.ones((), bool)) for i, s in enumerate(segment_of)]
+  quantiles = _bisect(values, segments, ranks, key_type, bits)
+  exact = quantiles[:, 0]
+  at_exact = _segment_sum([((v >= exact[s]) & ok).sum(dtype=jnp.int32) for s, v, ok in values],
+                          segment_of, segments, jnp.zeros((), jnp.int32))
+  above_exact = _segment_sum([((v > exact[s]) & ok).sum(dtype=jnp.int32) for s, v, ok in values],
+                             segment_of, segments, jnp.zeros((), jnp.int32))
+  if complete.all():
+    return None, (exact, at_exact, above_exact)
+  # Groups ranked on their whole sample start done: L = U = T.
+  return quantiles, (jnp.where(complete, exact, np.array(0, key_type)),
+                     jnp.where(complete, exact, key_max),
+                     jnp.where(complete, at_exact, size), jnp.where(complete, above_exact, 0))
+
+
+def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size, key_type, floats,
+                 quantiles, start, sampled, ties):
+  """Counting and extraction passes from `start` until every group's interval is one key."""
+  bits = 8 * jnp.dtype(key_type).itemsize
+  one = np.array(1, key_type)
+  # Extraction capacity: keys in the interval that rows of <= 3 of them hold
+  # (expected rows holding 4 or more, for keys spread at random: ~1%).
+  row_counts = np.array([sum(_row_count(sh) for sh, s in zip(shapes, segment_of) if s == g)
+                         for g in range(segments)], np.float64)
+  capacity = jnp.asarray(0.7 * row_counts ** 0.75, jnp.float32)
+
+  def narrow(state, thresholds, counts):
+    lower, upper, at_lower, above_upper = state[:4]
+    enough = counts >= k[:, None]
+    new_lower = jnp.maximum(jnp.max(jnp.where(enough, thresholds, lower[:, None]), axis=1), lower)
+    at_new_lower = jnp.min(jnp.where(enough & (thresholds >= new_lower[:, None]), counts,
+                                     at_lower[:, None]), axis=1)
+    # A threshold with fewer than k keys at or above it: T is below it.
+    below = jnp.where(~enough, thresholds - one, upper[:, None])
+    new_upper = jnp.minimum(jnp.min(below, axis=1), upper)
+    above_new_upper = jnp.max(jnp.where(~enough & (below <= new_upper[:, None]), counts,
+                                        above_upper[:, None]), axis=1)
+    return new_lower, new_upper, at_new_lower, above_new_upper
+
+  def count_thresholds(state):
+    lower, upper, at_lower, above_upper, _, stalled = state[:6]
+    inside = (at_lower - above_upper).astype(jnp.float32)
+    j = (k - above_upper).astype(jnp.float32)        # T is the j-th largest in [L, U]
+    margin = (_MARGIN_SDS * jnp.sqrt(j * (inside - j) / jnp.maximum(inside, 1)) + 2.0
+              + _MARGIN_FRACTION * inside)
+    spread = jnp.asarray([-1.0, -1 / 3, 1 / 3, 1.0], jnp.float32)
+    interp = j[:, None] + margin[:, None] * spread
+    even = inside[:, None] * jnp.arange(1, _THRESHOLDS + 1, dtype=jnp.float32) / (_THRESHOLDS + 1)
+    fraction = jnp.clip(jnp.where(stalled[:, None], even, interp) / jnp.maximum(inside, 1)[:, None],
+                        0, 1)
+    # In key space: offsets down from U (U - (o - 1) has about o keys of [L, U] at or above it).
+    width = (upper - lower).astype(jnp.float32) + 1.0
+    top = np.nextafter(np.float32(2.0 ** bits), np.float32(0))
+    offset = jnp.clip(jnp.floor(fraction * width[:, None]), 1.0, top).astype(key_type)
+    offset = jnp.maximum(jnp.minimum(offset, (upper - lower)[:, None]), one)
+    by_key = upper[:, None] - (offset - one)
+    # In value (float keys): the same fractions of [value(L), value(U)].
+    high, low = _to_space(upper, key_type, floats), _to_space(lower, key_type, floats)
+    by_value = _from_space(high[:, None] - fraction.astype(high.dtype) * (high - low)[:, None],
+                           key_type, floats)
+    by_value = jnp.clip(by_value, (lower + one)[:, None], upper[:, None])
+    use_value = jnp.asarray(floats)[:, None] & ~stalled[:, None] & (lower < upper)[:, None]
+    return jnp.where(use_value, by_value, by_key)
+
+  def after_count(state, first):
+    thresholds = jnp.where(first, quantiles, count_thresholds(state))
+    counts = _count_pass(key_fns, segment_of, segments, thresholds)
+    lower, upper, at_lower, above_upper = narrow(state, thresholds, counts)
+    before = state[2] - state[3]
+    stalled = (at_lower - above_upper) * 4 > before
+    return (lower, upper, at_lower, above_upper, before, stalled) + state[6:]
+
+  def after_extract(state):
+    lower, upper, at_lower, above_upper, before, stalled, cap_scale, cutoff, known = state
+    rows = _extract_pass(key_fns, segment_of, offsets, sizes, lower, upper)
+    groups = [r[0] for r in rows]
+    zero = jnp.zeros((), jnp.int32)
+    overfull = _segment_sum([(r[1] > 3).sum(dtype=jnp.int32) for r in rows], groups,
+                            segments, zero)
+    ok = overfull == 0
+    found_values = []
+    for s, count, high, low_inverted, total, _ in rows:
+      low = ~low_inverted
+      found_values += [(s, high, count >= 1), (s, low, count >= 2),
+                       (s, total - high - low, count >= 3)]
+    found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits)[:, 0]
+    value_groups = [s for s, _, _ in found_values]
+    ge = _segment_sum([((v >= found[s]) & valid).sum(dtype=jnp.int32)
+                       for s, v, valid in found_values], value_groups, segments, zero)
+    gt = _segment_sum([((v > found[s]) & valid).sum(dtype=jnp.int32)
+                       for s, v, valid in found_values], value_groups, segments, zero)
+    take = ok & (lower != upper)
+    if ties:
+      # Ties at T alone in their row: the row gives their reversed position.
+      alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev in rows]
+      alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
+                                 segments, zero)
+      need = k - (above_upper + gt)
+      tie_cut = _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0]
+      cutoff = jnp.where(take, tie_cut, cutoff)
+      known = jnp.where(take, alone_count == ge - gt, known)
+    return (jnp.where(take, found, lower), jnp.where(take, found, upper),
+            jnp.where(take, above_upper + ge, at_lower),
+            jnp.where(take, above_upper + gt, above_upper),
+            before, stalled, jnp.where(ok, cap_scale, cap_scale * 0.25), cutoff, known)
+
+  def pending(state):
+    return (state[0] != state[1]) & (size > 0)
+
+  def more(carry):
+    passes, state = carry
+    return (passes < _MAX_PASSES) & jnp.any(pending(state))
+
+  def step(carry):
+    passes, state = carry
+    inside = (state[2] - state[3]).astype(jnp.float32)
+    first = (passes == 0) & sampled
+    small = jnp.all(~pending(state) | (inside <= capacity * state[6])) & ~first
+    state = jax.lax.cond(small, after_extract, lambda st: after_count(st, first), state)
+    return passes + 1, state
+
+  passes, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
+  if _DEBUG:
+    jax.debug.print("kth passes {p} inside {i} known {c}", p=passes, i=state[2] - state[3],
+                    c=state[8])
+  lower, _, at_lower, above_upper = state[:4]
+  return lower, at_lower, above_upper, state[7], state[8]
