@@ -303,9 +303,10 @@ class GradualMagnitudePruning:
     compiled step then holds the mask selection's buffers, also on the
     steps between recomputes. A training loop that knows the step on the
     host can pass `recompute=bool(schedule.is_update_step(t))` (a Python
-    bool, static under jit) to `update` and compile two programs: the one
-    between recomputes then holds what a fixed-mask step does, and gives
-    the same numbers.
+    bool, static under jit) to `update` and compile two programs: with
+    False, one without the selection, which holds what a fixed-mask step
+    does; with True, the default's program (the recompute still follows
+    the schedule's step). Both give the default's numbers.
     """
     inner = optax.with_extra_args_support(inner)
 
@@ -333,20 +334,20 @@ class GradualMagnitudePruning:
       recomputed = lambda: self.masks_at(
           params, state.count,
           None if self.straight_through else masks_lib.bool_masks(state.masks, params))
-      if recompute is None:
+      if recompute is None or recompute:
         # The branch returns the masks as the state keeps them (bit-packed
         # with `packed_masks`), so the conditional's output, live through the
         # rest of the step, is the small stored form; the bool masks are
         # unpacked where they are used, inside the elementwise fusions.
+        # recompute=True compiles this same program: XLA:CPU schedules the
+        # conditional early in the step, where the selection's buffers
+        # overlap less with the step's than the same selection inline
+        # (temporaries 1.33x the dense step's vs 2.21x, 2M-weight MLP).
         stored = jax.lax.cond(self.schedule.is_update_step(state.count),
                               lambda: self._store(recomputed()), lambda: state.masks)
-        masks = masks_lib.bool_masks(stored, params)
-      elif recompute:  # the caller knows: this program recomputes the masks
-        masks = recomputed()
-        stored = self._store(masks)
-      else:  # ... or this one does not
+      else:  # the caller knows: no recompute in this program
         stored = state.masks
-        masks = masks_lib.bool_masks(stored, params)
+      masks = masks_lib.bool_masks(stored, params)
       if self.straight_through:  # dense weights, dense updates: only the forward is masked
         inner_updates, inner_state = inner.update(updates, state.inner_state, params,
                                                   **extra_args)
