@@ -201,22 +201,35 @@ def _from_space(values: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
   return jnp.where(floats, from_float, from_key)
 
 
-def _bisect(values, segments, ranks, key_type, bits):
+def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
   """Per group and column of `ranks`: the ranks[g, j]-th largest of the group's values.
 
   `values` holds (group, keys, valid) triples; invalid entries do not count.
-  One bisection step per key bit; meant for small arrays (samples, rows).
+  One bisection step per key bit, meant for small arrays (samples, block
+  results); given bounds (groups,) known to hold every answer, only the bits
+  below their common prefix are searched.
   """
   columns = ranks.shape[1]
+  one = np.array(1, key_type)
+  if lower is None:
+    start, prefix = jnp.int32(0), jnp.zeros(ranks.shape, key_type)
+  else:
+    differ = lower ^ upper
+    # Bits of the widest group's differing span; the prefix above it is shared.
+    span = bits - jax.lax.clz(jnp.max(differ)).astype(jnp.int32)
+    start = bits - span
+    low_bits = jnp.where(span >= bits, np.array(np.iinfo(key_type).max, key_type),
+                         (one << span.astype(key_type)) - one)
+    prefix = jnp.broadcast_to((lower & ~low_bits)[:, None], ranks.shape)
 
   def step(i, prefix):
-    candidate = prefix | (np.array(1, key_type) << (bits - 1 - i).astype(key_type))
+    candidate = prefix | (one << (bits - 1 - i).astype(key_type))
     per = [((v[..., None] >= candidate[s]) & ok[..., None])
            .sum(axis=tuple(range(v.ndim)), dtype=jnp.int32) for s, v, ok in values]
     counts = _segment_sum(per, [s for s, _, _ in values], segments, jnp.zeros(columns, jnp.int32))
     return jnp.where(counts >= ranks, candidate, prefix)
 
-  return jax.lax.fori_loop(0, bits, step, jnp.zeros(ranks.shape, key_type))
+  return jax.lax.fori_loop(start, bits, step, prefix)
 
 
 def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
@@ -388,7 +401,10 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
       low = ~low_inverted
       found_values += [(s, high, count >= 1), (s, low, count >= 2),
                        (s, total - high - low, count >= 3)]
-    found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits)[:, 0]
+    # Only pending groups bound the search; the others' answers are not used.
+    pending_now = (lower != upper) & (size > 0)
+    found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits,
+                    jnp.where(pending_now, lower, upper), upper)[:, 0]
     value_groups = [s for s, _, _ in found_values]
     ge = _segment_sum([((v >= found[s]) & valid).sum(dtype=jnp.int32)
                        for s, v, valid in found_values], value_groups, segments, zero)
@@ -401,7 +417,11 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
       alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
                                  segments, zero)
       need = k - (above_upper + gt)
-      tie_cut = _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0]
+      straddle = take & (need < ge - gt)
+      tie_cut = jax.lax.cond(
+          jnp.any(straddle),
+          lambda: _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0],
+          lambda: jnp.zeros(segments, jnp.uint32))
       cutoff = jnp.where(take, tie_cut, cutoff)
       known = jnp.where(take, alone_count == ge - gt, known)
     return (jnp.where(take, found, lower), jnp.where(take, found, upper),
