@@ -7,23 +7,27 @@ count(key >= L) >= k > count(key > U), and narrows it pass by pass:
 
 1. A strided sample of each array (~16K keys per group, a few cache lines
    per row) is ranked by bisection; its quantiles around rank k * S / n give
-   the first thresholds, which bracket T with high probability.
+   the first thresholds, which bracket T with high probability. A group of
+   at most 16K keys is its own sample: T comes from the bisection, no pass.
 2. A counting pass counts the keys >= each of 4 thresholds in one read of
-   the keys (two counts per uint32, summed along rows in one variadic
-   reduce, which XLA:CPU fuses with the key computation). Later thresholds
-   are interpolated in the interval (its keys taken as evenly spread),
-   around the estimated position of T with a margin; a pass that does not
-   shrink the interval 4x makes the next one split the interval's key range
-   evenly (5 parts), so any input finishes in a bounded number of passes.
-3. Once the interval holds few keys, one extraction pass reduces each row
+   the keys (two 16-bit counts per uint32, summed per block of the last
+   axis in one variadic reduce, which XLA:CPU fuses with the key
+   computation). Later thresholds are interpolated in the interval (in
+   value for float keys, in key otherwise), around the estimated place of T
+   with a margin; a pass that does not shrink the interval 4x makes the
+   next one split the interval's key range evenly (5 parts), so any input
+   ends within a bounded number of passes (2 per 5x of key range).
+3. Once the interval holds few keys, one extraction pass reduces each block
    to the count, max, min and (wrapping) sum of its keys in the interval:
-   a row with at most 3 of them gives all of them exactly, and T is found
-   among those values alone. A row with more makes the group count on.
+   a block with at most 3 of them gives all of them exactly, and T is found
+   among those values alone; a key alone in its block also gives its
+   position (ties at T). A block with more makes the group count on.
 
 Every count is exact, so the result does not depend on the sample: a bad
 sample only costs passes. Each pass reads the keys once and writes a few
-numbers per row; keys are computed inside each pass from the caller's
-arrays (`key_fns`), never stored.
+numbers per block; keys are computed inside each pass from the caller's
+arrays (`key_fns`), never stored. Blocks split the last axis so that an
+axis sharded 2, 4 or 8 ways splits on its shards (see `_block`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ _SAMPLE = 2**14          # sampled keys per group
 _SAMPLE_Z = (-3.5, -1.2, 1.2, 3.5)  # first thresholds: sample ranks around k, in binomial sds
 _MARGIN_SDS = 3.0        # interpolated thresholds span the estimate +- this many sds ...
 _MARGIN_FRACTION = 0.005 # ... plus this fraction of the interval (uneven spread of keys)
-_DEBUG = False
 _MAX_PASSES = 96         # a guard: the worst case takes fewer passes than this
 
 
@@ -444,9 +447,6 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     state = jax.lax.cond(small, after_extract, lambda st: after_count(st, first), state)
     return passes + 1, state
 
-  passes, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
-  if _DEBUG:
-    jax.debug.print("kth passes {p} inside {i} known {c}", p=passes, i=state[2] - state[3],
-                    c=state[8])
+  _, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
   lower, _, at_lower, above_upper = state[:4]
   return lower, at_lower, above_upper, state[7], state[8]
