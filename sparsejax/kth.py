@@ -7,23 +7,27 @@ count(key >= L) >= k > count(key > U), and narrows it pass by pass:
 
 1. A strided sample of each array (~16K keys per group, a few cache lines
    per row) is ranked by bisection; its quantiles around rank k * S / n give
-   the first thresholds, which bracket T with high probability.
+   the first thresholds, which bracket T with high probability. A group of
+   at most 16K keys is its own sample: T comes from the bisection, no pass.
 2. A counting pass counts the keys >= each of 4 thresholds in one read of
-   the keys (two counts per uint32, summed along rows in one variadic
-   reduce, which XLA:CPU fuses with the key computation). Later thresholds
-   are interpolated in the interval (its keys taken as evenly spread),
-   around the estimated position of T with a margin; a pass that does not
-   shrink the interval 4x makes the next one split the interval's key range
-   evenly (5 parts), so any input finishes in a bounded number of passes.
-3. Once the interval holds few keys, one extraction pass reduces each row
+   the keys (two 16-bit counts per uint32, summed per block of the last
+   axis in one variadic reduce, which XLA:CPU fuses with the key
+   computation). Later thresholds are interpolated in the interval (in
+   value for float keys, in key otherwise), around the estimated place of T
+   with a margin; a pass that does not shrink the interval 4x makes the
+   next one split the interval's key range evenly (5 parts), so any input
+   ends within a bounded number of passes (2 per 5x of key range).
+3. Once the interval holds few keys, one extraction pass reduces each block
    to the count, max, min and (wrapping) sum of its keys in the interval:
-   a row with at most 3 of them gives all of them exactly, and T is found
-   among those values alone. A row with more makes the group count on.
+   a block with at most 3 of them gives all of them exactly, and T is found
+   among those values alone; a key alone in its block also gives its
+   position (ties at T). A block with more makes the group count on.
 
 Every count is exact, so the result does not depend on the sample: a bad
 sample only costs passes. Each pass reads the keys once and writes a few
-numbers per row; keys are computed inside each pass from the caller's
-arrays (`key_fns`), never stored.
+numbers per block; keys are computed inside each pass from the caller's
+arrays (`key_fns`), never stored. Blocks split the last axis so that an
+axis sharded 2, 4 or 8 ways splits on its shards (see `_block`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ _SAMPLE = 2**14          # sampled keys per group
 _SAMPLE_Z = (-3.5, -1.2, 1.2, 3.5)  # first thresholds: sample ranks around k, in binomial sds
 _MARGIN_SDS = 3.0        # interpolated thresholds span the estimate +- this many sds ...
 _MARGIN_FRACTION = 0.005 # ... plus this fraction of the interval (uneven spread of keys)
-_DEBUG = False
 _MAX_PASSES = 96         # a guard: the worst case takes fewer passes than this
 
 
@@ -201,22 +204,35 @@ def _from_space(values: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
   return jnp.where(floats, from_float, from_key)
 
 
-def _bisect(values, segments, ranks, key_type, bits):
+def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
   """Per group and column of `ranks`: the ranks[g, j]-th largest of the group's values.
 
   `values` holds (group, keys, valid) triples; invalid entries do not count.
-  One bisection step per key bit; meant for small arrays (samples, rows).
+  One bisection step per key bit, meant for small arrays (samples, block
+  results); given bounds (groups,) known to hold every answer, only the bits
+  below their common prefix are searched.
   """
   columns = ranks.shape[1]
+  one = np.array(1, key_type)
+  if lower is None:
+    start, prefix = jnp.int32(0), jnp.zeros(ranks.shape, key_type)
+  else:
+    differ = lower ^ upper
+    # Bits of the widest group's differing span; the prefix above it is shared.
+    span = bits - jax.lax.clz(jnp.max(differ)).astype(jnp.int32)
+    start = bits - span
+    low_bits = jnp.where(span >= bits, np.array(np.iinfo(key_type).max, key_type),
+                         (one << span.astype(key_type)) - one)
+    prefix = jnp.broadcast_to((lower & ~low_bits)[:, None], ranks.shape)
 
   def step(i, prefix):
-    candidate = prefix | (np.array(1, key_type) << (bits - 1 - i).astype(key_type))
+    candidate = prefix | (one << (bits - 1 - i).astype(key_type))
     per = [((v[..., None] >= candidate[s]) & ok[..., None])
            .sum(axis=tuple(range(v.ndim)), dtype=jnp.int32) for s, v, ok in values]
     counts = _segment_sum(per, [s for s, _, _ in values], segments, jnp.zeros(columns, jnp.int32))
     return jnp.where(counts >= ranks, candidate, prefix)
 
-  return jax.lax.fori_loop(0, bits, step, jnp.zeros(ranks.shape, key_type))
+  return jax.lax.fori_loop(start, bits, step, prefix)
 
 
 def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
@@ -388,7 +404,10 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
       low = ~low_inverted
       found_values += [(s, high, count >= 1), (s, low, count >= 2),
                        (s, total - high - low, count >= 3)]
-    found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits)[:, 0]
+    # Only pending groups bound the search; the others' answers are not used.
+    pending_now = (lower != upper) & (size > 0)
+    found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits,
+                    jnp.where(pending_now, lower, upper), upper)[:, 0]
     value_groups = [s for s, _, _ in found_values]
     ge = _segment_sum([((v >= found[s]) & valid).sum(dtype=jnp.int32)
                        for s, v, valid in found_values], value_groups, segments, zero)
@@ -401,7 +420,11 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
       alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
                                  segments, zero)
       need = k - (above_upper + gt)
-      tie_cut = _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0]
+      straddle = take & (need < ge - gt)
+      tie_cut = jax.lax.cond(
+          jnp.any(straddle),
+          lambda: _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0],
+          lambda: jnp.zeros(segments, jnp.uint32))
       cutoff = jnp.where(take, tie_cut, cutoff)
       known = jnp.where(take, alone_count == ge - gt, known)
     return (jnp.where(take, found, lower), jnp.where(take, found, upper),
@@ -424,9 +447,6 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     state = jax.lax.cond(small, after_extract, lambda st: after_count(st, first), state)
     return passes + 1, state
 
-  passes, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
-  if _DEBUG:
-    jax.debug.print("kth passes {p} inside {i} known {c}", p=passes, i=state[2] - state[3],
-                    c=state[8])
+  _, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
   lower, _, at_lower, above_upper = state[:4]
   return lower, at_lower, above_upper, state[7], state[8]

@@ -3,10 +3,12 @@
 `topk_mask` keeps exactly k = round((1 - sparsity) * size) entries, the
 largest scores, ties going to the lower flat index. It never sorts: scores are
 mapped to unsigned integer keys whose order is the scores' order, the k-th
-largest key is found by bisection over its 32 bits (one counting pass per bit),
-and ties at that key are split by a bisection over the flat index, run only
-when ties straddle the cut. Each pass is a compare and a count, so the whole
-select costs a few dozen cheap reductions instead of an O(n log n) sort.
+largest key T is found in a few counting passes (`sparsejax.kth`: a sampled
+bracket, interpolated thresholds, then one pass that extracts the few keys
+left near T), and ties at T are split by position, from that last pass when
+each tie is alone in its block, else by a second search over the ties'
+positions. A typical selection reads the scores 3 times and writes the mask
+once, instead of an O(n log n) sort.
 
 `nm_mask` keeps the n largest of every m consecutive entries along an axis.
 

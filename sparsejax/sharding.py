@@ -6,8 +6,8 @@ axis, so a model need not fit on one device. The rule is per leaf and
 depends only on its shape, so params, Adam's `mu`/`nu` and the bool masks of
 a `PruningState` (same shapes) get the same layout and the elementwise parts
 of a step need no communication. sparsejax's mask transforms count on the
-shards (`keys.count_true` reduces without a reshape): a pruning update on
-sharded params exchanges scalar counts only, never a kernel.
+shards (`kth` reduces blocks of the last axis that split on its shards): a
+pruning update on sharded params exchanges counts only, never a kernel.
 """
 
 from __future__ import annotations
