@@ -73,9 +73,10 @@ DST_DEFAULTS = {
              "rounding": "floor", "regrow_scope": None, "gradient_on_update": False},
     # GraNet's code (VITA-Group/GraNet, sparselearning/core.py): `--prune-rate` 0.5
     # decayed by CosineDecay(eta_min=0.005) over all steps, with drop and grow to
-    # the end; ceil counts; global pruning (method 'GraNet') regrows per layer.
+    # the end; ceil counts; global pruning (method 'GraNet') regrows per layer;
+    # `Masking.step` takes the optimizer step, then prunes and regrows.
     "granet": {"drop_fraction": 0.5, "end_fraction": 1.0, "min_drop_fraction": 0.005,
-               "rounding": "ceil", "regrow_scope": "leaf", "gradient_on_update": False},
+               "rounding": "ceil", "regrow_scope": "leaf", "gradient_on_update": True},
 }
 DST_DEFAULTS["set"] = {**DST_DEFAULTS["rigl"], "gradient_on_update": True}
 

@@ -13,8 +13,9 @@ the total count). On an update step each method does what its authors'
 code does (google-research/rigl, `rigl/sparse_optimizers.py`): RigL
 (`SparseRigLOptimizer`) only drops and grows, the mask update replacing the
 optimizer step; SET (`SparseSETOptimizer`) takes the optimizer step and then
-drops and grows from the stepped weights. `gradient_on_update` picks either
-for any growth (default: SET's for grow='random', RigL's for 'gradient').
+drops and grows from the stepped weights, and so does GraNet's code.
+`gradient_on_update` picks either for any method (default: SET's order for
+grow='random' and for a growing schedule (GraNet), RigL's otherwise).
 
 With a growing sparsity schedule this is GraNet (Liu et al. 2021): on the
 same update steps the masks first follow the schedule by magnitude (Zhu &
@@ -201,8 +202,10 @@ class DropAndGrow:
       the schedule's pruning and the drop by the magnitudes of the stepped
       weights, and the growth; kept weights keep their stepped values,
       grown ones start at 0.0 with their moments reset after the step.
-      None (default): True for grow='random' (SET), False for 'gradient'
-      (RigL, GraNet).
+      None (default): True for grow='random' (SET) and for a schedule
+      that is not a `ConstantSchedule` (GraNet: its code,
+      VITA-Group/GraNet `Masking.step`, steps the optimizer, then prunes and
+      regrows), False otherwise (RigL).
   """
 
   schedule: Any
@@ -256,9 +259,9 @@ class DropAndGrow:
 
   def steps_on_update(self) -> bool:
     """Whether an update step takes the optimizer step before it drops and grows
-    (`gradient_on_update`; None: SET's code does, RigL's does not)."""
+    (`gradient_on_update`; None: SET's and GraNet's code do, RigL's does not)."""
     if self.gradient_on_update is None:
-      return self.grow == "random"
+      return self.grow == "random" or not isinstance(self.schedule, schedules.ConstantSchedule)
     return self.gradient_on_update
 
   def _magnitude(self) -> gradual.GradualMagnitudePruning:

@@ -255,6 +255,11 @@ def test_set_update_steps_take_the_optimizer_step_then_drop_by_the_stepped_weigh
   assert not dataclasses.replace(_set(jax.random.key(0)), grow="gradient").steps_on_update()
   assert not dataclasses.replace(_set(jax.random.key(0)),
                                  gradient_on_update=False).steps_on_update()
+  # GraNet's code (Masking.step) steps the optimizer, then prunes and regrows.
+  granet = dataclasses.replace(_set(jax.random.key(0)), grow="gradient",
+                               schedule=sparsejax.PolynomialSchedule(0.0, 0.5, 0, 10, 2))
+  assert granet.steps_on_update()
+  assert not dataclasses.replace(granet, gradient_on_update=False).steps_on_update()
 
 
 def test_granet_follows_the_zhu_gupta_schedule_while_it_regrows():

@@ -1,4 +1,9 @@
-"""GraNet's defaults against a NumPy port of its code's mask step (VITA-Group/GraNet)."""
+"""GraNet's defaults against a NumPy port of its code's mask step (VITA-Group/GraNet).
+
+An update step is GraNet's `Masking.step`: the optimizer step, then pruning
+and regrowth from the stepped weights (with `gradient_on_update=False`, RigL's
+order, the test fails).
+"""
 
 import math
 
@@ -91,13 +96,17 @@ def test_granet_update_equals_a_numpy_port_of_granets_masking_step(step, density
   updates, state = jax.jit(tx.update)(grads, state, weights)
   params = optax.apply_updates(weights, updates)
   got = sparsejax.state_masks(state)
+  # GraNet's Masking.step: optimizer.step() and apply_mask() first (SGD here), then
+  # the masking step on the stepped weights, growing by the gradient of that batch.
+  stepped = {n: np.where(masks[n], weights[n] + np.float32(-0.1) * grads[n], np.float32(0))
+             for n in SHAPES}
   # pruning keeps round((1 - s) * n) here; GraNet's code int((1 - s) * n) - 1 (see README)
-  want_w, want_m = granet_masking_step(weights, masks, grads, step,
+  want_w, want_m = granet_masking_step(stepped, masks, grads, step,
                                        keep_rule=lambda n, rate: round(n * (1 - rate)))
   for n in SHAPES:
     np.testing.assert_array_equal(np.asarray(got[n]), want_m[n], err_msg=f"{step} {n}")
     np.testing.assert_array_equal(np.asarray(params[n]), want_w[n].astype(np.float32))
-  _, floor_m = granet_masking_step(weights, masks, grads, step)
+  _, floor_m = granet_masking_step(stepped, masks, grads, step)
   gap = sum(int(want_m[n].sum()) - int(floor_m[n].sum()) for n in SHAPES)
   assert (gap >= 1) if step < FINAL_PRUNE else gap == 0  # int() and GraNet's strict >
   # ceil, not RigL's floor, matters here: some leaf's floor and ceil differ

@@ -157,7 +157,7 @@ def test_granet_and_rigl_configs_get_their_codes_drop_and_grow_settings(tiny_con
   granet = methods.drop_and_grow(config, 40)
   assert (granet.drop_fraction, granet.min_drop_fraction, granet.end_step, granet.rounding,
           granet.regrow_scope, granet.gradient_on_update) == (0.5, 0.005, 40, "ceil", "leaf",
-                                                              False)
+                                                              True)
   assert [t for t in range(40) if granet.is_update_step(t)] == [5, 10, 15, 20, 25, 30, 35]
   config.pruning.dst.rounding = "floor"  # a field set overrides the method's value
   config.pruning.dst.end_fraction = 0.5

@@ -92,8 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   # rigl global iff allocation is 'global', granet leaf (it prunes globally, regrows per layer)
   config.pruning.dst.regrow_scope = placeholder(str)
   # True: an update step takes the optimizer step, then drops and grows from the stepped
-  # weights (rigl's SET code); False: it only drops and grows (rigl's RigL code). None: set
-  # True, rigl and granet False.
+  # weights (rigl's SET code, GraNet's code); False: it only drops and grows (rigl's RigL
+  # code). None: set and granet True, rigl False.
   config.pruning.dst.gradient_on_update = placeholder(bool)
   # method 'nm': N:M structured sparsity (sparsity/allocation above are unused).
   config.pruning.nm = ml_collections.ConfigDict()
