@@ -177,8 +177,12 @@ def owl_nm(outlier_ratios: Mapping[str, float], nm: tuple[int, int], *, lam: flo
              get one more, as many as make sum N_l = groups * N.
              So the mean of N_l / M is exactly N / M (the overall density,
              when the groups are of equal size, as transformer blocks are),
-             and each N_l is N + c_l rounded down or up. It equals 'nearest'
-             whenever 'nearest' already keeps the sum (no c_l ending in .5).
+             and each N_l is N + c_l rounded down or up. Where the
+             authors' roundings do not add up to groups * N, it differs
+             from them, and groups with equal offsets can get different
+             N_l (the earlier ones the larger): e.g. offsets (-0.29 x 6,
+             1.71) at 4:8 give 'nearest' (4 x 6, 6), sum 30, and 'exact'
+             (4, 4, 4, 4, 3, 3, 6), sum 28.
     nearest  the authors' `np.round` (halves to even) of each c_l on its
              own: the sum may miss groups * N by up to groups / 2.
 

@@ -427,6 +427,10 @@ def test_a_multiple_rounds_groups_larger_than_it_and_leaves_smaller_ones_as_chos
   small, _ = sparsejax.shrink(params, found, keep, multiple={"channel": 4, "head": 1})
   assert small["block_0"]["fc_1"]["kernel"].shape == (8, 6)
   assert small["block_0"]["attention"]["out"]["kernel"].shape == (1, 2, 6)
+  # 9 of 10 MLP units: the next multiple of 8 (16) is above 10, so 9 stay (not all 10).
+  keep = {g.name: (np.arange(g.units) < (1 if g.kind == "head" else 9)) for g in found}
+  small, _ = sparsejax.shrink(params, found, keep, multiple=8)
+  assert small["block_1"]["fc_1"]["kernel"].shape == (9, 6)
 
 
 def test_a_bad_multiple_or_a_config_without_the_field_is_an_error_naming_it():

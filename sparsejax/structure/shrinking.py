@@ -14,7 +14,9 @@ dataclass or a dict) gets each group's `field` set to its new width.
 widths that are multiples of 8 with the heads as chosen. The rule, for
 both forms: a group rounds its kept count up to the next multiple, at most
 its number of units; a group with no more units than the multiple is not
-rounded (rounding it could only keep every unit and undo its pruning), so
+rounded (rounding it could only keep every unit and undo its pruning), and
+neither is a group whose next multiple is above its number of units (12
+units of which 9 are kept, multiple 8: 9 stay, not all 12), so
 `multiple=8` on a model with 4 heads and 1024 MLP units rounds the MLP
 units and leaves the heads.
 """
@@ -62,15 +64,19 @@ def rounded_keep(groups: Sequence[groups_lib.Group], keep: Mapping[str, Any],
   """(units that stay, units that stay as zeros) per group, with counts rounded up to `multiple`.
 
   A group's kept count goes up to the next multiple of its kind's `multiple`
-  (an int for every kind, or {'channel': m, 'head': m}), at most its units;
-  a group with no more units than its multiple is left as it is (see the
-  module docstring). The extra units are the first pruned ones.
+  (an int for every kind, or {'channel': m, 'head': m}); a group whose next
+  multiple is above its number of units (so also one with no more units
+  than its multiple) is left as it is (see the module docstring). The extra
+  units are the first pruned ones.
 
   >>> g = groups_lib.Group('heads', 'head', 4, ())
   >>> h = groups_lib.Group('mlp', 'channel', 32, ())
   >>> stay, zero = rounded_keep([g, h], {'heads': np.arange(4) < 3, 'mlp': np.arange(32) < 5}, 8)
   >>> int(stay['heads'].sum()), int(stay['mlp'].sum()), int(zero['mlp'].sum())
   (3, 8, 3)
+  >>> twelve = groups_lib.Group('mlp', 'channel', 12, ())
+  >>> int(rounded_keep([twelve], {'mlp': np.arange(12) < 9}, 8)[0]['mlp'].sum())
+  9
 
   Raises:
     ValueError: if `multiple` is not a positive int or a {kind: positive int}
@@ -87,12 +93,12 @@ def rounded_keep(groups: Sequence[groups_lib.Group], keep: Mapping[str, Any],
       raise ValueError(f"keep[{g.name!r}] must be a bool array of shape ({g.units},), got "
                        f"{k.dtype}{k.shape}.")
     if not k.any():
-      raise ValueError(f"keep[{g.name!r}] keeps no unit of '{g.members[0].path}': keep at least "
-                       "one per group.")
+      where = f" of '{g.members[0].path}'" if g.members else ""
+      raise ValueError(f"keep[{g.name!r}] keeps no unit{where}: keep at least one per group.")
     padded = k.copy()
     m = multiples[g.name]
-    if m < g.units:
-      target = min(g.units, math.ceil(k.sum() / m) * m)
+    target = math.ceil(k.sum() / m) * m
+    if target <= g.units:
       extra = np.nonzero(~k)[0][:target - int(k.sum())]
       padded[extra] = True
     stay[g.name] = padded
