@@ -141,6 +141,10 @@ def test_flap_on_a_consumer_without_a_bias_fails_before_scoring_naming_it():
     sparsejax.prune_structured(params, found, "flap", 0.3, stats={})   # no scores computed
   pruned = sparsejax.prune_structured(params, found, "magnitude_sp", 0.3, bias=False)
   assert pruned.keep
+  orphan = tuple(dataclasses.replace(g, consumer=None) for g in found)
+  with pytest.raises(ValueError, match=r"group 'block_0/\w+': FLAP's compensation needs a "
+                                       r"consumer with a bias; the group has no consumer"):
+    sparsejax.prune_structured(params, orphan, "flap", 0.3, stats={})
 
 
 def test_llama_kv_groups_take_their_query_heads_and_each_layer_shrinks_to_its_own_widths():

@@ -157,9 +157,10 @@ def check_biases(groups: Sequence[groups_lib.Group]) -> None:
   """
   for g in groups:
     if g.bias is None:
-      raise ValueError(f"group {g.name!r}: FLAP's compensation needs a bias on its consumer "
-                       f"'{g.consumer.path if g.consumer else None}' (Rule.bias); the model "
-                       "has none: prune with bias=False, or give the model one.")
+      where = (f"a bias on its consumer '{g.consumer.path}' (Rule.bias); the model has none"
+               if g.consumer else "a consumer with a bias; the group has no consumer")
+      raise ValueError(f"group {g.name!r}: FLAP's compensation needs {where}: prune with "
+                       "bias=False, or give the model one.")
 
 
 def flap_bias(params: PyTree, groups: Sequence[groups_lib.Group], keep: Keep,
