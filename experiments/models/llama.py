@@ -59,8 +59,8 @@ class LlamaConfig:
     rms_eps: RMSNorm epsilon.
     layer_kv_heads: key/value heads of each layer (each with num_heads /
       num_kv_heads query heads), or () for num_kv_heads in every layer: a
-      structured pruning that keeps a different count per layer (FLAP's
-      global choice) gives these. Hugging Face configs have one count.
+      structured pruning that keeps a different count per layer (e.g.
+      `sparsejax.keep_global`) gives these. Hugging Face configs have one count.
     layer_intermediate_sizes: the MLP width of each layer, or () for
       intermediate_size in every layer.
   """

@@ -25,8 +25,12 @@ the smaller variables and model.
             its num_heads / num_kv_heads query heads) and SwiGLU units
             (up_proj and gate_proj columns, down_proj row). A shrink writes
             each layer's key/value heads and MLP width (`block_kv_heads`,
-            `block_mlp_dims`), so FLAP's global choice (a different count
-            per layer) shrinks too; such a model has no Hugging Face config.
+            `block_mlp_dims`), so a keep with a different count per layer
+            shrinks too (such a model has no Hugging Face config). Today
+            only a keep made by hand (e.g. `sparsejax.keep_global` over
+            magnitude scores) gives one on llama: FLAP and Wanda-sp need input
+            statistics, captured from Linen layers only (llama is NNX),
+            and FLAP's compensation needs a bias, which down_proj lacks.
 
 Groups of kind 'head' are the attention heads, 'channel' everything else.
 """
