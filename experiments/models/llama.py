@@ -60,7 +60,7 @@ class LlamaConfig:
     layer_kv_heads: key/value heads of each layer (each with num_heads /
       num_kv_heads query heads), or () for num_kv_heads in every layer: a
       structured pruning that keeps a different count per layer (e.g.
-      `sparsejax.keep_global`) gives these. Hugging Face configs have one count.
+      `sparsejax.structure.keep_global`) gives these. Hugging Face configs have one count.
     layer_intermediate_sizes: the MLP width of each layer, or () for
       intermediate_size in every layer.
   """

@@ -27,7 +27,7 @@ the smaller variables and model.
             each layer's key/value heads and MLP width (`block_kv_heads`,
             `block_mlp_dims`), so a keep with a different count per layer
             shrinks too (such a model has no Hugging Face config). Today
-            only a keep made by hand (e.g. `sparsejax.keep_global` over
+            only a keep made by hand (e.g. `sparsejax.structure.keep_global` over
             magnitude scores) gives one on llama: FLAP and Wanda-sp need input
             statistics, captured from Linen layers only (llama is NNX),
             and FLAP's compensation needs a bias, which down_proj lacks.
