@@ -502,6 +502,19 @@ def drop_and_grow(config: ml_collections.ConfigDict,
       regrow_scope=options["regrow_scope"])
 
 
+def recompute_schedule(config: ml_collections.ConfigDict, num_steps: int):
+  """The schedule of `make_optimizer`'s `GradualMagnitudePruning` (gradual,
+  one-shot, static, STE, SNIP, SynFlow), or None for other methods.
+
+  The trainer compiles its step with and without the mask recompute
+  (`update(..., recompute=)`) and picks one on the host from this schedule's
+  `is_update_step`, so the steps between recomputes hold no selection.
+  """
+  if method_name(config) == "lottery" or config.pruning.method in DROP_AND_GROW:
+    return None
+  return pruning_schedule(config.pruning, num_steps)
+
+
 def _packed_masks(config: ml_collections.ConfigDict) -> bool:
   """config.pruning.packed_masks (config.lottery's in a lottery config), checked."""
   if "lottery" in config:

@@ -137,7 +137,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   The model sees `forward(params, opt_state)` (N:M training's masked and
   decayed weights); the gradient is taken with respect to the params.
-  `update_kwargs` go to `tx.update` (drop and grow's static `regrow`).
+  `update_kwargs` go to `tx.update` (drop and grow's static `regrow`, gradual
+  pruning's `recompute`).
   """
   update_kwargs = update_kwargs or {}
 
@@ -277,12 +278,16 @@ class Trainer:
         in_shardings=(self.state_sharding, self.sharded, self.sharded),
         out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
     self.train_step = step_jit()
-    # Drop and grow: fit() picks one of two programs on the host, so the steps
-    # between updates carry no branch (see sparsejax.DropAndGrow.wrap).
+    # Drop and grow, and gradual pruning: fit() picks one of two programs on
+    # the host, so the steps between mask updates carry no branch and hold no
+    # selection (see sparsejax.DropAndGrow.wrap and GradualMagnitudePruning.wrap).
     self.regrowing = methods.drop_and_grow(config, self.num_steps)
-    self._regrow_steps = None
-    if self.regrowing is not None:
-      self._regrow_steps = {flag: step_jit(regrow=flag) for flag in (False, True)}
+    self._host_schedule, flag_name = self.regrowing, "regrow"
+    if self.regrowing is None:
+      self._host_schedule, flag_name = methods.recompute_schedule(config, self.num_steps), "recompute"
+    self._flagged_steps = None
+    if self._host_schedule is not None:
+      self._flagged_steps = {flag: step_jit(**{flag_name: flag}) for flag in (False, True)}
     self.eval_step = jax.jit(make_eval_step(self.model, eval_forward or forward),
                              in_shardings=(self.state_sharding,) + (self.sharded,) * 3,
                              out_shardings=self.replicated)
@@ -303,14 +308,14 @@ class Trainer:
     from steps/s), as (step, state, images, labels) -> (state, metrics)."""
     if self._compiled_step is None:
       batch = self.batch(0)
-      if self._regrow_steps is None:
+      if self._flagged_steps is None:
         program = self.train_step.lower(state, *batch).compile()
         self._compiled_step = lambda step, *args: program(*args)
       else:
         programs = {flag: fn.lower(state, *batch).compile()
-                    for flag, fn in self._regrow_steps.items()}
+                    for flag, fn in self._flagged_steps.items()}
         self._compiled_step = lambda step, *args: programs[
-            bool(self.regrowing.is_update_step(step))](*args)
+            bool(self._host_schedule.is_update_step(step))](*args)
     return self._compiled_step
 
   def initial_state(self, seed: int | None = None) -> TrainState:

@@ -190,6 +190,31 @@ def test_train_step_gives_same_numbers_with_and_without_jit(tiny_config):
     state = jit_state
 
 
+def test_gradual_steps_picked_on_the_host_equal_the_step_that_decides_inside(tiny_config):
+  """The trainer compiles gradual pruning's step with and without the mask
+  recompute and picks one per step on the host; the numbers are those of the
+  one program whose lax.cond decides (masks recomputed at steps 4, 9, ...)."""
+  run = trainer.Trainer(tiny_config, jax.devices()[:1])
+  picked = run.compiled_step(run.initial_state())
+  in_step = jax.jit(trainer.make_train_step(run.model, run.tx))
+  host, inside = run.initial_state(), run.initial_state()
+  recomputes = []
+  for t in range(12):
+    images, labels = run.batch(t)
+    before = sparsejax.state_masks(inside.opt_state)
+    host, _ = picked(t, host, images, labels)
+    inside, _ = in_step(inside, images, labels)
+    recomputes.append(any(bool((a != b).any()) for a, b in zip(
+        jax.tree.leaves(before), jax.tree.leaves(sparsejax.state_masks(inside.opt_state)))))
+    chex.assert_trees_all_equal(host.params, inside.params)
+    chex.assert_trees_all_equal(host.opt_state, inside.opt_state)
+  assert any(recomputes)   # the masks changed inside the compared steps
+  # The program between recomputes has no conditional (no selection); the other one has.
+  texts = {flag: fn.lower(host, images, labels).as_text()
+           for flag, fn in run._flagged_steps.items()}  # pylint: disable=protected-access
+  assert "stablehlo.case" not in texts[False] and "stablehlo.case" in texts[True]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("log_every", 0, r"config.log_every=0 must be an integer >= 1"),
     ("eval_batch_size", 0, r"config.eval_batch_size=0 must be an integer >= 1"),
