@@ -226,7 +226,7 @@ def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
     prefix = jnp.broadcast_to((lower & ~low_bits)[:, None], ranks.shape)
 
   def step(i, prefix):
-    candidate = prefix | (one << (bits - 1 - i).astype(key_type))
+    candidate = prefix | (one << jnp.asarray(bits - 1 - i).astype(key_type))
     per = [((v[..., None] >= candidate[s]) & ok[..., None])
            .sum(axis=tuple(range(v.ndim)), dtype=jnp.int32) for s, v, ok in values]
     counts = _segment_sum(per, [s for s, _, _ in values], segments, jnp.zeros(columns, jnp.int32))

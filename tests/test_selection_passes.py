@@ -196,6 +196,15 @@ def test_a_leaf_larger_than_the_sample_equals_numpy_with_and_without_jit():
                                 reference.topk_mask(scores, 0.9))
 
 
+def test_passes_run_with_jit_disabled_like_numpy(passes):
+  # jax.disable_jit() runs the loops in Python, with Python-int loop indices
+  # (an eager training step does this).
+  scores = np.random.default_rng(6).normal(size=(8, 40)).astype(np.float32)
+  with jax.disable_jit():
+    got = np.asarray(sparsejax.topk_mask(jnp.asarray(scores), 0.75))
+  np.testing.assert_array_equal(got, reference.topk_mask(scores, 0.75))
+
+
 def test_subnormal_scores_rank_by_value_under_jit():
   # XLA:CPU reads subnormals as zero in float operations: keys must come from the bits only.
   scores = np.array([-1e-45, 1e-45, 0.0, -1e-40, 1e-40, -0.0, 3e-39, -2e-39], np.float32)
