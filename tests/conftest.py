@@ -37,6 +37,7 @@ def tiny_config(digits_dir):
 # despite their time: the same-numbers-under-every-transform checks, the
 # README's runs, one resume-after-damage and one case of each method family.
 SLOW_CASES = frozenset("""
+test_selection_passes.py::test_passes_run_with_jit_disabled_like_numpy
 test_readme.py::test_readme_learned_mask_example_learns_2_of_4_masks_over_frozen_weights
 test_maskllm.py::test_soft_masks_at_the_end_temperature_with_large_logits_are_finite_one_hot_candidates
 test_train.py::test_train_step_gives_same_loss_on_4_devices_and_on_1[model1]
