@@ -112,6 +112,18 @@ def outlier_ratios(params: PyTree, hessians: Mapping[str, jax.Array], *,
   return ratios
 
 
+def _checked_ratios(outlier_ratios: Mapping[str, float], caller: str):
+  """(group names, their outlier ratios as float64), each ratio finite; at least one group."""
+  if not outlier_ratios:
+    raise ValueError(f"{caller} needs at least one group's outlier ratio.")
+  names = list(outlier_ratios)
+  ratios = np.asarray([outlier_ratios[n] for n in names], np.float64)
+  for name, value in zip(names, ratios):
+    if not math.isfinite(value):
+      raise ValueError(f"group {name!r}: outlier ratio {value} is not finite.")
+  return names, ratios
+
+
 def owl_sparsities(outlier_ratios: Mapping[str, float], sparsity: float, *,
                    lam: float = 0.08) -> dict[str, float]:
   """{group: 1 - density}: OWL's densities from the groups' outlier ratios D.
@@ -133,13 +145,7 @@ def owl_sparsities(outlier_ratios: Mapping[str, float], sparsity: float, *,
       or not 0.0 <= lam < 0.5):
     raise ValueError(f"lam={lam!r} must be in [0, 0.5): the densities span 2 lam, shifted to "
                      "mean 1 - sparsity (the paper uses 0.08).")
-  if not outlier_ratios:
-    raise ValueError("owl_sparsities needs at least one group's outlier ratio.")
-  names = list(outlier_ratios)
-  ratios = np.asarray([outlier_ratios[n] for n in names], np.float64)
-  for name, value in zip(names, ratios):
-    if not math.isfinite(value):
-      raise ValueError(f"group {name!r}: outlier ratio {value} is not finite.")
+  names, ratios = _checked_ratios(outlier_ratios, "owl_sparsities")
   spread = ratios.max() - ratios.min()
   if spread > 0:
     density = (ratios - ratios.min()) * (1.0 / spread * lam * 2)
@@ -205,13 +211,7 @@ def owl_nm(outlier_ratios: Mapping[str, float], nm: tuple[int, int], *, lam: flo
                      "in weights of every M (the authors use 2).")
   if rounding not in ROUNDINGS:
     raise ValueError(f"rounding={rounding!r}: use one of {ROUNDINGS}.")
-  if not outlier_ratios:
-    raise ValueError("owl_nm needs at least one group's outlier ratio.")
-  names = list(outlier_ratios)
-  ratios = np.asarray([outlier_ratios[g] for g in names], np.float64)
-  for name, value in zip(names, ratios):
-    if not math.isfinite(value):
-      raise ValueError(f"group {name!r}: outlier ratio {value} is not finite.")
+  names, ratios = _checked_ratios(outlier_ratios, "owl_nm")
   spread = ratios.max() - ratios.min()
   offsets = (ratios - ratios.min()) * (1.0 / spread * lam) if spread > 0 else np.zeros_like(ratios)
   offsets = offsets - np.mean(offsets)
