@@ -238,13 +238,14 @@ def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
 def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
                 segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
                 sample: int = _SAMPLE, bounds: tuple[jax.Array, ...] | None = None,
-                ties: bool = False) -> tuple[jax.Array, ...]:
+                ties: bool = False, operands=()) -> tuple[jax.Array, ...]:
   """The k[g]-th largest key T of each group g, and count(key >= T), count(key > T).
 
   Args:
-    key_fns: one function per array returning its keys (unsigned ints of
-      `key_type`); called inside every pass, so keys are never stored.
-      Called with a tuple of slices, it returns the keys of that part.
+    key_fns: one function per array, called as key_fn(operands, part=None),
+      returning its keys (unsigned ints of `key_type`) from `operands`;
+      called inside every pass, so keys are never stored. Given a tuple of
+      slices as `part`, it returns the keys of that part.
     shapes: the arrays' shapes.
     segment_of: the group of each array.
     k: int32 (groups,), each in [1, group size] (groups of size 0 may hold
@@ -259,6 +260,10 @@ def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tu
     ties: whether to find where the ties at T are, from an extraction pass
       (when each lies alone in its row): positions are flat indices in the
       concatenation of the group's arrays, in order.
+    operands: the pytree of arrays the keys are computed from. Each
+      straight-line pass reads them through its own select, so that XLA
+      computes the keys inside each pass instead of storing them once for
+      all passes.
 
   Returns:
     (T, count(key >= T), count(key > T), cutoff, known), each (groups,):
@@ -272,7 +277,7 @@ def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tu
   offsets = [sum(int(np.prod(sh)) for sh, t in zip(shapes[:i], segment_of[:i]) if t == s)
              for i, s in enumerate(segment_of)]
   live = [i for i, sh in enumerate(shapes) if int(np.prod(sh)) > 0]
-  key_fns = [key_fns[i] for i in live]
+  key_fns = [_Keys(key_fns[i], operands) for i in live]
   offsets = [offsets[i] for i in live]
   shapes = [shapes[i] for i in live]
   segment_of = [segment_of[i] for i in live]
@@ -291,6 +296,31 @@ def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tu
   return _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size, key_type,
                       np.asarray(floats, bool), quantiles, start, sampled=bounds is None,
                       ties=ties)
+
+
+class _Keys:
+  """A key function bound to its operands: `keys()` or `keys(part)`."""
+
+  def __init__(self, fn, operands):
+    self.fn, self.operands = fn, operands
+
+  def __call__(self, part=None):
+    return self.fn(self.operands, part)
+
+
+def _fresh(key_fns, token: jax.Array):
+  """The key functions of one straight-line pass, rebound to fresh operands.
+
+  Each operand goes through `where(never, 0, operand)`, with `never` False
+  computed from this pass's `token` (a result of the pass before), which
+  XLA cannot fold. Passes so built do not share their key computation (an
+  optimization barrier does not survive XLA:CPU's pipeline), so each
+  computes the keys inside its own fused reduction and none are stored.
+  """
+  x = token.ravel()[0]
+  never = (x == 0) & (x == 1)
+  fresh = lambda a: jnp.where(never, jnp.zeros((), a.dtype), a)
+  return [_Keys(f.fn, jax.tree.map(fresh, f.operands)) for f in key_fns]
 
 
 def _sampled_start(key_fns, shapes, segment_of, segments, k, size, sizes, key_type, sample):
@@ -383,17 +413,17 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     use_value = jnp.asarray(floats)[:, None] & ~stalled[:, None] & (lower < upper)[:, None]
     return jnp.where(use_value, by_value, by_key)
 
-  def after_count(state, first):
+  def after_count(state, first, fns=key_fns):
     thresholds = jnp.where(first, quantiles, count_thresholds(state))
-    counts = _count_pass(key_fns, segment_of, segments, thresholds)
+    counts = _count_pass(fns, segment_of, segments, thresholds)
     lower, upper, at_lower, above_upper = narrow(state, thresholds, counts)
     before = state[2] - state[3]
     stalled = (at_lower - above_upper) * 4 > before
     return (lower, upper, at_lower, above_upper, before, stalled) + state[6:]
 
-  def after_extract(state):
+  def after_extract(state, fns=key_fns):
     lower, upper, at_lower, above_upper, before, stalled, cap_scale, cutoff, known = state
-    rows = _extract_pass(key_fns, segment_of, offsets, sizes, lower, upper)
+    rows = _extract_pass(fns, segment_of, offsets, sizes, lower, upper)
     groups = [r[0] for r in rows]
     zero = jnp.zeros((), jnp.int32)
     overfull = _segment_sum([(r[1] > 3).sum(dtype=jnp.int32) for r in rows], groups,
@@ -447,6 +477,18 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     state = jax.lax.cond(small, after_extract, lambda st: after_count(st, first), state)
     return passes + 1, state
 
-  _, state = jax.lax.while_loop(more, step, (jnp.int32(0), start))
+  # The usual course, straight-line so that XLA fuses the caller's score
+  # computation into each pass (a loop or conditional would take the scores
+  # as a stored operand): the sampled pass, one interpolated pass, one
+  # extraction. Groups left pending (few: skewed or tied keys) go on in the loop.
+  state = start
+  if sampled:
+    state = after_count(state, jnp.asarray(True), _fresh(key_fns, quantiles))
+  state = after_count(state, jnp.asarray(False), _fresh(key_fns, state[0]))
+  state = after_extract(state, _fresh(key_fns, state[0]))
+  passes = jnp.int32(3 if sampled else 2)
+  _, state = jax.lax.cond(jnp.any(pending(state)),
+                          lambda carry: jax.lax.while_loop(more, step, carry),
+                          lambda carry: carry, (passes, state))
   lower, _, at_lower, above_upper = state[:4]
   return lower, at_lower, above_upper, state[7], state[8]

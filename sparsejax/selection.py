@@ -55,20 +55,21 @@ def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
     raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
 
 
-def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[int, ...]],
+def _select(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
             segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
-            sample: int = kth._SAMPLE) -> list[jax.Array]:
+            sample: int = kth._SAMPLE, operands=()) -> list[jax.Array]:
   """Top-k masks of several key arrays grouped in segments.
 
   Each segment (a set of arrays, in order) keeps its k[j] largest keys with
   one threshold, ties going to the lower position in the segment's
-  concatenation. `key_fns` return the keys (called inside every pass, so
-  keys are recomputed from the scores rather than stored). Every segment
+  concatenation. `key_fns`, called as key_fn(operands, part=None), return
+  the keys (called inside every pass, so keys are recomputed from the
+  scores rather than stored). Every segment
   advances together through the same passes, so a model with hundreds of
   leaves costs as many passes as one leaf.
   """
   segments = len(k)
-  keys = [lambda part=None, f=f: f(part).astype(key_type) for f in key_fns]
+  keys = [lambda ops, part=None, f=f: f(ops, part).astype(key_type) for f in key_fns]
   sizes = [sum(int(np.prod(sh)) for sh, s in zip(shapes, segment_of) if s == j)
            for j in range(segments)]
   k_min1 = jnp.maximum(k, 1)
@@ -84,13 +85,14 @@ def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[i
     return (sizes[s] - offsets[i] - index).astype(jnp.uint32)
 
   threshold, at_or_above, above, found_cutoff, found = kth.kth_largest(
-      keys, shapes, segment_of, k_min1, key_type, floats, sample, ties=True)
+      keys, shapes, segment_of, k_min1, key_type, floats, sample, ties=True, operands=operands)
 
   def tie_cutoffs():
     # Ties at T straddle the cut: keep the first `need` of them by position,
     # the `need` largest reversed positions among the keys equal to T.
-    tie_keys = [lambda part=None, i=i, s=s: jnp.where(keys[i](part) == threshold[s],
-                                                      reversed_positions(i, part), np.uint32(0))
+    tie_keys = [lambda ops, part=None, i=i, s=s: jnp.where(keys[i](ops, part) == threshold[s],
+                                                           reversed_positions(i, part),
+                                                           np.uint32(0))
                 for i, s in enumerate(segment_of)]
     need = jnp.where(settled_or_found, 1, k_min1 - above)
     # Reversed positions of the ties are in [1, size]; the rest are 0.
@@ -99,7 +101,7 @@ def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[i
               jnp.where(settled_or_found, np.uint32(1), jnp.asarray(sizes, jnp.uint32)),
               jnp.where(settled_or_found, 1, ties), jnp.zeros(segments, jnp.int32))
     cutoff = kth.kth_largest(tie_keys, shapes, segment_of, need, jnp.uint32, [False] * segments,
-                             sample, bounds)[0]
+                             sample, bounds, operands=operands)[0]
     return jnp.where(settled, np.uint32(0), jnp.where(found, found_cutoff, cutoff))
 
   # Settled: no ties straddle the cut. Found: the extraction pass saw where the ties are.
@@ -116,7 +118,7 @@ def _select(key_fns: Sequence[Callable[[], jax.Array]], shapes: Sequence[tuple[i
   masks = []
   for i, s in enumerate(segment_of):
     tie_kept = reversed_positions(i) >= cutoff[s]
-    masks.append((keys[i]() >= jnp.where(tie_kept, threshold[s], threshold[s] + one))
+    masks.append((keys[i](operands) >= jnp.where(tie_kept, threshold[s], threshold[s] + one))
                  & (tie_kept | (threshold[s] != top)) & (k[s] > 0))
   return masks
 
@@ -222,8 +224,9 @@ def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
 def _masks(scores, candidates, k, segment_of, sample):
   """`_select` on the keys of `scores`, jitted so that eager calls reuse the compiled program."""
 
-  def key_fn(s, c):
-    def keys(part=None):
+  def key_fn(i):
+    def keys(operands, part=None):
+      s, c = operands[0][i], operands[1][i]
       key = sortable_keys(s if part is None else s[part])
       if c is None:
         return key
@@ -233,12 +236,12 @@ def _masks(scores, candidates, k, segment_of, sample):
       return jnp.where(live, jnp.maximum(key, np.array(1, key.dtype)), np.array(0, key.dtype))
     return keys
 
-  key_fns = [key_fn(s, c) for s, c in zip(scores, candidates)]
+  key_fns = [key_fn(i) for i in range(len(scores))]
   key_type = jnp.uint64 if any(s.dtype.itemsize == 8 for s in scores) else jnp.uint32
   floats = [all(jnp.issubdtype(s.dtype, jnp.floating) for s, t in zip(scores, segment_of) if t == g)
             for g in range(len(k))]
   return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, floats,
-                       sample))
+                       sample, operands=(scores, candidates)))
 
 
 def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
