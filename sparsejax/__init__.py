@@ -41,6 +41,7 @@ from sparsejax.schedules import PolynomialSchedule
 from sparsejax.scores import magnitude_score
 from sparsejax.scores import random_score
 from sparsejax.scores import snip_score
+from sparsejax.selection import elementwise_scores
 from sparsejax.selection import nm_mask
 from sparsejax.sharding import fsdp_shardings
 from sparsejax.selection import topk_mask
@@ -95,6 +96,7 @@ __all__ = [
     "default_filter",
     "drop_and_grow",
     "dst",
+    "elementwise_scores",
     "erk_densities",
     "find_learned_state",
     "find_pruning_state",

@@ -10,9 +10,9 @@ count(key >= L) >= k > count(key > U), and narrows it pass by pass:
    the first thresholds, which bracket T with high probability. A group of
    at most 16K keys is its own sample: T comes from the bisection, no pass.
 2. A counting pass counts the keys >= each of 4 thresholds in one read of
-   the keys (two 16-bit counts per uint32, summed per block of the last
-   axis in one variadic reduce, which XLA:CPU fuses with the key
-   computation). Later thresholds are interpolated in the interval (in
+   the keys (a uint8 count per threshold and block of <= 128 keys of the
+   last axis, in one variadic reduce that XLA:CPU fuses with the key
+   computation; rows with no short block use two 16-bit counts per uint32). Later thresholds are interpolated in the interval (in
    value for float keys, in key otherwise), around the estimated place of T
    with a margin; a pass that does not shrink the interval 4x makes the
    next one split the interval's key range evenly (5 parts), so any input
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_THRESHOLDS = 4          # counted per pass: two uint32 words of two 16-bit counts per row
+_THRESHOLDS = 4          # counted per pass (a uint8 count each per block; more is slower on XLA:CPU)
 _ROW_LIMIT = 2**16 - 1   # longest row a 16-bit count can sum
 _BLOCK = 256             # longest block of an axis reduced to a few numbers per pass
 _SAMPLE = 2**14          # sampled keys per group
@@ -134,6 +134,17 @@ def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Arr
     t = thresholds[s]
     leaf = jnp.zeros(_THRESHOLDS, jnp.int32)
     for _, view in _rows(key_fn()):
+      if view.shape[-1] == 256:  # two blocks of 128: a uint8 count holds 128
+        view = view.reshape(view.shape[:-1] + (2, 128))
+      if view.shape[-1] <= 255:
+        # One uint8 count per threshold and block: XLA:CPU vectorizes this
+        # variadic reduce well (about 2x a sum pass at 16M keys, against 3.5x
+        # for the packed 16-bit words below).
+        sums = jax.lax.reduce(tuple((view >= t[a]).astype(jnp.uint8) for a in range(_THRESHOLDS)),
+                              (np.uint8(0),) * _THRESHOLDS,
+                              lambda x, y: tuple(a + b for a, b in zip(x, y)), (view.ndim - 1,))
+        leaf = leaf + jnp.stack([c.astype(jnp.int32).sum(dtype=jnp.int32) for c in sums])
+        continue
       words = tuple((view >= t[2 * a]).astype(jnp.uint32)
                     | ((view >= t[2 * a + 1]).astype(jnp.uint32) << 16)
                     for a in range(_THRESHOLDS // 2))

@@ -37,19 +37,90 @@ _MAX_ENTRIES = 2**31 - 1  # counts and flat indices are int32
 _COUNT_ROW = 32  # entries summed in uint8 before widening
 
 
-def check_no_nan(scores: jax.Array, name: str = "scores") -> None:
+class ElementwiseScores:
+  """Scores fn(*arrays) that a selection computes inside each of its passes.
+
+  Made by `elementwise_scores`; accepted wherever `topk_mask`,
+  `topk_masks` and `topk_masks_by_count` take a scores array. A scores
+  array computed in the caller's jitted program (such as jnp.abs(w)) is
+  stored before the selection reads it (its passes sit in XLA control flow,
+  which takes stored operands): one scores-sized temporary and one write.
+  Scores given this way are never stored.
+  """
+
+  def __init__(self, fn: Callable[..., jax.Array], arrays: tuple[jax.Array, ...]):
+    self.fn, self.arrays = fn, arrays
+    out = jax.eval_shape(fn, *arrays)
+    self.shape, self.dtype = tuple(out.shape), out.dtype
+    self.size = int(np.prod(self.shape))
+
+  def value(self) -> jax.Array:
+    """The scores, computed (and stored)."""
+    return self.fn(*self.arrays)
+
+  def part(self, index) -> jax.Array:
+    """The scores at `index` (a tuple of slices), computed from that part of the arrays."""
+    return self.fn(*(a if a.ndim == 0 else a[index] for a in self.arrays))
+
+  def __repr__(self) -> str:
+    return f"ElementwiseScores({getattr(self.fn, '__name__', self.fn)}, shape={self.shape})"
+
+
+def elementwise_scores(fn: Callable[..., jax.Array], *arrays) -> ElementwiseScores:
+  """Scores fn(*arrays) for a top-k selection that computes them in each pass, never stored.
+
+  `fn` must work entry by entry (jnp.abs, a product of two arrays, ...):
+  the selection evaluates it on parts of the arrays too. The arrays share
+  one shape (0-d arrays are broadcast). Inside a jitted step this saves the
+  scores' temporary and its write; the masks are the same as for
+  `fn(*arrays)` given as an array. For eager calls, pass the same `fn`
+  object each time (it is a static argument of the compiled selection).
+
+  >>> w = jnp.array([-3., 1., 2., -0.5])
+  >>> topk_mask(elementwise_scores(jnp.abs, w), 0.5).tolist()
+  [True, False, True, False]
+
+  Raises:
+    ValueError: for no arrays, arrays of different shapes, or an `fn` whose
+      result has another shape.
+  """
+  if not arrays:
+    raise ValueError("elementwise_scores needs at least one array.")
+  arrays = tuple(jnp.asarray(a) for a in arrays)
+  shapes = {a.shape for a in arrays if a.ndim}
+  if len(shapes) > 1:
+    raise ValueError(f"elementwise_scores takes arrays of one shape, got {sorted(shapes)}.")
+  lazy = ElementwiseScores(fn, arrays)
+  if shapes and lazy.shape != next(iter(shapes)):
+    raise ValueError(f"elementwise_scores: fn maps arrays of shape {next(iter(shapes))} to "
+                     f"shape {lazy.shape}; it must work entry by entry.")
+  return lazy
+
+
+def _is_traced(scores) -> bool:
+  arrays = scores.arrays if isinstance(scores, ElementwiseScores) else (scores,)
+  return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def check_no_nan(scores: jax.Array | ElementwiseScores, name: str = "scores") -> None:
   """Raises ValueError naming `name` if `scores` cannot be ranked.
 
   Complex scores have no order (checked from the dtype, also under a
   trace); concrete scores must not contain NaN. Inside a trace (jit, vmap,
   ...) values are unknown and NaN is not checked.
   """
-  dtype = jnp.result_type(scores)
+  if isinstance(scores, ElementwiseScores):
+    dtype = scores.dtype
+    if not _is_traced(scores) and jnp.issubdtype(dtype, jnp.floating):
+      scores = scores.value()
+  dtype = jnp.result_type(scores.dtype if isinstance(scores, ElementwiseScores) else scores)
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise ValueError(f"the scores of '{name}' are {dtype}: complex numbers have no order; "
                      "rank a real score such as jnp.abs(w).")
   if not jnp.issubdtype(dtype, jnp.floating):
     return
+  if isinstance(scores, ElementwiseScores):
+    return  # traced
   has_nan = jnp.isnan(scores).any()
   if not isinstance(has_nan, jax.core.Tracer) and bool(has_nan):
     raise ValueError(f"NaN in the scores of '{name}': cannot rank them.")
@@ -141,7 +212,8 @@ def topk_masks(scores: Sequence[jax.Array], sparsity,
   [[False, True], [True, True]]
 
   Args:
-    scores: arrays of scores (any float, integer or bool dtype, any shapes).
+    scores: arrays of scores (any float, integer or bool dtype, any shapes),
+      or `elementwise_scores` (computed in each pass, never stored).
       A global selection needs scores that compare: all floats (and bool and
       small integers, ranked as float32), or all of one 32/64-bit integer
       dtype.
@@ -165,7 +237,8 @@ def topk_masks(scores: Sequence[jax.Array], sparsity,
     raise ValueError(f"{len(sparsities)} sparsities for {len(scores)} score arrays.")
   for i, value in enumerate(sparsities):
     check_sparsity(value, f"sparsity[{i}]" if per_array else "sparsity")
-  sizes = [int(np.size(s)) for s in scores] if per_array else [sum(int(np.size(s)) for s in scores)]
+  size_of = lambda s: s.size if isinstance(s, ElementwiseScores) else int(np.size(s))
+  sizes = [size_of(s) for s in scores] if per_array else [sum(size_of(s) for s in scores)]
   k = [keep_count(n, value) for n, value in zip(sizes, sparsities)]
   return _topk(scores, k if per_array else k[0], candidates)
 
@@ -187,7 +260,7 @@ def topk_masks_by_count(scores: Sequence[jax.Array], keep,
 
 def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
   """Top-`keep` masks; `keep` a list (per array) or one count (across arrays)."""
-  scores = [jnp.asarray(s) for s in scores]
+  scores = [s if isinstance(s, ElementwiseScores) else jnp.asarray(s) for s in scores]
   per_array = isinstance(keep, (list, tuple))
   keeps = list(keep) if per_array else [keep]
   if per_array and len(keeps) != len(scores):
@@ -216,18 +289,29 @@ def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
     return [jnp.zeros(s.shape, bool) for s in scores]
   k = jnp.stack([jnp.clip(jnp.asarray(value, jnp.int32), 0, n) for n, value in zip(sizes, keeps)])
   candidates = tuple(None if c is None else jnp.asarray(c, bool) for c in candidates)
-  return list(_masks(tuple(scores), candidates, k, segment_of=tuple(segment_of),
-                     sample=kth._SAMPLE))
+  lazy = [isinstance(s, ElementwiseScores) for s in scores]
+  arrays = tuple(s.arrays if is_lazy else (s,) for s, is_lazy in zip(scores, lazy))
+  fns = tuple(s.fn if is_lazy else None for s, is_lazy in zip(scores, lazy))
+  return list(_masks(arrays, candidates, k, segment_of=tuple(segment_of), sample=kth._SAMPLE,
+                     fns=fns))
 
 
-@functools.partial(jax.jit, static_argnames=("segment_of", "sample"))
-def _masks(scores, candidates, k, segment_of, sample):
-  """`_select` on the keys of `scores`, jitted so that eager calls reuse the compiled program."""
+@functools.partial(jax.jit, static_argnames=("segment_of", "sample", "fns"))
+def _masks(arrays, candidates, k, segment_of, sample, fns):
+  """`_select` on the keys of the scores, jitted so that eager calls reuse the compiled program.
+
+  Scores i are arrays[i][0], or fns[i](*arrays[i]) where fns[i] is set
+  (`ElementwiseScores`), computed inside each pass.
+  """
+  scores = [a[0] if fn is None else ElementwiseScores(fn, a) for a, fn in zip(arrays, fns)]
 
   def key_fn(i):
     def keys(operands, part=None):
-      s, c = operands[0][i], operands[1][i]
-      key = sortable_keys(s if part is None else s[part])
+      args, c = operands[0][i], operands[1][i]
+      if part is not None:
+        args = tuple(a if a.ndim == 0 else a[part] for a in args)
+      s = args[0] if fns[i] is None else fns[i](*args)
+      key = sortable_keys(s)
       if c is None:
         return key
       live = c if part is None else c[part]
@@ -241,10 +325,10 @@ def _masks(scores, candidates, k, segment_of, sample):
   floats = [all(jnp.issubdtype(s.dtype, jnp.floating) for s, t in zip(scores, segment_of) if t == g)
             for g in range(len(k))]
   return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, floats,
-                       sample, operands=(scores, candidates)))
+                       sample, operands=(arrays, candidates)))
 
 
-def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
+def topk_mask(scores: jax.Array | ElementwiseScores, sparsity) -> jax.Array:
   """Boolean mask keeping the round((1 - sparsity) * size) largest scores.
 
   Exactly that many entries are kept; ties go to the lower flat index. Works
@@ -254,7 +338,8 @@ def topk_mask(scores: jax.Array, sparsity) -> jax.Array:
   [True, False, True, False]
 
   Args:
-    scores: array of scores, any shape.
+    scores: array of scores, any shape, or `elementwise_scores` (computed
+      in each pass, never stored).
     sparsity: fraction of entries to drop, in [0, 1].
 
   Returns:
