@@ -114,7 +114,8 @@ def drop_and_grow(params: PyTree, masks: PyTree, grow_scores: PyTree, fraction,
   fraction = jnp.asarray(fraction, jnp.float32)
   round_fn = jnp.floor if rounding == "floor" else jnp.ceil
   drop = lambda n: round_fn(n.astype(jnp.float32) * fraction).astype(jnp.int32)
-  magnitudes = [jnp.abs(leaf.param) for leaf in leaves]
+  # |w| is computed inside the selection's passes, never stored.
+  magnitudes = [selection.elementwise_scores(jnp.abs, leaf.param) for leaf in leaves]
   grow_by = [jnp.asarray(score_of[leaf.path], jnp.float32) for leaf in leaves]
   if shared:
     total = sum(counts, jnp.int32(0))

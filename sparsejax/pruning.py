@@ -85,7 +85,10 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
     grad_leaves = trees.named_leaves(grads)
   elif score in scores_lib.GRADIENT_SCORES:
     raise ValueError(f"score {score!r} needs the loss gradient: pass grads= to compute_masks.")
-  scores = _scores(leaves, chosen, score_fn, key, grad_leaves)
+  # Magnitude and SNIP scores are computed inside the selection's passes
+  # (never stored) unless something else must read them first.
+  lazy = not normalize and allocation != "lamp"
+  scores = _scores(leaves, chosen, score_fn, key, grad_leaves, lazy=lazy)
   if normalize:
     scores = [s / (jnp.linalg.norm(s.astype(jnp.float32)) + 1e-8) for s in scores]
   targets = allocation_lib.allocate(
@@ -101,13 +104,28 @@ def compute_masks(params: PyTree, sparsity, *, score: str | scores_lib.ScoreFn =
   return assemble_masks(params, chosen, masks)
 
 
+def _snip(param: jax.Array, grad: jax.Array) -> jax.Array:
+  """SNIP's score as a function of arrays only (for `selection.elementwise_scores`)."""
+  return scores_lib.snip_score(param, grad=grad)
+
+
 def _scores(leaves: Sequence[trees.Leaf], chosen: Sequence[int], score_fn: scores_lib.ScoreFn,
-            key: jax.Array | None, grads: Sequence[trees.Leaf] | None = None) -> list[jax.Array]:
-  """The score of every chosen leaf; `key` is folded with each leaf's index."""
+            key: jax.Array | None, grads: Sequence[trees.Leaf] | None = None,
+            lazy: bool = False) -> list[jax.Array | selection.ElementwiseScores]:
+  """The score of every chosen leaf; `key` is folded with each leaf's index.
+
+  With `lazy`, the built-in elementwise scores (magnitude, SNIP) are
+  returned as `selection.elementwise_scores`, computed by the selection.
+  """
   scores = []
   for i in chosen:
     leaf_key = None if key is None else jax.random.fold_in(key, i)
-    if grads is None:
+    if lazy and score_fn is scores_lib.magnitude_score:
+      scores.append(selection.elementwise_scores(scores_lib.magnitude_score, leaves[i].value))
+    elif (lazy and score_fn is scores_lib.snip_score and grads is not None
+          and np.shape(grads[i].value) == np.shape(leaves[i].value)):
+      scores.append(selection.elementwise_scores(_snip, leaves[i].value, grads[i].value))
+    elif grads is None:
       scores.append(score_fn(leaves[i].value, leaf_key))
     else:
       scores.append(score_fn(leaves[i].value, leaf_key, grads[i].value))
