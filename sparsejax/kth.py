@@ -12,17 +12,24 @@ count(key >= L) >= k > count(key > U), and narrows it pass by pass:
 2. A counting pass counts the keys >= each of 4 thresholds in one read of
    the keys (a uint8 count per threshold and block of <= 128 keys of the
    last axis, in one variadic reduce that XLA:CPU fuses with the key
-   computation; rows with no short block use two 16-bit counts per uint32). Later thresholds are interpolated in the interval (in
-   value for float keys, in key otherwise), around the estimated place of T
-   with a margin; a pass that does not shrink the interval 4x makes the
-   next one split the interval's key range evenly (5 parts), so any input
-   ends within a bounded number of passes (2 per 5x of key range).
-3. Once the interval holds few keys, one extraction pass reduces each block
-   to the count, max, min and (wrapping) sum of its keys in the interval:
-   a block with at most 3 of them gives all of them exactly, and T is found
-   among those values alone; a key alone in its block also gives its
-   position (ties at T). A block with more makes the group count on.
+   computation; rows with no short block use two 16-bit counts per
+   uint32). Later thresholds are interpolated in the interval (in value for
+   float keys, in key otherwise), around the estimated place of T with a
+   margin; a pass that does not shrink the interval 4x makes the next one
+   split the interval's key range evenly (5 parts), so any input ends
+   within a bounded number of passes (2 per 5x of key range).
+3. An extraction pass reduces each block to the count, max, min and
+   (wrapping) sum of its keys in a band [lo, hi]: a block with at most 3 of
+   them gives all of them exactly, and T is found among those values alone;
+   a key alone in its block also gives its position (ties at T). The same
+   pass counts the keys above hi (in spare bits of the count), so a band
+   around the estimated T (the margin above, capped at what one extraction
+   holds) both checks that T is in it and finds T. A miss, or a block with
+   more than 3 band keys, narrows the interval and the group counts on.
 
+The usual course is straight-line (the sampled counting pass, then one
+band extraction, then the caller's mask: 3 reads of the scores); the loop
+of counting and extraction passes runs only for groups left pending.
 Every count is exact, so the result does not depend on the sample: a bad
 sample only costs passes. Each pass reads the keys once and writes a few
 numbers per block; keys are computed inside each pass from the caller's
@@ -161,26 +168,38 @@ def _extract_pass(key_fns, segment_of, offsets, sizes, lower, upper):
   """Per row, of the keys in [lower, upper] of its group: count, max, ~min, wrapping sum.
 
   Also the reversed position (group size - position in the group) of a
-  row's key when it is the only one: the count is summed with its column
-  in the high 16 bits, so that costs no extra accumulator.
-  Returns (group, count, max, ~min, sum, reversed position) per view.
+  row's key when it is the only one, and the count of the row's keys above
+  `upper`. Both cost no extra accumulator in rows of <= 256 keys: the
+  count sits in bits 0-8 of one sum, the count above in bits 9-17 and the
+  column in bits 18 and up (longer rows: count in 16 bits, column above
+  them, and a fifth accumulator for the count above).
+  Returns (group, count, max, ~min, sum, reversed position, count above)
+  per view.
   """
   out = []
   for key_fn, s, offset in zip(key_fns, segment_of, offsets):
     for start, view in _rows(key_fn()):
       zero = np.array(0, view.dtype)
       band = (view >= lower[s]) & (view <= upper[s])
+      above = (view > upper[s]).astype(jnp.uint32)
       column = jax.lax.broadcasted_iota(jnp.uint32, view.shape, view.ndim - 1)
-      ops = (jnp.where(band, (column << 16) | np.uint32(1), np.uint32(0)),
+      short = view.shape[-1] <= 256
+      col_shift, count_mask = (18, 0x1FF) if short else (16, 0xFFFF)
+      ops = (jnp.where(band, (column << col_shift) | np.uint32(1), np.uint32(0))
+             + ((above << 9) if short else np.uint32(0)),
              jnp.where(band, view, zero), jnp.where(band, ~view, zero), jnp.where(band, view, zero))
-      tally, high, low_inverted, total = jax.lax.reduce(
-          ops, (np.uint32(0), zero, zero, zero),
-          lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.maximum(x[2], y[2]), x[3] + y[3]),
-          (view.ndim - 1,))
+      add_max = lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.maximum(x[2], y[2]),
+                              x[3] + y[3]) + tuple(a + b for a, b in zip(x[4:], y[4:]))
+      sums = jax.lax.reduce(ops + (() if short else (above,)),
+                            (np.uint32(0), zero, zero, zero) + (() if short else (np.uint32(0),)),
+                            add_max, (view.ndim - 1,))
+      tally, high, low_inverted, total = sums[:4]
+      count_above = ((tally >> 9) & 0x1FF) if short else sums[4]
       row = jnp.arange(high.size, dtype=jnp.int32).reshape(high.shape)
-      position = offset + start + row * view.shape[-1] + (tally >> 16).astype(jnp.int32)
+      position = offset + start + row * view.shape[-1] + (tally >> col_shift).astype(jnp.int32)
       reversed_position = (sizes[s] - position).astype(jnp.uint32)
-      out.append((s, tally & 0xFFFF, high, low_inverted, total, reversed_position))
+      out.append((s, tally & count_mask, high, low_inverted, total, reversed_position,
+                  count_above.astype(jnp.int32)))
   return out
 
 
@@ -399,17 +418,28 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
                                         above_upper[:, None]), axis=1)
     return new_lower, new_upper, at_new_lower, above_new_upper
 
-  def count_thresholds(state):
-    lower, upper, at_lower, above_upper, _, stalled = state[:6]
+  def estimate(state):
+    """(j, keys in [L, U], margin): T is the j-th largest key in [L, U], +- margin."""
+    lower, upper, at_lower, above_upper = state[:4]
     inside = (at_lower - above_upper).astype(jnp.float32)
-    j = (k - above_upper).astype(jnp.float32)        # T is the j-th largest in [L, U]
+    j = (k - above_upper).astype(jnp.float32)
     margin = (_MARGIN_SDS * jnp.sqrt(j * (inside - j) / jnp.maximum(inside, 1)) + 2.0
               + _MARGIN_FRACTION * inside)
+    return j, inside, margin
+
+  def count_thresholds(state):
+    stalled = state[5]
+    j, inside, margin = estimate(state)
     spread = jnp.asarray([-1.0, -1 / 3, 1 / 3, 1.0], jnp.float32)
     interp = j[:, None] + margin[:, None] * spread
     even = inside[:, None] * jnp.arange(1, _THRESHOLDS + 1, dtype=jnp.float32) / (_THRESHOLDS + 1)
     fraction = jnp.clip(jnp.where(stalled[:, None], even, interp) / jnp.maximum(inside, 1)[:, None],
                         0, 1)
+    return keys_at(state, fraction, stalled)
+
+  def keys_at(state, fraction, stalled):
+    """Keys about `fraction` of the way down [L, U]'s keys (groups, columns), in (L, U]."""
+    lower, upper = state[:2]
     # In key space: offsets down from U (U - (o - 1) has about o keys of [L, U] at or above it).
     width = (upper - lower).astype(jnp.float32) + 1.0
     top = np.nextafter(np.float32(2.0 ** bits), np.float32(0))
@@ -433,15 +463,53 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     return (lower, upper, at_lower, above_upper, before, stalled) + state[6:]
 
   def after_extract(state, fns=key_fns):
+    rows = _extract_pass(fns, segment_of, offsets, sizes, state[0], state[1])
+    return finish(state, rows, jnp.ones(segments, bool))
+
+  def after_band(state, fns):
+    """An extraction of a band [lo, hi] of [L, U] around the estimated T that also counts the
+    keys above hi: where T is in the band (as is likely), this pass finishes the search;
+    elsewhere it narrows [L, U] to the part above or below the band."""
+    lower, upper, at_lower, above_upper = state[:4]
+    j, inside, margin = estimate(state)
+    # The band is kept within what one extraction holds.
+    margin = jnp.minimum(margin, 0.5 * capacity * state[6])
+    fraction = jnp.clip((j[:, None] + margin[:, None] * jnp.asarray([-1.0, 1.0], jnp.float32))
+                        / jnp.maximum(inside, 1)[:, None], 0, 1)
+    ends = keys_at(state, fraction, jnp.zeros(segments, bool))
+    open_ = lower != upper
+    hi = jnp.where(open_, ends[:, 0], upper)
+    lo = jnp.where(open_, jnp.where(fraction[:, 1] >= 1, lower, jnp.minimum(ends[:, 1], hi)), lower)
+    rows = _extract_pass(fns, segment_of, offsets, sizes, lo, hi)
+    groups = [r[0] for r in rows]
+    zero = jnp.zeros((), jnp.int32)
+    above_hi = _segment_sum([r[6].sum(dtype=jnp.int32) for r in rows], groups, segments, zero)
+    at_lo = above_hi + _segment_sum([r[1].astype(jnp.int32).sum(dtype=jnp.int32) for r in rows],
+                                    groups, segments, zero)
+    hit = open_ & (above_hi < k) & (at_lo >= k)
+    band = (jnp.where(hit, lo, lower), jnp.where(hit, hi, upper),
+            jnp.where(hit, at_lo, at_lower), jnp.where(hit, above_hi, above_upper)) + state[4:]
+    done = finish(band, rows, hit)
+    high_miss = open_ & (above_hi >= k)      # T > hi
+    low_miss = open_ & (at_lo < k)           # T < lo
+    new_lower = jnp.where(high_miss, hi + one, done[0])
+    new_at_lower = jnp.where(high_miss, above_hi, done[2])
+    new_upper = jnp.where(low_miss, lo - one, done[1])
+    new_above_upper = jnp.where(low_miss, at_lo, done[3])
+    before = at_lower - above_upper
+    stalled = (new_at_lower - new_above_upper) * 4 > before
+    return (new_lower, new_upper, new_at_lower, new_above_upper, before, stalled) + done[6:]
+
+  def finish(state, rows, eligible):
+    """T from an extraction of each eligible group's [L, U] (where no row holds more than 3)."""
     lower, upper, at_lower, above_upper, before, stalled, cap_scale, cutoff, known = state
-    rows = _extract_pass(fns, segment_of, offsets, sizes, lower, upper)
     groups = [r[0] for r in rows]
     zero = jnp.zeros((), jnp.int32)
     overfull = _segment_sum([(r[1] > 3).sum(dtype=jnp.int32) for r in rows], groups,
                             segments, zero)
     ok = overfull == 0
     found_values = []
-    for s, count, high, low_inverted, total, _ in rows:
+    for s, count, high, low_inverted, total, _, _ in rows:
       low = ~low_inverted
       found_values += [(s, high, count >= 1), (s, low, count >= 2),
                        (s, total - high - low, count >= 3)]
@@ -454,10 +522,10 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
                        for s, v, valid in found_values], value_groups, segments, zero)
     gt = _segment_sum([((v > found[s]) & valid).sum(dtype=jnp.int32)
                        for s, v, valid in found_values], value_groups, segments, zero)
-    take = ok & (lower != upper)
+    take = ok & (lower != upper) & eligible
     if ties:
       # Ties at T alone in their row: the row gives their reversed position.
-      alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev in rows]
+      alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev, _ in rows]
       alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
                                  segments, zero)
       need = k - (above_upper + gt)
@@ -471,7 +539,7 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     return (jnp.where(take, found, lower), jnp.where(take, found, upper),
             jnp.where(take, above_upper + ge, at_lower),
             jnp.where(take, above_upper + gt, above_upper),
-            before, stalled, jnp.where(ok, cap_scale, cap_scale * 0.25), cutoff, known)
+            before, stalled, jnp.where(ok | ~eligible, cap_scale, cap_scale * 0.25), cutoff, known)
 
   def pending(state):
     return (state[0] != state[1]) & (size > 0)
@@ -490,14 +558,14 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
 
   # The usual course, straight-line so that XLA fuses the caller's score
   # computation into each pass (a loop or conditional would take the scores
-  # as a stored operand): the sampled pass, one interpolated pass, one
-  # extraction. Groups left pending (few: skewed or tied keys) go on in the loop.
+  # as a stored operand): the sampled counting pass, then one extraction of
+  # a band around the estimated T. Groups left pending (few: T outside the
+  # band, skewed or tied keys) go on in the loop.
   state = start
   if sampled:
     state = after_count(state, jnp.asarray(True), _fresh(key_fns, quantiles))
-  state = after_count(state, jnp.asarray(False), _fresh(key_fns, state[0]))
-  state = after_extract(state, _fresh(key_fns, state[0]))
-  passes = jnp.int32(3 if sampled else 2)
+  state = after_band(state, _fresh(key_fns, state[0]))
+  passes = jnp.int32(2 if sampled else 1)
   _, state = jax.lax.cond(jnp.any(pending(state)),
                           lambda carry: jax.lax.while_loop(more, step, carry),
                           lambda carry: carry, (passes, state))
