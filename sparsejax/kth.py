@@ -265,6 +265,26 @@ def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
   return jax.lax.fori_loop(start, bits, step, prefix)
 
 
+_FEW = 4  # ranks up to this are found by repeated maxima rather than a bisection
+
+
+def _nth_largest_few(values, segments, n):
+  """Per group, the n[g]-th largest of distinct valid uint32 values, n[g] in [1, _FEW].
+
+  One max reduction per rank (the largest value below the last one found),
+  against a bisection's 32 counting steps: the ties kept at the threshold
+  are usually one or two.
+  """
+  def step(i, last):
+    per = [jnp.max(jnp.where(ok & (v < last[s]), v, np.uint32(0))) for s, v, ok in values]
+    largest = jnp.stack([jnp.max(jnp.stack([p for p, (t, _, _) in zip(per, values) if t == g]
+                                           or [jnp.uint32(0)]))
+                         for g in range(segments)])
+    return jnp.where(i < n, largest, last)
+
+  return jax.lax.fori_loop(0, _FEW, step, jnp.full(segments, np.uint32(2**32 - 1)))
+
+
 def kth_largest(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
                 segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
                 sample: int = _SAMPLE, bounds: tuple[jax.Array, ...] | None = None,
@@ -528,11 +548,14 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
       alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev, _ in rows]
       alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
                                  segments, zero)
-      need = k - (above_upper + gt)
+      need = jnp.maximum(k - (above_upper + gt), 1)
       straddle = take & (need < ge - gt)
+      few = jnp.max(jnp.where(straddle, need, 0)) <= _FEW
       tie_cut = jax.lax.cond(
           jnp.any(straddle),
-          lambda: _bisect(alone, segments, jnp.maximum(need, 1)[:, None], jnp.uint32, 32)[:, 0],
+          lambda: jax.lax.cond(
+              few, lambda: _nth_largest_few(alone, segments, need),
+              lambda: _bisect(alone, segments, need[:, None], jnp.uint32, 32)[:, 0]),
           lambda: jnp.zeros(segments, jnp.uint32))
       cutoff = jnp.where(take, tie_cut, cutoff)
       known = jnp.where(take, alone_count == ge - gt, known)
