@@ -254,6 +254,7 @@ def test_nan_scores_rank_last_under_jit():
   np.testing.assert_array_equal(np.asarray(lazy(2 / stored.size, w, g)), want)
 
 
+@pytest.mark.slow   # 3 compiles (~8 s); the fast tier's 300 x 700 cases take the straight-line passes
 def test_the_passes_and_the_fallback_loop_on_small_arrays_equal_numpy(passes, monkeypatch):
   del passes   # samples of 16 keys: small arrays take the passes
   rng = np.random.default_rng(6)
@@ -388,6 +389,28 @@ def test_complex_elementwise_scores_are_an_error_eager_and_under_jit():
     topk_mask(elementwise_scores(to_complex, w), 0.5)
   with pytest.raises(ValueError, match="complex numbers have no order"):
     jax.jit(lambda w: topk_mask(elementwise_scores(to_complex, w), 0.5))(w)
+
+
+@pytest.mark.slow   # 4 small compiles (~4 s)
+def test_0d_python_number_and_empty_arguments_select_like_arrays():
+  w = np.array([[-3.0, 1.0], [2.0, -0.5]], np.float32)
+  assert topk_mask(elementwise_scores(jnp.abs, np.float32(-2.0)), 0.0).tolist() is True
+  assert topk_mask(elementwise_scores(jnp.abs, np.float32(-2.0)), 1.0).tolist() is False
+  np.testing.assert_array_equal(   # a Python number is a 0-d array
+      np.asarray(topk_mask(elementwise_scores(_abs_times, w, 3.0), 0.5)), [[1, 0], [1, 0]])
+  empty = np.zeros((0, 3), np.float32)
+  got = topk_masks([elementwise_scores(jnp.abs, empty), elementwise_scores(jnp.abs, w)], 0.5)
+  assert got[0].shape == (0, 3) and got[0].dtype == bool
+  np.testing.assert_array_equal(np.asarray(got[1]), [[1, 0], [1, 0]])
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
+    "sparsejax: candidates of another shape than their scores (lazy or array) raise an "
+    "IndexError from inside the selection instead of a one-line ValueError naming the array"))
+def test_candidates_of_another_shape_are_a_one_line_error():
+  w = jnp.ones((2, 2))
+  with pytest.raises(ValueError, match=r"candidates\[0\]"):
+    topk_masks([elementwise_scores(jnp.abs, w)], 0.5, candidates=[jnp.ones(3, bool)])
 
 
 def test_eager_calls_with_the_same_fn_reuse_the_compiled_selection():
