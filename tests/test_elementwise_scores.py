@@ -138,9 +138,9 @@ def test_masks_of_elementwise_scores_equal_the_stored_scores_and_numpy(name, jit
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "sparsejax bug: XLA computes |w| / c as a divide in the sample, one count pass and the "
-    "mask fusion, but as |w| * (1 / c) in the other passes (c read through kth._fresh), so the "
-    "scores differ by an ulp between passes and 20999 of 21000 are kept"))
+    "sparsejax bug: XLA computes |w| / c as a divide where c is read directly (the sample, "
+    "the loop's count pass, the mask) but as |w| * (1 / c) in the passes that read c through "
+    "kth._fresh's select: the scores differ by an ulp between passes, 20999 of 21000 are kept"))
 def test_dividing_by_a_0d_array_keeps_the_exact_count_and_the_stored_masks():
   fn, arrays = _case("0d_divisor")
   stored = np.asarray(fn(*arrays))
