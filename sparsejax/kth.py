@@ -369,7 +369,10 @@ def _fresh(key_fns, token: jax.Array):
   """
   x = token.ravel()[0]
   never = (x == 0) & (x == 1)
-  fresh = lambda a: jnp.where(never, jnp.zeros((), a.dtype), a)
+  # 0-d operands stay as they are: XLA rewrites x / c as x * (1 / c) where c
+  # comes out of the select, so scores divided by a 0-d array would differ
+  # by an ulp between passes. A 0-d operand alone shares no work among passes.
+  fresh = lambda a: a if jnp.ndim(a) == 0 else jnp.where(never, jnp.zeros((), a.dtype), a)
   return [_Keys(f.fn, jax.tree.map(fresh, f.operands)) for f in key_fns]
 
 

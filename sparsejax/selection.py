@@ -37,6 +37,7 @@ _MAX_ENTRIES = 2**31 - 1  # counts and flat indices are int32
 _COUNT_ROW = 32  # entries summed in uint8 before widening
 
 
+@jax.tree_util.register_pytree_node_class
 class ElementwiseScores:
   """Scores fn(*arrays) that a selection computes inside each of its passes.
 
@@ -45,14 +46,40 @@ class ElementwiseScores:
   array computed in the caller's jitted program (such as jnp.abs(w)) is
   stored before the selection reads it (its passes sit in XLA control flow,
   which takes stored operands): one scores-sized temporary and one write.
-  Scores given this way are never stored.
+  Scores given this way are never stored. A pytree (the arrays are its
+  leaves, `fn` static), so it can be passed into a jitted function.
   """
 
   def __init__(self, fn: Callable[..., jax.Array], arrays: tuple[jax.Array, ...]):
-    self.fn, self.arrays = fn, arrays
-    out = jax.eval_shape(fn, *arrays)
-    self.shape, self.dtype = tuple(out.shape), out.dtype
-    self.size = int(np.prod(self.shape))
+    self.fn, self.arrays = fn, tuple(arrays)
+
+  def tree_flatten(self):
+    """The arrays as children, `fn` as static data."""
+    return self.arrays, self.fn
+
+  @classmethod
+  def tree_unflatten(cls, fn, arrays):
+    """Rebuilds the scores from `tree_flatten`'s parts."""
+    return cls(fn, arrays)
+
+  @functools.cached_property
+  def _out(self) -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(self.fn, *self.arrays)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The scores' shape."""
+    return tuple(self._out.shape)
+
+  @property
+  def dtype(self):
+    """The scores' dtype."""
+    return self._out.dtype
+
+  @property
+  def size(self) -> int:
+    """The number of scores."""
+    return int(np.prod(self.shape))
 
   def value(self) -> jax.Array:
     """The scores, computed (and stored)."""
@@ -95,6 +122,11 @@ def elementwise_scores(fn: Callable[..., jax.Array], *arrays) -> ElementwiseScor
     raise ValueError(f"elementwise_scores: fn maps arrays of shape {next(iter(shapes))} to "
                      f"shape {lazy.shape}; it must work entry by entry.")
   return lazy
+
+
+def _stored(scores) -> jax.Array:
+  """Scores as an array (`ElementwiseScores` computed: selections without passes store them)."""
+  return scores.value() if isinstance(scores, ElementwiseScores) else jnp.asarray(scores)
 
 
 def _is_traced(scores) -> bool:
@@ -289,6 +321,9 @@ def _topk(scores: Sequence[jax.Array], keep, candidates) -> list[jax.Array]:
     return [jnp.zeros(s.shape, bool) for s in scores]
   k = jnp.stack([jnp.clip(jnp.asarray(value, jnp.int32), 0, n) for n, value in zip(sizes, keeps)])
   candidates = tuple(None if c is None else jnp.asarray(c, bool) for c in candidates)
+  for i, (s, c) in enumerate(zip(scores, candidates)):
+    if c is not None and tuple(c.shape) != tuple(s.shape):
+      raise ValueError(f"candidates[{i}] has shape {tuple(c.shape)}, its scores {tuple(s.shape)}.")
   lazy = [isinstance(s, ElementwiseScores) for s in scores]
   arrays = tuple(s.arrays if is_lazy else (s,) for s, is_lazy in zip(scores, lazy))
   fns = tuple(s.fn if is_lazy else None for s, is_lazy in zip(scores, lazy))
@@ -377,7 +412,7 @@ def topk_mask_along(scores: jax.Array, sparsity, axis: int = 0) -> jax.Array:
       concrete scores, or scores with 64-bit keys.
   """
   check_sparsity(sparsity)
-  scores = jnp.asarray(scores)
+  scores = _stored(scores)
   if not -scores.ndim <= axis < scores.ndim:
     raise ValueError(f"axis {axis} is out of range for scores of shape {scores.shape}.")
   axis %= scores.ndim
@@ -472,7 +507,7 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
       raise ValueError(f"{name} must be a Python int, got {value!r}.")
   if m < 1 or not 0 <= n <= m:
     raise ValueError(f"N:M needs 0 <= N <= M and M >= 1, got N={n}, M={m}.")
-  scores = jnp.asarray(scores)
+  scores = _stored(scores)
   if not -scores.ndim <= axis < scores.ndim:
     raise ValueError(f"axis {axis} is out of range for scores of shape {scores.shape}.")
   axis %= scores.ndim

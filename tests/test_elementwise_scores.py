@@ -41,7 +41,7 @@ def _abs_product(g, w):
   return jnp.abs(g * w)
 
 
-def _abs_over(w, c):   # exact only for c a power of two (see the xfail test)
+def _abs_over(w, c):
   return jnp.abs(w) / c
 
 
@@ -137,10 +137,6 @@ def test_masks_of_elementwise_scores_equal_the_stored_scores_and_numpy(name, jit
                                     err_msg=f"jit, sparsity {sparsity}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sparsejax bug: XLA computes |w| / c as a divide where c is read directly (the sample, "
-    "the loop's count pass, the mask) but as |w| * (1 / c) in the passes that read c through "
-    "kth._fresh's select: the scores differ by an ulp between passes, 20999 of 21000 are kept"))
 def test_dividing_by_a_0d_array_keeps_the_exact_count_and_the_stored_masks():
   fn, arrays = _case("0d_divisor")
   stored = np.asarray(fn(*arrays))
@@ -404,9 +400,6 @@ def test_0d_python_number_and_empty_arguments_select_like_arrays():
   np.testing.assert_array_equal(np.asarray(got[1]), [[1, 0], [1, 0]])
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "sparsejax: candidates of another shape than their scores (lazy or array) raise an "
-    "IndexError from inside the selection instead of a one-line ValueError naming the array"))
 def test_candidates_of_another_shape_are_a_one_line_error():
   w = jnp.ones((2, 2))
   with pytest.raises(ValueError, match=r"candidates\[0\]"):
