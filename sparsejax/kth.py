@@ -265,6 +265,44 @@ def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
   return jax.lax.fori_loop(start, bits, step, prefix)
 
 
+def _rows_counts(found_rows, segments, thresholds, strict: bool) -> jax.Array:
+  """Per group, how many of the rows' keys (see `finish`) are >= (strict: >) its threshold.
+
+  The three keys of a row are counted in one uint8 sum per block of rows, so
+  that each count is one fused reduction.
+  """
+  per = []
+  for s, count, high, low, middle in found_rows:
+    t = thresholds[s]
+    cmp = (lambda v: v > t) if strict else (lambda v: v >= t)
+    hits = ((cmp(high) & (count >= 1)).astype(jnp.uint8) + (cmp(low) & (count >= 2)).astype(jnp.uint8)
+            + (cmp(middle) & (count >= 3)).astype(jnp.uint8))
+    if hits.ndim == 0:
+      hits = hits.reshape(1)
+    narrow = jnp.uint8 if 3 * hits.shape[-1] <= 255 else jnp.int32
+    per.append(hits.sum(axis=-1, dtype=narrow).astype(jnp.int32).sum(dtype=jnp.int32))
+  return _segment_sum(per, [r[0] for r in found_rows], segments, jnp.zeros((), jnp.int32))
+
+
+def _bisect_rows(found_rows, segments, ranks, key_type, bits, lower, upper):
+  """Per group, the ranks[g]-th largest of the rows' keys, known to lie in [lower, upper].
+
+  A bisection over the bits below the common prefix of the bounds, each
+  step one fused count (`_rows_counts`) over the extraction's row results.
+  """
+  one = np.array(1, key_type)
+  span = bits - jax.lax.clz(jnp.max(lower ^ upper)).astype(jnp.int32)
+  low_bits = jnp.where(span >= bits, np.array(np.iinfo(key_type).max, key_type),
+                       (one << span.astype(key_type)) - one)
+
+  def step(i, prefix):
+    candidate = prefix | (one << jnp.asarray(bits - 1 - i).astype(key_type))
+    counts = _rows_counts(found_rows, segments, candidate, strict=False)
+    return jnp.where(counts >= ranks, candidate, prefix)
+
+  return jax.lax.fori_loop(bits - span, bits, step, lower & ~low_bits)
+
+
 _FEW = 4  # ranks up to this are found by repeated maxima rather than a bisection
 
 
@@ -531,20 +569,16 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     overfull = _segment_sum([(r[1] > 3).sum(dtype=jnp.int32) for r in rows], groups,
                             segments, zero)
     ok = overfull == 0
-    found_values = []
-    for s, count, high, low_inverted, total, _, _ in rows:
-      low = ~low_inverted
-      found_values += [(s, high, count >= 1), (s, low, count >= 2),
-                       (s, total - high - low, count >= 3)]
-    # Only pending groups bound the search; the others' answers are not used.
-    pending_now = (lower != upper) & (size > 0)
-    found = _bisect(found_values, segments, (k - above_upper)[:, None], key_type, bits,
-                    jnp.where(pending_now, lower, upper), upper)[:, 0]
-    value_groups = [s for s, _, _ in found_values]
-    ge = _segment_sum([((v >= found[s]) & valid).sum(dtype=jnp.int32)
-                       for s, v, valid in found_values], value_groups, segments, zero)
-    gt = _segment_sum([((v > found[s]) & valid).sum(dtype=jnp.int32)
-                       for s, v, valid in found_values], value_groups, segments, zero)
+    # Each row's keys in the interval: its max, min and the rest of its sum
+    # (exact where the row holds at most 3).
+    found_rows = [(s, count, high, ~low_inverted, total - high - ~low_inverted)
+                  for s, count, high, low_inverted, total, _, _ in rows]
+    # Only the groups finished here bound the search; the others' answers are not used.
+    pending_now = (lower != upper) & (size > 0) & eligible
+    found = _bisect_rows(found_rows, segments, k - above_upper, key_type, bits,
+                         jnp.where(pending_now, lower, upper), upper)
+    ge = _rows_counts(found_rows, segments, found, strict=False)
+    gt = _rows_counts(found_rows, segments, found, strict=True)
     take = ok & (lower != upper) & eligible
     if ties:
       # Ties at T alone in their row: the row gives their reversed position.
