@@ -206,6 +206,9 @@ def main():
   print()
   big = max(results)
   t = results[big]
+  for log2n, tt in results.items():
+    print(f"paired at n=2**{log2n}: top-k {tt['paired top-k'] * 1e3:.2f} ms / sum "
+          f"{tt['paired sum'] * 1e3:.2f} ms = {tt['paired top-k'] / tt['paired sum']:.1f}")
   print(f"at n=2**{big}: topk/sum = {t['sparsejax top-k'] / t['sum']:.1f}, paired "
         f"{t['paired top-k'] / t['paired sum']:.1f} (target <= 8), "
         f"sort/topk = {t['sort-based'] / t['sparsejax top-k']:.1f} (target >= 30), "
