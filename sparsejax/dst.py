@@ -51,6 +51,7 @@ import optax
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import gradual
+from sparsejax import keys
 from sparsejax import pruning
 from sparsejax import schedules
 from sparsejax import selection
@@ -110,7 +111,7 @@ def drop_and_grow(params: PyTree, masks: PyTree, grow_scores: PyTree, fraction,
   trees.check_same_paths(params, grow_scores, what="grow scores")
   score_of = {leaf.path: leaf.value for leaf in trees.named_leaves(grow_scores)}
   active = [leaf.mask for leaf in leaves]
-  counts = [jnp.sum(m, dtype=jnp.int32) for m in active]
+  counts = [keys.count_true(m) for m in active]  # no int32 copy of the masks (XLA:CPU)
   fraction = jnp.asarray(fraction, jnp.float32)
   round_fn = jnp.floor if rounding == "floor" else jnp.ceil
   drop = lambda n: round_fn(n.astype(jnp.float32) * fraction).astype(jnp.int32)
