@@ -1,0 +1,267 @@
+"""Adversarial inputs for the straight-line band selection of sparsejax/kth.py.
+
+Arrays of 2**17 keys (8x `kth._SAMPLE`) take the sampled counting pass, then
+one extraction of a band [lo, hi] around the estimated k-th key; a miss
+(high or low), a row with more than 3 band keys or ties make the group go
+on in the fallback loop. Every mask is checked against a NumPy stable sort
+(`_reference` of tests/test_elementwise_scores.py: ties to the lower flat
+index, or the lower position in the concatenation; NaN last; non-candidates
+below every candidate). `PassLog` counts, at run time, the counting and
+extraction passes that run (a debug callback in each), and classifies each
+group's band extraction (hit, high miss, low miss, overfull), so that the
+tests can say which inputs take the loop and check that `kth._MAX_PASSES`
+never ends it.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import elementwise_scores
+from sparsejax import kth
+from sparsejax import selection
+from sparsejax import topk_mask
+from sparsejax import topk_masks
+from sparsejax import topk_masks_by_count
+from sparsejax.keys import sortable_keys
+from tests import one_device_env
+from tests.test_elementwise_scores import _assert_masks_equal
+from tests.test_elementwise_scores import _keep
+from tests.test_elementwise_scores import _reference
+
+SHAPE = (256, 512)   # 2**17 keys: 8x kth._SAMPLE, so the sampled passes run
+SPARSITIES = (0.001, 0.1, 0.5, 0.9, 0.999)
+assert np.prod(SHAPE) >= 8 * kth._SAMPLE
+
+
+class PassLog:
+  """Records, at run time, the passes of each `kth.kth_largest` call.
+
+  Entries are dicts: call ('main': the k-th key; 'ties': the search among
+  the ties at it), kind ('count' or 'extract'), and for extractions per
+  group the band ends, the count above the upper end, the band count and
+  whether a row holds more than 3 band keys. The selection's compiled
+  program is dropped before and after, so that the patched passes are
+  traced in (and only in) the calls made while the log is on.
+  """
+
+  def __init__(self, monkeypatch):
+    self.entries = []
+    self._call = None
+    real_kth, real_count, real_extract = kth.kth_largest, kth._count_pass, kth._extract_pass
+
+    def kth_largest(*args, **kwargs):
+      before, self._call = self._call, ("main" if kwargs.get("ties") else "ties")
+      try:
+        return real_kth(*args, **kwargs)
+      finally:
+        self._call = before
+
+    def count_pass(key_fns, segment_of, segments, thresholds):
+      out = real_count(key_fns, segment_of, segments, thresholds)
+      call = self._call
+      jax.debug.callback(lambda t, c: self.entries.append(
+          dict(call=call, kind="count", thresholds=np.asarray(t), counts=np.asarray(c))),
+          thresholds, out)
+      return out
+
+    def extract_pass(key_fns, segment_of, offsets, sizes, lower, upper):
+      out = real_extract(key_fns, segment_of, offsets, sizes, lower, upper)
+      call, segments = self._call, lower.shape[0]
+      groups = [r[0] for r in out]
+      zero = jnp.zeros((), jnp.int32)
+      seg = lambda per: kth._segment_sum(per, groups, segments, zero)
+      above = seg([r[6].sum(dtype=jnp.int32) for r in out])
+      band = seg([r[1].astype(jnp.int32).sum(dtype=jnp.int32) for r in out])
+      overfull = seg([(r[1] > 3).sum(dtype=jnp.int32) for r in out])
+      jax.debug.callback(lambda lo, hi, a, b, o: self.entries.append(
+          dict(call=call, kind="extract", lo=np.asarray(lo), hi=np.asarray(hi),
+               above=np.asarray(a), band=np.asarray(b), overfull=np.asarray(o))),
+          lower, upper, above, band, overfull)
+      return out
+
+    monkeypatch.setattr(kth, "kth_largest", kth_largest)
+    monkeypatch.setattr(kth, "_count_pass", count_pass)
+    monkeypatch.setattr(kth, "_extract_pass", extract_pass)
+
+  def clear(self):
+    self.entries = []
+
+  def passes(self, call="main"):
+    return [e["kind"] for e in self.entries if e["call"] == call]
+
+  def loop_passes(self):
+    """Passes of the k-th key search past the straight-line ones (count + band)."""
+    main = self.passes("main")
+    straight = 2 if main[:1] == ["count"] else 1
+    return max(0, len(main) - straight) if main else 0
+
+  def band_outcomes(self, k):
+    """Per group, what the straight-line band extraction found, given the counts k."""
+    band = next((e for e in self.entries if e["call"] == "main" and e["kind"] == "extract"), None)
+    if band is None:
+      return ["no passes"] * len(k)
+    out = []
+    for g, kg in enumerate(np.asarray(k)):
+      if band["lo"][g] == band["hi"][g] and band["band"][g] + band["above"][g] >= kg > band["above"][g]:
+        out.append("done before" if band["overfull"][g] == 0 else "overfull")
+      elif band["above"][g] >= kg:
+        out.append("high miss")
+      elif band["above"][g] + band["band"][g] < kg:
+        out.append("low miss")
+      else:
+        out.append("hit" if band["overfull"][g] == 0 else "overfull")
+    return out
+
+
+@pytest.fixture
+def pass_log(monkeypatch):
+  """A `PassLog` (patches kth's passes; the compiled selection is dropped around it)."""
+  selection._masks.clear_cache()
+  try:
+    yield PassLog(monkeypatch)
+  finally:
+    monkeypatch.undo()
+    selection._masks.clear_cache()
+
+
+def _float_of_key(key):
+  """The float32 whose sortable key is `key` (NumPy inverse of `sortable_keys`)."""
+  key = np.asarray(key, np.uint32)
+  bits = np.where(key >= np.uint32(2**31), key ^ np.uint32(2**31), ~key)
+  return bits.astype(np.uint32).view(np.float32)
+
+
+def _keys(x):
+  return np.asarray(sortable_keys(jnp.asarray(x)))
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+def _sample_mask(shape, size=None):
+  """Where the default strided sample of an array of `shape` reads (alone in its group)."""
+  size = int(np.prod(shape)) if size is None else size
+  strides = kth._sample_strides(shape, max(1.0, size / kth._SAMPLE))
+  mask = np.zeros(shape, bool)
+  mask[tuple(slice(None, None, s) for s in strides)] = True
+  return mask
+
+
+def _planted_block(rng, k, offset, count=1000):
+  """Distinct scores, then `count` of them (ranks k - offset .. k - offset + count - 1) set equal."""
+  n = int(np.prod(SHAPE))
+  x = rng.permutation(n).astype(np.float32)
+  order = np.argsort(-x, kind="stable")
+  first = min(max(k - 1 - offset, 0), n - count)
+  x[order[first:first + count]] = x[order[first]]
+  return x.reshape(SHAPE)
+
+
+def _distribution(name, rng):
+  """Scores of SHAPE for an input the sample may mislead on (float32 unless said)."""
+  n = int(np.prod(SHAPE))
+  if name == "normal":
+    return rng.normal(size=SHAPE).astype(np.float32)
+  if name == "quantized_300":
+    return rng.integers(0, 300, size=SHAPE).astype(np.float32)
+  if name == "two_values":
+    return rng.integers(0, 2, size=SHAPE).astype(np.float32)
+  if name == "sorted_ascending":
+    return np.arange(n, dtype=np.float32).reshape(SHAPE)
+  if name == "sorted_descending":
+    return np.arange(n, 0, -1, dtype=np.float32).reshape(SHAPE)
+  if name == "sorted_ascending_few_ulps":   # consecutive floats: keys 1 apart
+    return _float_of_key(_keys(np.float32(1.0)) + np.arange(n, dtype=np.uint32)).reshape(SHAPE)
+  strides = kth._sample_strides(SHAPE, n / kth._SAMPLE)
+  if name == "rows_on_sample_stride":   # the sampled rows hold the small values
+    x = rng.normal(size=SHAPE).astype(np.float32)
+    return np.where((np.arange(SHAPE[0]) % strides[0] == 0)[:, None], x - 100, x + 100)
+  if name == "columns_on_sample_stride":   # the sampled columns hold the large values
+    x = rng.normal(size=SHAPE).astype(np.float32)
+    return np.where((np.arange(SHAPE[1]) % strides[1] == 0)[None, :], x + 100, x)
+  if name == "unsampled_are_larger":   # every sampled entry below every unsampled one
+    x = rng.random(SHAPE).astype(np.float32)
+    return np.where(_sample_mask(SHAPE), x, x + 2)
+  if name == "huge_outliers":
+    x = rng.normal(size=SHAPE).astype(np.float32)
+    x.ravel()[rng.choice(n, 20, replace=False)] = np.float32(3e38)
+    x.ravel()[rng.choice(n, 20, replace=False)] = np.float32(-3e38)
+    return x
+  if name == "zeros_99":
+    x = rng.normal(size=SHAPE).astype(np.float32)
+    return np.where(rng.random(SHAPE) < 0.99, np.float32(0), x)
+  if name == "all_equal":
+    return np.full(SHAPE, 0.75, np.float32)
+  if name == "two_clusters":   # half near 1e-3, half near 1e3, in random places
+    x = rng.random(SHAPE).astype(np.float32)
+    return np.where(rng.permutation(n).reshape(SHAPE) < n // 2, 1e-3 * (1 + x), 1e3 * (1 + x)
+                    ).astype(np.float32)
+  if name == "subnormals":   # 1e-40 scale (below float32's smallest normal), signs, zeros
+    x = (rng.normal(size=SHAPE) * 1e-40).astype(np.float32)
+    x.ravel()[rng.choice(n, 1000, replace=False)] = 0.0
+    return x
+  if name == "negative":
+    return -np.abs(rng.normal(size=SHAPE)).astype(np.float32) - 5
+  if name == "signed_zeros_and_infs":
+    return rng.choice(np.array([-0.0, 0.0, np.inf, -np.inf, 1.0, -1.0], np.float32), size=SHAPE)
+  raise ValueError(name)
+
+
+DISTRIBUTIONS = ("normal", "quantized_300", "two_values", "sorted_ascending", "sorted_descending",
+                 "sorted_ascending_few_ulps", "rows_on_sample_stride", "columns_on_sample_stride",
+                 "unsampled_are_larger", "huge_outliers", "zeros_99", "all_equal", "two_clusters",
+                 "subnormals", "negative", "signed_zeros_and_infs")
+
+
+def _check_single(x, sparsities=SPARSITIES, what=""):
+  for sparsity in sparsities:
+    want = _reference([x], [_keep(x.size, sparsity)])[0]
+    got = np.asarray(topk_mask(x, sparsity))
+    np.testing.assert_array_equal(got, want, err_msg=f"{what} sparsity {sparsity}")
+
+
+# --- 1. ties at the band's ends --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["quantized_300", "two_values"])
+def test_quantized_scores_tie_at_every_threshold(name):
+  _check_single(_distribution(name, np.random.default_rng(1)), what=name)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 500, 999])
+def test_a_block_of_1000_equal_scores_around_the_kth_rank(offset):
+  # offset: how many of the ties rank above k (0: the block starts at k, one kept).
+  rng = np.random.default_rng(offset)
+  for sparsity in SPARSITIES:
+    k = _keep(int(np.prod(SHAPE)), sparsity)
+    x = _planted_block(rng, k, offset)
+    _check_single(x, [sparsity], what=f"offset {offset}")
+
+
+# --- 2. inputs the sample misleads on --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", DISTRIBUTIONS)
+def test_inputs_that_mislead_the_sample_select_like_numpy(name):
+  _check_single(_distribution(name, np.random.default_rng(2)), what=name)
+
+
+def test_infinities_and_nan_under_jit_rank_like_numpy():
+  # NaN (either sign) ranks below -inf; +-inf at the k-th rank, tied.
+  rng = np.random.default_rng(3)
+  n = int(np.prod(SHAPE))
+  x = rng.normal(size=SHAPE).astype(np.float32)
+  flat = x.ravel()
+  places = rng.permutation(n)
+  flat[places[:3000]] = np.inf
+  flat[places[3000:6000]] = -np.inf
+  flat[places[6000:9000]] = np.nan
+  flat[places[9000:10000]] = -np.nan
+  select = jax.jit(topk_mask)
+  for sparsity in SPARSITIES + (1 - 3000 / n, 1 - 3001 / n, 6000 / n, 8000 / n, 0.0):
+    s = float(np.float32(sparsity))
+    want = _reference([x], [_keep(n, s)])[0]
+    np.testing.assert_array_equal(np.asarray(select(x, s)), want, err_msg=f"sparsity {sparsity}")
