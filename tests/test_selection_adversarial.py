@@ -13,6 +13,7 @@ tests can say which inputs take the loop and check that `kth._MAX_PASSES`
 never ends it.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -119,14 +120,14 @@ class PassLog:
     return out
 
 
-@pytest.fixture
-def pass_log(monkeypatch):
-  """A `PassLog` (patches kth's passes; the compiled selection is dropped around it)."""
+@contextlib.contextmanager
+def pass_log():
+  """A `PassLog` while in the block (the compiled selection is dropped before and after)."""
   selection._masks.clear_cache()
   try:
-    yield PassLog(monkeypatch)
+    with pytest.MonkeyPatch.context() as patch:
+      yield PassLog(patch)
   finally:
-    monkeypatch.undo()
     selection._masks.clear_cache()
 
 
@@ -265,3 +266,85 @@ def test_infinities_and_nan_under_jit_rank_like_numpy():
     s = float(np.float32(sparsity))
     want = _reference([x], [_keep(n, s)])[0]
     np.testing.assert_array_equal(np.asarray(select(x, s)), want, err_msg=f"sparsity {sparsity}")
+
+
+def _interval(count_entry, k):
+  """[L, U] after the first counting pass (one group), from its thresholds and counts."""
+  t, c = count_entry["thresholds"][0].astype(np.int64), count_entry["counts"][0]
+  lower = max([0] + [int(a) for a, n in zip(t, c) if n >= k])
+  upper = min([2**32 - 1] + [int(a) - 1 for a, n in zip(t, c) if n < k])
+  return lower, upper
+
+
+def _plant(x, k, lower, upper, target, ties, need, clustered, rng):
+  """x with keys of unsampled entries in [L, U] moved (in [L, U]) so that the k-th key is
+  `target`, held by `ties` entries of which `need` are kept (`clustered`: the first ones in
+  flat order, so that rows hold many); None where impossible.
+
+  The sample and every first-pass count stay as they were, so the band is the same."""
+  keys = _keys(x).ravel().astype(np.int64)
+  movable = ~_sample_mask(x.shape).ravel() & (keys >= lower) & (keys <= upper)
+  fixed = ~movable
+  n_top = k - need - int(np.sum(fixed & (keys > target)))
+  n_at = ties - int(np.sum(fixed & (keys == target)))
+  places = np.flatnonzero(movable)
+  if (n_top < 0 or n_at < 0 or n_top + n_at > places.size or (n_top and target >= upper)
+      or not lower <= target <= upper):
+    return None
+  if clustered:   # the ties in the first movable places (flat order), the rest shuffled
+    at, others = places[:n_at], rng.permutation(places[n_at:])
+  else:
+    places = rng.permutation(places)
+    at, others = places[:n_at], places[n_at:]
+  keys[others[:n_top]] = upper
+  keys[others[n_top:]] = lower if target > lower else target
+  keys[at] = target
+  return _float_of_key(keys.astype(np.uint32)).reshape(x.shape)
+
+
+# (ties, need, clustered): one key, 2-4 ties (repeated maxima), more (bisection), spread
+# over many rows, or in consecutive entries (rows with more than 3 band keys).
+TIE_PATTERNS = ((1, 1, False), (2, 1, False), (2, 2, False), (4, 3, False), (4, 4, False),
+                (5, 5, False), (6, 2, False), (40, 20, False), (300, 1, False), (300, 150, False),
+                (4, 2, True), (40, 39, True), (300, 1, True))
+
+
+def test_ties_planted_at_the_band_ends_select_like_numpy():
+  # The band [lo, hi] of the straight-line extraction is read from a first
+  # run; entries the sample does not read are moved, within the first
+  # pass's [L, U], to lo - 1, lo, hi or hi + 1, so that the k-th key sits
+  # there with the given ties while the sample and the band stay the same.
+  rng = np.random.default_rng(4)
+  n = int(np.prod(SHAPE))
+  base = rng.normal(size=SHAPE).astype(np.float32)
+  cases, outcomes = [], {}
+  with pass_log() as log:
+    for sparsity in (0.1, 0.5, 0.9):
+      k = _keep(n, sparsity)
+      log.clear()
+      topk_mask(base, sparsity).block_until_ready()
+      count = next(e for e in log.entries if e["kind"] == "count")
+      band = next(e for e in log.entries if e["kind"] == "extract")
+      lower, upper = _interval(count, k)
+      lo, hi = int(band["lo"][0]), int(band["hi"][0])
+      assert lower < lo <= hi < upper, (sparsity, lower, lo, hi, upper)
+      for end, target in (("lo-1", lo - 1), ("lo", lo), ("hi", hi), ("hi+1", hi + 1)):
+        for ties, need, clustered in TIE_PATTERNS:
+          x = _plant(base, k, lower, upper, target, ties, need, clustered, rng)
+          if x is None:
+            continue
+          log.clear()
+          topk_mask(x, sparsity).block_until_ready()
+          planted = next(e for e in log.entries if e["kind"] == "extract")
+          assert (int(planted["lo"][0]), int(planted["hi"][0])) == (lo, hi), "the band moved"
+          outcome = log.band_outcomes([k])[0]
+          outcomes.setdefault(outcome, []).append((sparsity, end, ties, need, clustered))
+          assert log.loop_passes() < kth._MAX_PASSES
+          cases.append((sparsity, end, ties, need, x))
+  assert len(cases) >= 90, len(cases)
+
+  assert {"hit", "high miss", "low miss"} <= set(outcomes), outcomes.keys()
+  for sparsity, end, ties, need, x in cases:   # the program as it runs without the log
+    want = _reference([x], [_keep(n, sparsity)])[0]
+    np.testing.assert_array_equal(np.asarray(topk_mask(x, sparsity)), want,
+                                  err_msg=f"sparsity {sparsity}, T at {end}, {ties} ties, {need} kept")
