@@ -291,14 +291,16 @@ def _plant(x, k, lower, upper, target, ties, need, clustered, rng):
   if (n_top < 0 or n_at < 0 or n_top + n_at > places.size or (n_top and target >= upper)
       or not lower <= target <= upper):
     return None
-  if clustered:   # the ties in the first movable places (flat order), the rest shuffled
-    at, others = places[:n_at], rng.permutation(places[n_at:])
-  else:
-    places = rng.permutation(places)
-    at, others = places[:n_at], places[n_at:]
-  keys[others[:n_top]] = upper
-  keys[others[n_top:]] = lower if target > lower else target
-  keys[at] = target
+  places = rng.permutation(places)
+  keys[places[:n_top]] = upper
+  keys[places[n_top + n_at:]] = lower if target > lower else target
+  keys[places[n_top:n_top + n_at]] = target
+  if clustered:   # the ties swapped into consecutive unsampled entries (same sample and counts)
+    unsampled = np.flatnonzero(~_sample_mask(x.shape).ravel())
+    block = unsampled[unsampled.size // 3:unsampled.size // 3 + n_at]
+    ties_out = np.setdiff1d(places[n_top:n_top + n_at], block)
+    others_in = block[keys[block] != target][:ties_out.size]
+    keys[ties_out], keys[others_in] = keys[others_in], target
   return _float_of_key(keys.astype(np.uint32)).reshape(x.shape)
 
 
@@ -343,8 +345,195 @@ def test_ties_planted_at_the_band_ends_select_like_numpy():
           cases.append((sparsity, end, ties, need, x))
   assert len(cases) >= 90, len(cases)
 
-  assert {"hit", "high miss", "low miss"} <= set(outcomes), outcomes.keys()
+  assert {"hit", "high miss", "low miss", "overfull"} <= set(outcomes), outcomes.keys()
   for sparsity, end, ties, need, x in cases:   # the program as it runs without the log
     want = _reference([x], [_keep(n, sparsity)])[0]
     np.testing.assert_array_equal(np.asarray(topk_mask(x, sparsity)), want,
                                   err_msg=f"sparsity {sparsity}, T at {end}, {ties} ties, {need} kept")
+
+
+# --- 3. several groups at once, and one global selection over odd shapes -------------------------
+
+def _groups(rng):
+  """Per-array scores whose groups end differently after the straight-line band."""
+  half = (256, 256)   # 2**16 keys each
+  return [rng.normal(size=half).astype(np.float32),                              # hit
+          np.arange(half[0] * half[1], dtype=np.float32).reshape(half),          # sorted
+          rng.integers(0, 300, size=half).astype(np.float32),                    # ties: overfull
+          np.where(rng.random(half) < 0.99, 0, rng.normal(size=half)).astype(np.float32),
+          rng.normal(size=(10, 10)).astype(np.float32),                          # its own sample
+          np.zeros((0, 4), np.float32),                                          # empty
+          rng.normal(size=half).astype(np.float32),                              # k = 0
+          rng.normal(size=half).astype(np.float32),                              # k = n
+          _distribution("unsampled_are_larger", rng)]                            # 2**17
+
+
+def _group_counts(scores, fractions):
+  return [int(round(f * s.size)) for s, f in zip(scores, fractions)]
+
+
+GROUP_FRACTIONS = ([0.3, 0.001, 0.5, 0.1, 0.5, 0.5, 0.0, 1.0, 0.7],
+                   [0.999, 0.9, 0.1, 0.005, 0.01, 1.0, 0.0, 1.0, 0.3],
+                   [0.5, 0.5, 0.999, 0.995, 1.0, 0.0, 0.0, 1.0, 0.99])
+
+
+def test_groups_that_hit_miss_and_overflow_the_band_together_select_like_numpy():
+  scores = _groups(np.random.default_rng(5))
+  select = jax.jit(lambda counts, *s: topk_masks_by_count(list(s), list(counts)))
+  outcomes = set()
+  with pass_log() as log:
+    for fractions in GROUP_FRACTIONS:
+      counts = _group_counts(scores, fractions)
+      log.clear()
+      jax.block_until_ready(topk_masks_by_count(scores, counts))
+      outcomes |= set(log.band_outcomes(np.maximum(counts, 1)))
+      assert log.loop_passes() < kth._MAX_PASSES
+  assert {"hit", "overfull"} <= outcomes and outcomes & {"high miss", "low miss"}, outcomes
+  for fractions in GROUP_FRACTIONS:
+    counts = _group_counts(scores, fractions)
+    want = _reference(scores, counts)
+    _assert_masks_equal(topk_masks_by_count(scores, counts), want, f"eager, {fractions}")
+    _assert_masks_equal(select(jnp.asarray(counts, jnp.int32), *scores), want, f"jit, {fractions}")
+
+
+def _odd_leaves(rng):
+  return [rng.normal(size=(65537,)).astype(np.float32),      # prime: rows of 256 and one of 1
+          rng.normal(size=(3, 65521)).astype(np.float32),    # prime < 2**16: whole rows
+          rng.normal(size=(3000, 1)).astype(np.float32),     # last axis 1
+          rng.integers(-50, 50, size=(128, 96)).astype(np.float32),   # ties
+          rng.normal(size=(7, 13, 5)).astype(np.float32),
+          np.zeros((0, 4), np.float32),
+          np.full((2, 2), np.float32(7.0))]
+
+
+def test_a_global_selection_over_leaves_of_odd_shapes_selects_like_numpy():
+  leaves = _odd_leaves(np.random.default_rng(6))
+  total = sum(x.size for x in leaves)
+  select = jax.jit(topk_masks)
+  for sparsity in SPARSITIES + (0.0, 1.0):
+    want = _reference(leaves, _keep(total, sparsity))
+    _assert_masks_equal(topk_masks(leaves, sparsity), want, f"eager, {sparsity}")
+    s = float(np.float32(sparsity))
+    _assert_masks_equal(select(leaves, s), _reference(leaves, _keep(total, s)), f"jit, {sparsity}")
+
+
+def test_per_array_sparsities_over_leaves_of_odd_shapes_select_like_numpy():
+  leaves = _odd_leaves(np.random.default_rng(7))
+  sparsities = [0.5, 0.999, 0.9, 0.3, 0.1, 0.5, 0.25]
+  want = _reference(leaves, [_keep(x.size, s) for x, s in zip(leaves, sparsities)])
+  _assert_masks_equal(topk_masks(leaves, sparsities), want, "per-array")
+
+
+# --- 4. other dtypes ---------------------------------------------------------------------------
+
+def _int_scores(dtype, rng):
+  info = np.iinfo(dtype)
+  x = rng.integers(info.min, info.max, size=SHAPE, dtype=dtype, endpoint=True)
+  flat = x.ravel()
+  places = rng.permutation(flat.size)
+  flat[places[:2000]] = info.max   # ties at both ends of the key range
+  flat[places[2000:4000]] = info.min
+  flat[places[4000:5000]] = 0
+  return x
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint32", "int32_narrow", "bfloat16", "float16"])
+def test_other_dtypes_select_like_numpy(dtype):
+  rng = np.random.default_rng(8)
+  n = int(np.prod(SHAPE))
+  if dtype in ("int32", "uint32"):
+    x = _int_scores(np.dtype(dtype), rng)
+    extra = (2000 / n, 1 - 2000 / n, 1 - 2001 / n, 1 - 1999 / n)   # the ties at max and min
+  elif dtype == "int32_narrow":   # close keys: ranks 1 apart in key space
+    x = rng.integers(-3000, 3000, size=SHAPE).astype(np.int32)
+    extra = ()
+  else:
+    x = jnp.asarray(rng.normal(size=SHAPE), dtype)
+    extra = ()
+  for sparsity in SPARSITIES + extra + (0.0, 1.0):
+    want = _reference([np.asarray(x)], [_keep(n, sparsity)])[0]
+    np.testing.assert_array_equal(np.asarray(topk_mask(x, sparsity)), want,
+                                  err_msg=f"{dtype}, sparsity {sparsity}")
+
+
+@pytest.mark.slow   # a fresh interpreter and its compiles
+def test_float64_and_int64_scores_with_x64_select_like_numpy():
+  script = """
+import jax, jax.numpy as jnp, numpy as np
+from sparsejax import topk_mask, topk_masks
+from tests.test_elementwise_scores import _keep, _reference, _assert_masks_equal
+assert jax.config.read("jax_enable_x64")
+rng = np.random.default_rng(9)
+shape = (256, 512)
+close = 1.0 + np.arange(2**17) * 2.0**-52           # 1 ulp apart: float32 cannot tell them
+cases = {"float64": rng.normal(size=shape),
+         "float64_close": rng.permutation(close).reshape(shape),
+         "float64_ties": rng.integers(0, 300, size=shape).astype(np.float64) * (1 + 2.0**-40),
+         "int64": rng.integers(-2**62, 2**62, size=shape, dtype=np.int64),
+         "int64_close": rng.permutation(2**40 + np.arange(2**17, dtype=np.int64)).reshape(shape)}
+cases["int64"].ravel()[:500] = 2**63 - 1
+for name, x in cases.items():
+  for sparsity in (0.001, 0.1, 0.5, 0.9, 0.999):
+    want = _reference([x], [_keep(x.size, sparsity)])[0]
+    got = np.asarray(topk_mask(jnp.asarray(x), sparsity))
+    np.testing.assert_array_equal(got, want, err_msg=f"{name} {sparsity}")
+mixed = [cases["float64"], rng.normal(size=(3000, 1)), rng.normal(size=(65537,))]
+for sparsity in (0.1, 0.9):
+  want = _reference(mixed, _keep(sum(m.size for m in mixed), sparsity))
+  _assert_masks_equal(topk_masks([jnp.asarray(m) for m in mixed], sparsity), want, "global")
+print("ok")
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", script], cwd=root,
+                          env=one_device_env(JAX_ENABLE_X64="1"), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+# --- 5. counts under jit and candidates ----------------------------------------------------------
+
+def test_traced_counts_and_candidates_select_like_numpy():
+  rng = np.random.default_rng(10)
+  a = rng.normal(size=SHAPE).astype(np.float32)
+  b = rng.integers(0, 300, size=(256, 256)).astype(np.float32)
+  c = rng.normal(size=(3000, 1)).astype(np.float32)
+  scores = [a, b, c]
+  candidates = [rng.random(SHAPE) < 0.3,                   # 30% candidates
+                np.zeros(b.shape, bool),                   # none: all tied at the bottom
+                None]
+  total = sum(s.size for s in scores)
+  n_live = int(candidates[0].sum()) + c.size
+
+  @jax.jit
+  def select(counts):
+    return (topk_masks_by_count(scores, [counts[0], counts[1], counts[2]], candidates=candidates),
+            topk_masks_by_count(scores, counts[3], candidates=candidates))
+
+  for counts in ([0, 0, 0, 0], [1, 1, 1, 1], [n_live - c.size, 100, 2999, n_live],
+                 [n_live - c.size + 1, 40000, 3000, n_live + 1],       # T among non-candidates
+                 [70000, b.size, 1500, 100000], [a.size, 7, 0, total], [10**7, -3, 5, 123457]):
+    clipped = [min(max(k, 0), s.size) for k, s in zip(counts, scores)]
+    each, whole = select(jnp.asarray(counts, jnp.int32))
+    _assert_masks_equal(each, _reference(scores, clipped, candidates), f"per-array, {counts}")
+    _assert_masks_equal(whole, _reference(scores, min(max(counts[3], 0), total), candidates),
+                        f"global, {counts}")
+
+
+# --- 6. jit and eager, elementwise and stored -------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["quantized_300", "sorted_descending", "subnormals", "zeros_99",
+                                  "rows_on_sample_stride"])
+def test_jit_eager_elementwise_and_stored_masks_are_the_same(name):
+  w = _distribution(name, np.random.default_rng(11))
+  w = np.where(np.arange(w.size).reshape(w.shape) % 2 == 0, w, -w)   # |w| ties +-v
+  stored = np.abs(w)
+  lazy = jax.jit(lambda w, s: topk_mask(elementwise_scores(jnp.abs, w), s))
+  given = jax.jit(lambda w, s: topk_mask(jnp.abs(w), s))
+  for sparsity in (0.001, 0.5, 0.999):
+    want = _reference([stored], [_keep(w.size, sparsity)])[0]
+    s32 = float(np.float32(sparsity))
+    assert _keep(w.size, s32) == want.sum()
+    for what, got in (("eager lazy", topk_mask(elementwise_scores(jnp.abs, w), sparsity)),
+                      ("eager stored", topk_mask(stored, sparsity)),
+                      ("jit lazy", lazy(w, s32)), ("jit stored", given(w, s32))):
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{what}, {sparsity}")
