@@ -549,9 +549,9 @@ EXCESS_PRECISION = (
     "XLA:CPU computes a bfloat16 product in float32 and, by its default "
     "--xla_allow_excess_precision=true, skips the rounding to bfloat16 where the product is fused "
     "into a pass (sortable_keys' astype(float32) cancels the convert): passes that fuse it rank "
-    "unrounded products, passes that read it stored rank the rounded ones. A fix: round in "
-    "sortable_keys, x = lax.reduce_precision(x.astype(float32), exponent_bits=finfo(dtype).nexp, "
-    "mantissa_bits=finfo(dtype).nmant) for bfloat16 and float16 scores.")
+    "unrounded products, passes that read it stored rank the rounded ones. A fix (checked): in "
+    "sortable_keys widen bfloat16 from its bits, x = bitcast(bitcast(x, uint16).astype(uint32) "
+    "<< 16, float32); reduce_precision would flush float16 subnormals.")
 
 
 def _half_pair(dtype):
