@@ -588,3 +588,94 @@ def test_half_precision_elementwise_products_equal_the_stored_products(dtype):
     want = _reference([stored], [_keep(stored.size, sparsity)])[0]
     got = np.asarray(topk_mask(elementwise_scores(_product, a, b), sparsity))
     np.testing.assert_array_equal(got, want, err_msg=f"{dtype}, sparsity {sparsity}")
+
+
+# --- extremes of k, vmap, many groups, sample-sized groups -----------------------------------------
+
+def test_k_of_1_2_and_n_minus_1_n_under_jit_select_like_numpy():
+  select = jax.jit(lambda x, k: topk_masks_by_count([x], k)[0])
+  n = int(np.prod(SHAPE))
+  for name in ("normal", "sorted_ascending", "sorted_descending", "quantized_300", "all_equal",
+               "huge_outliers", "signed_zeros_and_infs"):
+    x = _distribution(name, np.random.default_rng(13))
+    for k in (1, 2, 3, 5, n - 5, n - 1, n):
+      want = _reference([x], k)[0]
+      np.testing.assert_array_equal(np.asarray(select(x, jnp.int32(k))), want,
+                                    err_msg=f"{name}, k {k}")
+
+
+def test_vmap_over_rows_that_need_different_passes_selects_like_numpy_per_row():
+  rng = np.random.default_rng(14)
+  rows = np.stack([_distribution(name, rng) for name in
+                   ("normal", "quantized_300", "sorted_descending", "zeros_99")])
+  for sparsity in (0.001, 0.5, 0.9):
+    got = jax.vmap(lambda x: topk_mask(x, sparsity))(rows)
+    for i, x in enumerate(rows):
+      want = _reference([x], [_keep(x.size, sparsity)])[0]
+      np.testing.assert_array_equal(np.asarray(got[i]), want, err_msg=f"row {i}, {sparsity}")
+
+
+def test_groups_around_the_sample_size_and_a_0d_leaf_select_like_numpy():
+  # At most 1.5x kth._SAMPLE keys a group is its own sample (strides round
+  # to 1); just above, the sampled passes run.
+  rng = np.random.default_rng(15)
+  sizes = (kth._SAMPLE - 1, kth._SAMPLE, kth._SAMPLE + 1, 3 * kth._SAMPLE // 2 - 1,
+           3 * kth._SAMPLE // 2 + 1, 2 * kth._SAMPLE + 3)
+  leaves = [rng.integers(0, 1000, size=(n,)).astype(np.float32) for n in sizes]
+  leaves.append(np.array(500.0, np.float32))   # 0-d
+  leaves.append(np.array([999.0], np.float32))
+  per_array = [0.5, 0.9, 0.001, 0.999, 0.3, 0.7, 0.0, 1.0]
+  want = _reference(leaves, [_keep(x.size, s) for x, s in zip(leaves, per_array)])
+  _assert_masks_equal(topk_masks(leaves, per_array), want, "per-array")
+  total = sum(x.size for x in leaves)
+  for sparsity in (0.001, 0.5, 0.999):
+    _assert_masks_equal(topk_masks(leaves, sparsity), _reference(leaves, _keep(total, sparsity)),
+                        f"global {sparsity}")
+
+
+def test_all_false_candidates_and_nan_among_candidates_select_like_numpy():
+  rng = np.random.default_rng(16)
+  a = rng.normal(size=SHAPE).astype(np.float32)
+  b = rng.normal(size=(256, 256)).astype(np.float32)
+  a.ravel()[rng.choice(a.size, 5000, replace=False)] = np.nan   # NaN: key 1, above non-candidates
+  scores = [a, b]
+  none = [np.zeros(a.shape, bool), np.zeros(b.shape, bool)]
+  some = [rng.random(a.shape) < 0.5, np.zeros(b.shape, bool)]
+  select = jax.jit(lambda k, c0, c1: topk_masks_by_count(scores, k, candidates=[c0, c1]))
+  total = a.size + b.size
+  for candidates in (none, some):
+    live = int(sum(c.sum() for c in candidates))
+    for k in (0, 1, 1000, live - 1, live, live + 1, total - 1, total):
+      k = min(max(k, 0), total)
+      _assert_masks_equal(select(jnp.int32(k), *candidates), _reference(scores, k, candidates),
+                          f"{live} candidates, k {k}")
+
+
+@pytest.mark.slow   # 12 leaves: a long compile
+def test_twelve_per_array_groups_of_mixed_kinds_select_like_numpy():
+  rng = np.random.default_rng(17)
+  names = ("normal", "quantized_300", "sorted_ascending", "zeros_99", "two_clusters", "negative")
+  leaves = [_distribution(name, rng)[:64 * (i + 1)] for i, name in enumerate(names * 2)]
+  for sparsities in ([0.5] * 12, [0.001, 0.1, 0.5, 0.9, 0.999, 0.3] * 2,
+                     [0.999, 0.9, 0.5, 0.1, 0.001, 0.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.75]):
+    want = _reference(leaves, [_keep(x.size, s) for x, s in zip(leaves, sparsities)])
+    _assert_masks_equal(topk_masks(leaves, sparsities), want, f"{sparsities}")
+
+
+# --- the pass guard -------------------------------------------------------------------------------
+
+def test_no_input_here_is_ended_by_the_pass_guard():
+  # kth._MAX_PASSES bounds the loop; every input here ends before it, and
+  # within the documented bound (2 passes per 5x of the key range: ~28 for
+  # 32-bit keys, plus the 2 straight-line ones).
+  worst = {}
+  with pass_log() as log:
+    for name in DISTRIBUTIONS:
+      x = _distribution(name, np.random.default_rng(2))
+      for sparsity in SPARSITIES:
+        log.clear()
+        topk_mask(x, sparsity).block_until_ready()
+        worst[(name, sparsity)] = (len(log.passes("main")), len(log.passes("ties")))
+  main, ties = max(m for m, _ in worst.values()), max(t for _, t in worst.values())
+  assert main < kth._MAX_PASSES and ties < kth._MAX_PASSES, worst
+  assert main <= 30 and ties <= 30, worst
