@@ -679,3 +679,22 @@ def test_no_input_here_is_ended_by_the_pass_guard():
   main, ties = max(m for m, _ in worst.values()), max(t for _, t in worst.values())
   assert main < kth._MAX_PASSES and ties < kth._MAX_PASSES, worst
   assert main <= 30 and ties <= 30, worst
+
+
+MERGED_MINIMUM = (
+    "With candidates, selection's key_fn makes room for key 0 (non-candidates) with "
+    "maximum(key, 1): an integer score at its dtype's minimum (uint32 0, int32 -2**31) then ties "
+    "with the next value, and the tie goes by position.")
+
+
+@pytest.mark.xfail(strict=True, reason=MERGED_MINIMUM)
+@pytest.mark.parametrize("dtype", ["uint32", "int32"])
+def test_integer_minimum_among_candidates_ranks_below_the_next_value(dtype):
+  low = np.iinfo(dtype).min
+  rng = np.random.default_rng(18)
+  x = rng.integers(low, low + 3, size=SHAPE, dtype=dtype)   # the minimum and the next two values
+  candidates = rng.random(SHAPE) < 0.9
+  for keep in (1000, int(candidates.sum()) - 1000):
+    want = _reference([x], [keep], [candidates])[0]
+    got = np.asarray(topk_masks_by_count([x], [keep], candidates=[candidates])[0])
+    np.testing.assert_array_equal(got, want, err_msg=f"{dtype}, keep {keep}")
