@@ -207,6 +207,7 @@ test_selection_adversarial.py::test_jit_eager_elementwise_and_stored_masks_are_t
 test_selection_adversarial.py::test_jit_eager_elementwise_and_stored_masks_are_the_same[zeros_99]
 test_selection_adversarial.py::test_jit_eager_elementwise_and_stored_masks_are_the_same[rows_on_sample_stride]
 test_selection_adversarial.py::test_groups_around_the_sample_size_and_a_0d_leaf_select_like_numpy
+test_selection_adversarial.py::test_jit_eager_elementwise_and_stored_masks_are_the_same[subnormals]
 """.split())
 
 

@@ -10,7 +10,9 @@ below every candidate). `PassLog` counts, at run time, the counting and
 extraction passes that run (a debug callback in each), and classifies each
 group's band extraction (hit, high miss, low miss, overfull), so that the
 tests can say which inputs take the loop and check that `kth._MAX_PASSES`
-never ends it.
+never ends it. Two known faults are strict xfails: bfloat16 products ranked
+with XLA's excess precision (the count is off under jit), and an integer
+minimum tied with the next value when candidates are given.
 """
 
 import contextlib
