@@ -33,8 +33,14 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, key_type) ^ sign
   if jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize >= 4:
     return x.astype(key_type)
-  if not wide and dtype != jnp.float32:
-    x = x.astype(jnp.float32)  # exact for bf16, f16, bool and small integers
+  if dtype == jnp.bfloat16:
+    # Widened from its bits: with `astype`, XLA:CPU (excess precision
+    # allowed) drops the rounding to bf16 of a product fused into the pass,
+    # so passes would rank unrounded values and stored reads rounded ones.
+    x = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16, jnp.float32)
+  elif not wide and dtype != jnp.float32:
+    x = x.astype(jnp.float32)  # exact for f16, bool and small integers
   bits = jax.lax.bitcast_convert_type(x, key_type)
   # Every test is on the bits, never on the float: XLA:CPU flushes subnormals
   # to zero in float comparisons, and a float test (`x == 0`, `isnan(x)`)

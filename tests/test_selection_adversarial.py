@@ -10,9 +10,7 @@ below every candidate). `PassLog` counts, at run time, the counting and
 extraction passes that run (a debug callback in each), and classifies each
 group's band extraction (hit, high miss, low miss, overfull), so that the
 tests can say which inputs take the loop and check that `kth._MAX_PASSES`
-never ends it. Two known faults are strict xfails: bfloat16 products ranked
-with XLA's excess precision (the count is off under jit), and an integer
-minimum tied with the next value when candidates are given.
+never ends it.
 """
 
 import contextlib
@@ -547,13 +545,10 @@ def _product(a, b):
   return a * b
 
 
-EXCESS_PRECISION = (
-    "XLA:CPU computes a bfloat16 product in float32 and, by its default "
-    "--xla_allow_excess_precision=true, skips the rounding to bfloat16 where the product is fused "
-    "into a pass (sortable_keys' astype(float32) cancels the convert): passes that fuse it rank "
-    "unrounded products, passes that read it stored rank the rounded ones. A fix (checked): in "
-    "sortable_keys widen bfloat16 from its bits, x = bitcast(bitcast(x, uint16).astype(uint32) "
-    "<< 16, float32); reduce_precision would flush float16 subnormals.")
+# bfloat16: XLA:CPU computes a bf16 product in float32 and, with its default
+# --xla_allow_excess_precision, skipped the rounding to bf16 where the product
+# was fused into a pass (an `astype(float32)` cancelled the convert). Keys now
+# widen bf16 from its bits, so every pass ranks the rounded products.
 
 
 def _half_pair(dtype):
@@ -561,9 +556,7 @@ def _half_pair(dtype):
   return tuple(jnp.asarray(rng.normal(size=SHAPE), dtype) for _ in range(2))
 
 
-@pytest.mark.parametrize("dtype", [
-    pytest.param("bfloat16", marks=pytest.mark.xfail(strict=True, reason=EXCESS_PRECISION)),
-    "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_products_computed_in_the_jitted_step_keep_the_exact_count(dtype):
   # Scores computed inside the caller's jitted program (the stored path):
   # the count of kept entries must be exact and the masks those of the
@@ -579,9 +572,7 @@ def test_half_precision_products_computed_in_the_jitted_step_keep_the_exact_coun
     np.testing.assert_array_equal(got, want, err_msg=f"{dtype}, sparsity {sparsity}")
 
 
-@pytest.mark.parametrize("dtype", [
-    pytest.param("bfloat16", marks=pytest.mark.xfail(strict=True, reason=EXCESS_PRECISION)),
-    "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_elementwise_products_equal_the_stored_products(dtype):
   # elementwise_scores(fn, ...) promises the masks of fn(...) given as an array.
   a, b = _half_pair(dtype)
