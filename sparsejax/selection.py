@@ -160,7 +160,7 @@ def check_no_nan(scores: jax.Array | ElementwiseScores, name: str = "scores") ->
 
 def _select(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[int, ...]],
             segment_of: Sequence[int], k: jax.Array, key_type, floats: Sequence[bool],
-            sample: int = kth._SAMPLE, operands=()) -> list[jax.Array]:
+            sample: int = kth._SAMPLE, operands=(), live_fns=None) -> list[jax.Array]:
   """Top-k masks of several key arrays grouped in segments.
 
   Each segment (a set of arrays, in order) keeps its k[j] largest keys with
@@ -179,29 +179,42 @@ def _select(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[
   offsets = [sum(int(np.prod(sh)) for sh, t in zip(shapes[:i], segment_of[:i]) if t == s)
              for i, s in enumerate(segment_of)]
 
-  def reversed_positions(i, part=None):
+  live_fns = live_fns or [None] * len(key_fns)
+  lifted = [any(live_fns[i] is not None for i, t in enumerate(segment_of) if t == g)
+            for g in range(segments)]
+
+  def reversed_positions(i, part=None, ops=operands):
     # size - position in the segment: larger for earlier entries, >= 1; built
-    # where used so that it stays fused.
+    # where used so that it stays fused. Where non-candidates (key 0) tie with
+    # candidates at T = 0 (an integer score at its minimum), the candidates'
+    # are lifted by the size, so that they are kept first.
     shape, s = shapes[i], segment_of[i]
     index = jnp.arange(int(np.prod(shape)), dtype=jnp.int32).reshape(shape)
     index = index if part is None else index[part]
-    return (sizes[s] - offsets[i] - index).astype(jnp.uint32)
+    rev = (sizes[s] - offsets[i] - index).astype(jnp.uint32)
+    if live_fns[i] is None:
+      return rev
+    lift = live_fns[i](ops, part) & (threshold[s] == 0)
+    return rev + jnp.where(lift, np.uint32(sizes[s]), np.uint32(0))
 
   threshold, at_or_above, above, found_cutoff, found = kth.kth_largest(
       keys, shapes, segment_of, k_min1, key_type, floats, sample, ties=True, operands=operands)
+  # The extraction's tie positions are not lifted: at T = 0 with candidates, search them.
+  found = found & ~(jnp.asarray(lifted) & (threshold == 0))
 
   def tie_cutoffs():
     # Ties at T straddle the cut: keep the first `need` of them by position,
     # the `need` largest reversed positions among the keys equal to T.
     tie_keys = [lambda ops, part=None, i=i, s=s: jnp.where(keys[i](ops, part) == threshold[s],
-                                                           reversed_positions(i, part),
+                                                           reversed_positions(i, part, ops),
                                                            np.uint32(0))
                 for i, s in enumerate(segment_of)]
     need = jnp.where(settled_or_found, 1, k_min1 - above)
-    # Reversed positions of the ties are in [1, size]; the rest are 0.
+    # Reversed positions of the ties are in [1, size] ([1, 2 size] lifted); the rest are 0.
     ties = at_or_above - above
+    top_position = [(2 if up else 1) * n for up, n in zip(lifted, sizes)]
     bounds = (jnp.ones(segments, jnp.uint32),  # settled or found: done
-              jnp.where(settled_or_found, np.uint32(1), jnp.asarray(sizes, jnp.uint32)),
+              jnp.where(settled_or_found, np.uint32(1), jnp.asarray(top_position, jnp.uint32)),
               jnp.where(settled_or_found, 1, ties), jnp.zeros(segments, jnp.int32))
     cutoff = kth.kth_largest(tie_keys, shapes, segment_of, need, jnp.uint32, [False] * segments,
                              sample, bounds, operands=operands)[0]
@@ -350,17 +363,25 @@ def _masks(arrays, candidates, k, segment_of, sample, fns):
       if c is None:
         return key
       live = c if part is None else c[part]
-      # Key 0 is below every live key; no float has it and an integer minimum
-      # is merged with the value above it.
-      return jnp.where(live, jnp.maximum(key, np.array(1, key.dtype)), np.array(0, key.dtype))
+      # Key 0: at or below every live key. No float has it; an integer score
+      # at its minimum does, and ties with non-candidates are split by
+      # position with candidates first (`_select`'s lifted positions).
+      return jnp.where(live, key, np.array(0, key.dtype))
     return keys
+
+  def live_fn(i):
+    def live(operands, part=None):
+      c = operands[1][i]
+      return c if part is None else c[part]
+    return None if candidates[i] is None else live
 
   key_fns = [key_fn(i) for i in range(len(scores))]
   key_type = jnp.uint64 if any(s.dtype.itemsize == 8 for s in scores) else jnp.uint32
   floats = [all(jnp.issubdtype(s.dtype, jnp.floating) for s, t in zip(scores, segment_of) if t == g)
             for g in range(len(k))]
   return tuple(_select(key_fns, [s.shape for s in scores], segment_of, k, key_type, floats,
-                       sample, operands=(arrays, candidates)))
+                       sample, operands=(arrays, candidates),
+                       live_fns=[live_fn(i) for i in range(len(scores))]))
 
 
 def topk_mask(scores: jax.Array | ElementwiseScores, sparsity) -> jax.Array:

@@ -674,13 +674,8 @@ def test_no_input_here_is_ended_by_the_pass_guard():
   assert main <= 30 and ties <= 30, worst
 
 
-MERGED_MINIMUM = (
-    "With candidates, selection's key_fn makes room for key 0 (non-candidates) with "
-    "maximum(key, 1): an integer score at its dtype's minimum (uint32 0, int32 -2**31) then ties "
-    "with the next value, and the tie goes by position.")
-
-
-@pytest.mark.xfail(strict=True, reason=MERGED_MINIMUM)
+# With candidates, non-candidates take key 0, which an integer score at its
+# dtype's minimum also has: the two used to be merged with the next value.
 @pytest.mark.parametrize("dtype", ["uint32", "int32"])
 def test_integer_minimum_among_candidates_ranks_below_the_next_value(dtype):
   low = np.iinfo(dtype).min
