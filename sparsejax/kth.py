@@ -443,6 +443,12 @@ def _sampled_start(key_fns, shapes, segment_of, segments, k, size, sizes, key_ty
              jnp.ones((), bool)) for i, s in enumerate(segment_of)]
   quantiles = _bisect(values, segments, ranks, key_type, bits)
   exact = quantiles[:, 0]
+  # Equal neighbours (a tied sample): count above the tie too (q + 1), so
+  # that a T tied with many keys is found by the first pass.
+  tied = quantiles[:, :-1] == quantiles[:, 1:]
+  raised = jnp.where(tied & (quantiles[:, :-1] != key_max), quantiles[:, :-1] + np.array(1, key_type),
+                     quantiles[:, :-1])
+  quantiles = jnp.concatenate([raised, quantiles[:, -1:]], axis=1)
   at_exact = _segment_sum([((v >= exact[s]) & ok).sum(dtype=jnp.int32) for s, v, ok in values],
                           segment_of, segments, jnp.zeros((), jnp.int32))
   above_exact = _segment_sum([((v > exact[s]) & ok).sum(dtype=jnp.int32) for s, v, ok in values],
@@ -493,7 +499,9 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     j, inside, margin = estimate(state)
     spread = jnp.asarray([-1.0, -1 / 3, 1 / 3, 1.0], jnp.float32)
     interp = j[:, None] + margin[:, None] * spread
-    even = inside[:, None] * jnp.arange(1, _THRESHOLDS + 1, dtype=jnp.float32) / (_THRESHOLDS + 1)
+    # After a pass that did not shrink the interval: U and L + 1 (a T tied
+    # with many keys at either end ends here) and two even splits between.
+    even = inside[:, None] * jnp.asarray([0.0, 1 / 3, 2 / 3, 1.0], jnp.float32)
     fraction = jnp.clip(jnp.where(stalled[:, None], even, interp) / jnp.maximum(inside, 1)[:, None],
                         0, 1)
     return keys_at(state, fraction, stalled)
