@@ -134,6 +134,18 @@ def _segment_sum(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segme
                     for g in range(segments)])
 
 
+def _segment_reduce(per_leaf, segment_of, segments, fn, init) -> jax.Array:
+  """Stacks per-group reductions (`fn`, e.g. jnp.maximum) of per-leaf scalars."""
+  out = []
+  for g in range(segments):
+    acc = jnp.asarray(init)
+    for v, s in zip(per_leaf, segment_of):
+      if s == g:
+        acc = fn(acc, v)
+    out.append(acc)
+  return jnp.stack(out)
+
+
 def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Array:
   """count(key >= t) for the `_THRESHOLDS` thresholds of each group, in one read."""
   per_leaf = []
@@ -604,7 +616,18 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
           lambda: jnp.zeros(segments, jnp.uint32))
       cutoff = jnp.where(take, tie_cut, cutoff)
       known = jnp.where(take, alone_count == ge - gt, known)
-    return (jnp.where(take, found, lower), jnp.where(take, found, upper),
+    # The interval's extreme keys are exact even from rows holding more than
+    # 3 of its keys: where T is not found here, the interval shrinks to them
+    # (a few distinct keys, each tied many times, end at the next count).
+    top_key = np.array(np.iinfo(key_type).max, key_type)
+    band_high = _segment_reduce([jnp.max(jnp.where(r[1] >= 1, r[2], np.array(0, key_type)))
+                                 for r in rows], groups, segments, jnp.maximum,
+                                np.array(0, key_type))
+    band_low = _segment_reduce([jnp.min(jnp.where(r[1] >= 1, ~r[3], top_key)) for r in rows],
+                               groups, segments, jnp.minimum, top_key)
+    shrink = eligible & ~take & (lower != upper) & (band_low <= band_high)
+    return (jnp.where(take, found, jnp.where(shrink, band_low, lower)),
+            jnp.where(take, found, jnp.where(shrink, band_high, upper)),
             jnp.where(take, above_upper + ge, at_lower),
             jnp.where(take, above_upper + gt, above_upper),
             before, stalled, jnp.where(ok | ~eligible, cap_scale, cap_scale * 0.25), cutoff, known)
@@ -613,16 +636,22 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     return (state[0] != state[1]) & (size > 0)
 
   def more(carry):
-    passes, state = carry
+    passes, state, _ = carry
     return (passes < _MAX_PASSES) & jnp.any(pending(state))
 
   def step(carry):
-    passes, state = carry
+    passes, state, extracted = carry
     inside = (state[2] - state[3]).astype(jnp.float32)
     first = (passes == 0) & sampled
     small = jnp.all(~pending(state) | (inside <= capacity * state[6])) & ~first
-    state = jax.lax.cond(small, after_extract, lambda st: after_count(st, first), state)
-    return passes + 1, state
+    # After a pass that did not shrink a group's interval 4x, one extraction
+    # (not two in a row) finds its extreme keys: a mass of ties strictly
+    # inside the interval is then at an end, where the next count probes.
+    probe = jnp.any(pending(state) & state[5]) & ~extracted & ~first
+    new = jax.lax.cond(small | probe, after_extract, lambda st: after_count(st, first), state)
+    # An extraction made as a probe does not lower the extraction capacity.
+    new = new[:6] + (jnp.where(small, new[6], state[6]),) + new[7:]
+    return passes + 1, new, small | probe
 
   # The usual course, straight-line so that XLA fuses the caller's score
   # computation into each pass (a loop or conditional would take the scores
@@ -634,8 +663,8 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     state = after_count(state, jnp.asarray(True), _fresh(key_fns, quantiles))
   state = after_band(state, _fresh(key_fns, state[0]))
   passes = jnp.int32(2 if sampled else 1)
-  _, state = jax.lax.cond(jnp.any(pending(state)),
-                          lambda carry: jax.lax.while_loop(more, step, carry),
-                          lambda carry: carry, (passes, state))
+  _, state, _ = jax.lax.cond(jnp.any(pending(state)),
+                             lambda carry: jax.lax.while_loop(more, step, carry),
+                             lambda carry: carry, (passes, state, jnp.asarray(True)))
   lower, _, at_lower, above_upper = state[:4]
   return lower, at_lower, above_upper, state[7], state[8]
