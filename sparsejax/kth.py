@@ -511,9 +511,7 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     j, inside, margin = estimate(state)
     spread = jnp.asarray([-1.0, -1 / 3, 1 / 3, 1.0], jnp.float32)
     interp = j[:, None] + margin[:, None] * spread
-    # After a pass that did not shrink the interval: U and L + 1 (a T tied
-    # with many keys at either end ends here) and two even splits between.
-    even = inside[:, None] * jnp.asarray([0.0, 1 / 3, 2 / 3, 1.0], jnp.float32)
+    even = inside[:, None] * jnp.arange(1, _THRESHOLDS + 1, dtype=jnp.float32) / (_THRESHOLDS + 1)
     fraction = jnp.clip(jnp.where(stalled[:, None], even, interp) / jnp.maximum(inside, 1)[:, None],
                         0, 1)
     return keys_at(state, fraction, stalled)
@@ -645,8 +643,8 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     first = (passes == 0) & sampled
     small = jnp.all(~pending(state) | (inside <= capacity * state[6])) & ~first
     # After a pass that did not shrink a group's interval 4x, one extraction
-    # (not two in a row) finds its extreme keys: a mass of ties strictly
-    # inside the interval is then at an end, where the next count probes.
+    # (not two in a row) shrinks it to its extreme keys: a few distinct keys
+    # tied many times (quantized scores) are then its ends.
     probe = jnp.any(pending(state) & state[5]) & ~extracted & ~first
     new = jax.lax.cond(small | probe, after_extract, lambda st: after_count(st, first), state)
     # An extraction made as a probe does not lower the extraction capacity.
