@@ -472,6 +472,10 @@ cases = {"float64": rng.normal(size=shape),
          "int64": rng.integers(-2**62, 2**62, size=shape, dtype=np.int64),
          "int64_close": rng.permutation(2**40 + np.arange(2**17, dtype=np.int64)).reshape(shape)}
 cases["int64"].ravel()[:500] = 2**63 - 1
+cases["int64"].ravel()[500:900] = -2**63                     # the minimum: key 0
+cases["uint64"] = rng.integers(0, 2**64 - 1, size=shape, dtype=np.uint64, endpoint=True)
+cases["uint64"].ravel()[:300] = 2**64 - 1                  # above int64's range, and 0
+cases["uint64"].ravel()[300:600] = 0
 for name, x in cases.items():
   for sparsity in (0.001, 0.1, 0.5, 0.9, 0.999):
     want = _reference([x], [_keep(x.size, sparsity)])[0]
