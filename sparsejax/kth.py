@@ -10,14 +10,17 @@ count(key >= L) >= k > count(key > U), and narrows it pass by pass:
    the first thresholds, which bracket T with high probability. A group of
    at most 16K keys is its own sample: T comes from the bisection, no pass.
 2. A counting pass counts the keys >= each of 4 thresholds in one read of
-   the keys (a uint8 count per threshold and block of <= 128 keys of the
-   last axis, in one variadic reduce that XLA:CPU fuses with the key
-   computation; rows with no short block use two 16-bit counts per
-   uint32). Later thresholds are interpolated in the interval (in value for
-   float keys, in key otherwise), around the estimated place of T with a
-   margin; a pass that does not shrink the interval 4x makes the next one
-   split the interval's key range evenly (5 parts), so any input ends
-   within a bounded number of passes (2 per 5x of key range).
+   the keys (a uint8 count per threshold and block of at most 255 keys of
+   the last axis, a block of 256 counted as two of 128, in one variadic
+   reduce that XLA:CPU fuses with the key computation; a last axis that
+   splits into no blocks of 8 or more is counted whole, two 16-bit counts
+   per uint32). Later thresholds are interpolated in the interval (in value
+   for float keys, in key otherwise), around the estimated place of T with
+   a margin. A pass that does not shrink the interval 4x is followed by one
+   extraction (the interval shrinks to its extreme keys, step 3) and then a
+   count that splits the interval's key range evenly (5 parts), so any
+   input ends within a bounded number of passes (about 2 per 5x of key
+   range). Tied sample quantiles are also counted one key above.
 3. An extraction pass reduces each block to the count, max, min and
    (wrapping) sum of its keys in a band [lo, hi]: a block with at most 3 of
    them gives all of them exactly, and T is found among those values alone;

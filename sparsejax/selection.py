@@ -192,9 +192,11 @@ def _select(key_fns: Sequence[Callable[..., jax.Array]], shapes: Sequence[tuple[
     index = jnp.arange(int(np.prod(shape)), dtype=jnp.int32).reshape(shape)
     index = index if part is None else index[part]
     rev = (sizes[s] - offsets[i] - index).astype(jnp.uint32)
-    if live_fns[i] is None:
+    if not lifted[s]:
       return rev
-    lift = live_fns[i](ops, part) & (threshold[s] == 0)
+    # A leaf without candidates is all candidates.
+    live = True if live_fns[i] is None else live_fns[i](ops, part)
+    lift = live & (threshold[s] == 0)
     return rev + jnp.where(lift, np.uint32(sizes[s]), np.uint32(0))
 
   threshold, at_or_above, above, found_cutoff, found = kth.kth_largest(

@@ -63,17 +63,21 @@ def _reference(scores, keep, candidates=None):
   """
   flats = [np.asarray(s).ravel() for s in scores]
   integer = all(np.issubdtype(f.dtype, np.integer) for f in flats)
-  flats = [f.astype(np.int64 if integer else np.float64) for f in flats]
+  if not integer:
+    flats = [f.astype(np.float64) for f in flats]
   if candidates is None:
     candidates = [None] * len(scores)
   lives = [np.ones(f.size, bool) if c is None else np.asarray(c).ravel()
            for f, c in zip(flats, candidates)]
 
   def top(flat, live, k):
+    # Integers by their rank among the distinct values: -x overflows at
+    # int64's minimum, and uint64 does not fit int64.
+    down = -np.unique(flat, return_inverse=True)[1].reshape(-1).astype(np.int64) if integer else -flat
     if live.all():
-      order = np.argsort(-flat, kind="stable")
+      order = np.argsort(down, kind="stable")
     else:   # candidates first, by score; the rest tied
-      order = np.lexsort((np.where(live, -flat, 0), ~live))
+      order = np.lexsort((np.where(live, down, 0), ~live))
     mask = np.zeros(flat.size, bool)
     mask[order[:k]] = True
     return mask

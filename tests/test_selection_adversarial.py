@@ -472,6 +472,10 @@ cases = {"float64": rng.normal(size=shape),
          "int64": rng.integers(-2**62, 2**62, size=shape, dtype=np.int64),
          "int64_close": rng.permutation(2**40 + np.arange(2**17, dtype=np.int64)).reshape(shape)}
 cases["int64"].ravel()[:500] = 2**63 - 1
+cases["int64"].ravel()[500:900] = -2**63                     # the minimum: key 0
+cases["uint64"] = rng.integers(0, 2**64 - 1, size=shape, dtype=np.uint64, endpoint=True)
+cases["uint64"].ravel()[:300] = 2**64 - 1                  # above int64's range, and 0
+cases["uint64"].ravel()[300:600] = 0
 for name, x in cases.items():
   for sparsity in (0.001, 0.1, 0.5, 0.9, 0.999):
     want = _reference([x], [_keep(x.size, sparsity)])[0]
@@ -658,9 +662,13 @@ def test_twelve_per_array_groups_of_mixed_kinds_select_like_numpy():
 # --- the pass guard -------------------------------------------------------------------------------
 
 def test_no_input_here_is_ended_by_the_pass_guard():
-  # kth._MAX_PASSES bounds the loop; every input here ends before it, and
-  # within the documented bound (2 passes per 5x of the key range: ~28 for
-  # 32-bit keys, plus the 2 straight-line ones).
+  # kth._MAX_PASSES bounds the loop; every input here ends well before it.
+  # A count that does not shrink the interval 4x is followed by one probe
+  # extraction and a count splitting the key range in 3 (at U, L + 1 and two
+  # even splits): at most 2 passes per 3x of the key range, ~40 for 32-bit
+  # keys, plus the 2 straight-line ones and the interpolated counts. These
+  # inputs take at most 30 (log-uniform uint32 scores whose sampled entries
+  # are all 0 take 29, int64 ones 47: not checked here).
   worst = {}
   with pass_log() as log:
     for name in DISTRIBUTIONS:
@@ -686,3 +694,26 @@ def test_integer_minimum_among_candidates_ranks_below_the_next_value(dtype):
     want = _reference([x], [keep], [candidates])[0]
     got = np.asarray(topk_masks_by_count([x], [keep], candidates=[candidates])[0])
     np.testing.assert_array_equal(got, want, err_msg=f"{dtype}, keep {keep}")
+
+
+# In a global selection where only some leaves have a candidates array, a
+# leaf given None is all candidates: its entries at the dtype's minimum (key
+# 0, like the other leaves' non-candidates) must rank above the
+# non-candidates. `_select` lifts the tie positions of candidates at T = 0
+# only in leaves with a candidates array (`live_fns[i] is None` returns the
+# unlifted position), so the None leaf's minima lose to earlier non-candidates.
+@pytest.mark.parametrize("dtype", ["uint32", "int32"])
+def test_integer_minimum_in_a_leaf_without_candidates_ranks_above_other_non_candidates(dtype):
+  low = np.iinfo(dtype).min
+  rng = np.random.default_rng(19)
+  small = [np.full(8, low, dtype), np.full(4, low, dtype)]
+  live = np.arange(8) >= 4                                     # 4 non-candidates, first
+  large = [rng.integers(low, low + 3, size=SHAPE, dtype=dtype),
+           np.full((64, 512), low, dtype)]
+  live_large = rng.random(SHAPE) < 0.9
+  cases = [(small, [live, None], 6), (small[::-1], [None, live], 6),
+           (large, [live_large, None], int(live_large.sum()) + 1000)]
+  for scores, candidates, keep in cases:
+    want = _reference(scores, keep, candidates)
+    _assert_masks_equal(topk_masks_by_count(scores, keep, candidates=candidates), want,
+                        f"{dtype}, keep {keep}, candidates {[c is None for c in candidates]}")
