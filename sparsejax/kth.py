@@ -249,26 +249,15 @@ def _from_space(values: jax.Array, key_type, floats: np.ndarray) -> jax.Array:
   return jnp.where(floats, from_float, from_key)
 
 
-def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
+def _bisect(values, segments, ranks, key_type, bits):
   """Per group and column of `ranks`: the ranks[g, j]-th largest of the group's values.
 
   `values` holds (group, keys, valid) triples; invalid entries do not count.
-  One bisection step per key bit, meant for small arrays (samples, block
-  results); given bounds (groups,) known to hold every answer, only the bits
-  below their common prefix are searched.
+  One bisection step per key bit, meant for small arrays (the sample, the
+  ties alone in their blocks).
   """
   columns = ranks.shape[1]
   one = np.array(1, key_type)
-  if lower is None:
-    start, prefix = jnp.int32(0), jnp.zeros(ranks.shape, key_type)
-  else:
-    differ = lower ^ upper
-    # Bits of the widest group's differing span; the prefix above it is shared.
-    span = bits - jax.lax.clz(jnp.max(differ)).astype(jnp.int32)
-    start = bits - span
-    low_bits = jnp.where(span >= bits, np.array(np.iinfo(key_type).max, key_type),
-                         (one << span.astype(key_type)) - one)
-    prefix = jnp.broadcast_to((lower & ~low_bits)[:, None], ranks.shape)
 
   def step(i, prefix):
     candidate = prefix | (one << jnp.asarray(bits - 1 - i).astype(key_type))
@@ -277,7 +266,7 @@ def _bisect(values, segments, ranks, key_type, bits, lower=None, upper=None):
     counts = _segment_sum(per, [s for s, _, _ in values], segments, jnp.zeros(columns, jnp.int32))
     return jnp.where(counts >= ranks, candidate, prefix)
 
-  return jax.lax.fori_loop(start, bits, step, prefix)
+  return jax.lax.fori_loop(0, bits, step, jnp.zeros(ranks.shape, key_type))
 
 
 def _rows_counts(found_rows, segments, thresholds, strict: bool) -> jax.Array:

@@ -85,10 +85,6 @@ class ElementwiseScores:
     """The scores, computed (and stored)."""
     return self.fn(*self.arrays)
 
-  def part(self, index) -> jax.Array:
-    """The scores at `index` (a tuple of slices), computed from that part of the arrays."""
-    return self.fn(*(a if a.ndim == 0 else a[index] for a in self.arrays))
-
   def __repr__(self) -> str:
     return f"ElementwiseScores({getattr(self.fn, '__name__', self.fn)}, shape={self.shape})"
 
