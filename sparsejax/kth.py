@@ -149,6 +149,12 @@ def _segment_reduce(per_leaf, segment_of, segments, fn, init) -> jax.Array:
   return jnp.stack(out)
 
 
+def _sum_rest(x: jax.Array, reduce, **kwargs) -> jax.Array:
+  """`reduce` (jnp.sum, jnp.max) of `x` over all axes but the first, without a
+  reshape (which would gather an array sharded along them)."""
+  return reduce(x, axis=tuple(range(1, x.ndim)), **kwargs)
+
+
 def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Array:
   """count(key >= t) for the `_THRESHOLDS` thresholds of each group, in one read."""
   per_leaf = []
@@ -165,7 +171,10 @@ def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Arr
         sums = jax.lax.reduce(tuple((view >= t[a]).astype(jnp.uint8) for a in range(_THRESHOLDS)),
                               (np.uint8(0),) * _THRESHOLDS,
                               lambda x, y: tuple(a + b for a, b in zip(x, y)), (view.ndim - 1,))
-        leaf = leaf + jnp.stack([c.astype(jnp.int32).sum(dtype=jnp.int32) for c in sums])
+        # The thresholds' block counts summed in one reduction (one output,
+        # an all-reduce where sharded): fewer reductions in the program, each
+        # of which costs XLA:CPU per execution even where it does not run.
+        leaf = leaf + _sum_rest(jnp.stack(sums), jnp.sum, dtype=jnp.int32)
         continue
       words = tuple((view >= t[2 * a]).astype(jnp.uint32)
                     | ((view >= t[2 * a + 1]).astype(jnp.uint32) << 16)
@@ -269,23 +278,29 @@ def _bisect(values, segments, ranks, key_type, bits):
   return jax.lax.fori_loop(0, bits, step, jnp.zeros(ranks.shape, key_type))
 
 
-def _rows_counts(found_rows, segments, thresholds, strict: bool) -> jax.Array:
-  """Per group, how many of the rows' keys (see `finish`) are >= (strict: >) its threshold.
+def _rows_counts(found_rows, segments, thresholds, strict=(False,)) -> jax.Array:
+  """Per comparison of `strict` and group: how many of the rows' keys (see
+  `finish`) are >= (strict: >) the group's threshold. Shape (len(strict), groups).
 
   The three keys of a row are counted in one uint8 sum per block of rows, so
-  that each count is one fused reduction.
+  that each count is one fused reduction; the comparisons share it.
   """
   per = []
   for s, count, high, low, middle in found_rows:
     t = thresholds[s]
-    cmp = (lambda v: v > t) if strict else (lambda v: v >= t)
-    hits = ((cmp(high) & (count >= 1)).astype(jnp.uint8) + (cmp(low) & (count >= 2)).astype(jnp.uint8)
-            + (cmp(middle) & (count >= 3)).astype(jnp.uint8))
-    if hits.ndim == 0:
-      hits = hits.reshape(1)
+    hits = []
+    for is_strict in strict:
+      cmp = (lambda v: v > t) if is_strict else (lambda v: v >= t)
+      hit = ((cmp(high) & (count >= 1)).astype(jnp.uint8)
+             + (cmp(low) & (count >= 2)).astype(jnp.uint8)
+             + (cmp(middle) & (count >= 3)).astype(jnp.uint8))
+      hits.append(hit.reshape(1) if hit.ndim == 0 else hit)
+    hits = jnp.stack(hits)
     narrow = jnp.uint8 if 3 * hits.shape[-1] <= 255 else jnp.int32
-    per.append(hits.sum(axis=-1, dtype=narrow).astype(jnp.int32).sum(dtype=jnp.int32))
-  return _segment_sum(per, [r[0] for r in found_rows], segments, jnp.zeros((), jnp.int32))
+    per.append(hits.sum(axis=-1, dtype=narrow).astype(jnp.int32)
+               .sum(axis=tuple(range(1, hits.ndim - 1)), dtype=jnp.int32))
+  return _segment_sum(per, [r[0] for r in found_rows], segments,
+                      jnp.zeros(len(strict), jnp.int32)).T
 
 
 def _bisect_rows(found_rows, segments, ranks, key_type, bits, lower, upper):
@@ -301,7 +316,7 @@ def _bisect_rows(found_rows, segments, ranks, key_type, bits, lower, upper):
 
   def step(i, prefix):
     candidate = prefix | (one << jnp.asarray(bits - 1 - i).astype(key_type))
-    counts = _rows_counts(found_rows, segments, candidate, strict=False)
+    counts = _rows_counts(found_rows, segments, candidate)[0]
     return jnp.where(counts >= ranks, candidate, prefix)
 
   return jax.lax.fori_loop(bits - span, bits, step, lower & ~low_bits)
@@ -575,10 +590,6 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     """T from an extraction of each eligible group's [L, U] (where no row holds more than 3)."""
     lower, upper, at_lower, above_upper, before, stalled, cap_scale, cutoff, known = state
     groups = [r[0] for r in rows]
-    zero = jnp.zeros((), jnp.int32)
-    overfull = _segment_sum([(r[1] > 3).sum(dtype=jnp.int32) for r in rows], groups,
-                            segments, zero)
-    ok = overfull == 0
     # Each row's keys in the interval: its max, min and the rest of its sum
     # (exact where the row holds at most 3).
     found_rows = [(s, count, high, ~low_inverted, total - high - ~low_inverted)
@@ -587,14 +598,20 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     pending_now = (lower != upper) & (size > 0) & eligible
     found = _bisect_rows(found_rows, segments, k - above_upper, key_type, bits,
                          jnp.where(pending_now, lower, upper), upper)
-    ge = _rows_counts(found_rows, segments, found, strict=False)
-    gt = _rows_counts(found_rows, segments, found, strict=True)
+    ge, gt = _rows_counts(found_rows, segments, found, (False, True))
+    # Reductions of one kind over the same rows share one reduction (each
+    # costs XLA:CPU per execution of the program, also where it does not run).
+    # Per group: rows holding more than 3 keys of the interval, and ties at
+    # T alone in their row.
+    alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev, _ in rows]
+    tallies = _segment_sum(
+        [_sum_rest(jnp.stack([r[1] > 3, a]), jnp.sum, dtype=jnp.int32)
+         for r, (_, _, a) in zip(rows, alone)], groups, segments, jnp.zeros(2, jnp.int32))
+    overfull, alone_count = tallies[:, 0], tallies[:, 1]
+    ok = overfull == 0
     take = ok & (lower != upper) & eligible
     if ties:
       # Ties at T alone in their row: the row gives their reversed position.
-      alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev, _ in rows]
-      alone_count = _segment_sum([a.sum(dtype=jnp.int32) for _, _, a in alone], groups,
-                                 segments, zero)
       need = jnp.maximum(k - (above_upper + gt), 1)
       straddle = take & (need < ge - gt)
       few = jnp.max(jnp.where(straddle, need, 0)) <= _FEW
@@ -609,12 +626,13 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     # The interval's extreme keys are exact even from rows holding more than
     # 3 of its keys: where T is not found here, the interval shrinks to them
     # (a few distinct keys, each tied many times, end at the next count).
-    top_key = np.array(np.iinfo(key_type).max, key_type)
-    band_high = _segment_reduce([jnp.max(jnp.where(r[1] >= 1, r[2], np.array(0, key_type)))
-                                 for r in rows], groups, segments, jnp.maximum,
-                                np.array(0, key_type))
-    band_low = _segment_reduce([jnp.min(jnp.where(r[1] >= 1, ~r[3], top_key)) for r in rows],
-                               groups, segments, jnp.minimum, top_key)
+    # Both in one max: the lowest key is ~ the largest ~key.
+    nothing = np.array(0, key_type)
+    ends = _segment_reduce([_sum_rest(jnp.stack([jnp.where(r[1] >= 1, r[2], nothing),
+                                                 jnp.where(r[1] >= 1, r[3], nothing)]), jnp.max)
+                            for r in rows],
+                           groups, segments, jnp.maximum, np.zeros(2, key_type))
+    band_high, band_low = ends[:, 0], ~ends[:, 1]
     shrink = eligible & ~take & (lower != upper) & (band_low <= band_high)
     return (jnp.where(take, found, jnp.where(shrink, band_low, lower)),
             jnp.where(take, found, jnp.where(shrink, band_high, upper)),
