@@ -13,6 +13,15 @@ apply_updates) with params and opt_state donated:
   masked forward : as `between`, with the forward pass on
              `sparsejax.masked_params(params, opt_state)`, the README's step
              (safe against transforms chained after the wrapper)
+  between (host), masked forward (host) : the same two, compiled with
+             `recompute=False` on the host (the mask update on step 0 with
+             `recompute=True`): the steps a training loop that knows the
+             step runs between mask updates; against their in-step twins
+             they measure what deciding the recompute in the step costs on
+             every step (XLA:CPU allocates, per execution, a buffer for each
+             value of every reduction in the program, including those of
+             the selection's branch that does not run: see
+             docs/guides/performance.md)
   ... packed : gmp and masked forward with `packed_masks=True` (masks at 1
              bit per weight in the optimizer state), reported against their
              bool-mask twins (target <= 1.10), with the state's mask bytes
@@ -36,6 +45,7 @@ compiled in the same run; also N:M SR-STE 2:4 and `jit(masks_at)` alone
   python benchmarks/step.py
   python benchmarks/step.py --rounds 60 --block 10 --diagnose
   python benchmarks/step.py --memory-only
+  python benchmarks/step.py --hidden $(printf '256 %.0s' $(seq 30))   # 31 kernels
 """
 
 from __future__ import annotations
@@ -250,6 +260,10 @@ def main():
       Runner("between updates", model, oneshot.wrap(optax.adam(1e-3)), params),
       Runner("masked forward", model, oneshot.wrap(optax.adam(1e-3)), params,
              masked_forward=True),
+      HostDispatch("between (host)", model, oneshot.wrap(optax.adam(1e-3)), params,
+                   oneshot.schedule.is_update_step, "recompute"),
+      HostDispatch("masked forward (host)", model, oneshot.wrap(optax.adam(1e-3)), params,
+                   oneshot.schedule.is_update_step, "recompute", masked_forward=True),
       Runner("gmp packed", model, gmp_packed.wrap(optax.adam(1e-3)), params),
       Runner("masked forward packed", model, oneshot_packed.wrap(optax.adam(1e-3)), params,
              masked_forward=True),
@@ -324,6 +338,11 @@ def main():
   print(f"gmp step / dense step = {ratio['gmp (update every 10)']:.2f} (target <= 1.05)")
   print(f"gmp step, host-dispatched / dense step = {ratio['gmp (host)']:.2f} (target <= 1.05)")
   print(f"masked-forward step / dense step = {ratio['masked forward']:.2f} (target <= 1.05)")
+  print(f"host-dispatched, between updates / dense step = {ratio['between (host)']:.2f}, "
+        f"masked forward / dense step = {ratio['masked forward (host)']:.2f}")
+  print(f"deciding the recompute in the step, per step: "
+        f"{ratio['between updates'] - ratio['between (host)']:+.3f} dense steps (between), "
+        f"{ratio['masked forward'] - ratio['masked forward (host)']:+.3f} (masked forward)")
   mask_bytes = lambda r: sum(
       m.nbytes for m in jax.tree.leaves(sparsejax.find_pruning_state(r.opt_state).masks))
   by_name = {r.name: r for r in runners}

@@ -88,6 +88,28 @@ def test_gmp_steps_that_recompute_the_masks_hold_the_dense_steps_temporaries(pac
   assert temp <= TEMP_BOUND * _dense()[0], (temp, _dense())
 
 
+def _reductions(tx, **update_kwargs) -> int:
+  """Reductions (HLO instructions with a combiner) in the compiled step."""
+  step = jax.jit(_step(tx, **update_kwargs), donate_argnums=(0, 1))
+  return step.lower(_PARAMS, jax.eval_shape(tx.init, _PARAMS), _X, _Y).compile().as_text().count(
+      "to_apply=")
+
+
+def test_the_in_step_selection_holds_few_reductions_per_kernel():
+  # XLA:CPU allocates a buffer per value of every reduction's combiner on
+  # each execution of a program, also for a branch that does not run, so
+  # the selection's reductions cost the default (in-step) GMP step on every
+  # step (benchmarks/branch_cost.py). Measured: 7 without the selection,
+  # 85 per kernel with it (127 before its reductions of one kind over the
+  # same rows were merged).
+  tx = sparsejax.GradualMagnitudePruning(_SCHEDULE).wrap(optax.adam(1e-3))
+  without = _reductions(tx, recompute=False)
+  kernels = sum(leaf.ndim >= 2 for leaf in jax.tree.leaves(_PARAMS))
+  per_kernel = (_reductions(tx) - without) / kernels
+  assert without <= 12, without
+  assert per_kernel <= 100, per_kernel
+
+
 def test_magnitude_selection_stores_no_scores_sized_array():
   # compute_masks on 1024x1024 and 1024x512 kernels: XLA's temporaries are
   # the sample's (~0.5 MB, whatever the size) and the passes' per-block
