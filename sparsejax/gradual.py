@@ -301,8 +301,11 @@ class GradualMagnitudePruning:
     By default the update decides inside the step whether the masks are
     recomputed (`lax.cond`), which is right for any caller, but every
     compiled step then holds the mask selection's buffers, also on the
-    steps between recomputes. A training loop that knows the step on the
-    host can pass `recompute=bool(schedule.is_update_step(t))` (a Python
+    steps between recomputes, and on XLA:CPU pays for the selection's
+    reductions on every call (~0.5 us each, a few dozen per prunable leaf:
+    2-5% of a 2M-param MLP's step; benchmarks/branch_cost.py). A training
+    loop that knows the step on the host can pass
+    `recompute=bool(schedule.is_update_step(t))` (a Python
     bool, static under jit) to `update` and compile two programs: with
     False, one without the selection, which holds what a fixed-mask step
     does; with True, the default's program (the recompute still follows
