@@ -160,6 +160,47 @@ def test_rigl_training_keeps_counts_and_starts_grown_weights_and_moments_at_zero
   assert dst.ever_active(history) > 0.25
 
 
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+def test_the_update_decided_in_the_step_gives_the_host_dispatched_numbers(grow):
+  # The default (in-step) program and the two host-dispatched ones
+  # (`regrow=` a Python bool) are built differently for RigL: in the step,
+  # the optimizer runs outside the branch and its results are selected.
+  # XLA fuses Adam's update differently there (1-ulp differences in a few
+  # updates), so weights agree to float rounding, masks and moments exactly.
+  params0, _, _ = _layers(7)
+  rigl = dst.DropAndGrow(sparsejax.ConstantSchedule(0.7), end_step=12, update_every=3,
+                         grow=grow, key=jax.random.key(1))
+  tx = rigl.wrap(optax.adam(0.05))
+  rng = np.random.default_rng(8)
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params0)
+           for _ in range(14)]
+  default = jax.jit(tx.update)
+  dispatched = {flag: jax.jit(lambda g, s, p, flag=flag: tx.update(g, s, p, regrow=flag))
+                for flag in (False, True)}
+  runs = {}
+  for name in ("in the step", "host"):
+    params, state = params0, tx.init(params0)
+    history = []
+    for t, g in enumerate(grads):  # updates at steps 3, 6, 9, 12
+      if name == "host":
+        updates, state = dispatched[bool(rigl.is_update_step(t))](g, state, params)
+      else:
+        updates, state = default(g, state, params)
+      params = optax.apply_updates(params, updates)
+      history.append(sparsejax.state_masks(state))
+    runs[name] = (params, state, history)
+  (p_in, s_in, h_in), (p_host, s_host, h_host) = runs["in the step"], runs["host"]
+  chex.assert_trees_all_equal(h_in, h_host)  # masks after every step
+  chex.assert_trees_all_equal(s_in.inner_state[0].count, s_host.inner_state[0].count)
+  chex.assert_trees_all_close(p_in, p_host, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(s_in.inner_state, s_host.inner_state, rtol=1e-6, atol=1e-9)
+  # The masks did change, on update steps only (the cosine drop fraction
+  # drops nothing from leaf b at the last ones).
+  changed = {t + 1 for t, (a, b) in enumerate(zip(h_host, h_host[1:]))
+             if not np.array_equal(np.asarray(a["b"]["kernel"]), np.asarray(b["b"]["kernel"]))}
+  assert {3, 6} <= changed <= {3, 6, 9, 12}, changed
+
+
 def _adam_numpy(p, g, mu, nu, t, lr=0.05, b1=0.9, b2=0.999, eps=1e-8):
   """One optax.adam step in float64: (new p, mu, nu), t = the step count after it."""
   mu = b1 * mu + (1 - b1) * g
