@@ -10,6 +10,8 @@ The ~2M-parameter MLP of benchmarks/step.py, adam(1e-3), batch 256:
           the update step, chosen on the host
   rigl (in-jit) : the same with the update step decided inside the
           program (`lax.cond`, the default for any caller)
+  set (in-jit) : SET (random growth; the optimizer step also on the
+          update steps), decided inside the program
 Timed in blocks of 100 steps, so each block holds one drop-and-grow update
 (amortised, as the target asks).
 
@@ -31,6 +33,7 @@ analysis, as ratios to the dense step's (`step.compiled_memory`), and
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -84,10 +87,14 @@ def main():
   print_memory(rows)
   if args.memory_only:
     return
+  # SET (random growth, the optimizer step taken on the update steps too).
+  set_ = dataclasses.replace(rigl, grow="random")
   runners = [Runner("dense", model, optax.adam(1e-3), params),
              HostDispatch("rigl", model, rigl.wrap(optax.adam(1e-3)), params,
                           rigl.is_update_step, "regrow", True, sparsejax.ste_masked_params),
              Runner("rigl (in-jit)", model, rigl.wrap(optax.adam(1e-3)), params,
+                    masked_forward=True, forward=sparsejax.ste_masked_params),
+             Runner("set (in-jit)", model, set_.wrap(optax.adam(1e-3)), params,
                     masked_forward=True, forward=sparsejax.ste_masked_params)]
   for r in runners:  # compile; the next block of 100 starts at a count that is a multiple of 100
     r.run(100, x, y)
@@ -128,7 +135,8 @@ def main():
   print()
   print(f"rigl step / dense step (amortised, delta_T = 100) = "
         f"{statistics.median(ratios['rigl']):.2f} (target <= 1.05)")
-  print(f"rigl (in-jit) step / dense step = {statistics.median(ratios['rigl (in-jit)']):.2f}")
+  print(f"rigl (in-jit) step / dense step = {statistics.median(ratios['rigl (in-jit)']):.2f}, "
+        f"set (in-jit) = {statistics.median(ratios['set (in-jit)']):.2f}")
   print(f"drop-and-grow update / GMP mask update = {update_ratio:.2f} (target <= 3)")
 
 

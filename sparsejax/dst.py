@@ -340,12 +340,14 @@ class DropAndGrow:
     By default the update decides inside the step (`lax.cond`), which is
     right for any caller but costs every step on CPU: the drop and grow sits
     in the program's branch, whose reductions XLA:CPU pays for on every call
-    (see `GradualMagnitudePruning.wrap`), and for RigL the optimizer step is
-    taken on every step, its results selected away on the update steps
+    (see `GradualMagnitudePruning.wrap`). The optimizer step sits outside
+    the branch, so that XLA fuses it with the gradient: for RigL it is
+    taken on every step and its results selected away on the update steps
     (1.27x the dense step on benchmarks/dst.py's MLP; 2.0x with the
-    optimizer inside the branch, which kept XLA from fusing it with the
-    gradient). The selected step agrees with the host-dispatched programs'
-    to float rounding (XLA fuses Adam differently), masks exactly. A
+    optimizer inside the branch); for SET and GraNet it is taken on the
+    masks before the update and the branch drops and grows from the
+    stepped weights. These programs agree with the host-dispatched ones to
+    float rounding (XLA fuses Adam differently), masks exactly. A
     training loop that knows the step on the host can pass
     `regrow=bool(self.is_update_step(t))` (a Python bool, static under jit)
     to `update` and compile two programs: then the steps between updates
@@ -418,7 +420,27 @@ class DropAndGrow:
         inner_state = jax.tree.map(pick, regrown_state, trained_state)
         out = jax.tree.map(pick, regrown_out, trained_out)
       elif regrow is None:
-        masks, inner_state, out = jax.lax.cond(self.is_update_step(step), regrow_fn, keep)
+        # SET, GraNet decided in the step: the optimizer step (on the masks
+        # before the update on an update step, as `regrow_fn`) outside the
+        # branch too; the branch drops and grows from the stepped weights.
+        # Off the update steps nothing grows, so resetting the grown
+        # weights' moments and zeroing the dropped weights are no-ops there.
+        is_update = self.is_update_step(step)
+        step_masks = _tree_with_masks(lambda old, now: jnp.where(is_update, old, now),
+                                      state.masks, masks)
+        inner_updates, trained_state = inner.update(
+            gradual.zero_pruned(updates, step_masks), state.inner_state, params, **extra_args)
+
+        def regrown():
+          stepped = _add(params, gradual.updates_to_zero(inner_updates, params, state.masks))
+          return self._regrown(stepped, self._scheduled(stepped, state.masks, step), updates,
+                               step)
+
+        no_growth = _tree_with_masks(lambda m, _: jnp.zeros(m.shape, bool), masks, masks)
+        new, grown = jax.lax.cond(is_update, regrown, lambda: (masks, no_growth))
+        masks = new
+        inner_state = reset_where(trained_state, inner.init, grown)
+        out = gradual.updates_to_zero(inner_updates, params, trained_of(new, grown))
       else:  # the caller knows: one of the branches, compiled alone
         masks, inner_state, out = regrow_fn() if regrow else keep()
       count = optax.safe_int32_increment(state.count)

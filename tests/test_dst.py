@@ -160,16 +160,22 @@ def test_rigl_training_keeps_counts_and_starts_grown_weights_and_moments_at_zero
   assert dst.ever_active(history) > 0.25
 
 
-@pytest.mark.parametrize("grow", ["gradient", "random"])
-def test_the_update_decided_in_the_step_gives_the_host_dispatched_numbers(grow):
+@pytest.mark.parametrize("method", ["rigl", "set", "granet"])
+def test_the_update_decided_in_the_step_gives_the_host_dispatched_numbers(method):
   # The default (in-step) program and the two host-dispatched ones
-  # (`regrow=` a Python bool) are built differently for RigL: in the step,
-  # the optimizer runs outside the branch and its results are selected.
-  # XLA fuses Adam's update differently there (1-ulp differences in a few
-  # updates), so weights agree to float rounding, masks and moments exactly.
+  # (`regrow=` a Python bool) are built differently: in the step the
+  # optimizer runs outside the branch (RigL: its results selected away on
+  # the update steps; SET and GraNet: on the masks before the update). XLA
+  # fuses Adam's update differently there (1-ulp differences in a few
+  # updates), so weights agree to float rounding, masks exactly.
   params0, _, _ = _layers(7)
-  rigl = dst.DropAndGrow(sparsejax.ConstantSchedule(0.7), end_step=12, update_every=3,
-                         grow=grow, key=jax.random.key(1))
+  schedule = sparsejax.ConstantSchedule(0.7)
+  if method == "granet":  # magnitude pruning at each update step, then regrowth
+    schedule = sparsejax.PolynomialSchedule(0.5, 0.8, begin_step=0, end_step=9,
+                                            update_frequency=3)
+  rigl = dst.DropAndGrow(schedule, end_step=12, update_every=3, key=jax.random.key(1),
+                         grow="random" if method == "set" else "gradient")
+  assert rigl.steps_on_update() == (method != "rigl")
   tx = rigl.wrap(optax.adam(0.05))
   rng = np.random.default_rng(8)
   grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params0)
