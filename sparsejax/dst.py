@@ -47,6 +47,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax import allocation as allocation_lib
@@ -139,12 +140,12 @@ def drop_and_grow(params: PyTree, masks: PyTree, grow_scores: PyTree, fraction,
 
 def reset_where(opt_state: optax.OptState, init_fn, where: PyTree) -> optax.OptState:
   """`opt_state` with its parameter-shaped leaves (Adam's mu and nu, momentum
-  traces) set to 0 where `where` is True (None: leaf untouched)."""
-  fill = jax.tree.map(lambda w: jnp.zeros((), bool) if w is None else w, where,
-                      is_leaf=lambda x: x is None)
+  traces) set to 0 where `where` is True (None: leaf untouched, also where
+  the parameter itself is None)."""
   return optax.tree_utils.tree_map_params(
-      init_fn, lambda v, w: jnp.where(w, jnp.zeros((), v.dtype), v), opt_state, fill,
-      transform_non_params=lambda v: v)
+      init_fn,
+      lambda v, w: v if v is None or w is None else jnp.where(w, jnp.zeros((), v.dtype), v),
+      opt_state, where, transform_non_params=lambda v: v, is_leaf=lambda x: x is None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,6 +368,11 @@ class DropAndGrow:
     def update_fn(updates, state, params=None, regrow: bool | None = None, **extra_args):
       if params is None:
         raise ValueError("DropAndGrow needs params: call tx.update(grads, opt_state, params).")
+      if regrow is not None:
+        if not isinstance(regrow, (bool, np.bool_)):
+          raise ValueError(f"regrow={regrow!r} must be None or a Python bool (static under "
+                           "jit): bool(is_update_step(step)) on the host.")
+        regrow = bool(regrow)
       step = state.count
       masks = self._scheduled(params, state.masks, step)
 
@@ -384,25 +390,43 @@ class DropAndGrow:
         return (reset_where(state.inner_state, inner.init, grown),
                 gradual.updates_to_zero(zeros, params, trained_of(new, grown)))
 
-      def regrow_fn():
-        if not self.steps_on_update():  # RigL: the mask update replaces the optimizer step
-          new, grown = self._regrown(params, masks, updates, step)
-          return (new,) + regrow_after(new, grown)
-        # SET: the optimizer step on the weights active before the update, then the
-        # schedule, the drop (by the stepped magnitudes) and the growth.
-        inner_updates, inner_state = inner.update(
-            gradual.zero_pruned(updates, state.masks), state.inner_state, params, **extra_args)
-        stepped = _add(params, gradual.updates_to_zero(inner_updates, params, state.masks))
-        new, grown = self._regrown(stepped, self._scheduled(stepped, state.masks, step), updates,
-                                   step)
-        return (new, reset_where(inner_state, inner.init, grown),
-                gradual.updates_to_zero(inner_updates, params, trained_of(new, grown)))
-
       def keep():
         inner_updates, inner_state = train()
         return masks, inner_state, gradual.updates_to_zero(inner_updates, params, masks)
 
-      if regrow is None and not self.steps_on_update():
+      def stepped_update(is_update):
+        # SET, GraNet: the optimizer step (on an update step on the masks
+        # before it), then the schedule, the drop (by the stepped magnitudes)
+        # and the growth. `is_update` is True (host-dispatched) or traced (in
+        # the step: the optimizer step stays outside the branch, where XLA
+        # fuses it with the gradient; off the update steps nothing grows, so
+        # resetting moments and zeroing dropped weights change nothing).
+        step_masks = state.masks if is_update is True else _tree_with_masks(
+            lambda old, now: jnp.where(is_update, old, now), state.masks, masks)
+        inner_updates, inner_state = inner.update(
+            gradual.zero_pruned(updates, step_masks), state.inner_state, params, **extra_args)
+
+        def regrown():
+          stepped = _add(params, gradual.updates_to_zero(inner_updates, params, state.masks))
+          return self._regrown(stepped, self._scheduled(stepped, state.masks, step), updates,
+                               step)
+
+        if is_update is True:
+          new, grown = regrown()
+        else:
+          no_growth = _tree_with_masks(lambda m, _: jnp.zeros(m.shape, bool), masks, masks)
+          new, grown = jax.lax.cond(is_update, regrown, lambda: (masks, no_growth))
+        return (new, reset_where(inner_state, inner.init, grown),
+                gradual.updates_to_zero(inner_updates, params, trained_of(new, grown)))
+
+      if regrow is False:  # the caller knows: no update in this program
+        masks, inner_state, out = keep()
+      elif self.steps_on_update():
+        masks, inner_state, out = stepped_update(True if regrow else self.is_update_step(step))
+      elif regrow:  # RigL: the mask update replaces the optimizer step
+        new, grown = self._regrown(params, masks, updates, step)
+        masks, (inner_state, out) = new, regrow_after(new, grown)
+      else:
         # RigL decided in the step: only the mask update is in the branch.
         # The optimizer step runs on every step and the update step's
         # results are selected leaf by leaf (its step is discarded there,
@@ -419,30 +443,6 @@ class DropAndGrow:
         masks = new
         inner_state = jax.tree.map(pick, regrown_state, trained_state)
         out = jax.tree.map(pick, regrown_out, trained_out)
-      elif regrow is None:
-        # SET, GraNet decided in the step: the optimizer step (on the masks
-        # before the update on an update step, as `regrow_fn`) outside the
-        # branch too; the branch drops and grows from the stepped weights.
-        # Off the update steps nothing grows, so resetting the grown
-        # weights' moments and zeroing the dropped weights are no-ops there.
-        is_update = self.is_update_step(step)
-        step_masks = _tree_with_masks(lambda old, now: jnp.where(is_update, old, now),
-                                      state.masks, masks)
-        inner_updates, trained_state = inner.update(
-            gradual.zero_pruned(updates, step_masks), state.inner_state, params, **extra_args)
-
-        def regrown():
-          stepped = _add(params, gradual.updates_to_zero(inner_updates, params, state.masks))
-          return self._regrown(stepped, self._scheduled(stepped, state.masks, step), updates,
-                               step)
-
-        no_growth = _tree_with_masks(lambda m, _: jnp.zeros(m.shape, bool), masks, masks)
-        new, grown = jax.lax.cond(is_update, regrown, lambda: (masks, no_growth))
-        masks = new
-        inner_state = reset_where(trained_state, inner.init, grown)
-        out = gradual.updates_to_zero(inner_updates, params, trained_of(new, grown))
-      else:  # the caller knows: one of the branches, compiled alone
-        masks, inner_state, out = regrow_fn() if regrow else keep()
       count = optax.safe_int32_increment(state.count)
       return out, gradual.PruningState(count, masks, inner_state)
 

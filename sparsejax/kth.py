@@ -138,7 +138,8 @@ def _segment_sum(per_leaf: Sequence[jax.Array], segment_of: Sequence[int], segme
 
 
 def _segment_reduce(per_leaf, segment_of, segments, fn, init) -> jax.Array:
-  """Stacks per-group reductions (`fn`, e.g. jnp.maximum) of per-leaf scalars."""
+  """Stacks per-group reductions (`fn`, e.g. jnp.maximum) of per-leaf values (all
+  shaped like `init`)."""
   out = []
   for g in range(segments):
     acc = jnp.asarray(init)
@@ -149,7 +150,7 @@ def _segment_reduce(per_leaf, segment_of, segments, fn, init) -> jax.Array:
   return jnp.stack(out)
 
 
-def _sum_rest(x: jax.Array, reduce, **kwargs) -> jax.Array:
+def _reduce_rest(x: jax.Array, reduce, **kwargs) -> jax.Array:
   """`reduce` (jnp.sum, jnp.max) of `x` over all axes but the first, without a
   reshape (which would gather an array sharded along them)."""
   return reduce(x, axis=tuple(range(1, x.ndim)), **kwargs)
@@ -174,7 +175,7 @@ def _count_pass(key_fns, segment_of, segments, thresholds: jax.Array) -> jax.Arr
         # The thresholds' block counts summed in one reduction (one output,
         # an all-reduce where sharded): fewer reductions in the program, each
         # of which costs XLA:CPU per execution even where it does not run.
-        leaf = leaf + _sum_rest(jnp.stack(sums), jnp.sum, dtype=jnp.int32)
+        leaf = leaf + _reduce_rest(jnp.stack(sums), jnp.sum, dtype=jnp.int32)
         continue
       words = tuple((view >= t[2 * a]).astype(jnp.uint32)
                     | ((view >= t[2 * a + 1]).astype(jnp.uint32) << 16)
@@ -540,8 +541,9 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     use_value = jnp.asarray(floats)[:, None] & ~stalled[:, None] & (lower < upper)[:, None]
     return jnp.where(use_value, by_value, by_key)
 
-  def after_count(state, first, fns=key_fns):
-    thresholds = jnp.where(first, quantiles, count_thresholds(state))
+  def after_count(state, first: bool, fns=key_fns):
+    # The first pass counts at the sample's quantiles, later ones interpolate.
+    thresholds = quantiles if first else count_thresholds(state)
     counts = _count_pass(fns, segment_of, segments, thresholds)
     lower, upper, at_lower, above_upper = narrow(state, thresholds, counts)
     before = state[2] - state[3]
@@ -601,14 +603,15 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
     ge, gt = _rows_counts(found_rows, segments, found, (False, True))
     # Reductions of one kind over the same rows share one reduction (each
     # costs XLA:CPU per execution of the program, also where it does not run).
-    # Per group: rows holding more than 3 keys of the interval, and ties at
-    # T alone in their row.
+    # Per group: rows holding more than 3 keys of the interval (column 0)
+    # and, where ties are searched, ties at T alone in their row (column 1).
     alone = [(s, rev, (count == 1) & (high == found[s])) for s, count, high, _, _, rev, _ in rows]
+    columns = lambda r, a: [r[1] > 3] + ([a] if ties else [])
     tallies = _segment_sum(
-        [_sum_rest(jnp.stack([r[1] > 3, a]), jnp.sum, dtype=jnp.int32)
-         for r, (_, _, a) in zip(rows, alone)], groups, segments, jnp.zeros(2, jnp.int32))
-    overfull, alone_count = tallies[:, 0], tallies[:, 1]
-    ok = overfull == 0
+        [_reduce_rest(jnp.stack(columns(r, a)), jnp.sum, dtype=jnp.int32)
+         for r, (_, _, a) in zip(rows, alone)], groups, segments,
+        jnp.zeros(2 if ties else 1, jnp.int32))
+    ok = tallies[:, 0] == 0
     take = ok & (lower != upper) & eligible
     if ties:
       # Ties at T alone in their row: the row gives their reversed position.
@@ -622,13 +625,13 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
               lambda: _bisect(alone, segments, need[:, None], jnp.uint32, 32)[:, 0]),
           lambda: jnp.zeros(segments, jnp.uint32))
       cutoff = jnp.where(take, tie_cut, cutoff)
-      known = jnp.where(take, alone_count == ge - gt, known)
+      known = jnp.where(take, tallies[:, 1] == ge - gt, known)
     # The interval's extreme keys are exact even from rows holding more than
     # 3 of its keys: where T is not found here, the interval shrinks to them
     # (a few distinct keys, each tied many times, end at the next count).
     # Both in one max: the lowest key is ~ the largest ~key.
     nothing = np.array(0, key_type)
-    ends = _segment_reduce([_sum_rest(jnp.stack([jnp.where(r[1] >= 1, r[2], nothing),
+    ends = _segment_reduce([_reduce_rest(jnp.stack([jnp.where(r[1] >= 1, r[2], nothing),
                                                  jnp.where(r[1] >= 1, r[3], nothing)]), jnp.max)
                             for r in rows],
                            groups, segments, jnp.maximum, np.zeros(2, key_type))
@@ -650,13 +653,12 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
   def step(carry):
     passes, state, extracted = carry
     inside = (state[2] - state[3]).astype(jnp.float32)
-    first = (passes == 0) & sampled
-    small = jnp.all(~pending(state) | (inside <= capacity * state[6])) & ~first
+    small = jnp.all(~pending(state) | (inside <= capacity * state[6]))
     # After a pass that did not shrink a group's interval 4x, one extraction
     # (not two in a row) shrinks it to its extreme keys: a few distinct keys
     # tied many times (quantized scores) are then its ends.
-    probe = jnp.any(pending(state) & state[5]) & ~extracted & ~first
-    new = jax.lax.cond(small | probe, after_extract, lambda st: after_count(st, first), state)
+    probe = jnp.any(pending(state) & state[5]) & ~extracted
+    new = jax.lax.cond(small | probe, after_extract, lambda st: after_count(st, False), state)
     # An extraction made as a probe does not lower the extraction capacity.
     new = new[:6] + (jnp.where(small, new[6], state[6]),) + new[7:]
     return passes + 1, new, small | probe
@@ -668,7 +670,7 @@ def _narrow_loop(key_fns, shapes, segment_of, offsets, sizes, segments, k, size,
   # band, skewed or tied keys) go on in the loop.
   state = start
   if sampled:
-    state = after_count(state, jnp.asarray(True), _fresh(key_fns, quantiles))
+    state = after_count(state, True, _fresh(key_fns, quantiles))
   state = after_band(state, _fresh(key_fns, state[0]))
   passes = jnp.int32(2 if sampled else 1)
   _, state, _ = jax.lax.cond(jnp.any(pending(state)),

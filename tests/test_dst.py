@@ -169,6 +169,7 @@ def test_the_update_decided_in_the_step_gives_the_host_dispatched_numbers(method
   # fuses Adam's update differently there (1-ulp differences in a few
   # updates), so weights agree to float rounding, masks exactly.
   params0, _, _ = _layers(7)
+  params0["skip"] = None  # an optional leaf left out (None), passed through
   schedule = sparsejax.ConstantSchedule(0.7)
   if method == "granet":  # magnitude pruning at each update step, then regrowth
     schedule = sparsejax.PolynomialSchedule(0.5, 0.8, begin_step=0, end_step=9,
@@ -180,6 +181,7 @@ def test_the_update_decided_in_the_step_gives_the_host_dispatched_numbers(method
   rng = np.random.default_rng(8)
   grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params0)
            for _ in range(14)]
+  assert grads[0]["skip"] is None
   default = jax.jit(tx.update)
   dispatched = {flag: jax.jit(lambda g, s, p, flag=flag: tx.update(g, s, p, regrow=flag))
                 for flag in (False, True)}
@@ -205,6 +207,20 @@ def test_the_update_decided_in_the_step_gives_the_host_dispatched_numbers(method
   changed = {t + 1 for t, (a, b) in enumerate(zip(h_host, h_host[1:]))
              if not np.array_equal(np.asarray(a["b"]["kernel"]), np.asarray(b["b"]["kernel"]))}
   assert {3, 6} <= changed <= {3, 6, 9, 12}, changed
+  assert p_in["skip"] is None and p_host["skip"] is None
+
+
+def test_regrow_must_be_a_python_bool():
+  params, _, grads = _layers(0)
+  tx = dst.DropAndGrow(sparsejax.ConstantSchedule(0.5), end_step=10, update_every=2,
+                       key=jax.random.key(0)).wrap(optax.sgd(0.1))
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"regrow=Array\(True.* must be None or a Python bool"):
+    tx.update(grads, state, params, regrow=jnp.bool_(True))
+  # A NumPy bool is a Python-level bool: it picks the program as True / False do.
+  for flag in (False, True):
+    chex.assert_trees_all_equal(tx.update(grads, state, params, regrow=np.bool_(flag)),
+                                tx.update(grads, state, params, regrow=flag))
 
 
 def _adam_numpy(p, g, mu, nu, t, lr=0.05, b1=0.9, b2=0.999, eps=1e-8):
@@ -398,9 +414,10 @@ class _NnxAttention(nnx.Module):
     return self.head(self.attention(x).mean(axis=1))
 
 
-def test_rigl_on_an_nnx_attention_model_keeps_every_leaf_count():
+@pytest.mark.parametrize("grow", ["gradient", "random"])  # RigL, SET (decided in the step)
+def test_rigl_on_an_nnx_attention_model_keeps_every_leaf_count(grow):
   model = _NnxAttention(nnx.Rngs(0))
-  tx = dst.DropAndGrow(sparsejax.ConstantSchedule(0.5), end_step=10, update_every=2,
+  tx = dst.DropAndGrow(sparsejax.ConstantSchedule(0.5), end_step=10, update_every=2, grow=grow,
                        key=jax.random.key(0)).wrap(optax.adam(0.05))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (6, 5, 8))
